@@ -1,0 +1,107 @@
+"""networks/: parameter counts against the published table, shapes, channels_last, prototypes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from losses import psc_loss
+from networks import MODELS, HybridNet, HybridOutput, build_model
+from util import UserError
+
+# akamaster's table (with a 10-way fc) minus that fc's 650 parameters.
+BACKBONE_PARAMETERS = {
+    "resnet20": 269_072,
+    "resnet32": 463_504,
+    "resnet44": 657_936,
+    "resnet56": 852_368,
+    "resnet110": 1_727_312,
+}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+@pytest.mark.parametrize("name", list(BACKBONE_PARAMETERS))
+def test_backbone_parameter_counts(name):
+    backbone = MODELS[name]()
+    assert _count(backbone) == BACKBONE_PARAMETERS[name]
+    assert backbone.out_dim == 64
+
+
+def test_models_lists_exactly_the_family():
+    assert sorted(MODELS) == sorted(BACKBONE_PARAMETERS)
+
+
+def _images(batch_size=3, seed=0):
+    return torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_backbone_output_shape():
+    features = MODELS["resnet20"]()(_images())
+    assert features.shape == (3, 64)
+
+
+def test_hybrid_forward_fields_and_shapes():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=7, feat_dim=32)
+    assert isinstance(model, HybridNet)
+    head_layers = list(model.head)
+    assert [type(layer) for layer in head_layers] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (head_layers[0].in_features, head_layers[0].out_features, head_layers[2].out_features) == (64, 64, 32)
+    assert (model.classifier.in_features, model.classifier.out_features) == (64, 7)
+
+    model.eval()  # running statistics, so the three forward paths see identical BatchNorm behaviour
+    images = _images()
+    output = model(images)
+    assert isinstance(output, HybridOutput)
+    assert output.features.shape == (3, 64)
+    assert output.projections.shape == (3, 32) and output.projections.dtype == torch.float32
+    assert output.logits.shape == (3, 7)
+    torch.testing.assert_close(output.projections.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(model.forward_features(images), output.features)
+    torch.testing.assert_close(model.forward_logits(images), output.logits)
+
+
+def test_projections_are_float32_unit_vectors_under_bf16_autocast():
+    model = build_model("resnet20", num_classes=3, feat_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(_images(batch_size=2))
+    assert output.logits.dtype == torch.bfloat16  # autocast really was on
+    assert output.projections.dtype == torch.float32
+    torch.testing.assert_close(output.projections.norm(dim=1), torch.ones(2))
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=5)
+    images = _images(batch_size=4)
+    expected = model(images)  # train mode: batch statistics, the same for both layouts
+    model = model.to(memory_format=torch.channels_last)
+    output = model(images.contiguous(memory_format=torch.channels_last))
+    for got, want in zip(output, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(UserError, match="unknown model 'resnet18'; choose from resnet20, resnet32, resnet44"):
+        build_model("resnet18", num_classes=10)
+
+
+def test_prototypes_only_with_use_prototypes_and_trained_by_psc():
+    plain = build_model("resnet20", num_classes=4, feat_dim=8)
+    assert plain.prototypes is None
+    assert not any("prototypes" in name for name, _ in plain.named_parameters())
+    assert _count(plain) == BACKBONE_PARAMETERS["resnet20"] + (64 * 64 + 64) + (64 * 8 + 8) + (64 * 4 + 4)
+
+    model = build_model("resnet20", num_classes=4, feat_dim=8, use_prototypes=True)
+    assert isinstance(model.prototypes, nn.Parameter) and model.prototypes.shape == (4, 8)
+    assert "prototypes" in dict(model.named_parameters())
+    assert "prototypes" in model.state_dict()
+
+    images = _images(batch_size=4)
+    projections = model(images).projections  # [B, D], one view
+    loss = psc_loss(projections[:, None], torch.tensor([0, 1, 2, 1]), model.prototypes, 0.1)
+    loss.backward()
+    assert model.prototypes.grad is not None and model.prototypes.grad.abs().sum() > 0

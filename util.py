@@ -1,0 +1,200 @@
+"""Shared helpers: user-facing errors, metrics, the lr schedule, seeding, atomic checkpoint and result files,
+and the TensorBoard figures (rendered with numpy, so no plotting dependency)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line and a non-zero exit (no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices). The data stream seeds itself per step (see dataset_loader)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state, for checkpoints. Training itself draws from none of them after model init
+    (the batch stream reseeds its own generator from (seed, epoch, step)), but a checkpoint that carries them
+    lets anything that does draw later resume exactly too."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- lr schedule
+
+
+def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epochs: float,
+                  decay_epochs: Sequence[int], decay_rate: float) -> float:
+    """Learning rate at global optimiser step `step` (0-based), a pure function of the step so that the
+    schedule needs no state of its own to resume: a linear warm-up from base_lr / warm_steps to base_lr over
+    the first `warm_epochs` epochs, then x decay_rate at the start of each epoch in `decay_epochs` (0-based
+    epoch indices, as in LDAM-DRW: `--lr_decay_epochs 120,160` means epochs 121 and 161 counted from 1)."""
+    epoch = step // steps_per_epoch
+    lr = base_lr * decay_rate ** sum(epoch >= e for e in decay_epochs)
+    warm_steps = int(round(warm_epochs * steps_per_epoch))
+    if step < warm_steps:
+        lr *= (step + 1) / warm_steps
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts on the tensors' device, no host sync. preds, targets: [N] int64 -> [C, C] int64, rows = true class."""
+    flat = targets * num_classes + preds  # [N]
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]) -> dict[str, Any]:
+    """Top-1, shot-group and per-class accuracy in percent from a [C, C] confusion matrix (rows = truth).
+
+    A shot group's accuracy is the fraction of its test images classified correctly (with the balanced test set
+    this equals the mean of its classes' accuracies). A group with no class is reported as None."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    correct = np.diag(confusion)
+    per_class_total = confusion.sum(axis=1)
+    per_class = np.where(per_class_total > 0, correct / np.maximum(per_class_total, 1), 0.0) * 100
+    report: dict[str, Any] = {"top1": float(correct.sum() / max(confusion.sum(), 1) * 100)}
+    for name, classes in shot_groups.items():
+        classes = list(classes)
+        total = per_class_total[classes].sum()
+        report[name] = float(correct[classes].sum() / total * 100) if classes and total > 0 else None
+    report["per_class"] = [float(a) for a in per_class]
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file_object)` to a temporary file beside `path`, fsync it, then rename it over
+    `path`: a reader (or a resume after `kill -9`) sees the old complete file or the new complete one, never
+    half of one. A failed write (disk full, read-only folder) leaves the old file as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """torch.save `state` atomically. Raises UserError (keeping any previous file) when the write fails."""
+    try:
+        _atomic_write(Path(path), lambda f: torch.save(state, f))
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is kept") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint onto the CPU, as a UserError when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
+    return state
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (same guarantees as checkpoints)."""
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    try:
+        _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- figures
+# TensorBoard shows images; rendering them with numpy keeps matplotlib out of the dependencies.
+
+# A few stops of the viridis colour map, linearly interpolated: dark = 0, yellow = 1.
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """values in [0, 1], any shape -> uint8 RGB of shape values.shape + (3,)."""
+    x = np.clip(np.asarray(values, dtype=np.float64), 0, 1) * (len(_VIRIDIS) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (x - lo)[..., None]
+    return (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).round().astype(np.uint8)
+
+
+def confusion_image(confusion: np.ndarray, size: int = 400) -> np.ndarray:
+    """Row-normalised confusion matrix (rows = true class, columns = prediction) as an RGB image, HWC uint8.
+    Each cell is a square of ceil(size / C) pixels; colour = fraction of the true class given that prediction."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    cell = max(1, math.ceil(size / len(confusion)))
+    return np.kron(colormap(rates), np.ones((cell, cell, 1), dtype=np.uint8))
+
+
+def per_class_image(per_class_acc: Sequence[float], class_counts: Sequence[int],
+                    bar_width: int = 0, height: int = 160) -> np.ndarray:
+    """Per-class test accuracy beside training-set size, classes ordered by size (largest first): the top panel's
+    blue bars are accuracy (0..100 %, grid lines every 25 %), the bottom panel's grey bars are the class's
+    training count on a log scale (1 .. largest class). Returns an RGB image, HWC uint8."""
+    acc = np.asarray(per_class_acc, dtype=np.float64) / 100
+    counts = np.asarray(class_counts, dtype=np.float64)
+    order = np.argsort(-counts, kind="stable")
+    acc, counts = acc[order], counts[order]
+    bar_width = bar_width or max(2, 600 // len(acc))
+    gap = 1 if bar_width > 3 else 0
+    width = bar_width * len(acc)
+    img = np.full((2 * height + 8, width, 3), 255, dtype=np.uint8)
+    for frac in (0.25, 0.5, 0.75, 1.0):  # grid of the accuracy panel
+        img[height - int(frac * (height - 1)) - 1, :] = 200
+    size_frac = np.log(np.maximum(counts, 1)) / max(np.log(counts.max()), 1e-12)
+    for i, (a, s) in enumerate(zip(acc, size_frac)):
+        x0, x1 = i * bar_width, (i + 1) * bar_width - gap
+        top = int(round(a * (height - 1)))
+        if top:
+            img[height - top:height, x0:x1] = (31, 119, 180)
+        bottom = int(round(s * (height - 1)))
+        if bottom:
+            img[height + 8:height + 8 + bottom, x0:x1] = (127, 127, 127)
+    img[height:height + 8] = 0  # the separator between the panels
+    return img

@@ -1,0 +1,623 @@
+"""Tests of dataset_loader: sources on disk, the long-tailed subset, samplers, augmentation, the stream."""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import dataset_loader as dl
+from dataset_loader import ArraySplit, DataError
+from helpers import make_synthetic, write_image_folder, write_pickled_cifar10, write_pickled_cifar100
+from util import UserError
+
+CIFAR10_MEAN, CIFAR10_STD = dl.dataset_stats("cifar10")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These ops are small: one thread is as fast, and intra-op threads stall badly when other
+    processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# Upper-tail 1e-4 critical values of the chi-square distribution, from scipy.stats.chi2.isf(1e-4, df):
+# a correct sampler exceeds them once in 10,000 seeds, and the seeds here are fixed, so tests are
+# deterministic.
+CHI2_CRITICAL_1E4 = {4: 23.513, 8: 31.828}
+
+
+def chi2_critical(df: int) -> float:
+    return CHI2_CRITICAL_1E4[df]
+
+
+def chi2_stat(observed: np.ndarray, probs: np.ndarray) -> float:
+    expected = observed.sum() * probs
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def long_tailed_split(class_counts: list[int], seed: int = 0) -> ArraySplit:
+    """Random uint8 images, labels grouped by class with the given counts."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(class_counts)), class_counts).astype(np.int64)
+    return ArraySplit(rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels)
+
+
+def make_stream(train: ArraySplit, num_classes: int, batch_size: int, **kwargs) -> dl.TrainStream:
+    return dl.TrainStream(train, num_classes, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, **kwargs)
+
+
+def assert_batches_equal(a: dl.Batch, b: dl.Batch) -> None:
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long-tailed counts, subset, shot groups
+# ----------------------------------------------------------------------------------------------
+
+
+def test_counts_match_published_splits():
+    assert dl.long_tailed_counts(5000, 10, 0.01) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert [sum(dl.long_tailed_counts(5000, 10, f)) for f in (0.01, 0.02, 0.1)] == [12406, 13996, 20431]
+    assert [sum(dl.long_tailed_counts(500, 100, f)) for f in (0.01, 0.02, 0.1)] == [10847, 12608, 19573]
+    cifar100 = dl.long_tailed_counts(500, 100, 0.01)
+    assert cifar100[0] == 500 and cifar100[-1] == 5 and cifar100 == sorted(cifar100, reverse=True)
+    assert dl.long_tailed_counts(5000, 10, 1.0) == [5000] * 10
+
+
+def test_step_counts():
+    assert dl.long_tailed_counts(5000, 10, 0.01, "step") == [5000] * 5 + [50] * 5
+    assert dl.long_tailed_counts(5000, 10, 0.1, "step") == [5000] * 5 + [500] * 5
+    assert dl.long_tailed_counts(500, 100, 0.02, "step") == [500] * 50 + [10] * 50
+    assert sum(dl.long_tailed_counts(500, 100, 0.01, "step")) == 25250
+    assert dl.long_tailed_counts(100, 5, 0.5, "step") == [100, 100, 50, 50, 50]
+
+
+@pytest.mark.parametrize("imb_factor", [0, -0.5, 1.5, float("nan"), "x"])
+def test_counts_reject_imb_factor_outside_unit_interval(imb_factor):
+    with pytest.raises(DataError, match="imb_factor"):
+        dl.long_tailed_counts(5000, 10, imb_factor)
+
+
+def test_counts_reject_unknown_imb_type():
+    with pytest.raises(DataError, match="imb_type"):
+        dl.long_tailed_counts(5000, 10, 0.1, "linear")
+
+
+def ldam_reference_subset(split: ArraySplit, class_counts: list[int], seed: int) -> np.ndarray:
+    """LDAM-DRW's IMBALANCECIFAR10.gen_imbalanced_data, transcribed: global numpy seed, shuffle per class."""
+    np.random.seed(seed)
+    targets_np = np.array(split.labels, dtype=np.int64)
+    new_data = []
+    for the_class, the_img_num in zip(np.unique(targets_np), class_counts):
+        idx = np.where(targets_np == the_class)[0]
+        np.random.shuffle(idx)
+        new_data.append(split.images[idx[:the_img_num], ...])
+    return np.vstack(new_data)
+
+
+def test_subset_exact_counts_deterministic_and_as_ldam():
+    train, _ = make_synthetic(10, 40, 1, seed=3)
+    subset, counts = dl.long_tailed_subset(train, 10, 0.1, "exp", seed=0)
+    assert counts == dl.long_tailed_counts(40, 10, 0.1) and len(subset.labels) == sum(counts)
+    assert np.bincount(subset.labels, minlength=10).tolist() == counts
+    assert subset.images.dtype == np.uint8 and subset.labels.dtype == np.int64
+    # Each kept image is a distinct source image of its own class.
+    source_label = {img.tobytes(): int(y) for img, y in zip(train.images, train.labels)}
+    assert len(source_label) == len(train.labels)
+    assert [source_label[img.tobytes()] for img in subset.images] == subset.labels.tolist()
+    assert len({img.tobytes() for img in subset.images}) == len(subset.labels)
+    again, _ = dl.long_tailed_subset(train, 10, 0.1, "exp", seed=0)
+    other, _ = dl.long_tailed_subset(train, 10, 0.1, "exp", seed=1)
+    assert np.array_equal(again.images, subset.images)
+    assert np.array_equal(other.labels, subset.labels) and not np.array_equal(other.images, subset.images)
+    np.testing.assert_array_equal(subset.images, ldam_reference_subset(train, counts, seed=0))
+
+
+def test_subset_step_and_shuffled_source():
+    train, _ = make_synthetic(4, 30, 1, seed=5)
+    order = np.random.default_rng(0).permutation(len(train.labels))
+    shuffled = ArraySplit(train.images[order], train.labels[order])
+    subset, counts = dl.long_tailed_subset(shuffled, 4, 0.2, "step", seed=7)
+    assert counts == [30, 30, 6, 6]
+    assert np.bincount(subset.labels).tolist() == counts
+    np.testing.assert_array_equal(subset.images, ldam_reference_subset(shuffled, counts, seed=7))
+
+
+def test_subset_rejects_empty_class():
+    train, _ = make_synthetic(10, 20, 1)
+    with pytest.raises(DataError, match="no images"):
+        dl.long_tailed_subset(train, 10, 0.01)  # int(20 * 0.01) == 0
+
+
+def test_shot_groups_boundaries():
+    assert dl.shot_groups([5000, 101, 100, 20, 19, 1]) == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    groups = dl.shot_groups(dl.long_tailed_counts(500, 100, 0.01))
+    assert sum(len(g) for g in groups.values()) == 100 and all(groups.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampler_class_probs_definitions():
+    counts = [400, 100, 25]
+    assert dl.sampler_class_probs("instance", counts) is None
+    np.testing.assert_allclose(dl.sampler_class_probs("class", counts), [1 / 3] * 3)
+    np.testing.assert_allclose(dl.sampler_class_probs("reversed", counts), np.array([1, 4, 16]) / 21)
+    np.testing.assert_allclose(dl.sampler_class_probs("sqrt", counts), np.array([20, 10, 5]) / 35)
+    assert dl.sampler_class_probs("sqrt", counts).dtype == np.float64
+
+
+def test_unknown_sampler_is_an_error():
+    with pytest.raises(DataError, match="sampler"):
+        dl.sampler_class_probs("balanced", [10, 5])
+    train = long_tailed_split([8, 8])
+    with pytest.raises(DataError, match="sampler"):
+        make_stream(train, 2, 4, ce_sampler="balanced")
+    with pytest.raises(DataError, match="sampler"):
+        make_stream(train, 2, 4, sc_sampler="balanced", feature_branch=False)
+
+
+SAMPLER_COUNTS = [200, 100, 50, 20, 8]
+
+
+@pytest.fixture(scope="module")
+def sampler_draws() -> dict[str, dict[str, np.ndarray]]:
+    """Per sampler, per branch: the drawn labels over 16 epochs x 5 steps x 64 = 5,120 draws,
+    and for the ce branch the drawn image ids (image content identifies the image)."""
+    train = long_tailed_split(SAMPLER_COUNTS, seed=1)
+    draws = {}
+    for sampler in dl.SAMPLERS:
+        stream = make_stream(train, 5, 64, sc_sampler=sampler, ce_sampler=sampler, seed=11)
+        sc, ce = [], []
+        for epoch in range(16):
+            for batch in stream.epoch(epoch):
+                sc.append(batch.sc_labels)
+                ce.append(batch.ce_labels)
+        draws[sampler] = {"sc": torch.cat(sc).numpy(), "ce": torch.cat(ce).numpy()}
+    return draws
+
+
+def expected_probs(sampler: str) -> np.ndarray:
+    probs = dl.sampler_class_probs(sampler, SAMPLER_COUNTS)
+    return np.asarray(SAMPLER_COUNTS) / sum(SAMPLER_COUNTS) if probs is None else probs
+
+
+@pytest.mark.parametrize("branch", ["sc", "ce"])
+@pytest.mark.parametrize("sampler", dl.SAMPLERS)
+def test_sampler_frequencies_match_definition(sampler_draws, sampler, branch):
+    observed = np.bincount(sampler_draws[sampler][branch], minlength=5)
+    critical = chi2_critical(df=4)
+    assert chi2_stat(observed, expected_probs(sampler)) < critical
+    # The test has the power to tell the samplers apart: every other definition is rejected.
+    for other in dl.SAMPLERS:
+        if other != sampler:
+            assert chi2_stat(observed, expected_probs(other)) > critical, other
+
+
+def id_split(class_counts: list[int]) -> ArraySplit:
+    """Image i is the flat colour i (i < 256), labels grouped by class with the given counts."""
+    ids = np.arange(sum(class_counts), dtype=np.uint8)
+    images = np.broadcast_to(ids[:, None, None, None], (len(ids), 32, 32, 3)).copy()
+    return ArraySplit(images, np.repeat(np.arange(len(class_counts)), class_counts).astype(np.int64))
+
+
+def id_stream(train: ArraySplit, batch_size: int, **kwargs) -> dl.TrainStream:
+    """A stream whose normalisation is x * 255 / 255: outputs keep the 0..255 pixel values."""
+    return dl.TrainStream(train, int(train.labels.max()) + 1, batch_size, mean=(0.0,) * 3, std=(1 / 255,) * 3,
+                          **kwargs)
+
+
+def image_ids(images: Tensor) -> np.ndarray:
+    """Ids of flat-colour images from their centre pixel, which every crop keeps (offsets reach 4 px
+    past the image edge only), and which grayscale keeps (the luma weights sum to 1)."""
+    return images[:, 0, 16, 16].round().long().numpy()
+
+
+def test_class_sampler_is_uniform_within_a_class():
+    counts = [40, 9]
+    stream = id_stream(id_split(counts), 49, ce_sampler="reversed", feature_branch=False, seed=5)
+    ids = np.concatenate([image_ids(batch.ce_images) for epoch in range(60) for batch in stream.epoch(epoch)])
+    in_small = ids[ids >= counts[0]] - counts[0]
+    assert len(in_small) > 1500  # reversed: class 1 has probability 40 / 49 / (1 + 40 / 9) ~ 0.82
+    observed = np.bincount(in_small, minlength=counts[1])
+    assert chi2_stat(observed, np.full(counts[1], 1 / counts[1])) < chi2_critical(df=counts[1] - 1)
+
+
+def test_instance_sampler_visits_every_image_once_per_epoch():
+    train = id_split([30, 20, 14])  # 64 images
+    stream = id_stream(train, 16, sc_sampler="instance", ce_sampler="instance")
+    orders = []
+    for epoch in range(2):
+        batches = list(stream.epoch(epoch))
+        ce_ids = np.concatenate([image_ids(b.ce_images) for b in batches])
+        sc_ids = np.concatenate([image_ids(b.sc_views[:16]) for b in batches])
+        assert sorted(ce_ids) == sorted(sc_ids) == list(range(64))
+        assert np.array_equal(np.concatenate([b.ce_labels.numpy() for b in batches]), train.labels[ce_ids])
+        assert np.array_equal(np.concatenate([image_ids(b.sc_views[16:]) for b in batches]), sc_ids)
+        orders.append((ce_ids, sc_ids))
+    assert not np.array_equal(orders[0][0], orders[1][0])  # reshuffled each epoch
+    assert not np.array_equal(orders[0][0], orders[0][1])  # the branches draw their own batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+ITU_R_601_LUMA = (0.299, 0.587, 0.114)
+
+
+def reference_augment(images: np.ndarray, params: dl.AugmentParams, mean, std) -> np.ndarray:
+    """Per-image float64 loop of torchvision's pipeline: pad, crop, flip, gray, normalise."""
+    out = []
+    for image, (top, left), flip, gray in zip(images, params.offsets.tolist(), params.flips.tolist(),
+                                               params.grays.tolist()):
+        padded = np.pad(image.astype(np.float64), ((0, 0), (4, 4), (4, 4)))  # [3, 40, 40], zero padding
+        crop = padded[:, top:top + 32, left:left + 32]
+        if flip:
+            crop = crop[:, :, ::-1]
+        if gray:
+            crop = np.repeat(np.tensordot(ITU_R_601_LUMA, crop, axes=1)[None], 3, axis=0)
+        out.append((crop / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None])
+    return np.stack(out)
+
+
+def test_apply_augment_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    params = dl.draw_augment_params(300, gen, "cpu")
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    out = dl.apply_augment(images, params, mean, std)
+    assert out.shape == (300, 3, 32, 32) and out.dtype == torch.float32
+    ref = reference_augment(images.numpy(), params, CIFAR10_MEAN, CIFAR10_STD)
+    np.testing.assert_allclose(out.numpy(), ref, atol=2e-5)
+    # The draws cover the corner cases the reference exercises.
+    assert params.offsets.min() == 0 and params.offsets.max() == 8 and params.flips.any() and params.grays.any()
+
+
+def test_augment_output_is_a_window_of_the_padded_image():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    zero, one = torch.zeros(3), torch.ones(3) / 255  # normalisation x / 255 / (1 / 255) keeps 0..255
+    out = dl.augment(images, zero, one, gen)
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4)).double()  # [B, 3, 40, 40]
+    windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)  # [B, 3, 9, 9, 32, 32]
+    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(64, 81, 3, 32, 32)
+    candidates = torch.cat([windows, windows.flip(-1)], 1)  # [B, 162, 3, 32, 32]
+    weights = torch.tensor(ITU_R_601_LUMA, dtype=torch.float64).view(1, 1, 3, 1, 1)
+    gray_candidates = (candidates * weights).sum(2, keepdim=True).expand_as(candidates)
+    for i in range(64):
+        is_gray = bool((out[i, 0] == out[i, 1]).all() and (out[i, 1] == out[i, 2]).all())
+        pool = gray_candidates[i] if is_gray else candidates[i]
+        error = (pool - out[i].double()).abs().flatten(1).max(1).values  # [162]
+        assert error.min() < 1e-3, i
+
+
+def test_augment_rates_and_offsets():
+    gen = torch.Generator().manual_seed(2)
+    n = 20000
+    params = dl.draw_augment_params(n, gen, "cpu")
+    assert params.offsets.dtype == torch.int64 and params.flips.dtype == torch.bool
+    # 4.5 binomial standard deviations: a wrong rate (say 0.25 gray) is far outside.
+    assert abs(params.flips.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / n)
+    assert abs(params.grays.float().mean().item() - 0.2) < 4.5 * math.sqrt(0.16 / n)
+    for axis in range(2):
+        observed = np.bincount(params.offsets[:, axis].numpy(), minlength=9)
+        assert len(observed) == 9 and chi2_stat(observed, np.full(9, 1 / 9)) < chi2_critical(8)
+    # Per image, not per batch: on real outputs of a large batch, a fifth turn gray.
+    images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    out = dl.augment(images, torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD), gen)
+    unnormalised = out * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    gray_rate = ((unnormalised[:, 0] - unnormalised[:, 1]).abs().amax((1, 2)) < 1e-5).float().mean().item()
+    assert abs(gray_rate - 0.2) < 4.5 * math.sqrt(0.16 / 1000)
+
+
+def test_normalize_and_device_images():
+    train, _ = make_synthetic(3, 4, 1)
+    images, labels = dl.to_device_images(train, "cpu")
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert torch.equal(images, torch.from_numpy(train.images).permute(0, 3, 1, 2))
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    normalised = dl.normalize(images, mean, std)
+    expected = (images.double() / 255 - mean.double().view(1, 3, 1, 1)) / std.double().view(1, 3, 1, 1)
+    torch.testing.assert_close(normalised, expected.float())
+    assert torch.equal(dl.normalize(images, mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)), normalised)
+    # Augmentation with the identity choices (centre crop, no flip, colour) equals evaluation input.
+    identity = dl.AugmentParams(torch.full((12, 2), 4), torch.zeros(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool))
+    assert torch.equal(dl.apply_augment(images, identity, mean, std), normalised)
+
+
+def test_dataset_stats():
+    assert dl.dataset_stats("cifar100") == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    assert CIFAR10_MEAN == (0.4914, 0.4822, 0.4465)
+    with pytest.raises(DataError):
+        dl.dataset_stats("svhn")
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_train() -> ArraySplit:
+    return long_tailed_split([40, 20, 12, 8], seed=6)  # 80 images
+
+
+def test_stream_shapes_and_views(small_train):
+    stream = make_stream(small_train, 4, 32)
+    assert stream.steps_per_epoch == 2 and stream.local_batch_size == 32 and stream.class_counts == [40, 20, 12, 8]
+    batches = list(stream.epoch(0))
+    assert len(batches) == 2
+    batch = batches[0]
+    assert batch.sc_views.shape == (64, 3, 32, 32) and batch.sc_views.dtype == torch.float32
+    assert batch.ce_images.shape == (32, 3, 32, 32) and batch.ce_images.dtype == torch.float32
+    assert batch.sc_labels.shape == batch.ce_labels.shape == (32,) and batch.ce_labels.dtype == torch.int64
+    view1, view2 = batch.sc_views[:32], batch.sc_views[32:]
+    same = (view1 == view2).flatten(1).all(1)
+    assert same.float().mean() < 0.2  # independent views coincide with probability ~1/240
+
+
+def test_stream_is_repeatable_and_resumes_mid_epoch(small_train):
+    for sampler in ("instance", "class"):
+        stream = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3)
+        full = list(stream.epoch(2))
+        assert len(full) == 5
+        restarted = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3)
+        resumed = list(restarted.epoch(2, start_step=3))
+        assert len(resumed) == 2
+        for a, b in zip(full[3:], resumed):
+            assert_batches_equal(a, b)
+        assert not torch.equal(full[0].ce_images, next(stream.epoch(3)).ce_images)
+        other_seed = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=4)
+        assert not torch.equal(full[0].sc_views, next(other_seed.epoch(2)).sc_views)
+    with pytest.raises(ValueError):
+        next(stream.epoch(0, start_step=6))
+
+
+def test_ranks_slice_the_global_batch(small_train):
+    for sc_sampler in ("instance", "reversed"):
+        kwargs = dict(sc_sampler=sc_sampler, ce_sampler="class", seed=9)
+        single = list(make_stream(small_train, 4, 16, **kwargs).epoch(1))
+        ranks = [list(make_stream(small_train, 4, 16, rank=r, world_size=2, **kwargs).epoch(1)) for r in range(2)]
+        for step, whole in enumerate(single):
+            parts = [ranks[r][step] for r in range(2)]
+            assert parts[0].ce_images.shape == (8, 3, 32, 32) and parts[0].sc_views.shape == (16, 3, 32, 32)
+            assert torch.equal(torch.cat([p.ce_images for p in parts]), whole.ce_images)
+            assert torch.equal(torch.cat([p.ce_labels for p in parts]), whole.ce_labels)
+            assert torch.equal(torch.cat([p.sc_labels for p in parts]), whole.sc_labels)
+            assert torch.equal(torch.cat([p.sc_views[:8] for p in parts]), whole.sc_views[:16])
+            assert torch.equal(torch.cat([p.sc_views[8:] for p in parts]), whole.sc_views[16:])
+
+
+def test_cross_entropy_baseline_draws_no_feature_batch(small_train):
+    batch = next(make_stream(small_train, 4, 16, feature_branch=False).epoch(0))
+    assert batch.sc_views is None and batch.sc_labels is None
+    assert batch.ce_images.shape == (16, 3, 32, 32)
+
+
+def test_stream_bad_batch_sizes(small_train):
+    with pytest.raises(DataError, match="larger than the training set"):
+        make_stream(small_train, 4, 81)
+    with pytest.raises(DataError, match="divisible"):
+        make_stream(small_train, 4, 15, world_size=2)
+
+
+def test_stream_class_sampler_needs_every_class():
+    train = long_tailed_split([10, 0, 6])
+    with pytest.raises(DataError, match="every class"):
+        make_stream(train, 3, 4, ce_sampler="class")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources on disk
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_splits_equal(a: tuple[ArraySplit, ArraySplit], b: tuple[ArraySplit, ArraySplit]) -> None:
+    for x, y in zip(a, b):
+        assert x.images.dtype == np.uint8 and x.images.shape[1:] == (32, 32, 3) and x.labels.dtype == np.int64
+        np.testing.assert_array_equal(x.images, y.images)
+        np.testing.assert_array_equal(x.labels, y.labels)
+
+
+@pytest.fixture(scope="module")
+def cifar10_like() -> tuple[ArraySplit, ArraySplit]:
+    return make_synthetic(10, 6, 2, seed=8)
+
+
+def test_pickled_cifar10_loads(tmp_path, cifar10_like):
+    write_pickled_cifar10(tmp_path, *cifar10_like)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+
+
+def test_pickled_with_str_keys_loads(tmp_path, cifar10_like):
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f)
+        with open(folder / name, "wb") as f:
+            pickle.dump({k.decode(): v for k, v in entry.items()}, f)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+
+
+def test_pickled_cifar100_uses_fine_labels(tmp_path):
+    data = make_synthetic(100, 3, 1, seed=9)
+    write_pickled_cifar100(tmp_path, *data)
+    loaded = dl.load_cifar("cifar100", tmp_path)
+    assert_splits_equal(loaded, data)
+    assert loaded[0].labels.max() == 99
+
+
+def test_image_folder_loads_and_caches(tmp_path, monkeypatch, cifar10_like):
+    write_image_folder(tmp_path, *cifar10_like)
+    first = dl.load_cifar("cifar10", tmp_path)
+    assert_splits_equal(first, cifar10_like)
+    assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} although the cache is valid")
+
+    monkeypatch.setattr(dl, "_decode_image", no_decoding)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+    monkeypatch.undo()
+    # A changed file changes the cache key: the new pixels are read and the stale cache goes.
+    from PIL import Image
+    changed = np.full((32, 32, 3), 7, dtype=np.uint8)
+    target = tmp_path / "train" / "class_003" / "000020.png"
+    Image.fromarray(changed).save(target)
+    os.utime(target, ns=(1, 1))
+    train, _ = dl.load_cifar("cifar10", tmp_path)
+    np.testing.assert_array_equal(train.images[20], changed)
+    assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+
+
+def test_image_folder_cache_falls_back_to_user_dir(tmp_path, monkeypatch, cifar10_like):
+    root, cache_home = tmp_path / "data", tmp_path / "cache"
+    write_image_folder(root, *cifar10_like)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    real_write = dl._write_npz_atomic
+
+    def read_only_root(path, arrays):
+        if path.parent == root:
+            raise PermissionError(f"read-only: {path}")
+        real_write(path, arrays)
+
+    monkeypatch.setattr(dl, "_write_npz_atomic", read_only_root)
+    assert_splits_equal(dl.load_cifar("cifar10", root), cifar10_like)
+    assert not list(root.glob("*.npz")) and len(list((cache_home / "hybrid-lt").glob("*.npz"))) == 1
+    monkeypatch.setattr(dl, "_decode_image", lambda path: pytest.fail(f"decoded {path}"))
+    assert_splits_equal(dl.load_cifar("cifar10", root), cifar10_like)
+
+
+def test_jpeg_folder_with_named_classes_sorts_labels(tmp_path):
+    train, test = make_synthetic(10, 2, 1, seed=10)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    write_image_folder(tmp_path, train, test, fmt="jpg", class_names=names)
+    loaded_train, loaded_test = dl.load_cifar("cifar10", tmp_path)
+    np.testing.assert_array_equal(loaded_train.labels, train.labels)
+    assert loaded_train.images.shape == (20, 32, 32, 3) and len(loaded_test.labels) == 10
+    # Lossy, but close to the source pixels.
+    assert np.abs(loaded_train.images.astype(int) - train.images.astype(int)).mean() < 20
+
+
+def test_pickled_layout_wins_over_image_folders(tmp_path, cifar10_like):
+    write_pickled_cifar10(tmp_path, *cifar10_like)
+    write_image_folder(tmp_path, *make_synthetic(10, 1, 1, seed=11))
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+
+
+def fake_torchvision(monkeypatch, writer):
+    """A stand-in torchvision whose CIFAR classes call ``writer(root)`` instead of downloading."""
+    calls = []
+
+    def dataset_class(root, train, download):
+        calls.append((root, train, download))
+        writer(root)
+
+    datasets = types.SimpleNamespace(CIFAR10=dataset_class, CIFAR100=dataset_class)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(datasets=datasets))
+    return calls
+
+
+def test_download_reads_what_torchvision_wrote(tmp_path, monkeypatch, cifar10_like):
+    calls = fake_torchvision(monkeypatch, lambda root: write_pickled_cifar10(root, *cifar10_like))
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path / "new", download=True), cifar10_like)
+    assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    def offline(root):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nno network")
+
+    fake_torchvision(monkeypatch, offline)
+    with pytest.raises(DataError, match="downloading cifar10") as info:
+        dl.load_cifar("cifar10", tmp_path, download=True)
+    assert "\n" not in str(info.value)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_data_error_is_a_user_error():
+    assert issubclass(DataError, UserError)
+
+
+def test_empty_root_says_what_was_looked_for(tmp_path):
+    with pytest.raises(DataError) as info:
+        dl.load_cifar("cifar100", tmp_path)
+    message = str(info.value)
+    assert "cifar-100-python" in message and "train/<class>" in message and "--download" in message
+    assert "\n" not in message
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        dl.load_cifar("imagenet", tmp_path)
+
+
+def test_wrong_number_of_class_folders(tmp_path):
+    train, test = make_synthetic(9, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    with pytest.raises(DataError, match="9 class folders; cifar10 needs 10"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_empty_class_folder(tmp_path):
+    train, test = make_synthetic(10, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    for image in (tmp_path / "test" / "class_004").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match="class_004 has no images"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_mismatched_class_names(tmp_path):
+    train, test = make_synthetic(10, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    (tmp_path / "test" / "class_004").rename(tmp_path / "test" / "class_x")
+    with pytest.raises(DataError, match="differ"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    train, test = make_synthetic(10, 2, 1)
+    write_image_folder(tmp_path, train, test)
+    broken = tmp_path / "train" / "class_002" / "000005.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="000005.png") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_image_of_wrong_size_is_named(tmp_path):
+    from PIL import Image
+    train, test = make_synthetic(10, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    Image.new("RGB", (64, 48)).save(tmp_path / "test" / "class_001" / "000001.png")
+    with pytest.raises(DataError, match=r"000001.png is 64x48"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_missing_or_broken_pickled_batch(tmp_path, cifar10_like):
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        dl.load_cifar("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read .*data_batch_3"):
+        dl.load_cifar("cifar10", tmp_path)

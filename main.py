@@ -1,0 +1,761 @@
+"""Train a hybrid network (Wang et al., CVPR 2021) on long-tailed CIFAR: the one entry point.
+
+    python main.py                                   # Hybrid-SC, CIFAR-10-LT, imbalance ratio 100, paper recipe
+    python main.py --loss psc --imb_factor 0.1       # Hybrid-PSC at ratio 10
+    python main.py --loss ce                         # the cross-entropy baseline
+    torchrun --nproc_per_node 4 main.py ...          # DistributedDataParallel, --batch_size stays global
+
+Every option lives in `Config`; `get_args_parser()` is built from it so other scripts (the benchmark) reuse it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dataset_loader as data
+import losses
+import networks
+import util
+from util import UserError
+
+PAPER_EPOCHS = 200
+
+
+def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = _opt("cifar10", "dataset", "data", choices=tuple(data.DATASETS))
+    data_root: str = _opt("./data", "folder with cifar-10-batches-py/, cifar-100-python/ or train/<class>/ + "
+                          "test/<class>/ image folders", "data")
+    download: bool = _opt(False, "download the dataset with torchvision into --data_root if it is not there", "data")
+    imb_type: str = _opt("exp", "long-tail profile (LDAM-DRW): exponential or step", "data", choices=data.IMB_TYPES)
+    imb_factor: float = _opt(0.01, "n_min / n_max in (0, 1]: 0.01, 0.02, 0.1 are imbalance ratios 100, 50, 10",
+                             "data")
+    data_seed: int = _opt(0, "seed of the long-tailed subset (0 gives LDAM-DRW's split)", "data")
+    sc_sampler: str = _opt("instance", "sampler of the feature (SC/PSC) branch", "data", choices=data.SAMPLERS)
+    ce_sampler: str = _opt("class", "sampler of the classifier (CE) branch", "data", choices=data.SAMPLERS)
+    # ---- method
+    loss: str = _opt("sc", "feature loss: sc (Hybrid-SC), psc (Hybrid-PSC) or ce (cross-entropy baseline)",
+                     "method", choices=losses.METHODS)
+    model: str = _opt("resnet32", "backbone", "method", choices=tuple(networks.MODELS))
+    feat_dim: int = _opt(128, "projection dimension of the contrastive head", "method")
+    temp: float = _opt(0.1, "SC temperature", "method")
+    psc_temp: Optional[float] = _opt(None, "PSC temperature (default: the paper's 1.0 on CIFAR-10, 0.1 on "
+                                     "CIFAR-100)", "method")
+    psc_denominator: str = _opt("negatives", "PSC softmax denominator: 'negatives' excludes the positive "
+                                "prototype as the paper writes it; 'all' is the usual softmax over all classes",
+                                "method", choices=("negatives", "all"))
+    # ---- optimisation
+    batch_size: int = _opt(512, "images per branch per step (global over all processes)", "optimisation")
+    learning_rate: float = _opt(0.5, "base learning rate (SGD)", "optimisation")
+    momentum: float = _opt(0.9, "SGD momentum", "optimisation")
+    weight_decay: float = _opt(1e-4, "weight decay", "optimisation")
+    epochs: int = _opt(200, "training epochs", "optimisation")
+    lr_decay_epochs: list = _opt((120, 160), "epochs (0-based) where lr is multiplied by --lr_decay_rate",
+                                 "optimisation", type=_int_list)
+    lr_decay_rate: float = _opt(0.1, "lr decay factor", "optimisation")
+    warm_epochs: float = _opt(5.0, "linear lr warm-up epochs (0 disables); lr 0.5 from the first step of "
+                              "a fresh network is risky, LDAM-DRW warms up for 5", "optimisation")
+    # ---- run
+    seed: int = _opt(0, "seed of the model init and the batch stream", "run")
+    output_dir: Optional[str] = _opt(None, "run folder (default runs/<dataset>_<loss>_r<ratio>_s<seed>)", "run")
+    resume: bool = _opt(False, "continue the run in --output_dir from its last.pt", "run")
+    overwrite: bool = _opt(False, "start again in an --output_dir that already holds a run", "run")
+    eval_only: bool = _opt(False, "evaluate --checkpoint on the test set and exit", "run")
+    checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
+    device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
+    amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda, off for cpu)", "run")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for cuda, off for cpu)",
+                                         "run")
+    compile: bool = _opt(False, "torch.compile the model (compilation time is reported separately)", "run")
+    deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun)", "run")
+    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
+    print_freq: int = _opt(10, "steps between progress updates (each costs one host-device sync)", "run")
+
+    @property
+    def imbalance_ratio(self) -> float:
+        return 1.0 / self.imb_factor
+
+    @property
+    def psc_temperature(self) -> float:
+        if self.psc_temp is not None:
+            return self.psc_temp
+        return 1.0 if self.dataset == "cifar10" else 0.1
+
+    def default_output_dir(self) -> str:
+        ratio = round(self.imbalance_ratio)
+        kind = "" if self.imb_type == "exp" else f"{self.imb_type}_"
+        return os.path.join("runs", f"{self.dataset}_{self.loss}_{kind}r{ratio}_s{self.seed}")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (plus exit 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(description=__doc__.splitlines()[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Config):
+        meta = dict(f.metadata)
+        group = groups.setdefault(meta.pop("group"), parser.add_argument_group(meta.get("group")))
+        kwargs: dict[str, Any] = {"default": f.default, **meta}
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        elif f.type in ("Optional[bool]",):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kwargs:
+            kwargs["type"] = {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+        if isinstance(f.default, tuple):
+            kwargs["default"] = list(f.default)
+        group.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> Config:
+    args = get_args_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data; everything here fails before anything is read or written."""
+    if cfg.batch_size < 2:
+        raise UserError(f"--batch_size must be at least 2 (got {cfg.batch_size})")
+    if not cfg.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs must be positive (got {cfg.epochs})")
+    if not 0 < cfg.imb_factor <= 1:
+        raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
+    bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
+    if bad:
+        raise UserError(f"--lr_decay_epochs {bad} outside the run (each must be in 1..{cfg.epochs - 1})")
+    if sorted(cfg.lr_decay_epochs) != list(cfg.lr_decay_epochs):
+        raise UserError(f"--lr_decay_epochs must be increasing (got {cfg.lr_decay_epochs})")
+    for name in ("momentum", "weight_decay", "warm_epochs"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
+    if not 0 < cfg.lr_decay_rate <= 1:
+        raise UserError(f"--lr_decay_rate must be in (0, 1] (got {cfg.lr_decay_rate})")
+    for name in ("temp", "psc_temp"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name} must be positive (got {value})")
+    for name in ("feat_dim", "eval_every", "print_freq"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.eval_only and not cfg.checkpoint:
+        raise UserError("--eval_only needs --checkpoint PATH")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment, pick the device and join the process group (nccl on CUDA, gloo on CPU)."""
+    dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if dist.enabled:
+        if cfg.batch_size % dist.world_size:
+            raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=dist.rank,
+                                             world_size=dist.world_size)
+    return dist, device
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0; the backward pass sends each process the gradient of its own slice."""
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.Tensor, *, mean: torch.Tensor,
+                   std: torch.Tensor, num_classes: int, amp: bool, channels_last: bool = False,
+                   dist: Dist = Dist(), batch_size: int = 1000) -> np.ndarray:
+    """Classifier-branch confusion matrix [C, C] (rows = truth) of `net` (in eval mode) on uint8 images
+    [N, 3, 32, 32]. Each process takes every world_size-th batch and the counts are summed, so all processes
+    get the same matrix; the host waits for the device once, at the end."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=images.device)
+    for start in range(dist.rank * batch_size, len(images), batch_size * dist.world_size):
+        x = data.normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=fmt)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            preds = net.forward_logits(x).argmax(dim=1)
+        counts += util.confusion_matrix(preds, labels[start:start + batch_size], num_classes)
+    return all_reduce_sum(counts, dist).cpu().numpy()
+
+
+class Trainer:
+    """Owns the model, the optimiser, the batch stream and the training step (also what the benchmark times).
+
+    The model forwards the feature-branch views and the classifier-branch images in one pass
+    (cat([sc_views, ce_images]) -> [3B, 3, 32, 32]): one set of kernel launches instead of two, with batch-norm
+    statistics over both branches' images."""
+
+    def __init__(self, cfg: Config, train: data.ArraySplit, num_classes: int, device: torch.device,
+                 dist: Dist = Dist()):
+        self.cfg, self.device, self.dist, self.num_classes = cfg, device, dist, num_classes
+        self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp
+        self.channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        self.feature_branch = cfg.loss != "ce"
+        mean, std = data.dataset_stats(cfg.dataset)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.stream = data.TrainStream(train, num_classes, cfg.batch_size, mean=mean, std=std,
+                                       sc_sampler=cfg.sc_sampler, ce_sampler=cfg.ce_sampler,
+                                       feature_branch=self.feature_branch, device=device, seed=cfg.seed,
+                                       rank=dist.rank, world_size=dist.world_size)
+        self.class_counts = list(self.stream.class_counts)
+        self.shot_groups = data.shot_groups(self.class_counts)
+
+        torch.manual_seed(cfg.seed)
+        net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
+        if not self.feature_branch:  # the CE baseline never uses the head; frozen, DDP and SGD ignore it
+            net.head.requires_grad_(False)
+        if cfg.sync_bn and dist.enabled:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.net = net  # the bare HybridNet: evaluation, checkpoints, prototypes
+        self.model: torch.nn.Module = net
+        if dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.criterion = losses.HybridLoss(
+            cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
+            exclude_positive=cfg.psc_denominator == "negatives",
+            gather=gather_with_grad if dist.enabled and cfg.loss == "sc" else None)
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+
+    def lr_at(self, global_step: int) -> float:
+        cfg = self.cfg
+        return util.learning_rate(global_step, base_lr=cfg.learning_rate, steps_per_epoch=self.steps_per_epoch,
+                                  warm_epochs=cfg.warm_epochs, decay_epochs=cfg.lr_decay_epochs,
+                                  decay_rate=cfg.lr_decay_rate)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def step(self, batch: data.Batch, alpha: float, lr: float) -> losses.LossTerms:
+        """One SGD step on one batch of both branches. Returns the detached loss terms (still on the device)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        with self.autocast():
+            if self.feature_branch:
+                n_views = batch.sc_views.shape[0]  # 2B
+                out = self.model(torch.cat([batch.sc_views, batch.ce_images]).contiguous(memory_format=fmt))
+                projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B, D], [B, C]
+            else:
+                projections, logits = None, self.model(batch.ce_images.contiguous(memory_format=fmt)).logits
+            terms = self.criterion(projections, batch.sc_labels, logits, batch.ce_labels, alpha,
+                                   prototypes=self.net.prototypes)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.optimizer.step()
+        return losses.LossTerms(*(t.detach() for t in terms))
+
+    def confusion(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        self.net.eval()
+        try:
+            return test_confusion(self.net, images, labels, mean=self.mean.view(3), std=self.std.view(3),
+                                  num_classes=self.num_classes, amp=self.amp, channels_last=self.channels_last,
+                                  dist=self.dist)
+        finally:
+            self.net.train()
+
+    @torch.no_grad()
+    def projections(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Feature-branch projections [N, D] of the test images (for TensorBoard's projector), on the CPU."""
+        self.net.eval()
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            x = data.normalize(images[start:start + batch_size], self.mean.view(3), self.std.view(3))
+            with self.autocast():
+                chunks.append(self.net(x).projections.float().cpu())
+        self.net.train()
+        return torch.cat(chunks)
+
+    def params_finite(self) -> bool:
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.net.parameters()]).all())
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+class Stop(Exception):
+    """Ends a run early with a message and an exit code (signals, divergence)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class SignalFlag:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # second signal: the user means it
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+class RunState:
+    """Everything about the run's progress that a checkpoint must carry besides the model and optimiser."""
+
+    def __init__(self):
+        self.epoch = 0  # epoch of the next step to run (0-based)
+        self.step = 0  # step within that epoch
+        self.best_top1 = -1.0
+        self.best_epoch = 0
+        self.best_metrics: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.epoch_sums = None  # [4] tensor: total, feature, ce, steps of the current epoch (mid-epoch resume)
+        self.train_time = 0.0
+        self.train_samples = 0
+        self.wall_time = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["epoch_sums"] = None if self.epoch_sums is None else self.epoch_sums.cpu()
+        return d
+
+    def load_state_dict(self, d: dict[str, Any], device: torch.device) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+        if self.epoch_sums is not None:
+            self.epoch_sums = self.epoch_sums.to(device)
+
+
+def resolve_output_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir or cfg.default_output_dir())
+
+
+RUN_FILES = ("config.json", "last.pt", "best.pt", "results.json")
+
+
+def check_output_dir(cfg: Config, out: Path) -> None:
+    """Refuse to mix two runs in one folder; fail before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} exists and is not a folder")
+    holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+    if cfg.resume:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
+    elif holds_run and not cfg.overwrite:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # only this project's files: anything else the user keeps there stays
+            for f in list(RUN_FILES) + [p.name for p in out.glob("events.out.tfevents.*")]:
+                (out / f).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
+
+
+COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "loss", "model",
+                      "feat_dim", "temp", "psc_temp", "psc_denominator", "batch_size", "learning_rate", "momentum",
+                      "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate", "warm_epochs", "seed")
+
+
+def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
+    """A checkpoint must come from the same model and class count (and, to resume, the same recipe)."""
+    if saved.get("num_classes") != num_classes or saved["config"].get("model") != cfg.model:
+        raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
+                        f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
+    now = dataclasses.asdict(cfg)
+    diff = [f"--{k} {saved['config'].get(k)} -> {now[k]}" for k in keys if saved["config"].get(k) != now[k]]
+    if diff:
+        raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)}")
+
+
+def git_commit() -> Optional[str]:
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    groups = " / ".join("-" if m[k] is None else f"{m[k]:.2f}" for k in ("many", "medium", "few"))
+    return f"top1 {m['top1']:.2f} (many / medium / few {groups})"
+
+
+class Run:
+    """One training run: data, trainer, logging, evaluation, checkpoints and results."""
+
+    def __init__(self, cfg: Config, dist: Dist, device: torch.device):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.out = resolve_output_dir(cfg)
+        if dist.main:
+            check_output_dir(cfg, self.out)
+        train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download and dist.main)
+        self.num_classes = data.DATASETS[cfg.dataset]
+        train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
+        self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist)
+        self.test_images, self.test_labels = data.to_device_images(test, device)
+        self.state = RunState()
+        if cfg.resume:
+            saved = util.load_checkpoint(self.out / "last.pt")
+            check_compatible(saved, cfg, self.out / "last.pt", self.num_classes)
+            self.load(saved)
+        self.writer = None
+        self.signals = SignalFlag()
+
+    # -- checkpoints
+    def checkpoint(self) -> dict[str, Any]:
+        return {"model": self.trainer.net.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
+                "run": self.state.state_dict(), "config": dataclasses.asdict(self.cfg),
+                "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
+                "rng": util.rng_states(), "torch_version": torch.__version__}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.trainer.net.load_state_dict(saved["model"])
+        self.trainer.optimizer.load_state_dict(saved["optimizer"])
+        self.state.load_state_dict(saved["run"], self.device)
+        util.set_rng_states(saved["rng"])
+
+    def tick_wall_time(self) -> None:
+        now = time.perf_counter()
+        self.state.wall_time += now - self.wall_mark
+        self.wall_mark = now
+
+    def save(self, name: str) -> None:
+        self.tick_wall_time()
+        if self.dist.main:
+            util.save_checkpoint(self.checkpoint(), self.out / name)
+
+    # -- the loop
+    def run(self) -> int:
+        cfg, dist = self.cfg, self.dist
+        state, trainer = self.state, self.trainer
+        if state.epoch >= cfg.epochs:
+            self.log(f"{self.out} already finished {cfg.epochs} epochs; nothing to do")
+            return 0
+        if dist.main:
+            prepare_output_dir(self.out, cfg.overwrite)
+            config = {**dataclasses.asdict(cfg), "git_commit": git_commit(), "torch_version": torch.__version__,
+                      "device": device_name(self.device), "world_size": dist.world_size,
+                      "num_classes": self.num_classes, "class_counts": trainer.class_counts,
+                      "train_size": sum(trainer.class_counts), "amp": trainer.amp,
+                      "channels_last": trainer.channels_last, "psc_temperature": cfg.psc_temperature}
+            print(json.dumps(config, indent=2), flush=True)
+            util.write_json(config, self.out / "config.json")
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step)
+        self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
+                 f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
+                 f"steps/epoch, device {device_name(self.device)}, output {self.out}")
+        self.signals.install()
+        self.wall_mark = time.perf_counter()
+        try:
+            while state.epoch < cfg.epochs:
+                self.train_epoch()
+                self.end_epoch()
+            self.finish()
+        finally:
+            self.signals.restore()
+            if self.writer is not None:
+                self.writer.close()
+        return 0
+
+    def train_epoch(self) -> None:
+        cfg, state, trainer, dist = self.cfg, self.state, self.trainer, self.dist
+        from tqdm import tqdm
+        epoch, steps = state.epoch, trainer.steps_per_epoch
+        alpha = losses.hybrid_alpha(epoch, cfg.epochs) if trainer.feature_branch else 0.0
+        if state.epoch_sums is None or state.step == 0:
+            state.epoch_sums = torch.zeros(4, device=self.device)
+        since_log = torch.zeros(4, device=self.device)
+        bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if dist.main else True, dynamic_ncols=True)
+        self.sync()
+        t_log = t_epoch = time.perf_counter()
+        steps_since_log = steps_in_epoch = 0
+        for step, batch in zip(range(state.step, steps), trainer.stream.epoch(epoch, state.step)):
+            global_step = epoch * steps + step
+            lr = trainer.lr_at(global_step)
+            terms = trainer.step(batch, alpha, lr)
+            since_log += torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
+            steps_since_log += 1
+            steps_in_epoch += 1
+            state.step = step + 1
+            bar.update(1)
+            at_log = state.step % cfg.print_freq == 0 or state.step == steps
+            if not at_log and not (self.signals.signum and not dist.enabled):
+                continue
+            # ---- the logging interval: the only host-device sync of the loop
+            sums = all_reduce_sum(since_log.clone(), dist) / dist.world_size
+            state.epoch_sums += sums
+            since_log.zero_()
+            total, feat, ce, n = sums.tolist()
+            now = time.perf_counter()
+            rate = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
+            t_log, steps_since_log = now, 0
+            if not math.isfinite(total):
+                self.diverged(epoch, step)
+            bar.set_postfix(loss=f"{total / n:.3f}", alpha=f"{alpha:.3f}", lr=f"{lr:.4f}", samples_s=f"{rate:.0f}")
+            if self.writer is not None:
+                for tag, value in (("loss/total", total / n), ("loss/feature", feat / n), ("loss/ce", ce / n),
+                                   ("train/alpha", alpha), ("train/lr", lr), ("train/samples_per_s", rate)):
+                    self.writer.add_scalar(tag, value, global_step + 1)
+            if self.stop_requested():
+                bar.close()
+                self.interrupted(epoch, step)
+        bar.close()
+        self.sync()
+        elapsed = time.perf_counter() - t_epoch
+        state.train_time += elapsed
+        state.train_samples += steps_in_epoch * cfg.batch_size
+        self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9)
+        self.epoch_alpha, self.epoch_lr = alpha, lr
+
+    def stop_requested(self) -> bool:
+        flag = torch.tensor([float(self.signals.signum)], device=self.device)
+        return bool(all_reduce_sum(flag, self.dist).item() > 0) if self.dist.enabled else bool(self.signals.signum)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def diverged(self, epoch: int, step: int) -> None:
+        last = self.out / "last.pt"
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+        raise Stop(f"non-finite loss in epoch {epoch + 1}, by step {step + 1} (of {self.trainer.steps_per_epoch}); "
+                   f"{kept}. Lower --learning_rate or raise --warm_epochs.", 3)
+
+    def interrupted(self, epoch: int, step: int) -> None:
+        signame = signal.Signals(self.signals.signum).name
+        if not self.trainer.params_finite():
+            self.diverged(epoch, step)
+        self.save("last.pt")
+        raise Stop(f"{signame}: stopped after step {step + 1} of epoch {epoch + 1}; checkpoint {self.out / 'last.pt'}"
+                   f". Resume with the same command plus --resume", 128 + self.signals.signum)
+
+    def end_epoch(self) -> None:
+        cfg, state, trainer = self.cfg, self.state, self.trainer
+        epoch = state.epoch
+        total, feat, ce = (state.epoch_sums[:3] / state.epoch_sums[3].clamp(min=1)).tolist()
+        state.epoch, state.step, state.epoch_sums = epoch + 1, 0, None
+        if not trainer.params_finite():
+            self.diverged(epoch, trainer.steps_per_epoch - 1)
+        entry = {"epoch": epoch + 1, "train_loss": total, "feature_loss": feat, "ce_loss": ce,
+                 "alpha": self.epoch_alpha, "lr": self.epoch_lr, "samples_per_s": self.epoch_rate}
+        line = f"epoch {epoch + 1}/{cfg.epochs} | loss {total:.4f} (feature {feat:.4f}, ce {ce:.4f}) | " \
+               f"alpha {self.epoch_alpha:.3f} | lr {self.epoch_lr:.4f} | {self.epoch_rate:.0f} samples/s"
+        is_best = False
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            confusion = trainer.confusion(self.test_images, self.test_labels)
+            metrics = util.accuracy_report(confusion, trainer.shot_groups)
+            entry.update({k: metrics[k] for k in ("top1", "many", "medium", "few")})
+            is_best = metrics["top1"] > state.best_top1
+            if is_best:
+                state.best_top1, state.best_epoch = metrics["top1"], epoch + 1
+                state.best_metrics = {**{k: metrics[k] for k in ("top1", "many", "medium", "few")},
+                                      "epoch": epoch + 1}
+            self.last_metrics, self.last_confusion = metrics, confusion
+            line += f" | {format_metrics(metrics)} | best {state.best_top1:.2f} @ {state.best_epoch}"
+            self.log_eval(epoch + 1, metrics, confusion, is_best)
+        state.history.append(entry)
+        self.log(line)
+        self.save("last.pt")
+        if is_best:
+            self.save("best.pt")
+
+    def log_eval(self, epoch: int, metrics: dict[str, Any], confusion: np.ndarray, is_best: bool) -> None:
+        if self.writer is None:
+            return
+        step = epoch * self.trainer.steps_per_epoch
+        for k in ("top1", "many", "medium", "few"):
+            if metrics[k] is not None:
+                self.writer.add_scalar(f"test/{k}", metrics[k], step)
+        for c, acc in enumerate(metrics["per_class"]):
+            self.writer.add_scalar(f"test_per_class/{c:03d}", acc, step)
+        if is_best:  # the last epoch's figures are written by finish()
+            self.write_figures(metrics, confusion, step, "best")
+
+    def write_figures(self, metrics: dict[str, Any], confusion: np.ndarray, step: int, tag: str) -> None:
+        self.writer.add_image(f"{tag}/per_class_accuracy_vs_class_size",
+                              util.per_class_image(metrics["per_class"], self.trainer.class_counts), step,
+                              dataformats="HWC")
+        self.writer.add_image(f"{tag}/confusion_matrix", util.confusion_image(confusion), step, dataformats="HWC")
+
+    def finish(self) -> None:
+        cfg, state, trainer = self.cfg, self.state, self.trainer
+        if not self.dist.main:
+            return
+        step = cfg.epochs * trainer.steps_per_epoch
+        self.write_figures(self.last_metrics, self.last_confusion, step, "last")
+        if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
+            self.writer.add_embedding(trainer.projections(self.test_images), metadata=self.test_labels.cpu().tolist(),
+                                      global_step=step, tag="test_projections")
+        self.tick_wall_time()
+        last = {**{k: self.last_metrics[k] for k in ("top1", "many", "medium", "few")}, "epoch": cfg.epochs}
+        results = {
+            "dataset": cfg.dataset, "method": cfg.loss, "model": cfg.model, "imb_type": cfg.imb_type,
+            "imb_factor": cfg.imb_factor, "imbalance_ratio": cfg.imbalance_ratio, "seed": cfg.seed,
+            "epochs": cfg.epochs, "lr_decay_epochs": list(cfg.lr_decay_epochs), "batch_size": cfg.batch_size,
+            "best_top1": state.best_top1, "best_epoch": state.best_epoch, "last_top1": last["top1"],
+            "many": last["many"], "medium": last["medium"], "few": last["few"],
+            "best": state.best_metrics, "last": last, "per_class": self.last_metrics["per_class"],
+            "class_counts": trainer.class_counts, "shot_groups": trainer.shot_groups, "history": state.history,
+            "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
+            "wall_time_s": state.wall_time, "torch_version": torch.__version__,
+            "device": device_name(self.device), "world_size": self.dist.world_size,
+            "config": dataclasses.asdict(cfg),
+        }
+        util.write_json(results, self.out / "results.json")
+        self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
+                 f"results in {self.out / 'results.json'}")
+
+    def log(self, message: str) -> None:
+        if self.dist.main:
+            print(message, flush=True)
+
+
+def evaluate_checkpoint(cfg: Config, device: torch.device) -> int:
+    """--eval_only: the classifier branch of --checkpoint on the balanced test set."""
+    path = Path(cfg.checkpoint)
+    saved = util.load_checkpoint(path)
+    num_classes = data.DATASETS[cfg.dataset]
+    check_compatible(saved, cfg, path, num_classes, keys=())
+    _, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
+    net = networks.build_model(cfg.model, num_classes, saved["config"]["feat_dim"],
+                               use_prototypes=saved["config"]["loss"] == "psc")
+    net.load_state_dict(saved["model"])
+    images, labels = data.to_device_images(test, device)
+    mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
+    confusion = test_confusion(net.to(device).eval(), images, labels, mean=mean, std=std, num_classes=num_classes,
+                               amp=device.type == "cuda" if cfg.amp is None else cfg.amp)
+    metrics = util.accuracy_report(confusion, data.shot_groups(saved["class_counts"]))
+    print(f"{path}: {format_metrics(metrics)}")
+    print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
+    print(json.dumps({k: metrics[k] for k in ("top1", "many", "medium", "few", "per_class")}))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    dist = Dist()
+    try:
+        cfg = parse_config(argv)
+        dist, device = setup_distributed(cfg)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        if cfg.eval_only:
+            return evaluate_checkpoint(cfg, device)
+        return Run(cfg, dist, device).run()
+    except (UserError, Stop) as e:
+        prefix = f"rank {dist.rank}: " if dist.enabled else ""
+        print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
+        return e.code if isinstance(e, Stop) else 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""End-to-end runs of the real CLI (`python main.py`, in a subprocess) on a tiny synthetic CIFAR in the pickled
+torchvision layout, and every bad input of the CLI issue (one line, non-zero exit, nothing written)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from helpers import make_synthetic, write_pickled_cifar10, write_pickled_cifar100
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TRAIN, N_TEST = 40, 10  # per class
+IMB_FACTOR = 0.1
+# LDAM-DRW counts for n_max 40 at imbalance ratio 10: int(40 * 0.1 ** (c / 9)).
+EXPECTED_COUNTS = [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
+TINY = ["--model", "resnet20", "--batch_size", "16", "--epochs", "2", "--lr_decay_epochs", "1",
+        "--learning_rate", "0.05", "--warm_epochs", "0", "--device", "cpu", "--imb_factor", str(IMB_FACTOR),
+        "--print_freq", "3"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10")
+    write_pickled_cifar10(root, *make_synthetic(10, N_TRAIN, N_TEST, seed=0))
+    return root
+
+
+@pytest.fixture(scope="module", params=["sc", "psc", "ce"])
+def finished_run(request, cifar10_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run_{request.param}") / "run"
+    proc = run_cli("--data_root", str(cifar10_root), "--loss", request.param, "--output_dir", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, out, proc
+
+
+def test_run_leaves_its_files(finished_run):
+    _, out, _ = finished_run
+    for name in ("config.json", "last.pt", "best.pt", "results.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert not list(out.glob("*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def test_results_are_sane(finished_run):
+    loss, out, proc = finished_run
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == loss and res["dataset"] == "cifar10" and res["epochs"] == 2
+    assert res["class_counts"] == EXPECTED_COUNTS
+    assert res["imbalance_ratio"] == pytest.approx(10)
+    assert len(res["history"]) == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
+    for key in ("best_top1", "last_top1", "many", "medium", "few"):
+        assert res[key] is None or 0 <= res[key] <= 100, key
+    # 40 / 30 / 23 images are 'medium' (20..100) and the rest 'few' (< 20): no many-shot class here.
+    assert res["shot_groups"] == {"many": [], "medium": [0, 1, 2], "few": [3, 4, 5, 6, 7, 8, 9]}
+    assert res["many"] is None and res["medium"] is not None and res["few"] is not None
+    assert res["best_top1"] >= res["last_top1"] == res["history"][-1]["top1"] == res["last"]["top1"]
+    assert res["best_epoch"] in (1, 2) and res["best"]["epoch"] == res["best_epoch"]
+    assert len(res["per_class"]) == 10 and all(0 <= a <= 100 for a in res["per_class"])
+    # top-1 is the mean of the per-class accuracies on the balanced test set
+    assert res["last_top1"] == pytest.approx(sum(res["per_class"]) / 10)
+    assert res["samples_per_s"] > 0 and res["wall_time_s"] > 0
+    assert res["torch_version"] == torch.__version__ and res["device"].startswith("cpu")
+    h = res["history"][0]
+    assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
+    assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2
+    if loss == "ce":
+        assert all(e["feature_loss"] == 0 for e in res["history"])
+    else:
+        assert all(e["feature_loss"] != 0 for e in res["history"])
+    assert "done: last top1" in proc.stdout
+
+
+def test_config_and_checkpoint_contents(finished_run):
+    loss, out, proc = finished_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["loss"] == loss and cfg["model"] == "resnet20" and cfg["batch_size"] == 16
+    assert cfg["train_size"] == sum(EXPECTED_COUNTS) and "git_commit" in cfg
+    assert cfg["psc_temperature"] == 1.0  # the paper's PSC temperature on CIFAR-10
+    assert '"git_commit"' in proc.stdout  # the full config is printed at the start
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    for key in ("model", "optimizer", "run", "config", "num_classes", "class_counts", "rng"):
+        assert key in ckpt, key
+    assert ckpt["run"]["epoch"] == 2 and ckpt["run"]["step"] == 0
+    assert ("prototypes" in ckpt["model"]) == (loss == "psc")
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert best["run"]["best_top1"] == json.loads((out / "results.json").read_text())["best_top1"]
+
+
+def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
+    loss, out, _ = finished_run
+    proc = run_cli("--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(cifar10_root),
+                   "--model", "resnet20", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads((out / "results.json").read_text())
+    assert printed["top1"] == res["last_top1"]
+    assert printed["per_class"] == res["per_class"]
+
+
+def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
+    loss, out, _ = finished_run
+    before = snapshot(out)
+    proc = run_cli("--data_root", str(cifar10_root), "--loss", loss, "--output_dir", str(out), "--resume", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "already finished" in proc.stdout
+    assert snapshot(out) == before
+
+
+def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
+    write_pickled_cifar100(tmp_path / "data", *make_synthetic(100, 6, 2, seed=1))
+    out = tmp_path / "run"
+    proc = run_cli("--dataset", "cifar100", "--data_root", str(tmp_path / "data"), "--loss", "psc",
+                   "--output_dir", str(out), "--model", "resnet20", "--batch_size", "32", "--epochs", "1",
+                   "--lr_decay_epochs", "", "--imb_factor", "0.5", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["psc_temperature"] == 0.1 and cfg["num_classes"] == 100
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["per_class"]) == 100 and sum(res["class_counts"]) == cfg["train_size"]
+
+
+def test_help_lists_every_flag_with_its_default():
+    text = main.get_args_parser().format_help()
+    for flag in ("--dataset", "--data_root", "--download", "--imb_type", "--imb_factor", "--data_seed",
+                 "--sc_sampler", "--ce_sampler", "--loss", "--model", "--feat_dim", "--temp", "--psc_temp",
+                 "--psc_denominator", "--batch_size", "--learning_rate", "--momentum", "--weight_decay", "--epochs",
+                 "--lr_decay_epochs", "--lr_decay_rate", "--warm_epochs", "--seed", "--output_dir", "--resume",
+                 "--overwrite", "--eval_only", "--checkpoint", "--device", "--amp", "--channels_last", "--compile",
+                 "--eval_every"):
+        assert flag in text, flag
+    assert text.count("(default:") >= 33
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = main.parse_config([])
+    assert (cfg.dataset, cfg.loss, cfg.model, cfg.imb_factor, cfg.batch_size, cfg.learning_rate, cfg.momentum,
+            cfg.weight_decay, cfg.epochs, list(cfg.lr_decay_epochs), cfg.lr_decay_rate, cfg.temp) == \
+        ("cifar10", "sc", "resnet32", 0.01, 512, 0.5, 0.9, 1e-4, 200, [120, 160], 0.1, 0.1)
+    assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes (empty when the folder does not exist)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def call_main(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert code != 0, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+
+
+@pytest.fixture()
+def existing_run(finished_run, tmp_path):
+    """A copy of a finished sc run, to check that bad input leaves it as it was."""
+    import shutil
+    loss, out, _ = finished_run
+    copy = tmp_path / "existing"
+    shutil.copytree(out, copy)
+    return copy
+
+
+BAD_INPUTS = [
+    (["--dataset", "cifar1000"], "invalid choice"),
+    (["--model", "resnet33"], "invalid choice"),
+    (["--loss", "triplet"], "invalid choice"),
+    (["--sc_sampler", "balanced"], "invalid choice"),
+    (["--ce_sampler", "x"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--batch_size", "1"], "--batch_size"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--learning_rate", "-0.1"], "--learning_rate"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "100", "--lr_decay_epochs", "120,160"], "--lr_decay_epochs"),
+    (["--lr_decay_epochs", "160,120"], "increasing"),
+    (["--lr_decay_epochs", "a,b"], "comma-separated"),
+    (["--imb_factor", "0"], "--imb_factor"),
+    (["--imb_factor", "1.5"], "--imb_factor"),
+    (["--temp", "0"], "--temp"),
+    (["--eval_only"], "--checkpoint"),
+    (["--resume", "--overwrite"], "contradict"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_flags(argv, needle, tmp_path, capsys, cifar10_root):
+    out = tmp_path / "out"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *argv], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu(tmp_path, capsys, cifar10_root):
+    code, err = call_main(["--data_root", str(cifar10_root), "--device", "cuda",
+                           "--output_dir", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "no CUDA device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_root_without_data(tmp_path, capsys):
+    code, err = call_main(["--data_root", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "cifar-10-batches-py", "--download")
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_larger_than_the_training_set(tmp_path, capsys, cifar10_root):
+    code, err = call_main(["--data_root", str(cifar10_root), "--batch_size", "4096", "--device", "cpu", "--imb_factor", "0.1",
+                           "--output_dir", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "4096")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_run_is_not_overwritten(existing_run, capsys, cifar10_root):
+    before = snapshot(existing_run)
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY], capsys)
+    assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
+    assert snapshot(existing_run) == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys, cifar10_root):
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "o"), "--resume"],
+                          capsys)
+    assert_one_line_error(code, err, "no checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
+    before = snapshot(existing_run)
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
+    argv[argv.index("--batch_size") + 1] = "8"
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, "--batch_size 16 -> 8")
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "other_model", "other_classes"])
+def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
+    ckpt = existing_run / "last.pt"
+    argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet20"]
+    if problem == "missing":
+        argv += ["--checkpoint", str(tmp_path / "nope.pt")]
+        needle = "not found"
+    elif problem == "garbage":
+        (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+        argv += ["--checkpoint", str(tmp_path / "garbage.pt")]
+        needle = "cannot read"
+    elif problem == "truncated":
+        (tmp_path / "half.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        argv += ["--checkpoint", str(tmp_path / "half.pt")]
+        needle = "cannot read"
+    elif problem == "other_model":
+        argv[argv.index("resnet20")] = "resnet32"
+        argv += ["--checkpoint", str(ckpt)]
+        needle = "resnet20 with 10 classes"
+    else:
+        argv += ["--checkpoint", str(ckpt), "--dataset", "cifar100"]
+        needle = "with 100"
+    before = snapshot(existing_run)
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, needle)
+    assert snapshot(existing_run) == before
+
+
+def test_real_cli_bad_input_has_no_traceback(tmp_path, cifar10_root):
+    proc = run_cli("--data_root", str(cifar10_root), "--imb_factor", "2", "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""Summarise finished runs as the paper's Table 1 (markdown, or CSV with --csv).
+
+    python scripts/summarize.py runs/table1 [more dirs or results.json files] [--csv] [--out FILE]
+
+Reads every results.json under the given folders (recursively), groups the runs by
+(dataset, method, imb_type, imbalance ratio, schedule) and reports per group: the seeds, best and
+last top-1 as mean ± std over seeds, many / medium / few-shot accuracy (last epoch, mean), the
+schedule, the mean wall time, the paper's top-1 and our difference to it.
+
+Choices, documented here and in the table's footnotes:
+- std is the sample std (ddof=1) over seeds; with one seed it is "n/a" (empty in CSV), since a
+  spread cannot be estimated from one run.
+- The paper gives one top-1 per cell; "diff" compares our LAST-epoch top-1 mean with it (the best
+  epoch is chosen on the test set, so it is optimistic).
+- The paper schedule is 200 epochs, lr x0.1 at 120 and 160, batch 512. Any other schedule is
+  marked in the epochs column ("short schedule: 20 epochs") and shows "n/c" (not comparable)
+  instead of the paper value and difference.
+- CE has no value in the paper; on CIFAR-10-LT ratio 100 the literature value 70.36 is shown,
+  marked "(lit.)", without a difference (a different recipe).
+- A malformed results.json, or two runs of one group with the same seed, stops the summary with
+  one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
+  change the means. No results at all is an error too.
+
+Only the standard library and numpy: it runs anywhere the run folders are copied to.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+PAPER_EPOCHS = 200
+PAPER_LR_DECAY_EPOCHS = (120, 160)
+PAPER_BATCH_SIZE = 512
+
+# Wang et al., CVPR 2021, Table 1: top-1 % on the long-tailed ('exp') splits, keyed by
+# (dataset, method, imbalance ratio).
+PAPER_TOP1 = MappingProxyType({
+    ("cifar10", "sc", 100): 81.40, ("cifar10", "sc", 50): 85.36, ("cifar10", "sc", 10): 91.12,
+    ("cifar10", "psc", 100): 78.82, ("cifar10", "psc", 50): 83.86, ("cifar10", "psc", 10): 90.06,
+    ("cifar100", "sc", 100): 46.72, ("cifar100", "sc", 50): 51.87, ("cifar100", "sc", 10): 63.05,
+    ("cifar100", "psc", 100): 44.97, ("cifar100", "psc", 50): 48.93, ("cifar100", "psc", 10): 62.37,
+})
+# Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
+LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
+
+DATASET_LABELS = MappingProxyType({"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"})
+METHOD_LABELS = MappingProxyType({"sc": "Hybrid-SC", "psc": "Hybrid-PSC", "ce": "CE"})
+DATASET_ORDER = ("cifar10", "cifar100")
+METHOD_ORDER = ("sc", "psc", "ce")
+
+CSV_COLUMNS = (
+    "dataset", "method", "imb_type", "imbalance_ratio", "n_seeds", "seeds",
+    "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
+    "many_mean", "medium_mean", "few_mean", "epochs", "lr_decay_epochs", "batch_size",
+    "paper_schedule", "wall_time_s_mean", "reference_top1", "reference_source", "diff_last_minus_reference",
+)
+
+
+class SummaryError(Exception):
+    """A problem with the input folders or files, reported as one line and exit status 1."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The fields of one results.json that the summary uses (accuracies in percent)."""
+
+    path: str
+    dataset: str
+    method: str
+    imb_type: str
+    imbalance_ratio: float
+    seed: int
+    epochs: int
+    lr_decay_epochs: tuple[int, ...]
+    batch_size: int | None
+    best_top1: float
+    last_top1: float
+    many: float | None  # None: no class in this shot group (e.g. 'few' on CIFAR-10 at ratio 10)
+    medium: float | None
+    few: float | None
+    wall_time_s: float | None
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What makes runs comparable: they differ only in the seed."""
+
+    dataset: str
+    method: str
+    imb_type: str
+    imbalance_ratio: float
+    epochs: int
+    lr_decay_epochs: tuple[int, ...]
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One table row. Stds are None for a single seed; means of shot groups None when empty."""
+
+    key: GroupKey
+    seeds: tuple[int, ...]
+    best_top1_mean: float
+    best_top1_std: float | None
+    last_top1_mean: float
+    last_top1_std: float | None
+    many: float | None
+    medium: float | None
+    few: float | None
+    wall_time_s: float | None
+    paper_schedule: bool
+    reference_top1: float | None  # None when not comparable or unknown
+    reference_source: str | None  # "paper" or "literature"
+    diff: float | None  # last_top1_mean - paper value; only against the paper's own numbers
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+def _number(data: dict, key: str, *, optional: bool = False) -> float | None:
+    """data[key] as a float; None only when optional and the key is missing or null."""
+    value = data.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"missing key '{key}'" if key not in data else f"'{key}' is null")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"'{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _shot_accuracy(data: dict, key: str) -> float | None:
+    """A many/medium/few value; null or NaN means the group has no class."""
+    if key not in data:
+        raise ValueError(f"missing key '{key}'")
+    value = _number(data, key, optional=True)
+    return None if value is None or math.isnan(value) else value
+
+
+def parse_result(data: object, path: str) -> RunResult:
+    """Check and extract one parsed results.json; raise ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    for key in ("dataset", "method", "seed", "epochs", "best_top1", "last_top1"):
+        if key not in data:
+            raise ValueError(f"missing key '{key}'")
+    for key in ("dataset", "method"):
+        if not isinstance(data[key], str):
+            raise ValueError(f"'{key}' must be a string, got {data[key]!r}")
+    if "imbalance_ratio" in data:
+        ratio = _number(data, "imbalance_ratio")
+    elif "imb_factor" in data:
+        imb_factor = _number(data, "imb_factor")
+        if not 0.0 < imb_factor <= 1.0:
+            raise ValueError(f"'imb_factor' must be in (0, 1], got {imb_factor!r}")
+        ratio = 1.0 / imb_factor
+    else:
+        raise ValueError("missing key 'imbalance_ratio' (and 'imb_factor')")
+    if not (math.isfinite(ratio) and ratio >= 1.0):
+        raise ValueError(f"'imbalance_ratio' must be a finite number >= 1, got {ratio!r}")
+    integers = {}
+    for key in ("seed", "epochs"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"'{key}' must be an integer, got {value!r}")
+        integers[key] = value
+    decay = data.get("lr_decay_epochs", [])
+    if not isinstance(decay, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in decay):
+        raise ValueError(f"'lr_decay_epochs' must be a list of integers, got {decay!r}")
+    batch_size = data.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise ValueError(f"'batch_size' must be an integer, got {batch_size!r}")
+    best_top1, last_top1 = _number(data, "best_top1"), _number(data, "last_top1")
+    for key, value in (("best_top1", best_top1), ("last_top1", last_top1)):
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(f"'{key}' must be a percentage in 0..100, got {value!r}")
+    imb_type = data.get("imb_type", "exp")
+    if not isinstance(imb_type, str):
+        raise ValueError(f"'imb_type' must be a string, got {imb_type!r}")
+    return RunResult(
+        path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
+        imbalance_ratio=ratio, seed=integers["seed"], epochs=integers["epochs"],
+        lr_decay_epochs=tuple(decay), batch_size=batch_size,
+        best_top1=best_top1, last_top1=last_top1,
+        many=_shot_accuracy(data, "many"), medium=_shot_accuracy(data, "medium"),
+        few=_shot_accuracy(data, "few"),
+        wall_time_s=_number(data, "wall_time_s", optional=True),
+    )
+
+
+# ---- grouping and statistics (pure) ----------------------------------------------------------
+
+def group_key(run: RunResult) -> GroupKey:
+    # Rounded so that 1/0.02 computed two ways still lands in one group.
+    return GroupKey(run.dataset, run.method, run.imb_type, round(run.imbalance_ratio, 3),
+                    run.epochs, run.lr_decay_epochs, run.batch_size)
+
+
+def group_runs(runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
+    """Runs by group, each group sorted by seed; a seed twice in one group is a SummaryError."""
+    groups: dict[GroupKey, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(group_key(run), []).append(run)
+    for members in groups.values():
+        members.sort(key=lambda run: run.seed)
+        for previous, current in zip(members, members[1:]):
+            if previous.seed == current.seed:
+                raise SummaryError(f"seed {current.seed} of one configuration appears twice: "
+                                   f"{previous.path} and {current.path}")
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1) of values; std None for a single value."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def _mean_present(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return float(np.mean(present)) if present else None
+
+
+def is_paper_schedule(key: GroupKey) -> bool:
+    """200 epochs, lr x0.1 at 120 and 160, batch 512 (batch unknown counts as not checked)."""
+    return (key.epochs == PAPER_EPOCHS and key.lr_decay_epochs == PAPER_LR_DECAY_EPOCHS
+            and key.batch_size in (None, PAPER_BATCH_SIZE))
+
+
+def reference_top1(key: GroupKey) -> tuple[float, str] | None:
+    """(top-1 %, "paper" | "literature") for this configuration, or None when there is none."""
+    ratio = round(key.imbalance_ratio)
+    if key.imb_type != "exp" or abs(key.imbalance_ratio - ratio) > 1e-6:
+        return None
+    table_key = (key.dataset, key.method, ratio)
+    if table_key in PAPER_TOP1:
+        return PAPER_TOP1[table_key], "paper"
+    if table_key in LITERATURE_TOP1:
+        return LITERATURE_TOP1[table_key], "literature"
+    return None
+
+
+def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
+    """One row from the runs of one group (all seeds)."""
+    best_mean, best_std = mean_std([run.best_top1 for run in runs])
+    last_mean, last_std = mean_std([run.last_top1 for run in runs])
+    paper_schedule = is_paper_schedule(key)
+    reference = reference_top1(key) if paper_schedule else None
+    diff = None
+    if reference is not None and reference[1] == "paper":
+        diff = last_mean - reference[0]
+    return GroupSummary(
+        key=key, seeds=tuple(run.seed for run in runs),
+        best_top1_mean=best_mean, best_top1_std=best_std,
+        last_top1_mean=last_mean, last_top1_std=last_std,
+        many=_mean_present([run.many for run in runs]),
+        medium=_mean_present([run.medium for run in runs]),
+        few=_mean_present([run.few for run in runs]),
+        wall_time_s=_mean_present([run.wall_time_s for run in runs]),
+        paper_schedule=paper_schedule,
+        reference_top1=None if reference is None else reference[0],
+        reference_source=None if reference is None else reference[1],
+        diff=diff,
+    )
+
+
+def _row_order(summary: GroupSummary) -> tuple:
+    key = summary.key
+    rank = lambda order, value: order.index(value) if value in order else len(order)  # noqa: E731
+    return (rank(DATASET_ORDER, key.dataset), key.dataset, key.imb_type,
+            rank(METHOD_ORDER, key.method), key.method, -key.imbalance_ratio,
+            not summary.paper_schedule, -key.epochs, key.lr_decay_epochs, key.batch_size or 0)
+
+
+def summarize(runs: list[RunResult]) -> list[GroupSummary]:
+    """Table rows: dataset, then method (SC, PSC, CE), then ratio high to low, paper schedule first."""
+    rows = [summarize_group(key, members) for key, members in group_runs(runs).items()]
+    return sorted(rows, key=_row_order)
+
+
+# ---- formatting (pure) -----------------------------------------------------------------------
+
+def format_duration(seconds: float | None) -> str:
+    """Human-readable: '45s', '12m 05s', '3h 07m'; '—' when unknown."""
+    if seconds is None:
+        return "—"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _ratio_text(key: GroupKey) -> str:
+    ratio = f"{key.imbalance_ratio:g}"
+    return ratio if key.imb_type == "exp" else f"{ratio} ({key.imb_type})"
+
+
+def schedule_text(key: GroupKey, paper_schedule: bool) -> str:
+    """'200' on the paper schedule; otherwise says which schedule, e.g. 'short schedule: 20 epochs'."""
+    if paper_schedule:
+        return str(key.epochs)
+    if key.epochs < PAPER_EPOCHS:
+        return f"short schedule: {key.epochs} epochs"
+    decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
+    batch = "?" if key.batch_size is None else str(key.batch_size)
+    return f"other schedule: {key.epochs} epochs, lr decay at {decay}, batch {batch}"
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'}"
+
+
+def _opt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def format_markdown(rows: list[GroupSummary]) -> str:
+    """The markdown table with its footnotes."""
+    header = ("dataset", "method", "imb. ratio", "seeds", "best top-1", "last top-1",
+              "many", "medium", "few", "epochs", "wall time", "paper top-1", "diff")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        key = row.key
+        if not row.paper_schedule:
+            reference, diff = "n/c", "n/c"
+        elif row.reference_top1 is None:
+            reference, diff = "—", "—"
+        elif row.reference_source == "literature":
+            reference, diff = f"{row.reference_top1:.2f} (lit.)", "—"
+        else:
+            reference, diff = f"{row.reference_top1:.2f}", f"{row.diff:+.2f}"
+        cells = (
+            DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
+            _ratio_text(key), f"{len(row.seeds)} ({', '.join(str(s) for s in row.seeds)})",
+            _pm(row.best_top1_mean, row.best_top1_std), _pm(row.last_top1_mean, row.last_top1_std),
+            _opt(row.many), _opt(row.medium), _opt(row.few),
+            schedule_text(key, row.paper_schedule), format_duration(row.wall_time_s), reference, diff,
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "- Top-1 in %, mean ± sample std (ddof=1) over seeds; 'n/a' with a single seed. 'best' is the "
+        "best epoch on the test set (optimistic), 'last' the final epoch. many / medium / few: last "
+        "epoch, mean over seeds, classes with >100 / 20..100 / <20 training images; '—': no class "
+        "in that group at this ratio. Wall time: mean per run.",
+        "- The paper (Wang et al., CVPR 2021, Table 1) reports a single top-1 per cell, without seeds "
+        "or spread and without saying which epoch; 'diff' = our last top-1 mean − paper top-1.",
+        f"- Paper schedule: {PAPER_EPOCHS} epochs, lr x0.1 at epochs "
+        f"{' and '.join(str(e) for e in PAPER_LR_DECAY_EPOCHS)}, batch {PAPER_BATCH_SIZE}. Rows on "
+        "any other schedule are marked in 'epochs' and show 'n/c' (not comparable) instead of the "
+        "paper value and difference.",
+        "- (lit.): the paper has no CE number; 70.36 is plain cross-entropy as reported in the "
+        "literature (Cao et al. 2019), a different recipe from ours, so no difference is shown.",
+    ]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def format_csv(rows: list[GroupSummary]) -> str:
+    """The same rows as CSV with unformatted numbers; empty cells where markdown shows n/a, — or n/c."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        key = row.key
+        writer.writerow((
+            DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
+            key.imb_type, repr(key.imbalance_ratio), len(row.seeds), " ".join(str(s) for s in row.seeds),
+            _csv_number(row.best_top1_mean), _csv_number(row.best_top1_std),
+            _csv_number(row.last_top1_mean), _csv_number(row.last_top1_std),
+            _csv_number(row.many), _csv_number(row.medium), _csv_number(row.few),
+            key.epochs, " ".join(str(e) for e in key.lr_decay_epochs),
+            "" if key.batch_size is None else key.batch_size, row.paper_schedule,
+            _csv_number(row.wall_time_s), _csv_number(row.reference_top1), row.reference_source or "",
+            _csv_number(row.diff),
+        ))
+    return buffer.getvalue()
+
+
+# ---- I/O -------------------------------------------------------------------------------------
+
+def find_result_files(paths: list[str]) -> list[Path]:
+    """Every results.json under the given folders (or the given files themselves), each once."""
+    found: dict[Path, Path] = {}
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(path.rglob("results.json"))
+        else:
+            raise SummaryError(f"no such file or folder: {name}")
+        for candidate in candidates:
+            found.setdefault(candidate.resolve(), candidate)  # overlapping folders count once
+    return list(found.values())
+
+
+def load_runs(files: list[Path]) -> list[RunResult]:
+    runs = []
+    for file in files:
+        try:
+            runs.append(parse_result(json.loads(file.read_text()), str(file)))
+        except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise SummaryError(f"malformed results file {file}: {message}") from error
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Summarise finished runs (every results.json under the given folders) as Table 1.")
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="run folders or their parents (searched recursively)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        files = find_result_files(args.paths)
+        if not files:
+            raise SummaryError(f"no results.json found under {' '.join(args.paths)}")
+        rows = summarize(load_runs(files))
+    except SummaryError as error:
+        print(f"summarize.py: error: {error}", file=sys.stderr)
+        return 1
+    text = format_csv(rows) if args.csv else format_markdown(rows)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"summarize.py: wrote {len(rows)} rows from {len(files)} runs to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Sweep main.py over imbalance factors x methods x seeds, one run folder each.
+#
+# A run's folder tells its state (main.py writes results.json only when a run has finished):
+#   results.json            -> finished: skipped
+#   last.pt, no results     -> unfinished: run again with --resume
+#   folder with neither     -> crashed before its first checkpoint: run again with --overwrite
+#   no folder               -> fresh run
+# So the same command can be repeated after a crash or a Ctrl-C and only does what is left.
+# Runs go one after another, or with --gpus as a queue: one run per listed GPU at a time.
+set -euo pipefail
+
+prog=$(basename "$0")
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+  cat <<EOF
+Usage: $prog --dataset cifar10|cifar100 --imb_factors "0.01 0.005" [--methods "sc psc ce"]
+       [--seeds "0 1 2"] [--imb_type exp|step] [--runs_dir DIR] [--gpus "0 1"] [-- extra main.py args]
+
+Runs main.py once per (seed, imb_factor, method), in DIR/<dataset>_<method>_r<ratio>_s<seed>
+with ratio = round(1/imb_factor) (0.01 -> r100, 0.005 -> r200); <dataset>_<method>_step_r<ratio>_s<seed>
+with --imb_type step.
+
+  --dataset D        cifar10 or cifar100 (required)
+  --imb_type T       exp (default, the paper's) or step
+  --imb_factors F..  n_min/n_max values, space separated, each in (0, 1] (required)
+  --methods M..      any of sc psc ce (default: "sc psc")
+  --seeds S..        integer seeds (default: "0")
+  --runs_dir DIR     parent folder of the run folders (default: runs/sweep)
+  --gpus G..         GPU ids for CUDA_VISIBLE_DEVICES; one run per listed id at a time, each
+                     run's output appended to DIR/logs/<run>.log. List an id twice to give it
+                     two runs at once. Default: runs one after another, output to the terminal.
+  -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
+                     the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
+                     --seed --output_dir --resume --overwrite) are refused here.
+  -h, --help         this message
+
+A finished run is skipped whatever its options were: delete its folder to run it again.
+Python: \${PYTHON:-python} (currently: ${PYTHON:-python}).
+At the end prints each run's folder and status (done / skipped / FAILED); exits 1 if any run
+failed, 130 if interrupted: Ctrl-C or SIGTERM sends each running run one SIGTERM (main.py then
+saves last.pt and stops) and starts no new run; rerun the same command to resume.
+EOF
+}
+
+die_usage() {
+  echo "$prog: error: $1 (see --help)" >&2
+  exit 2
+}
+
+# ---- arguments -------------------------------------------------------------------------------
+dataset="" imb_type="exp" imb_factors="" methods="sc psc" seeds="0" runs_dir="runs/sweep" gpus=""
+extra_args=()
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --) shift; extra_args=("$@"); break ;;
+    --dataset=* | --imb_type=* | --imb_factors=* | --methods=* | --seeds=* | --runs_dir=* | --gpus=*)
+      name=${1%%=*}; set -- "$name" "${1#*=}" "${@:2}"; continue ;;
+    --dataset | --imb_type | --imb_factors | --methods | --seeds | --runs_dir | --gpus)
+      (($# >= 2)) || die_usage "$1 needs a value"
+      case $1 in
+        --dataset) dataset=$2 ;;
+        --imb_type) imb_type=$2 ;;
+        --imb_factors) imb_factors=$2 ;;
+        --methods) methods=$2 ;;
+        --seeds) seeds=$2 ;;
+        --runs_dir) runs_dir=$2 ;;
+        --gpus) gpus=$2 ;;
+      esac
+      shift 2 ;;
+    *) die_usage "unknown argument '$1'" ;;
+  esac
+done
+
+case $dataset in
+  cifar10 | cifar100) ;;
+  "") die_usage "--dataset is required" ;;
+  *) die_usage "--dataset must be cifar10 or cifar100, got '$dataset'" ;;
+esac
+case $imb_type in
+  exp) folder_kind="" ;;
+  step) folder_kind="step_" ;; # as main.py names its default folder
+  *) die_usage "--imb_type must be exp or step, got '$imb_type'" ;;
+esac
+read -r -a factor_list <<<"$imb_factors"
+read -r -a method_list <<<"$methods"
+read -r -a seed_list <<<"$seeds"
+read -r -a gpu_list <<<"$gpus"
+((${#factor_list[@]})) || die_usage "--imb_factors is required"
+((${#method_list[@]})) || die_usage "--methods is empty"
+((${#seed_list[@]})) || die_usage "--seeds is empty"
+[[ -n $runs_dir ]] || die_usage "--runs_dir is empty"
+
+# ratio = round(1/imb_factor), only for the folder name; main.py gets imb_factor as written.
+declare -A ratio_of=()
+for factor in "${factor_list[@]}"; do
+  [[ $factor =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] ||
+    die_usage "--imb_factors: '$factor' is not a number"
+  ratio=$(awk -v f="$factor" 'BEGIN { if (f <= 0 || f > 1) exit 1; printf "%d", int(1 / f + 0.5) }') ||
+    die_usage "--imb_factors: '$factor' is not in (0, 1] (it is n_min/n_max, e.g. 0.01 for ratio 100)"
+  ratio_of[$factor]=$ratio
+done
+for method in "${method_list[@]}"; do
+  case $method in sc | psc | ce) ;; *) die_usage "--methods: '$method' is not one of sc psc ce" ;; esac
+done
+for seed in "${seed_list[@]}"; do
+  [[ $seed =~ ^[0-9]+$ ]] || die_usage "--seeds: '$seed' is not a non-negative integer"
+done
+# argparse keeps the last occurrence of a flag, so an extra --seed etc. would silently
+# disagree with the folder name: refuse it.
+for arg in ${extra_args[@]+"${extra_args[@]}"}; do
+  case $arg in
+    --dataset | --dataset=* | --imb_type | --imb_type=* | --imb_factor | --imb_factor=* | \
+      --loss | --loss=* | --seed | --seed=* | \
+      --output_dir | --output_dir=* | --resume | --overwrite)
+      die_usage "'${arg%%=*}' is set by the sweep for each run; remove it after --" ;;
+  esac
+done
+
+read -r -a python_cmd <<<"${PYTHON:-python}"
+((${#python_cmd[@]})) || die_usage "PYTHON is set but empty"
+
+# ---- the list of runs ------------------------------------------------------------------------
+# Seeds outermost: a whole table for the first seed is ready before the second seed starts.
+run_names=() run_factors=() run_methods=() run_seeds=()
+declare -A seen_name=()
+for seed in "${seed_list[@]}"; do
+  for factor in "${factor_list[@]}"; do
+    for method in "${method_list[@]}"; do
+      name="${dataset}_${method}_${folder_kind}r${ratio_of[$factor]}_s${seed}"
+      [[ -z ${seen_name[$name]+x} ]] ||
+        die_usage "two runs would share the folder '$name' (repeated seed, method or imb_factor rounding to the same ratio)"
+      seen_name[$name]=1
+      run_names+=("$name") run_factors+=("$factor") run_methods+=("$method") run_seeds+=("$seed")
+    done
+  done
+done
+n_runs=${#run_names[@]}
+
+# Per-sweep scratch: the queue counter, each run's status and the pid of each running run.
+state_dir=$(mktemp -d "${TMPDIR:-/tmp}/sweep.XXXXXX")
+trap 'rm -rf "$state_dir"' EXIT
+echo 0 >"$state_dir/next"
+
+# Prints the index of the next run in the queue; fails when the queue is empty.
+# A mkdir lock makes the claim atomic across GPU workers (portable, unlike flock).
+claim_next_run() {
+  local next
+  until mkdir "$state_dir/lock" 2>/dev/null; do sleep 0.05; done
+  next=$(<"$state_dir/next")
+  if ((next < n_runs)); then echo $((next + 1)) >"$state_dir/next"; fi
+  rmdir "$state_dir/lock"
+  ((next < n_runs)) && echo "$next"
+}
+
+# Runs (or skips) run $1 on GPU $2 ("" = no CUDA_VISIBLE_DEVICES, output to the terminal);
+# writes its status to $state_dir/status.$1.
+run_one() {
+  local idx=$1 gpu=$2
+  local name=${run_names[idx]}
+  local run_dir="$runs_dir/$name" status_file="$state_dir/status.$idx"
+  local state_flag=()
+  if [[ -e $run_dir/results.json ]]; then
+    echo "[$name] finished already: skipped"
+    echo "skipped" >"$status_file"
+    return 0
+  elif [[ -e $run_dir/last.pt ]]; then
+    state_flag=(--resume)
+  elif [[ -e $run_dir ]]; then
+    state_flag=(--overwrite)
+  fi
+  local cmd=("${python_cmd[@]}" "$repo_root/main.py" --dataset "$dataset" --imb_type "$imb_type"
+    --imb_factor "${run_factors[idx]}" --loss "${run_methods[idx]}" --seed "${run_seeds[idx]}"
+    --output_dir "$run_dir" ${state_flag[@]+"${state_flag[@]}"} ${extra_args[@]+"${extra_args[@]}"})
+
+  local rc=0 prefix="" log=""
+  [[ -z $gpu ]] || prefix="CUDA_VISIBLE_DEVICES=$(printf '%q' "$gpu") "
+  echo "[$name] $prefix$(printf '%q ' "${cmd[@]}")"
+  if [[ -z $gpu ]]; then
+    launch_and_wait "$idx" "$gpu" "${cmd[@]}" || rc=$?
+  else
+    mkdir -p "$runs_dir/logs"
+    log="$runs_dir/logs/$name.log"
+    echo "[$name] output: $log"
+    launch_and_wait "$idx" "$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+  fi
+
+  local status
+  if [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
+    status="INTERRUPTED (exit $rc)"
+  elif ((rc != 0)); then
+    status="FAILED (exit $rc${log:+, see $log})"
+  elif [[ ! -e $run_dir/results.json ]]; then
+    status="FAILED (exit 0 but no results.json)"
+  else
+    status="done"
+  fi
+  echo "[$name] $status"
+  echo "$status" >"$status_file"
+}
+
+# Starts command $3.. for run $1 on GPU $2 and returns its exit status. The run is a background
+# job so that an interrupt reaches the sweep at once (bash runs traps only between foreground
+# commands) and is passed on as ONE SIGTERM: main.py stops after the current step, saves
+# last.pt, and treats a second signal as "stop now". Job control (set -m, below) puts the run
+# in its own process group, away from the terminal's Ctrl-C.
+launch_and_wait() {
+  local idx=$1 gpu=$2 pid rc=0
+  shift 2
+  (
+    [[ -z $gpu ]] || export CUDA_VISIBLE_DEVICES=$gpu
+    exec "$@" </dev/null # stdin: a background process group that reads the terminal is stopped
+  ) &
+  pid=$!
+  echo "$pid" >"$state_dir/pid.$idx"
+  # An interrupt between the start and the line above found no pid file: stop the run here.
+  [[ ! -e $state_dir/stop ]] || signal_run_once "$idx" "$pid"
+  wait "$pid" || rc=$?
+  # wait also returns when a trapped signal arrives; the run may still be saving its checkpoint.
+  while kill -0 "$pid" 2>/dev/null; do
+    rc=0
+    wait "$pid" || rc=$?
+  done
+  rm -f "$state_dir/pid.$idx"
+  return "$rc"
+}
+
+# SIGTERM to run $1 (pid $2) unless it has had one: the interrupt handler and launch_and_wait may
+# both try, and mkdir lets exactly one of them succeed.
+signal_run_once() {
+  if mkdir "$state_dir/signalled.$1" 2>/dev/null; then
+    kill -TERM "$2" 2>/dev/null || true
+  fi
+}
+
+# One worker per GPU slot (or one in the foreground): take runs from the queue until it is empty.
+run_queue() {
+  local gpu=$1 idx
+  while [[ ! -e $state_dir/stop ]] && idx=$(claim_next_run); do
+    run_one "$idx" "$gpu"
+  done
+}
+
+# On Ctrl-C / SIGTERM: take no new runs and ask the running ones to stop (one SIGTERM each).
+on_interrupt() {
+  touch "$state_dir/stop"
+  echo "$prog: interrupted: stopping; rerun the same command to resume" >&2
+  local pid_file pid
+  for pid_file in "$state_dir"/pid.*; do
+    pid=$(<"$pid_file") 2>/dev/null || continue # the run ended meanwhile
+    [[ -z $pid ]] || signal_run_once "${pid_file##*.}" "$pid"
+  done
+}
+trap on_interrupt INT TERM
+set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
+
+if ((${#gpu_list[@]})); then
+  echo "$prog: $n_runs runs in $runs_dir, queue over GPUs: ${gpu_list[*]}"
+  for gpu in "${gpu_list[@]}"; do
+    run_queue "$gpu" &
+  done
+  # wait returns early (>128) when a trapped signal arrives; keep waiting for the workers.
+  until wait; do :; done
+else
+  echo "$prog: $n_runs runs in $runs_dir, one after another"
+  run_queue ""
+fi
+
+# ---- summary ---------------------------------------------------------------------------------
+n_bad=0
+echo
+echo "$prog: summary ($n_runs runs)"
+for ((idx = 0; idx < n_runs; idx++)); do
+  status="not started"
+  [[ ! -e $state_dir/status.$idx ]] || status=$(<"$state_dir/status.$idx")
+  # "not started" without an interrupt means a worker died: count it as a failure too.
+  case $status in FAILED* | INTERRUPTED* | "not started") n_bad=$((n_bad + 1)) ;; esac
+  printf '  %-50s %s\n' "$runs_dir/${run_names[idx]}" "$status"
+done
+if [[ -e $state_dir/stop ]]; then
+  echo "$prog: interrupted" >&2
+  exit 130
+elif ((n_bad)); then
+  echo "$prog: $n_bad of $n_runs runs FAILED" >&2
+  exit 1
+fi

@@ -212,6 +212,8 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+    if cfg.sync_bn and not use_cuda:
+        raise UserError("--sync_bn needs CUDA (PyTorch's SyncBatchNorm does not run on the CPU)")
     if dist.enabled:
         if cfg.batch_size % dist.world_size:
             raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
@@ -220,10 +222,31 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     return dist, device
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the summed gradient of its own slice. Every
+    process then computes the loss of the whole global batch, so each slice's gradient arrives world_size times
+    summed; DDP's averaging of parameter gradients divides by world_size again, which gives exactly the
+    single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size = torch.distributed.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)  # [world_size * N, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)  # gloo has no reduce_scatter; the global batch is small
+        start = torch.distributed.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0; the backward pass sends each process the gradient of its own slice."""
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    """[N, ...] on each process -> [world_size * N, ...] in rank order, differentiable."""
+    return _GatherWithGrad.apply(tensor)
 
 
 def all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -1,0 +1,664 @@
+#!/usr/bin/env python3
+"""Benchmark the training step against the usual PIL + DataLoader pipeline, and the feature losses' memory.
+
+    python scripts/benchmark.py --device cpu --batch_size 128 --steps 20 --warmup_steps 5     # CPU, Hybrid-SC
+    python scripts/benchmark.py --device cuda --batch_size 512 --json bench.json              # one GPU
+    python scripts/benchmark.py --compare_options --no_reference --memory_batch_sizes ""      # amp / channels_last / compile
+
+Three measurements, each skippable:
+
+1. The project's training step, exactly what main.py runs: `main.Trainer.step` on batches from
+   `trainer.stream.epoch(...)` (device-resident uint8 images, batched augmentation, one forward of both branches,
+   the hybrid loss, SGD). The data comes from the same stream object, so its cost is inside the timed loop.
+2. A reference pipeline with the same maths written the usual way (SupContrast / LDAM-DRW / BBN style): a torch
+   Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip, RandomGrayscale(0.2),
+   ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the instance-sampled feature-branch loader, a
+   second loader with a class-balanced WeightedRandomSampler for the classifier branch, float32 eager, a fresh
+   model of the same backbone, losses.HybridLoss with the same method and temperature, SGD with the same
+   hyper-parameters and learning rates, and `loss.item()` every step for logging (a host sync). Like the project,
+   it forwards both branches' images in one pass, so batch-norm statistics (the maths) are the same.
+3. Peak memory of the feature loss alone (losses.supcon_loss on [B, 2, 128], losses.psc_loss with 100
+   prototypes), forward + backward, at each of --memory_batch_sizes:
+   - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory allocated once the
+     inputs exist.
+   - CPU: each measurement runs in a fresh process (`benchmark.py --_memory_probe sc 4096`) that runs one
+     forward + backward at batch 256 (so the thread pools and their stacks exist), creates the inputs, resets
+     its RSS high-water mark ('5' to /proc/self/clear_refs), reads its resident set size (VmRSS in
+     /proc/self/status), runs forward + backward and reads the high-water mark (VmHWM; ru_maxrss where /proc is
+     missing): peak = high-water mark - RSS after the inputs. The probe runs with MALLOC_MMAP_THRESHOLD_=65536,
+     so glibc gives every buffer of 64 KiB or more its own mapping and returns it on free: the high-water mark
+     then counts what the loss holds at once rather than what the allocator happened to keep. Buffers under
+     64 KiB can come from memory already resident, so very small batches read as (nearly) zero.
+   SC's similarity matrix is [2B, 2B], so its memory should grow ~4x per doubling of B; PSC's logits are
+   [2B, C], ~2x. The table shows the ratio to the previous row and the growth exponent log(ratio)/log(B ratio).
+
+Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
+with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
+device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
+views) plus one classifier-branch image: samples/s = steps * batch_size / seconds.
+
+Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
+...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
+(12,406 images for CIFAR-10-LT at ratio 100) unless --data_root names real data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+# The project's modules live one folder up; a script run as `python scripts/benchmark.py` does not see them.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dataset_loader as data  # noqa: E402
+import losses  # noqa: E402
+import main  # noqa: E402
+import networks  # noqa: E402
+import util  # noqa: E402
+from util import UserError  # noqa: E402
+
+DEFAULT_MEMORY_BATCH_SIZES = "512,1024,2048,4096,8192"
+MEMORY_VIEWS, MEMORY_FEAT_DIM, MEMORY_CLASSES, MEMORY_TEMPERATURE = 2, 128, 100, 0.1
+MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the inputs exist) minus RSS then, "
+                     "glibc MALLOC_MMAP_THRESHOLD_=65536")
+MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated once the inputs exist"
+MMAP_THRESHOLD_BYTES = 65536
+PROBE_WARMUP_BATCH = 256
+# Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
+RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "eval_every", "print_freq",
+                    "sync_bn", "deterministic")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The benchmark's own options (the training recipe is a main.Config)."""
+    steps: int
+    warmup_steps: int
+    workers: int
+    reference: bool
+    memory_batch_sizes: tuple[int, ...]
+    compare_options: bool
+    json_path: Optional[str]
+    data_root: Optional[str]  # None: synthetic images
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, as main.py does."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """main.py's options (the recipe of the timed step) plus the benchmark's own."""
+    parser = _OneLineParser(description=__doc__.splitlines()[0], parents=[main.get_args_parser()], add_help=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(data_root=None)  # no folder: synthetic images
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--steps", type=int, default=50, help="timed steps per pipeline (CPU: 20 is plenty)")
+    bench.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (at least 1)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="DataLoader workers of the reference pipeline (None: min(4, CPU count))")
+    bench.add_argument("--no_reference", action="store_true", help="skip the reference pipeline")
+    bench.add_argument("--memory_batch_sizes", default=DEFAULT_MEMORY_BATCH_SIZES,
+                       help="batch sizes of the feature-loss memory table, comma-separated ('' skips it)")
+    bench.add_argument("--compare_options", action="store_true",
+                       help="time the project step with amp on/off x channels_last on/off, and compiled")
+    bench.add_argument("--json", metavar="PATH", help="write every number as JSON here")
+    bench.add_argument("--_memory_probe", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_memory_batch_sizes(text: str) -> tuple[int, ...]:
+    """'512,1024' -> (512, 1024); '' -> (). Sizes must be integers >= 2, increasing."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--memory_batch_sizes wants comma-separated integers, got '{text}'") from None
+    if any(b < 2 for b in sizes):
+        raise UserError(f"--memory_batch_sizes must all be at least 2 (got {text})")
+    if list(sizes) != sorted(set(sizes)):
+        raise UserError(f"--memory_batch_sizes must be increasing without repeats (got {text})")
+    return sizes
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
+    parser = get_args_parser()
+    args = vars(parser.parse_args(argv))
+    config_names = {f.name for f in dataclasses.fields(main.Config)}
+    for name in RUN_ONLY_OPTIONS:
+        if args[name] != parser.get_default(name):
+            raise UserError(f"--{name} belongs to training runs; the benchmark times the step alone, drop it")
+    if args["compare_options"] and any(args[n] not in (None, False) for n in ("amp", "channels_last", "compile")):
+        raise UserError("--compare_options sets --amp, --channels_last and --compile itself; drop them")
+    data_root = args["data_root"]
+    cfg = main.Config(**{k: v for k, v in args.items() if k in config_names and k != "data_root"},
+                      data_root=data_root or "")
+    main.validate(cfg)
+    if args["steps"] < 1:
+        raise UserError(f"--steps must be at least 1 (got {args['steps']})")
+    if args["warmup_steps"] < 1:
+        raise UserError(f"--warmup_steps must be at least 1: the first step carries one-time costs "
+                        f"(got {args['warmup_steps']})")
+    workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]
+    if workers < 0:
+        raise UserError(f"--workers must not be negative (got {workers})")
+    opts = BenchOptions(steps=args["steps"], warmup_steps=args["warmup_steps"], workers=workers,
+                        reference=not args["no_reference"],
+                        memory_batch_sizes=parse_memory_batch_sizes(args["memory_batch_sizes"]),
+                        compare_options=args["compare_options"], json_path=args["json"], data_root=data_root)
+    return cfg, opts
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def synthetic_split(num_classes: int, imb_factor: float, imb_type: str, seed: int) -> data.ArraySplit:
+    """Random uint8 images [N, 32, 32, 3] with the long-tailed class sizes of a 50,000-image training set."""
+    class_counts = data.long_tailed_counts(50_000 // num_classes, num_classes, imb_factor, imb_type)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), class_counts)  # [N]
+    rng = np.random.RandomState(seed)
+    images = rng.randint(0, 256, size=(len(labels), data.IMAGE_SIZE, data.IMAGE_SIZE, 3), dtype=np.uint8)
+    return data.ArraySplit(images, labels)
+
+
+def training_split(cfg: main.Config, data_root: Optional[str]) -> tuple[data.ArraySplit, str]:
+    """(long-tailed training split, a description of where it came from)."""
+    num_classes = data.DATASETS[cfg.dataset]
+    if data_root is None:
+        return synthetic_split(num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed), "synthetic"
+    train, _ = data.load_cifar(cfg.dataset, data_root, download=cfg.download)
+    subset, _ = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
+    return subset, data_root
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    first_step_s: float  # the first warm-up step alone: one-time costs (allocation, workers, compilation)
+    warmup_s: float      # all warm-up steps, the first included
+    seconds: float       # the timed steps
+    steps: int
+
+
+def time_steps(step: Callable[[], Any], warmup_steps: int, steps: int, device: torch.device) -> tuple[Timing, Any]:
+    """Run `step` warmup_steps times untimed, then `steps` times timed; the device is synced before each clock
+    read, so queued GPU work is inside the interval it belongs to. Returns (timing, the last step's result)."""
+    sync(device)
+    start = time.perf_counter()
+    result = step()
+    sync(device)
+    first = time.perf_counter()
+    for _ in range(warmup_steps - 1):
+        result = step()
+    sync(device)
+    warm = time.perf_counter()
+    for _ in range(steps):
+        result = step()
+    sync(device)
+    end = time.perf_counter()
+    return Timing(first - start, warm - start, end - warm, steps), result
+
+
+def timing_record(timing: Timing, batch_size: int) -> dict[str, Any]:
+    return {"steps": timing.steps, "seconds": timing.seconds, "samples_per_s": timing.steps * batch_size /
+            timing.seconds, "step_ms": 1000 * timing.seconds / timing.steps, "first_step_s": timing.first_step_s,
+            "warmup_s": timing.warmup_s}
+
+
+def endless(make_iterator: Callable[[int], Iterator]) -> Iterator:
+    """Chain make_iterator(0), make_iterator(1), ... (one per epoch)."""
+    for epoch in itertools.count():
+        yield from make_iterator(epoch)
+
+
+def lr_schedule(cfg: main.Config, train_size: int) -> Callable[[int], float]:
+    """The run's learning rate per global step (warm-up included), shared by both pipelines."""
+    steps_per_epoch = train_size // cfg.batch_size
+    return lambda step: util.learning_rate(step, base_lr=cfg.learning_rate, steps_per_epoch=steps_per_epoch,
+                                           warm_epochs=cfg.warm_epochs, decay_epochs=cfg.lr_decay_epochs,
+                                           decay_rate=cfg.lr_decay_rate)
+
+
+def first_epoch_alpha(cfg: main.Config) -> float:
+    return losses.hybrid_alpha(0, cfg.epochs) if cfg.loss != "ce" else 0.0
+
+
+def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,
+                 opts: BenchOptions) -> dict[str, Any]:
+    """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging)."""
+    if cfg.compile:
+        torch._dynamo.reset()  # compile from scratch, so compile_s is the real cost
+    trainer = main.Trainer(cfg, train, num_classes, device)
+    batches = endless(trainer.stream.epoch)
+    alpha, global_step = first_epoch_alpha(cfg), itertools.count()
+
+    def step() -> losses.LossTerms:
+        i = next(global_step)
+        return trainer.step(next(batches), alpha, trainer.lr_at(i))
+
+    timing, terms = time_steps(step, opts.warmup_steps, opts.steps, device)
+    record = {"amp": trainer.amp, "channels_last": trainer.channels_last, "compile": cfg.compile,
+              **timing_record(timing, cfg.batch_size), "final_loss": terms.total.item()}
+    # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
+    record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
+    return record
+
+
+class PilImages(torch.utils.data.Dataset):
+    """images uint8 [N, 32, 32, 3] -> (transform(PIL image), label), as torchvision's CIFAR10 dataset does."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+class TwoCropTransform:
+    """Two independent augmentations of one image (SupContrast's wrapper)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        return [self.transform(image), self.transform(image)]
+
+
+def reference_loaders(cfg: main.Config, train: data.ArraySplit, device: torch.device, workers: int):
+    """(feature-branch loader or None, classifier-branch loader), built the way the usual scripts build them."""
+    try:
+        from torchvision import transforms
+    except ImportError as e:
+        raise UserError(f"the reference pipeline needs torchvision ({e}); or pass --no_reference") from e
+    mean, std = data.dataset_stats(cfg.dataset)
+    augment = transforms.Compose([
+        transforms.RandomCrop(data.IMAGE_SIZE, padding=data.CROP_PADDING),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomGrayscale(p=data.GRAY_PROB),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    loader_kwargs = dict(batch_size=cfg.batch_size, drop_last=True, num_workers=workers,
+                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    feature_loader = None
+    if cfg.loss != "ce":
+        feature_loader = torch.utils.data.DataLoader(
+            PilImages(train.images, train.labels, TwoCropTransform(augment)), shuffle=True, **loader_kwargs)
+    class_counts = np.bincount(train.labels, minlength=data.DATASETS[cfg.dataset])
+    # Class-balanced: each image weighs 1 / (its class size), so every class is drawn equally often.
+    sample_weights = torch.as_tensor(1.0 / class_counts[train.labels], dtype=torch.double)
+    sampler = torch.utils.data.WeightedRandomSampler(sample_weights, num_samples=len(train.labels), replacement=True)
+    ce_loader = torch.utils.data.DataLoader(PilImages(train.images, train.labels, augment), sampler=sampler,
+                                            **loader_kwargs)
+    return feature_loader, ce_loader
+
+
+def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,
+                   opts: BenchOptions) -> dict[str, Any]:
+    """samples/s of the usual pipeline with the same maths (see the module docstring)."""
+    torch.manual_seed(cfg.seed)
+    feature_loader, ce_loader = reference_loaders(cfg, train, device, opts.workers)
+    net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc").to(device)
+    if cfg.loss == "ce":
+        net.head.requires_grad_(False)  # as the project's CE baseline: the head is unused
+    criterion = losses.HybridLoss(cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
+                                  exclude_positive=cfg.psc_denominator == "negatives")
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lr_at = lr_schedule(cfg, len(train.labels))
+    alpha, global_step = first_epoch_alpha(cfg), itertools.count()
+    ce_batches = endless(lambda epoch: iter(ce_loader))
+    feature_batches = endless(lambda epoch: iter(feature_loader)) if feature_loader is not None else None
+
+    def step() -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(next(global_step))
+        ce_images, ce_labels = next(ce_batches)
+        ce_labels = ce_labels.to(device, non_blocking=True)
+        if feature_batches is None:
+            out = net(ce_images.to(device, non_blocking=True))
+            terms = criterion(None, None, out.logits, ce_labels, alpha)
+        else:
+            (view1, view2), sc_labels = next(feature_batches)
+            n_views = 2 * len(sc_labels)
+            out = net(torch.cat([view1, view2, ce_images]).to(device, non_blocking=True))  # [3B, 3, 32, 32]
+            terms = criterion(out.projections[:n_views], sc_labels.to(device, non_blocking=True),  # [2B, D]
+                              out.logits[n_views:], ce_labels, alpha, prototypes=net.prototypes)  # [B, C]
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        return terms.total.item()  # the per-step logging read: a host-device sync, as such scripts do
+
+    try:
+        timing, last_loss = time_steps(step, opts.warmup_steps, opts.steps, device)
+    finally:
+        for batches in (ce_batches, feature_batches):
+            if batches is not None:
+                batches.close()  # lets the DataLoader iterators, and their workers, go
+    return {"workers": opts.workers, "pin_memory": device.type == "cuda", "amp": False, "channels_last": False,
+            "compile": False, **timing_record(timing, cfg.batch_size), "final_loss": last_loss}
+
+
+def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> list[tuple[str, main.Config]]:
+    """(label, config) of each project configuration to time: the one asked for, or with --compare_options
+    amp x channels_last on both settings (the device default first) and compile with the device defaults."""
+    if not compare:
+        return [("as configured", cfg)]
+    default = device.type == "cuda"  # main.Trainer's default for both amp and channels_last
+    grid = sorted(itertools.product((True, False), repeat=2), key=lambda ac: ac != (default, default))
+    configs = []
+    for amp, channels_last in grid:
+        label = f"amp {'on' if amp else 'off'}, channels_last {'on' if channels_last else 'off'}"
+        if (amp, channels_last) == (default, default):
+            label += " (device default)"
+        configs.append((label, dataclasses.replace(cfg, amp=amp, channels_last=channels_last, compile=False)))
+    configs.append(("compile, device defaults", dataclasses.replace(cfg, amp=None, channels_last=None, compile=True)))
+    return configs
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def memory_inputs(loss: str, batch_size: int, device: torch.device):
+    """(features [B, 2, 128] L2-normalised leaf, labels [B] in 0..99, prototypes [100, 128] leaf or None)."""
+    gen = torch.Generator(device="cpu").manual_seed(batch_size)
+    features = F.normalize(torch.randn(batch_size, MEMORY_VIEWS, MEMORY_FEAT_DIM, generator=gen), dim=2)
+    labels = torch.randint(0, MEMORY_CLASSES, (batch_size,), generator=gen)
+    prototypes = torch.randn(MEMORY_CLASSES, MEMORY_FEAT_DIM, generator=gen) if loss == "psc" else None
+    features = features.to(device).requires_grad_()
+    prototypes = prototypes.to(device).requires_grad_() if prototypes is not None else None
+    return features, labels.to(device), prototypes
+
+
+def feature_loss_backward(loss: str, features: torch.Tensor, labels: torch.Tensor,
+                          prototypes: Optional[torch.Tensor]) -> None:
+    if loss == "sc":
+        value = losses.supcon_loss(features, labels, MEMORY_TEMPERATURE)
+    else:
+        value = losses.psc_loss(features, labels, prototypes, MEMORY_TEMPERATURE)
+    value.backward()
+
+
+def _proc_status_bytes(key: str) -> Optional[int]:
+    """A 'kB' field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _max_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: '5' to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(loss: str, batch_size: int) -> dict[str, Any]:
+    """In a fresh process: peak RSS of one forward + backward of the feature loss over the RSS before it."""
+    can_reset = _reset_peak_rss()
+    # A batch big enough for the ops to go parallel starts the intra-op and autograd threads (their stacks)
+    # before the baseline is read. Without a resettable high-water mark its peak would count, so stay tiny then.
+    warm_inputs = memory_inputs(loss, PROBE_WARMUP_BATCH if can_reset else 8, torch.device("cpu"))
+    feature_loss_backward(loss, *warm_inputs)
+    del warm_inputs
+    inputs = memory_inputs(loss, batch_size, torch.device("cpu"))
+    if can_reset:
+        _reset_peak_rss()
+    base = _proc_status_bytes("VmRSS") or _max_rss_bytes()
+    start = time.perf_counter()
+    feature_loss_backward(loss, *inputs)
+    seconds = time.perf_counter() - start
+    peak = _proc_status_bytes("VmHWM") or _max_rss_bytes()
+    return {"peak_bytes": max(peak - base, 0), "baseline_rss_bytes": base, "peak_reset": can_reset,
+            "seconds": seconds}
+
+
+def cpu_memory_row(loss: str, batch_size: int) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", loss, str(batch_size)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        reason = "killed, likely out of memory" if done.returncode < 0 else (done.stderr.strip().splitlines()
+                                                                              or ["no message"])[-1]
+        return {"peak_bytes": None, "error": f"probe exited with {done.returncode}: {reason}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cuda_memory_row(loss: str, batch_size: int, device: torch.device) -> dict[str, Any]:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    try:
+        inputs = memory_inputs(loss, batch_size, device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        feature_loss_backward(loss, *inputs)
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "seconds": seconds}
+    except torch.cuda.OutOfMemoryError as e:
+        return {"peak_bytes": None, "error": one_line(e)}
+    finally:
+        inputs = None
+        torch.cuda.empty_cache()
+
+
+def add_growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per loss, each row's peak over the previous row's (ratio_to_previous) and the growth exponent
+    log(peak ratio) / log(batch ratio): ~1 for linear growth, ~2 for quadratic. Pure: returns new rows."""
+    out, previous = [], {}
+    for row in rows:
+        prev = previous.get(row["loss"])
+        ratio = exponent = None
+        if prev is not None and prev["peak_bytes"] and row["peak_bytes"]:
+            ratio = row["peak_bytes"] / prev["peak_bytes"]
+            exponent = math.log(ratio) / math.log(row["batch_size"] / prev["batch_size"])
+        out.append({**row, "ratio_to_previous": ratio, "growth_exponent": exponent})
+        previous[row["loss"]] = row
+    return out
+
+
+def memory_table(batch_sizes: tuple[int, ...], device: torch.device) -> dict[str, Any]:
+    rows = []
+    for loss in ("sc", "psc"):
+        for batch_size in batch_sizes:
+            print(f"memory: {loss} at batch {batch_size} ...", file=sys.stderr, flush=True)
+            row = cuda_memory_row(loss, batch_size, device) if device.type == "cuda" else cpu_memory_row(loss,
+                                                                                                       batch_size)
+            rows.append({"loss": loss, "batch_size": batch_size, "views": MEMORY_VIEWS, "feat_dim": MEMORY_FEAT_DIM,
+                         "classes": MEMORY_CLASSES, **row})
+    method = MEMORY_METHOD_CUDA if device.type == "cuda" else MEMORY_METHOD_CPU
+    return {"method": method, "rows": add_growth(rows)}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The markdown-ish tables printed at the end (everything in them is also in the JSON)."""
+    s = result["settings"]
+    lines = [f"device {result['device']}, torch {result['torch_version']}, {s['model']}, loss {s['loss']}, batch "
+             f"{s['batch_size']}, {s['steps']} timed steps after {s['warmup_steps']} warm-up, data "
+             f"{result['data']['source']} ({result['data']['train_size']} images), load average "
+             f"{result['load_average_start']} at the start, {result['load_average_after_timing']} after timing"]
+    if result["project"] or result["reference"]:
+        lines += ["", "| pipeline | amp | channels_last | compile | samples/s | ms/step | x reference | first step s "
+                      "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
+        onoff = lambda flag: "on" if flag else "off"  # noqa: E731
+        for row in result["project"]:
+            if "error" in row:
+                lines.append(f"| project: {row['label']} | | | | failed: {row['error']} | | | | |")
+                continue
+            lines.append(f"| project: {row['label']} | {onoff(row['amp'])} | {onoff(row['channels_last'])} | "
+                         f"{onoff(row['compile'])} | {row['samples_per_s']:.1f} | {row['step_ms']:.1f} | "
+                         f"{_fmt(row['ratio_to_reference'], '.2f')} | {row['first_step_s']:.2f} | "
+                         f"{_fmt(row['compile_s'], '.1f')} |")
+        ref = result["reference"]
+        if ref is not None:
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers), fp32 eager | off | off | off | "
+                         f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
+    memory = result["memory"]
+    if memory is not None:
+        lines += ["", f"feature-loss peak memory, forward + backward, [B, {MEMORY_VIEWS}, {MEMORY_FEAT_DIM}] features, "
+                      f"{MEMORY_CLASSES} classes; {memory['method']}",
+                  "| loss | batch | peak MiB | x previous row | growth exponent (1 linear, 2 quadratic) |",
+                  "|---|---|---|---|---|"]
+        for row in memory["rows"]:
+            peak = "failed: " + row["error"] if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.1f}"
+            lines.append(f"| {row['loss']} | {row['batch_size']} | {peak} | {_fmt(row['ratio_to_previous'], '.2f')} "
+                         f"| {_fmt(row['growth_exponent'], '.2f')} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def load_average() -> Optional[list[float]]:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    num_classes = data.DATASETS[cfg.dataset]
+    train, source = training_split(cfg, opts.data_root)
+    result: dict[str, Any] = {
+        "command": shlex.join(["python", "scripts/benchmark.py", *argv]), "git_commit": main.git_commit(),
+        "torch_version": torch.__version__, "device": main.device_name(device), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        # Other processes on the same cores slow both pipelines unevenly; the load average shows whether they ran.
+        "load_average_start": load_average(),
+        "settings": {**dataclasses.asdict(cfg), "steps": opts.steps, "warmup_steps": opts.warmup_steps,
+                     "workers": opts.workers, "compare_options": opts.compare_options},
+        "data": {"source": source, "train_size": len(train.labels),
+                 "class_counts": np.bincount(train.labels, minlength=num_classes).tolist()},
+        "project": [], "reference": None, "ratio": None, "memory": None,
+    }
+    for label, config in option_configs(cfg, device, opts.compare_options):
+        print(f"timing project: {label} ...", file=sys.stderr, flush=True)
+        try:
+            row = time_project(config, train, num_classes, device, opts)
+        except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
+            if not opts.compare_options:
+                raise
+            row = {"error": one_line(e)}
+        result["project"].append({"label": label, **row})
+    if opts.reference:
+        print(f"timing reference: PIL + DataLoader with {opts.workers} workers ...", file=sys.stderr, flush=True)
+        result["reference"] = time_reference(cfg, train, num_classes, device, opts)
+        for row in result["project"]:
+            if "samples_per_s" in row:
+                row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
+        result["ratio"] = result["project"][0].get("ratio_to_reference")
+    for row in result["project"]:
+        row.setdefault("ratio_to_reference", None)
+    result["load_average_after_timing"] = load_average()
+    if opts.memory_batch_sizes:
+        result["memory"] = memory_table(opts.memory_batch_sizes, device)
+    return result
+
+
+def probe_main(loss: str, batch_text: str) -> int:
+    if loss not in ("sc", "psc"):
+        raise UserError(f"--_memory_probe loss must be sc or psc (got {loss})")
+    try:
+        batch_size = int(batch_text)
+    except ValueError:
+        raise UserError(f"--_memory_probe batch must be an integer (got {batch_text})") from None
+    if batch_size < 2:
+        raise UserError(f"--_memory_probe batch must be at least 2 (got {batch_size})")
+    print(json.dumps(memory_probe(loss, batch_size)), flush=True)
+    return 0
+
+
+def main_cli(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        probe = get_args_parser().parse_known_args(argv)[0]._memory_probe
+        if probe is not None:
+            return probe_main(*probe)
+        cfg, opts = parse_args(argv)
+        result = run(cfg, opts, argv)
+        print(format_report(result), flush=True)
+        if opts.json_path:
+            util.write_json(result, opts.json_path)
+            print(f"wrote {opts.json_path}")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())

@@ -1,0 +1,170 @@
+"""scripts/benchmark.py: the real script end to end on tiny settings, its options, its bad flags.
+
+Speed is never asserted (it depends on the machine and on whoever else uses it); memory growth is, because the
+probe counts the loss's own buffers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+TINY = ["--device", "cpu", "--model", "resnet20", "--batch_size", "8", "--steps", "2", "--warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_script_writes_json_with_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    # 512 and 1024 rather than smaller sizes: below ~256 the loss's buffers fit in memory already resident.
+    argv = [*TINY, "--workers", "1", "--memory_batch_sizes", "512,1024", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| project: as configured |" in done.stdout and "| reference:" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("command", "torch_version", "device", "cpu_count", "torch_threads", "settings", "data", "project",
+                "reference", "ratio", "memory", "load_average_start", "load_average_after_timing"):
+        assert key in result, key
+    assert result["command"].startswith("python scripts/benchmark.py") and "--memory_batch_sizes" in result["command"]
+    assert result["torch_version"] == torch.__version__ and result["device"].startswith("cpu")
+    assert result["data"] == {"source": "synthetic", "train_size": 12406,
+                              "class_counts": [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]}
+    assert result["settings"]["model"] == "resnet20" and result["settings"]["batch_size"] == 8
+    [project] = result["project"]
+    reference = result["reference"]
+    for row in (project, reference):
+        assert row["steps"] == 2
+        for key in ("samples_per_s", "seconds", "step_ms", "first_step_s", "warmup_s", "final_loss"):
+            assert _positive(row[key]), (key, row[key])
+        assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
+    assert (project["amp"], project["channels_last"], project["compile"]) == (False, False, False)
+    assert reference["workers"] == 1
+    assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
+    rows = result["memory"]["rows"]
+    assert [(r["loss"], r["batch_size"]) for r in rows] == [("sc", 512), ("sc", 1024), ("psc", 512), ("psc", 1024)]
+    assert all(_positive(r["peak_bytes"]) for r in rows)
+    assert "VmHWM" in result["memory"]["method"]
+    sc, psc = rows[1], rows[3]
+    # SC holds [2B, 2B] matrices (exponent ~2), PSC [2B, C] ones (~1).
+    assert sc["growth_exponent"] > psc["growth_exponent"] + 0.5
+    assert sc["peak_bytes"] > 4 * psc["peak_bytes"]
+
+
+@pytest.mark.parametrize("loss", ["psc", "ce"])
+def test_psc_and_ce_time_both_pipelines(bench, loss):
+    argv = [*TINY, "--batch_size", "4", "--steps", "1", "--loss", loss, "--workers", "0", "--memory_batch_sizes", ""]
+    cfg, opts = bench.parse_args(argv)
+    result = bench.run(cfg, opts, argv)
+    assert result["memory"] is None
+    for row in (result["project"][0], result["reference"]):
+        assert _positive(row["samples_per_s"]) and math.isfinite(row["final_loss"])
+    assert "| project: as configured |" in bench.format_report(result)
+
+
+def test_no_reference_and_no_memory(bench):
+    argv = [*TINY, "--no_reference", "--memory_batch_sizes", ""]
+    result = bench.run(*bench.parse_args(argv), argv)
+    assert result["reference"] is None and result["ratio"] is None and result["memory"] is None
+    assert result["project"][0]["ratio_to_reference"] is None
+    assert "reference:" not in bench.format_report(result)
+
+
+def test_compare_options_covers_amp_channels_last_and_compile(bench):
+    cfg, _ = bench.parse_args(["--compare_options"])
+    configs = bench.option_configs(cfg, torch.device("cpu"), compare=True)
+    settings = [(c.amp, c.channels_last, c.compile) for _, c in configs]
+    # The device default comes first (cpu: both off); every amp x channels_last pair once; compile on its own.
+    assert settings[0] == (False, False, False) and "device default" in configs[0][0]
+    assert sorted(settings[:4]) == sorted((a, c, False) for a in (True, False) for c in (True, False))
+    assert settings[4] == (None, None, True)
+    assert len({label for label, _ in configs}) == 5
+    assert bench.option_configs(cfg, torch.device("cpu"), compare=False) == [("as configured", cfg)]
+
+
+def test_time_steps_runs_warmup_then_timed_steps(bench):
+    calls = []
+    timing, last = bench.time_steps(lambda: calls.append(None) or len(calls), 3, 4, torch.device("cpu"))
+    assert len(calls) == 7 and last == 7 and timing.steps == 4
+    assert 0 <= timing.first_step_s <= timing.warmup_s and timing.seconds >= 0
+
+
+def test_add_growth(bench):
+    rows = [{"loss": "sc", "batch_size": 512, "peak_bytes": 100}, {"loss": "sc", "batch_size": 1024, "peak_bytes": 400},
+            {"loss": "psc", "batch_size": 512, "peak_bytes": 10}, {"loss": "psc", "batch_size": 2048, "peak_bytes": 40},
+            {"loss": "psc", "batch_size": 4096, "peak_bytes": None}]
+    grown = bench.add_growth(rows)
+    assert [r["ratio_to_previous"] for r in grown] == [None, 4.0, None, 4.0, None]
+    assert [r["growth_exponent"] for r in grown] == [None, pytest.approx(2.0), None, pytest.approx(1.0), None]
+    assert "growth_exponent" not in rows[0]  # pure: the input rows are left as they were
+
+
+def test_memory_batch_sizes_parse(bench):
+    assert bench.parse_memory_batch_sizes("512, 1024,") == (512, 1024)
+    assert bench.parse_memory_batch_sizes("") == ()
+
+
+BAD_FLAGS = [
+    ["--steps", "0"],
+    ["--warmup_steps", "0"],
+    ["--workers", "-1"],
+    ["--memory_batch_sizes", "512,abc"],
+    ["--memory_batch_sizes", "1024,512"],
+    ["--memory_batch_sizes", "1"],
+    ["--resume"],
+    ["--output_dir", "runs/x"],
+    ["--compare_options", "--amp"],
+    ["--batch_size", "1"],
+    ["--_memory_probe", "ce", "64"],
+    ["--_memory_probe", "sc", "many"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=lambda a: " ".join(a))
+def test_bad_flags_give_one_line_and_exit_2(bench, argv, capsys):
+    assert bench.main_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_root_is_one_line(bench, tmp_path, capsys):
+    argv = [*TINY, "--data_root", str(tmp_path / "nothing"), "--no_reference", "--memory_batch_sizes", ""]
+    assert bench.main_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "no cifar10 data" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(bench, capsys):
+    assert bench.main_cli(["--device", "cuda", "--no_reference", "--memory_batch_sizes", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda")
+
+
+@pytest.mark.parametrize("argv", [["--steps", "x"], ["--loss", "nope"]])
+def test_usage_errors_are_one_line(bench, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main_cli(argv)
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

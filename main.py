@@ -457,9 +457,11 @@ def check_output_dir(cfg: Config, out: Path) -> None:
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
+        stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
-            for f in list(RUN_FILES) + [p.name for p in out.glob("events.out.tfevents.*")]:
-                (out / f).unlink(missing_ok=True)
+            stale += list(RUN_FILES) + [p.name for p in out.glob("events.out.tfevents.*")]
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
 
@@ -524,6 +526,8 @@ class Run:
             self.load(saved)
         self.writer = None
         self.signals = SignalFlag()
+        self.last_metrics: Optional[dict[str, Any]] = None
+        self.last_confusion: Optional[np.ndarray] = None
 
     # -- checkpoints
     def checkpoint(self) -> dict[str, Any]:
@@ -552,7 +556,7 @@ class Run:
     def run(self) -> int:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
-        if state.epoch >= cfg.epochs:
+        if state.epoch >= cfg.epochs and (self.out / "results.json").exists():
             self.log(f"{self.out} already finished {cfg.epochs} epochs; nothing to do")
             return 0
         if dist.main:
@@ -575,6 +579,9 @@ class Run:
             while state.epoch < cfg.epochs:
                 self.train_epoch()
                 self.end_epoch()
+            if self.last_metrics is None:  # trained to the end earlier, stopped before results.json was written
+                self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
+                self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
             self.finish()
         finally:
             self.signals.restore()
@@ -599,7 +606,9 @@ class Run:
             global_step = epoch * steps + step
             lr = trainer.lr_at(global_step)
             terms = trainer.step(batch, alpha, lr)
-            since_log += torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
+            step_sums = torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
+            state.epoch_sums += step_sums  # summed per step, so a resumed epoch adds up exactly as an unbroken one
+            since_log += step_sums
             steps_since_log += 1
             steps_in_epoch += 1
             state.step = step + 1
@@ -609,7 +618,6 @@ class Run:
                 continue
             # ---- the logging interval: the only host-device sync of the loop
             sums = all_reduce_sum(since_log.clone(), dist) / dist.world_size
-            state.epoch_sums += sums
             since_log.zero_()
             total, feat, ce, n = sums.tolist()
             now = time.perf_counter()
@@ -658,7 +666,8 @@ class Run:
     def end_epoch(self) -> None:
         cfg, state, trainer = self.cfg, self.state, self.trainer
         epoch = state.epoch
-        total, feat, ce = (state.epoch_sums[:3] / state.epoch_sums[3].clamp(min=1)).tolist()
+        sums = all_reduce_sum(state.epoch_sums.clone(), self.dist)
+        total, feat, ce = (sums[:3] / sums[3].clamp(min=1)).tolist()
         state.epoch, state.step, state.epoch_sums = epoch + 1, 0, None
         if not trainer.params_finite():
             self.diverged(epoch, trainer.steps_per_epoch - 1)
@@ -736,7 +745,7 @@ class Run:
             print(message, flush=True)
 
 
-def evaluate_checkpoint(cfg: Config, device: torch.device) -> int:
+def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     """--eval_only: the classifier branch of --checkpoint on the balanced test set."""
     path = Path(cfg.checkpoint)
     saved = util.load_checkpoint(path)
@@ -749,7 +758,9 @@ def evaluate_checkpoint(cfg: Config, device: torch.device) -> int:
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
     confusion = test_confusion(net.to(device).eval(), images, labels, mean=mean, std=std, num_classes=num_classes,
-                               amp=device.type == "cuda" if cfg.amp is None else cfg.amp)
+                               amp=device.type == "cuda" if cfg.amp is None else cfg.amp, dist=dist)
+    if not dist.main:
+        return 0
     metrics = util.accuracy_report(confusion, data.shot_groups(saved["class_counts"]))
     print(f"{path}: {format_metrics(metrics)}")
     print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
@@ -766,7 +777,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         if cfg.eval_only:
-            return evaluate_checkpoint(cfg, device)
+            return evaluate_checkpoint(cfg, dist, device)
         return Run(cfg, dist, device).run()
     except (UserError, Stop) as e:
         prefix = f"rank {dist.rank}: " if dist.enabled else ""

@@ -2,6 +2,7 @@
 and the TensorBoard figures (rendered with numpy, so no plotting dependency)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -119,8 +120,10 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save `state` atomically. Raises UserError (keeping any previous file) when the write fails."""
+    buffer = io.BytesIO()  # serialise first: a failing disk then shows up as an OSError, not as a torch error
+    torch.save(state, buffer)
     try:
-        _atomic_write(Path(path), lambda f: torch.save(state, f))
+        _atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
         raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is kept") from e
 

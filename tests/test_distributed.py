@@ -1,0 +1,363 @@
+"""Multi-process training (issue 7) on the CPU: gloo, two processes.
+
+- Two ranks with a global contrastive batch give the single-process loss and gradients: once for an explicit
+  DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather). The
+  model has no batch norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
+- `torchrun --nproc_per_node 2 main.py` trains, writes its files from rank 0 only, resumes (finished and
+  interrupted runs), and stops every rank without hanging when one fails.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import losses
+import main
+import networks
+from helpers import make_synthetic, write_pickled_cifar10
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD_SIZE = 2
+GLOBAL_BATCH = 8  # B: images per branch per step, over both ranks
+NUM_CLASSES = 4
+FEAT_DIM = 8
+ALPHA = 0.5  # both the feature loss and CE reach the gradients
+LOSS_ATOL = 1e-6
+GRAD_ATOL = 1e-5
+# main.Trainer on a tiny CIFAR-10 split, with the BN-free model patched in for networks.build_model.
+TRAINER_ARGS = ["--dataset", "cifar10", "--model", "resnet20", "--batch_size", str(GLOBAL_BATCH),
+                "--feat_dim", str(FEAT_DIM), "--learning_rate", "0.1", "--warm_epochs", "0", "--epochs", "2",
+                "--lr_decay_epochs", "", "--device", "cpu", "--seed", "3"]
+TRAINER_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------------------------- a BN-free model
+
+
+class PooledLinear(nn.Module):
+    """A backbone without batch norm: [N, 3, 32, 32] -> 4x4 average pool -> Linear(3*8*8 -> 16) -> ReLU -> [N, 16].
+
+    Every output row depends on its own image only, so splitting a batch over ranks changes nothing."""
+
+    out_dim = 16
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(F.avg_pool2d(x, 4).flatten(1)))  # [N, 3, 8, 8] -> [N, 192] -> [N, 16]
+
+
+def build_bn_free_model(name: str, num_classes: int, feat_dim: int = 128,
+                        use_prototypes: bool = False) -> networks.HybridNet:
+    """Drop-in for networks.build_model (ignores `name`): the real HybridNet head, classifier and prototypes."""
+    return networks.HybridNet(PooledLinear(), num_classes, feat_dim=feat_dim, use_prototypes=use_prototypes)
+
+
+# ----------------------------------------------------------------------------------------------- the explicit step
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    """A fixed global batch: two SC views [B, 3, 32, 32] each, CE images [B, 3, 32, 32], labels [B] with repeats
+    that straddle the ranks (so SC has positives on the other rank)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (GLOBAL_BATCH, 3, 32, 32)
+    return {"view1": torch.randn(shape, generator=gen), "view2": torch.randn(shape, generator=gen),
+            "ce_images": torch.randn(shape, generator=gen),
+            "sc_labels": torch.tensor([0, 1, 2, 0, 1, 3, 0, 0]), "ce_labels": torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])}
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Rank r's rows [r*B/W, (r+1)*B/W) of every branch, SC views view-major as TrainStream lays them out."""
+    lo, hi = rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size
+    return {"sc_views": torch.cat([batch["view1"][lo:hi], batch["view2"][lo:hi]]),  # [2B/W, 3, 32, 32]
+            "sc_labels": batch["sc_labels"][lo:hi], "ce_images": batch["ce_images"][lo:hi],
+            "ce_labels": batch["ce_labels"][lo:hi]}
+
+
+def explicit_step(method: str, batch: dict[str, torch.Tensor], gather=None, ddp: bool = False) -> dict:
+    """One forward/backward of HybridLoss on `batch` (this rank's slice), the way Trainer.step does it.
+
+    Returns the loss terms [3] (total, feature, ce) of this rank and the (DDP-averaged) parameter gradients."""
+    torch.manual_seed(0)  # the same initial weights on every rank and in the single process
+    net = build_bn_free_model("", NUM_CLASSES, FEAT_DIM, use_prototypes=method == "psc")
+    if method == "ce":  # as in main: the unused head is frozen, else DDP waits for its gradients forever
+        net.head.requires_grad_(False)
+    model = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
+    criterion = losses.HybridLoss(method, 0.1, gather=gather)
+    if method == "ce":
+        projections, logits = None, model(batch["ce_images"]).logits
+    else:
+        n_views = batch["sc_views"].shape[0]  # 2B/W
+        out = model(torch.cat([batch["sc_views"], batch["ce_images"]]))
+        projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B/W, D], [B/W, C]
+    terms = criterion(projections, batch["sc_labels"], logits, batch["ce_labels"], ALPHA, prototypes=net.prototypes)
+    terms.total.backward()
+    return {"terms": torch.stack([t.detach() for t in terms]),
+            "grads": {name: p.grad.clone() for name, p in net.named_parameters() if p.requires_grad}}
+
+
+def gather_detached_peers(tensor: torch.Tensor) -> torch.Tensor:
+    """The naive all-gather, for the negative check: the peers' slices arrive without a gradient path (own slice
+    kept). The forward is identical to main.gather_with_grad's, but each rank's backward then sees only its own
+    slice's share, so after DDP's averaging the SC part of the gradient is world_size times too small."""
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    parts[torch.distributed.get_rank()] = tensor
+    return torch.cat(parts)  # [world_size * N, ...]
+
+
+def trainer_step(method: str, dist: main.Dist) -> dict:
+    """One main.Trainer.step (alpha ALPHA) on the first batch of epoch 0, with the BN-free model patched in."""
+    cfg = main.parse_config(TRAINER_ARGS + ["--loss", method])
+    train, _ = make_synthetic(TRAINER_CLASSES, 3, 1, seed=5)
+    with mock.patch.object(networks, "build_model", build_bn_free_model):
+        trainer = main.Trainer(cfg, train, TRAINER_CLASSES, torch.device("cpu"), dist)
+    batch = next(trainer.stream.epoch(0))
+    terms = trainer.step(batch, ALPHA, cfg.learning_rate)
+    named = [(name, p) for name, p in trainer.net.named_parameters() if p.requires_grad]
+    return {"terms": torch.stack(list(terms)), "grads": {name: p.grad.clone() for name, p in named},
+            "params": {name: p.detach().clone() for name, p in named}}
+
+
+def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank of the two-process run (torch.multiprocessing.spawn calls it); writes its results to a file."""
+    torch.set_num_threads(1)  # two ranks on two cores, next to other people's tests
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        mine = rank_slice(global_batch(), rank, world_size)
+        results = {
+            "explicit": {
+                "sc": explicit_step("sc", mine, gather=main.gather_with_grad, ddp=True),
+                "psc": explicit_step("psc", mine, ddp=True),
+                "ce": explicit_step("ce", mine, ddp=True),
+            },
+            "detached_gather": explicit_step("sc", mine, gather=gather_detached_peers, ddp=True),
+            "trainer": {method: trainer_step(method, main.Dist(rank, world_size, rank))
+                        for method in ("sc", "psc", "ce")},
+        }
+        partial = Path(out_dir) / f"rank{rank}.pt.tmp"
+        torch.save(results, partial)
+        partial.replace(partial.with_suffix(""))  # complete or absent
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("ddp")
+    files = [folder / f"rank{r}.pt" for r in range(WORLD_SIZE)]
+    try:
+        torch.multiprocessing.spawn(_worker, args=(WORLD_SIZE, str(folder / "rendezvous"), str(folder)),
+                                    nprocs=WORLD_SIZE, join=True)
+    except torch.multiprocessing.ProcessExitedException:
+        # A worker killed by a signal (one that raised is ProcessRaisedException, which fails here). Gloo's teardown
+        # at interpreter exit aborted once in about 16 runs of these steps (SIGABRT, 'terminate called without an
+        # active exception'), after the results were written; a crash before that leaves a file missing.
+        if not all(f.is_file() for f in files):
+            raise
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    whole = rank_slice(global_batch(), 0, 1)
+    return {"explicit": {method: explicit_step(method, whole) for method in ("sc", "psc", "ce")},
+            "trainer": {method: trainer_step(method, main.Dist()) for method in ("sc", "psc", "ce")}}
+
+
+def assert_same_tensors(actual: dict, expected: dict, atol: float, what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_sc_loss_and_gradients_equal_one_process(two_ranks, one_process):
+    """Each rank computes SC on the gathered global batch: the very value one process gets on the whole batch."""
+    single = one_process["explicit"]["sc"]
+    for rank, result in enumerate(two_ranks):
+        mine = result["explicit"]["sc"]
+        torch.testing.assert_close(mine["terms"][1], single["terms"][1], rtol=0, atol=LOSS_ATOL)
+        assert_same_tensors(mine["grads"], single["grads"], GRAD_ATOL, f"rank {rank} sc gradient")
+    # CE is per rank (mean over B/W images); the two ranks' means average to the global mean.
+    ce_mean = (two_ranks[0]["explicit"]["sc"]["terms"][2] + two_ranks[1]["explicit"]["sc"]["terms"][2]) / 2
+    torch.testing.assert_close(ce_mean, single["terms"][2], rtol=0, atol=LOSS_ATOL)
+
+
+@pytest.mark.parametrize("method", ["psc", "ce"])
+def test_psc_and_ce_per_rank_losses_average_to_one_process(method, two_ranks, one_process):
+    single = one_process["explicit"][method]
+    mean_terms = sum(r["explicit"][method]["terms"] for r in two_ranks) / WORLD_SIZE
+    torch.testing.assert_close(mean_terms, single["terms"], rtol=0, atol=LOSS_ATOL)
+    assert not torch.equal(two_ranks[0]["explicit"][method]["terms"], two_ranks[1]["explicit"][method]["terms"])
+    for rank, result in enumerate(two_ranks):
+        assert_same_tensors(result["explicit"][method]["grads"], single["grads"], GRAD_ATOL, f"rank {rank} {method}")
+    if method == "psc":
+        assert "prototypes" in single["grads"] and single["grads"]["prototypes"].abs().sum() > 0
+
+
+def test_detached_gather_gives_the_same_loss_but_wrong_gradients(two_ranks, one_process):
+    """Without the backward all-reduce the loss is right and the gradients are not: this file can fail."""
+    single = one_process["explicit"]["sc"]
+    for result in two_ranks:
+        wrong = result["detached_gather"]
+        torch.testing.assert_close(wrong["terms"], result["explicit"]["sc"]["terms"], rtol=0, atol=LOSS_ATOL)
+        worst = max((wrong["grads"][n] - single["grads"][n]).abs().max().item() for n in single["grads"])
+        assert worst > 100 * GRAD_ATOL
+
+
+@pytest.mark.parametrize("method", ["sc", "psc", "ce"])
+def test_trainer_step_on_two_ranks_equals_one_process(method, two_ranks, one_process):
+    """main.Trainer end to end: TrainStream's rank slices, DDP and the gather give the one-process step."""
+    single = one_process["trainer"][method]
+    for rank, result in enumerate(two_ranks):
+        mine = result["trainer"][method]
+        assert_same_tensors(mine["grads"], single["grads"], GRAD_ATOL, f"rank {rank} {method} gradient")
+        assert_same_tensors(mine["params"], single["params"], GRAD_ATOL, f"rank {rank} {method} parameter")
+        if method == "sc":
+            torch.testing.assert_close(mine["terms"][1], single["terms"][1], rtol=0, atol=LOSS_ATOL)
+    mean_terms = sum(r["trainer"][method]["terms"] for r in two_ranks) / WORLD_SIZE
+    torch.testing.assert_close(mean_terms, single["terms"], rtol=0, atol=LOSS_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- torchrun main.py
+
+
+TINY = ["--model", "resnet20", "--batch_size", "16", "--lr_decay_epochs", "", "--device", "cpu",
+        "--imb_factor", "0.1"]
+TORCHRUN_TIMEOUT = 120  # a hang fails the test instead of the suite
+
+
+def torchrun_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
+            str(ROOT / "main.py"), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, cwd=cwd, env=torchrun_env(),
+                          timeout=TORCHRUN_TIMEOUT)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10")
+    # 20 images per class at imbalance ratio 10: 78 training images, 4 steps of 16 per epoch.
+    write_pickled_cifar10(root, *make_synthetic(10, 20, 4, seed=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def torchrun_sc(tmp_path_factory, cifar10_root):
+    """A finished one-epoch SC run of `torchrun --nproc_per_node 2 main.py`, in a folder of its own (also the cwd,
+    so a stray file from any rank would show)."""
+    cwd = tmp_path_factory.mktemp("torchrun_sc")
+    proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
+                    *TINY, cwd=cwd)
+    return cwd, proc
+
+
+def test_torchrun_trains_and_only_rank_0_writes(torchrun_sc):
+    cwd, proc = torchrun_sc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = cwd / "run"
+    assert os.listdir(cwd) == ["run"]
+    for name in ("config.json", "last.pt", "best.pt", "results.json"):
+        assert (out / name).is_file(), name
+    assert len(list(cwd.rglob("results.json"))) == 1 and len(list(cwd.rglob("config.json"))) == 1
+    assert len(list(cwd.rglob("*.pt"))) == 2  # last.pt, best.pt
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    config = json.loads((out / "config.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert config["world_size"] == results["world_size"] == WORLD_SIZE
+    assert results["batch_size"] == 16 and results["method"] == "sc"  # the global batch, as given
+    assert [h["epoch"] for h in results["history"]] == [1]
+    assert 0 <= results["last_top1"] <= 100 and results["history"][0]["feature_loss"] > 0
+    # only rank 0 logs: each line once
+    assert proc.stdout.count("done: last top1") == 1 and proc.stdout.count("epoch 1/1 |") == 1
+
+
+def test_torchrun_resume_of_a_finished_run_does_nothing(torchrun_sc, cifar10_root):
+    cwd, first = torchrun_sc
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(cwd)
+    proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
+                    "--resume", *TINY, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("already finished") == 1
+    assert snapshot(cwd) == before
+
+
+def test_failure_on_one_rank_stops_every_rank(torchrun_sc, cifar10_root):
+    """Only rank 0 checks the output folder, so only rank 0 fails (after joining the group): torchrun must still
+    end the job, with that rank's one-line error, and leave the finished run as it was."""
+    cwd, first = torchrun_sc
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(cwd)
+    proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
+                    *TINY, cwd=cwd)
+    assert proc.returncode != 0
+    assert "rank 0: error:" in proc.stderr and "already holds a run" in proc.stderr, proc.stderr[-3000:]
+    assert snapshot(cwd) == before
+
+
+def test_interrupted_torchrun_resumes_to_the_end(tmp_path, cifar10_root):
+    """SIGINT to torchrun after epoch 1 of 3: it forwards the signal, the ranks agree to stop at the next step and
+    rank 0 saves last.pt; a second torchrun with --resume finishes the run."""
+    args = ["--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "3",
+            "--print_freq", "1", *TINY]
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
+        # Files, not pipes: nothing blocks on a full pipe, and the test polls stdout for the epoch line.
+        proc = subprocess.Popen(torchrun_command(*args), stdout=out_file, stderr=err_file, cwd=tmp_path,
+                                env=torchrun_env())
+        try:
+            deadline = time.monotonic() + TORCHRUN_TIMEOUT
+            while "epoch 1/3 |" not in stdout.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "epoch 1/3 |" in stdout.read_text(), stderr.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=TORCHRUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "SIGINT: stopped after step" in stderr.read_text(), stderr.read_text()[-3000:]
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    assert (1, 0) <= (saved["epoch"], saved["step"]) < (3, 0)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+    proc = torchrun(*args, "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    assert results["world_size"] == WORLD_SIZE

@@ -1,0 +1,244 @@
+"""Runs that survive interruption, resume exactly, and stop cleanly on divergence or disk trouble.
+
+Bad input tried (here and in test_cli.py / test_dataset_loader.py), each giving one line and a non-zero exit:
+- every flag: unknown dataset / model / loss / sampler / device / imb_type / PSC denominator (argparse choices);
+  non-numeric values; batch size < 2; lr <= 0; epochs < 1; imb_factor outside (0, 1]; lr decay epochs outside
+  the run or not increasing or not integers; negative momentum / weight decay / warm-up; decay rate outside
+  (0, 1]; temperatures <= 0; feat_dim / eval_every / print_freq < 1; --eval_only without --checkpoint;
+  --resume with --overwrite; --device cuda without a GPU; --sync_bn on the CPU; a batch larger than the
+  long-tailed training set; a batch not divisible by the number of processes;
+- every file: a data root with no known layout; image folders with the wrong number of classes, an empty class
+  folder, an unreadable or wrongly sized image; pickled batches that are missing or malformed; a checkpoint that
+  is missing, garbage, truncated, from another model or class count, or from other settings (--resume);
+- the output folder: one that already holds a run (without --resume / --overwrite), --resume with no checkpoint,
+  a read-only folder, a full disk (a file-size limit) while writing a checkpoint.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import util
+from helpers import make_synthetic, write_pickled_cifar10
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "resnet20", "--batch_size", "16", "--epochs", "3", "--lr_decay_epochs", "2",
+        "--learning_rate", "0.05", "--warm_epochs", "0.5", "--device", "cpu", "--imb_factor", "0.1",
+        "--print_freq", "4"]
+TIMING_KEYS = {"samples_per_s"}  # the only history entries that may differ between two runs
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), *args]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10")
+    write_pickled_cifar10(root, *make_synthetic(10, 40, 10, seed=3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = subprocess.run(cli("--data_root", str(data_root), "--output_dir", str(out), *TINY),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def start_and_signal_after(line_prefix: str, argv: list[str], sig: int) -> tuple[subprocess.Popen, str, str]:
+    """Start the CLI, send `sig` as soon as a stdout line starts with `line_prefix`, wait for the exit."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(line_prefix):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return proc, "".join(seen) + out, err
+
+
+def same_state_dicts(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_and_resume_equals_straight_through(sig, data_root, straight_run, tmp_path):
+    out = tmp_path / "run"
+    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    proc, stdout, stderr = start_and_signal_after("epoch 1/3", argv, sig)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert "Resume with the same command plus --resume" in stderr and "Traceback" not in stderr
+    assert not (out / "results.json").exists()
+    stopped = util.load_checkpoint(out / "last.pt")["run"]
+    assert (stopped["epoch"], stopped["step"]) >= (1, 0) and stopped["epoch"] < 3
+
+    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = util.load_checkpoint(straight_run / "last.pt")
+    b = util.load_checkpoint(out / "last.pt")
+    assert same_state_dicts(a["model"], b["model"]), "weights differ from the run that was never stopped"
+    ra = json.loads((straight_run / "results.json").read_text())
+    rb = json.loads((out / "results.json").read_text())
+    assert without_timing(ra["history"]) == without_timing(rb["history"])
+    for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last"):
+        assert ra[key] == rb[key], key
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(data_root, tmp_path):
+    """SIGKILL the moment a checkpoint's temporary file appears (i.e. mid-write), several times over one run;
+    each time the folder's last.pt, if any, must load, and the next start must resume from it."""
+    out = tmp_path / "run"
+    base = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    base[base.index("--epochs") + 1] = "6"
+    base[base.index("--lr_decay_epochs") + 1] = "4"
+    kills = 0
+    epochs_seen = []
+    for attempt in range(8):
+        argv = base + (["--resume"] if (out / "last.pt").exists() else ["--overwrite"])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The first attempt dies in its first checkpoint write (nothing to resume: the next start must begin
+        # again); later ones in their second, so that each leaves a newer complete last.pt behind.
+        kill_at = 1 if attempt == 0 else 2
+        stale = {p.name for p in out.iterdir()} if out.is_dir() else set()  # a killed attempt's temporary file
+        writes: set[str] = set()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_dir():
+                writes.update(p.name for p in os.scandir(out) if p.name.startswith(".last.pt.")
+                              and p.name not in stale)
+                if len(writes) >= kill_at:
+                    proc.kill()
+                    break
+            time.sleep(0.0005)
+        proc.wait(timeout=60)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+        proc.stderr.close()
+        kills += 1
+        if (out / "last.pt").exists():
+            state = util.load_checkpoint(out / "last.pt")
+            epochs_seen.append((state["run"]["epoch"], state["run"]["step"]))
+    assert kills >= 3, "the run finished before it could be killed three times"
+    assert epochs_seen == sorted(epochs_seen) and len(epochs_seen) >= 2
+    if not (out / "results.json").exists():  # eight tries were not enough to finish: finish it now
+        proc = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 7))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "stale temporary files were not cleaned"
+
+
+def test_non_finite_loss_stops_the_run_without_writing(data_root, tmp_path):
+    out = tmp_path / "run"
+    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    argv[argv.index("--learning_rate") + 1] = "1e30"
+    argv[argv.index("--warm_epochs") + 1] = "0"
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite loss in epoch 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no checkpoint was written" in proc.stderr
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(data_root, straight_run, tmp_path):
+    """Resume from a checkpoint whose next step is bound to blow up (one weight set to inf): the run stops with
+    the epoch and step, exits non-zero, and leaves last.pt and best.pt byte for byte as they were."""
+    out = tmp_path / "run"
+    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    proc, _, stderr = start_and_signal_after("epoch 1/3", argv, signal.SIGINT)
+    assert proc.returncode == 130, stderr
+    state = util.load_checkpoint(out / "last.pt")
+    state["model"]["classifier.weight"][0, 0] = float("inf")
+    torch.save(state, out / "last.pt")
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"non-finite loss in epoch {state['run']['epoch'] + 1}, by step" in proc.stderr
+    assert "last good checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
+    best = util.load_checkpoint(out / "best.pt")
+    assert all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    util.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def disk_full(fd):  # the bytes went to the temporary file; making them durable fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(util.os, "fsync", disk_full)
+    with pytest.raises(util.UserError, match="could not write checkpoint .*No space left on device.*kept"):
+        util.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(util.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "the temporary file was left behind"
+
+
+def _limit_file_size():  # runs in the child before exec: files may not grow past 256 KiB
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_full_disk_while_writing_a_checkpoint(data_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(cli("--data_root", str(data_root), "--output_dir", str(out), *TINY),
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write checkpoint"), proc.stderr
+    assert "File too large" in lines[0]
+    assert not (out / "last.pt").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def _make_read_only(folder: Path) -> bool:
+    """Make `folder` unwritable even for root (chattr +i), or by mode bits for other users."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return True
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(folder)]).returncode == 0
+
+
+def _make_writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)])
+    folder.chmod(0o755)
+
+
+def test_read_only_output_folder(data_root, straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    (out / "results.json").unlink()  # an unfinished run, so --resume has work to do
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    if not _make_read_only(out):
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        proc = subprocess.run(cli("--data_root", str(data_root), "--output_dir", str(out), "--resume", *TINY),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        _make_writable(out)
+    # --resume of a finished-but-for-results run: it has nothing to train and must still write results.json
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: could not write") and len(proc.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -89,9 +89,8 @@ class Config:
     eval_only: bool = _opt(False, "evaluate --checkpoint on the test set and exit", "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
     device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
-    amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda, off for cpu)", "run")
-    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for cuda, off for cpu)",
-                                         "run")
+    amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16)", "run")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: as --amp)", "run")
     compile: bool = _opt(False, "torch.compile the model (compilation time is reported separately)", "run")
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun)", "run")
@@ -244,6 +243,17 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.rows]
 
 
+def fast_default(device: torch.device) -> bool:
+    """Default of --amp and --channels_last: on for CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX), where
+    scripts/benchmark.py measured bf16 autocast + channels_last at about 2x float32 (see README, Performance)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private helper: absent in some builds
+        return False
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """[N, ...] on each process -> [world_size * N, ...] in rank order, differentiable."""
     return _GatherWithGrad.apply(tensor)
@@ -285,8 +295,8 @@ class Trainer:
     def __init__(self, cfg: Config, train: data.ArraySplit, num_classes: int, device: torch.device,
                  dist: Dist = Dist()):
         self.cfg, self.device, self.dist, self.num_classes = cfg, device, dist, num_classes
-        self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-        self.channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        self.amp = fast_default(device) if cfg.amp is None else cfg.amp
+        self.channels_last = fast_default(device) if cfg.channels_last is None else cfg.channels_last
         self.feature_branch = cfg.loss != "ce"
         mean, std = data.dataset_stats(cfg.dataset)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -758,7 +768,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
     confusion = test_confusion(net.to(device).eval(), images, labels, mean=mean, std=std, num_classes=num_classes,
-                               amp=device.type == "cuda" if cfg.amp is None else cfg.amp, dist=dist)
+                               amp=fast_default(device) if cfg.amp is None else cfg.amp, dist=dist)
     if not dist.main:
         return 0
     metrics = util.accuracy_report(confusion, data.shot_groups(saved["class_counts"]))

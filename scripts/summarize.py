@@ -313,7 +313,7 @@ def schedule_text(key: GroupKey, paper_schedule: bool) -> str:
     if paper_schedule:
         return str(key.epochs)
     if key.epochs < PAPER_EPOCHS:
-        return f"short schedule: {key.epochs} epochs"
+        return f"short schedule: {key.epochs} epoch{'s' if key.epochs != 1 else ''}"
     decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
     batch = "?" if key.batch_size is None else str(key.batch_size)
     return f"other schedule: {key.epochs} epochs, lr decay at {decay}, batch {batch}"

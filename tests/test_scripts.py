@@ -482,7 +482,29 @@ def test_help_equals_form_and_ratio_rounding(fake, tmp_path):
     assert read_log()[2]["args"][2:4] == ["--imb_type", "step"]
 
 
-def test_sweep_real_cli():
-    """PLACEHOLDER, filled in by the lead: run the sweep against the real main.py on a tiny
-    synthetic data set (e.g. one epoch, tiny batch) and summarise the result."""
-    pytest.skip("filled in by lead")
+def test_sweep_real_cli(tmp_path, summarize):
+    """The Table 1 sweep against the real main.py on a tiny synthetic set (two ratios, one epoch), a second call
+    that skips every finished run, and the summary of what it left."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from helpers import make_synthetic, write_pickled_cifar10
+
+    write_pickled_cifar10(tmp_path / "data", *make_synthetic(10, 24, 4, seed=2))
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.1 0.5", "--methods", "ce", "--runs_dir", str(runs), "--",
+            "--data_root", str(tmp_path / "data"), "--model", "resnet20", "--batch_size", "16", "--epochs", "1",
+            "--lr_decay_epochs", "", "--device", "cpu"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    first = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert summary_statuses(first.stdout) == {"cifar10_ce_r10_s0": "done", "cifar10_ce_r2_s0": "done"}
+    for name in ("cifar10_ce_r10_s0", "cifar10_ce_r2_s0"):
+        assert (runs / name / "results.json").is_file()
+    again = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert summary_statuses(again.stdout) == {"cifar10_ce_r10_s0": "skipped", "cifar10_ce_r2_s0": "skipped"}
+    table = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs)], capture_output=True,
+                           text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE |") == 2

@@ -296,3 +296,26 @@ def test_real_cli_bad_input_has_no_traceback(tmp_path, cifar10_root):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_tensorboard_has_scalars_figures_and_projections(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    loss, out, _ = finished_run
+    scalars, images = set(), set()
+    for events in out.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    for tag in ("loss/total", "loss/feature", "loss/ce", "train/alpha", "train/lr", "train/samples_per_s",
+                "test/top1", "test/medium", "test/few", "test_per_class/000", "test_per_class/009"):
+        assert tag in scalars, tag
+    assert "test/many" not in scalars  # no many-shot class in this tiny set: nothing to log
+    for tag in ("last/confusion_matrix", "last/per_class_accuracy_vs_class_size", "best/confusion_matrix",
+                "best/per_class_accuracy_vs_class_size"):
+        assert tag in images, tag
+    projector = out / "projector_config.pbtxt"
+    assert projector.exists() == (loss != "ce")  # the CE baseline has no trained projection head
+    if loss != "ce":
+        metadata = next(out.rglob("metadata.tsv")).read_text().split()
+        assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST

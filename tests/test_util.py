@@ -1,0 +1,82 @@
+"""util.py: metrics, the lr schedule, atomic files and the TensorBoard figures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import util
+
+
+def test_confusion_matrix_matches_a_loop():
+    rng = np.random.default_rng(0)
+    preds, targets = rng.integers(0, 7, 500), rng.integers(0, 7, 500)
+    expected = np.zeros((7, 7), dtype=np.int64)
+    for p, t in zip(preds, targets):
+        expected[t, p] += 1
+    got = util.confusion_matrix(torch.from_numpy(preds), torch.from_numpy(targets), 7)
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_accuracy_report_by_hand():
+    # class 0: 8/10 right, class 1: 5/10, class 2: 1/10
+    confusion = np.array([[8, 2, 0], [5, 5, 0], [3, 6, 1]])
+    report = util.accuracy_report(confusion, {"many": [0], "medium": [1, 2], "few": []})
+    assert report["top1"] == pytest.approx(100 * 14 / 30)
+    assert report["per_class"] == pytest.approx([80, 50, 10])
+    assert report["many"] == pytest.approx(80) and report["medium"] == pytest.approx(30)
+    assert report["few"] is None
+
+
+def test_learning_rate_warm_up_and_decay():
+    kw = dict(base_lr=0.5, steps_per_epoch=10, warm_epochs=2, decay_epochs=[5, 8], decay_rate=0.1)
+    lrs = [util.learning_rate(s, **kw) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.5 / 20) and lrs[19] == pytest.approx(0.5)
+    assert np.all(np.diff(lrs[:20]) > 0)  # linear warm-up over the first 2 epochs (20 steps)
+    assert lrs[49] == 0.5 and lrs[50] == pytest.approx(0.05) and lrs[79] == pytest.approx(0.05)
+    assert lrs[80] == pytest.approx(0.005) and lrs[99] == pytest.approx(0.005)
+    assert util.learning_rate(3, **{**kw, "warm_epochs": 0}) == 0.5
+
+
+def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    util.write_json({"a": 1}, tmp_path / "r.json")
+    util.write_json({"a": 2}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_checkpoint_round_trip_and_foreign_files(tmp_path):
+    util.save_checkpoint({"model": {"w": torch.arange(3.0)}, "config": {"model": "resnet32"}}, tmp_path / "c.pt")
+    assert torch.equal(util.load_checkpoint(tmp_path / "c.pt")["model"]["w"], torch.arange(3.0))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(util.UserError, match="not a checkpoint of this project"):
+        util.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_colormap_ends_and_monotone_brightness():
+    rgb = util.colormap(np.linspace(0, 1, 11))
+    assert rgb.shape == (11, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0]) == (68, 1, 84) and tuple(rgb[-1]) == (253, 231, 37)
+    brightness = rgb.astype(float) @ [0.299, 0.587, 0.114]
+    assert np.all(np.diff(brightness) > 0)
+
+
+def test_confusion_image_cells():
+    confusion = np.array([[10, 0], [5, 5]])
+    img = util.confusion_image(confusion, size=20)
+    assert img.shape == (20, 20, 3) and img.dtype == np.uint8
+    assert tuple(img[0, 0]) == tuple(util.colormap(1.0))  # row 0 all on the diagonal
+    assert tuple(img[0, 19]) == tuple(util.colormap(0.0))
+    assert tuple(img[19, 0]) == tuple(img[19, 19]) == tuple(util.colormap(0.5))
+
+
+def test_per_class_image_bars():
+    img = util.per_class_image([100.0, 50.0, 0.0], [10, 1000, 100], bar_width=10, height=101)
+    assert img.shape == (2 * 101 + 8, 30, 3)
+    blue = np.all(img[:101] == (31, 119, 180), axis=2)
+    grey = np.all(img[109:] == (127, 127, 127), axis=2)
+    # classes are drawn largest first: 1000 images (50 %), 100 (0 %), 10 (100 %)
+    assert blue[:, 0].sum() == 50 and blue[:, 10].sum() == 0 and blue[:, 20].sum() == 100
+    assert grey[:, 0].sum() == 100 and grey[:, 10].sum() == round(100 * 2 / 3) and grey[:, 20].sum() == 33

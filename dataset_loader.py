@@ -14,7 +14,6 @@ import concurrent.futures
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from util import UserError
+from util import UserError, atomic_write, one_line
 
 
 class DataError(UserError):
@@ -106,23 +105,19 @@ def _check_dataset(dataset: str) -> None:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _download(dataset: str, root: Path) -> None:
     """Torchvision's own download into ``root``; it leaves the pickled folder that we then read."""
     try:
         from torchvision import datasets
     except ImportError as exc:
-        raise DataError(f"--download needs torchvision, which failed to import: {_one_line(exc)}") from exc
+        raise DataError(f"--download needs torchvision, which failed to import: {one_line(exc)}") from exc
     dataset_class = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             dataset_class(root=str(root), train=train, download=True)
     except Exception as exc:  # network, disk or archive problems all mean the same to the user
-        raise DataError(f"downloading {dataset} into {root} failed: {_one_line(exc)}") from exc
+        raise DataError(f"downloading {dataset} into {root} failed: {one_line(exc)}") from exc
 
 
 # --- torchvision's pickled layout -----------------------------------------------------------
@@ -154,7 +149,7 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
         data = np.asarray(entry["data"])
         labels = np.asarray(entry[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {_one_line(exc) or type(exc).__name__}") from exc
+        raise DataError(f"cannot read {path}: {one_line(exc) or type(exc).__name__}") from exc
     if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or len(labels) != len(data):
         raise DataError(f"{path}: expected data [N, 3072] and N labels, got data {data.shape} and {len(labels)} labels")
     if data.dtype != np.uint8:
@@ -250,7 +245,7 @@ def _decode_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {_one_line(exc) or type(exc).__name__}") from exc
+        raise DataError(f"cannot read image {path}: {one_line(exc) or type(exc).__name__}") from exc
     if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise DataError(f"image {path} is {rgb.shape[1]}x{rgb.shape[0]}; CIFAR images are 32x32")
     return rgb
@@ -284,7 +279,8 @@ def _write_cache(root: Path, key: str, splits: tuple[ArraySplit, ArraySplit]) ->
               "test_images": splits[1].images, "test_labels": splits[1].labels}
     for path in _cache_candidates(root, key):
         try:
-            _write_npz_atomic(path, arrays)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: np.savez(f, **arrays))  # uncompressed: loading is bounded by the disk
         except OSError:
             continue  # read-only data root: try the user's cache folder
         stale_pattern = f"{_CACHE_PREFIX}*.npz" if path.parent == root else f"{_root_tag(root)}-*.npz"
@@ -293,20 +289,6 @@ def _write_cache(root: Path, key: str, splits: tuple[ArraySplit, ArraySplit]) ->
                 stale.unlink(missing_ok=True)
         return
     # No writable place: the next run decodes again, which is slow but correct.
-
-
-def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file beside ``path`` and rename, so a crash never leaves half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: loading is then bounded by disk speed
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the images
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,20 +20,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import dataset_loader as data
 import losses
 import networks
 import util
 from util import UserError
-
-PAPER_EPOCHS = 200
-
 
 def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
@@ -76,8 +72,8 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum", "optimisation")
     weight_decay: float = _opt(1e-4, "weight decay", "optimisation")
     epochs: int = _opt(200, "training epochs", "optimisation")
-    lr_decay_epochs: list = _opt((120, 160), "epochs (0-based) where lr is multiplied by --lr_decay_rate",
-                                 "optimisation", type=_int_list)
+    lr_decay_epochs: list = _opt((120, 160), "multiply the lr by --lr_decay_rate after these many epochs "
+                                 "(comma-separated)", "optimisation", type=_int_list)
     lr_decay_rate: float = _opt(0.1, "lr decay factor", "optimisation")
     warm_epochs: float = _opt(5.0, "linear lr warm-up epochs (0 disables); lr 0.5 from the first step of "
                               "a fresh network is risky, LDAM-DRW warms up for 5", "optimisation")
@@ -91,9 +87,9 @@ class Config:
     device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
     amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16)", "run")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: as --amp)", "run")
-    compile: bool = _opt(False, "torch.compile the model (compilation time is reported separately)", "run")
+    compile: bool = _opt(False, "torch.compile the model (the first steps then include the compilation)", "run")
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun)", "run")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
     print_freq: int = _opt(10, "steps between progress updates (each costs one host-device sync)", "run")
 
@@ -113,7 +109,7 @@ class Config:
         return os.path.join("runs", f"{self.dataset}_{self.loss}_{kind}r{ratio}_s{self.seed}")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (plus exit 2), like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -121,7 +117,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(description=__doc__.splitlines()[0],
+    parser = OneLineParser(description=__doc__.splitlines()[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
@@ -157,11 +153,19 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--epochs must be positive (got {cfg.epochs})")
     if not 0 < cfg.imb_factor <= 1:
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number (got {value})")
+    if not 0 <= cfg.data_seed < 2**32:
+        raise UserError(f"--data_seed must be in 0 .. 2**32 - 1 (got {cfg.data_seed})")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be in 0 .. 2**63 - 1 (got {cfg.seed})")
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
     if bad:
         raise UserError(f"--lr_decay_epochs {bad} outside the run (each must be in 1..{cfg.epochs - 1})")
-    if sorted(cfg.lr_decay_epochs) != list(cfg.lr_decay_epochs):
-        raise UserError(f"--lr_decay_epochs must be increasing (got {cfg.lr_decay_epochs})")
+    if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
+        raise UserError(f"--lr_decay_epochs must be strictly increasing (got {cfg.lr_decay_epochs})")
     for name in ("momentum", "weight_decay", "warm_epochs"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
@@ -199,18 +203,22 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """--device auto|cpu|cuda -> the device of this process (GPU local_rank under torchrun)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     """Read torchrun's environment, pick the device and join the process group (nccl on CUDA, gloo on CPU)."""
     dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(cfg.device, dist.local_rank)
+    use_cuda = device.type == "cuda"
     if cfg.sync_bn and not use_cuda:
         raise UserError("--sync_bn needs CUDA (PyTorch's SyncBatchNorm does not run on the CPU)")
     if dist.enabled:
@@ -237,7 +245,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce works in place: leave autograd's buffer alone
         torch.distributed.all_reduce(grad)  # gloo has no reduce_scatter; the global batch is small
         start = torch.distributed.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
@@ -308,7 +316,7 @@ class Trainer:
         self.class_counts = list(self.stream.class_counts)
         self.shot_groups = data.shot_groups(self.class_counts)
 
-        torch.manual_seed(cfg.seed)
+        util.seed_everything(cfg.seed)  # the model's initialisation
         net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
         if not self.feature_branch:  # the CE baseline never uses the head; frozen, DDP and SGD ignore it
             net.head.requires_grad_(False)
@@ -360,6 +368,9 @@ class Trainer:
         return losses.LossTerms(*(t.detach() for t in terms))
 
     def confusion(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        if self.dist.enabled:  # batch-norm running statistics drift apart per process: evaluate rank 0's
+            for buffer in self.net.buffers():
+                torch.distributed.broadcast(buffer, 0)
         self.net.eval()
         try:
             return test_confusion(self.net, images, labels, mean=self.mean.view(3), std=self.std.view(3),
@@ -400,6 +411,7 @@ class SignalFlag:
 
     def __init__(self):
         self.signum = 0
+        self.first_at = 0.0
         self.previous = {}
 
     def install(self) -> None:
@@ -412,10 +424,11 @@ class SignalFlag:
         self.previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # second signal: the user means it
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif time.monotonic() - self.first_at > 2.0:  # a second signal, not torchrun relaying the first one
             self.restore()
             raise KeyboardInterrupt
-        self.signum = signum
 
 
 class RunState:
@@ -524,7 +537,13 @@ class Run:
         self.out = resolve_output_dir(cfg)
         if dist.main:
             check_output_dir(cfg, self.out)
-        train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download and dist.main)
+        download = cfg.download
+        if download and dist.enabled:  # one download per machine, while the other processes wait for it
+            if dist.local_rank == 0:
+                data.load_cifar(cfg.dataset, cfg.data_root, download=True)
+            torch.distributed.barrier()
+            download = False
+        train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=download)
         self.num_classes = data.DATASETS[cfg.dataset]
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist)
@@ -536,6 +555,7 @@ class Run:
             self.load(saved)
         self.writer = None
         self.signals = SignalFlag()
+        self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
         self.last_confusion: Optional[np.ndarray] = None
 
@@ -544,6 +564,7 @@ class Run:
         return {"model": self.trainer.net.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
                 "run": self.state.state_dict(), "config": dataclasses.asdict(self.cfg),
                 "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
+                "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "rng": util.rng_states(), "torch_version": torch.__version__}
 
     def load(self, saved: dict[str, Any]) -> None:
@@ -579,7 +600,7 @@ class Run:
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step)
+            self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
         self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
                  f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
                  f"steps/epoch, device {device_name(self.device)}, output {self.out}")
@@ -589,6 +610,8 @@ class Run:
             while state.epoch < cfg.epochs:
                 self.train_epoch()
                 self.end_epoch()
+                if state.epoch < cfg.epochs:
+                    self.check_stop(state.epoch - 1)
             if self.last_metrics is None:  # trained to the end earlier, stopped before results.json was written
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
@@ -607,6 +630,7 @@ class Run:
         if state.epoch_sums is None or state.step == 0:
             state.epoch_sums = torch.zeros(4, device=self.device)
         since_log = torch.zeros(4, device=self.device)
+        lr = trainer.lr_at(epoch * steps + max(state.step, 1) - 1)  # defined even when no step is left
         bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if dist.main else True, dynamic_ncols=True)
         self.sync()
@@ -616,6 +640,11 @@ class Run:
             global_step = epoch * steps + step
             lr = trainer.lr_at(global_step)
             terms = trainer.step(batch, alpha, lr)
+            if self.first_step_s is None:  # one-off costs (torch.compile, allocator, cuDNN autotuning) kept apart
+                self.sync()
+                self.first_step_s = time.perf_counter() - t_epoch
+                t_log = t_epoch = time.perf_counter()
+                steps_since_log, steps_in_epoch = -1, -1
             step_sums = torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
             state.epoch_sums += step_sums  # summed per step, so a resumed epoch adds up exactly as an unbroken one
             since_log += step_sums
@@ -640,9 +669,8 @@ class Run:
                 for tag, value in (("loss/total", total / n), ("loss/feature", feat / n), ("loss/ce", ce / n),
                                    ("train/alpha", alpha), ("train/lr", lr), ("train/samples_per_s", rate)):
                     self.writer.add_scalar(tag, value, global_step + 1)
-            if self.stop_requested():
-                bar.close()
-                self.interrupted(epoch, step)
+            if state.step < steps:  # a signal in the epoch's last step is handled after end_epoch() saved it
+                self.check_stop(epoch, step)
         bar.close()
         self.sync()
         elapsed = time.perf_counter() - t_epoch
@@ -651,9 +679,25 @@ class Run:
         self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9)
         self.epoch_alpha, self.epoch_lr = alpha, lr
 
-    def stop_requested(self) -> bool:
-        flag = torch.tensor([float(self.signals.signum)], device=self.device)
-        return bool(all_reduce_sum(flag, self.dist).item() > 0) if self.dist.enabled else bool(self.signals.signum)
+    def check_stop(self, epoch: int, step: Optional[int] = None) -> None:
+        """Stop (checkpoint, message, exit 128 + signal) when any process got SIGINT / SIGTERM. Mid-epoch
+        (`step` given) the checkpoint is written here; at an epoch's end end_epoch() has just written it."""
+        signum = self.signals.signum
+        if self.dist.enabled:  # every process must take the same decision at the same step
+            flag = torch.tensor([signum], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        if step is None:
+            where = f"after epoch {epoch + 1}"
+        else:
+            if not self.trainer.params_finite():
+                self.diverged(epoch, step)
+            self.save("last.pt")
+            where = f"after step {step + 1} of epoch {epoch + 1}"
+        raise Stop(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {self.out / 'last.pt'}. "
+                   f"Resume with the same command plus --resume", 128 + signum)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -664,14 +708,6 @@ class Run:
         kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
         raise Stop(f"non-finite loss in epoch {epoch + 1}, by step {step + 1} (of {self.trainer.steps_per_epoch}); "
                    f"{kept}. Lower --learning_rate or raise --warm_epochs.", 3)
-
-    def interrupted(self, epoch: int, step: int) -> None:
-        signame = signal.Signals(self.signals.signum).name
-        if not self.trainer.params_finite():
-            self.diverged(epoch, step)
-        self.save("last.pt")
-        raise Stop(f"{signame}: stopped after step {step + 1} of epoch {epoch + 1}; checkpoint {self.out / 'last.pt'}"
-                   f". Resume with the same command plus --resume", 128 + self.signals.signum)
 
     def end_epoch(self) -> None:
         cfg, state, trainer = self.cfg, self.state, self.trainer
@@ -700,9 +736,9 @@ class Run:
             self.log_eval(epoch + 1, metrics, confusion, is_best)
         state.history.append(entry)
         self.log(line)
-        self.save("last.pt")
-        if is_best:
+        if is_best:  # best.pt first: a kill between the two writes then never leaves best.pt behind last.pt
             self.save("best.pt")
+        self.save("last.pt")
 
     def log_eval(self, epoch: int, metrics: dict[str, Any], confusion: np.ndarray, is_best: bool) -> None:
         if self.writer is None:
@@ -742,6 +778,7 @@ class Run:
             "best": state.best_metrics, "last": last, "per_class": self.last_metrics["per_class"],
             "class_counts": trainer.class_counts, "shot_groups": trainer.shot_groups, "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
+            "first_step_s": self.first_step_s,
             "wall_time_s": state.wall_time, "torch_version": torch.__version__,
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "config": dataclasses.asdict(cfg),
@@ -767,8 +804,12 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     net.load_state_dict(saved["model"])
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
-    confusion = test_confusion(net.to(device).eval(), images, labels, mean=mean, std=std, num_classes=num_classes,
-                               amp=fast_default(device) if cfg.amp is None else cfg.amp, dist=dist)
+    # Evaluate as the run did (its numerics), unless the flags say otherwise.
+    amp = saved.get("amp", fast_default(device)) if cfg.amp is None else cfg.amp
+    channels_last = saved.get("channels_last", False) if cfg.channels_last is None else cfg.channels_last
+    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    confusion = test_confusion(net, images, labels, mean=mean, std=std, num_classes=num_classes, amp=amp,
+                               channels_last=channels_last, dist=dist)
     if not dist.main:
         return 0
     metrics = util.accuracy_report(confusion, data.shot_groups(saved["class_counts"]))

@@ -98,7 +98,12 @@ def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write) -> None:
+def one_line(text: object) -> str:
+    """An exception or message as one line (error messages must not span several)."""
+    return " ".join(str(text).split())
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(file_object)` to a temporary file beside `path`, fsync it, then rename it over
     `path`: a reader (or a resume after `kill -9`) sees the old complete file or the new complete one, never
     half of one. A failed write (disk full, read-only folder) leaves the old file as it was."""
@@ -109,6 +114,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -123,7 +129,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     buffer = io.BytesIO()  # serialise first: a failing disk then shows up as an OSError, not as a torch error
     torch.save(state, buffer)
     try:
-        _atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()))
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
         raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is kept") from e
 
@@ -136,7 +142,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     return state
@@ -146,7 +152,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically (same guarantees as checkpoints)."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     try:
-        _atomic_write(Path(path), lambda f: f.write(text.encode()))
+        atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as e:
         raise UserError(f"could not write {path}: {e.strerror or e}") from e
 

@@ -103,16 +103,9 @@ class BenchOptions:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line and exit status 2, as main.py does."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's options (the recipe of the timed step) plus the benchmark's own."""
-    parser = _OneLineParser(description=__doc__.splitlines()[0], parents=[main.get_args_parser()], add_help=False,
+    parser = main.OneLineParser(description=__doc__.splitlines()[0], parents=[main.get_args_parser()], add_help=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(data_root=None)  # no folder: synthetic images
     bench = parser.add_argument_group("benchmark")
@@ -170,14 +163,6 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
                         memory_batch_sizes=parse_memory_batch_sizes(args["memory_batch_sizes"]),
                         compare_options=args["compare_options"], json_path=args["json"], data_root=data_root)
     return cfg, opts
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def sync(device: torch.device) -> None:
@@ -386,7 +371,7 @@ def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> lis
     amp x channels_last on both settings (the device default first) and compile with the device defaults."""
     if not compare:
         return [("as configured", cfg)]
-    default = device.type == "cuda"  # main.Trainer's default for both amp and channels_last
+    default = main.fast_default(device)  # main.Trainer's default for both amp and channels_last
     grid = sorted(itertools.product((True, False), repeat=2), key=lambda ac: ac != (default, default))
     configs = []
     for amp, channels_last in grid:
@@ -396,11 +381,6 @@ def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> lis
         configs.append((label, dataclasses.replace(cfg, amp=amp, channels_last=channels_last, compile=False)))
     configs.append(("compile, device defaults", dataclasses.replace(cfg, amp=None, channels_last=None, compile=True)))
     return configs
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:300]
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -498,7 +478,7 @@ def cuda_memory_row(loss: str, batch_size: int, device: torch.device) -> dict[st
         seconds = time.perf_counter() - start
         return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "seconds": seconds}
     except torch.cuda.OutOfMemoryError as e:
-        return {"peak_bytes": None, "error": one_line(e)}
+        return {"peak_bytes": None, "error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
     finally:
         inputs = None
         torch.cuda.empty_cache()
@@ -587,7 +567,7 @@ def load_average() -> Optional[list[float]]:
 
 
 def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
+    device = main.resolve_device(cfg.device)
     num_classes = data.DATASETS[cfg.dataset]
     train, source = training_split(cfg, opts.data_root)
     result: dict[str, Any] = {
@@ -609,7 +589,7 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if not opts.compare_options:
                 raise
-            row = {"error": one_line(e)}
+            row = {"error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
         result["project"].append({"label": label, **row})
     if opts.reference:
         print(f"timing reference: PIL + DataLoader with {opts.workers} workers ...", file=sys.stderr, flush=True)

@@ -201,11 +201,21 @@ BAD_INPUTS = [
     (["--learning_rate", "-0.1"], "--learning_rate"),
     (["--epochs", "0"], "--epochs"),
     (["--epochs", "100", "--lr_decay_epochs", "120,160"], "--lr_decay_epochs"),
-    (["--lr_decay_epochs", "160,120"], "increasing"),
+    (["--lr_decay_epochs", "160,120"], "strictly increasing"),
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
     (["--imb_factor", "1.5"], "--imb_factor"),
     (["--temp", "0"], "--temp"),
+    (["--warm_epochs", "nan"], "finite"),
+    (["--weight_decay", "inf"], "finite"),
+    (["--momentum", "-0.9"], "--momentum"),
+    (["--lr_decay_rate", "2"], "--lr_decay_rate"),
+    (["--lr_decay_epochs", "120,120"], "strictly increasing"),
+    (["--data_seed", "-1"], "--data_seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--feat_dim", "0"], "--feat_dim"),
+    (["--batch_size", "x"], "invalid int"),
+    (["--sync_bn", "--device", "cpu"], "--sync_bn needs CUDA"),
     (["--eval_only"], "--checkpoint"),
     (["--resume", "--overwrite"], "contradict"),
 ]
@@ -319,3 +329,11 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
     if loss != "ce":
         metadata = next(out.rglob("metadata.tsv")).read_text().split()
         assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
+
+
+def test_readme_documents_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    for action in main.get_args_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
+                assert f"`{flag}`" in readme, flag

@@ -490,14 +490,14 @@ def test_image_folder_cache_falls_back_to_user_dir(tmp_path, monkeypatch, cifar1
     root, cache_home = tmp_path / "data", tmp_path / "cache"
     write_image_folder(root, *cifar10_like)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    real_write = dl._write_npz_atomic
+    real_write = dl.atomic_write
 
-    def read_only_root(path, arrays):
+    def read_only_root(path, write):
         if path.parent == root:
             raise PermissionError(f"read-only: {path}")
-        real_write(path, arrays)
+        real_write(path, write)
 
-    monkeypatch.setattr(dl, "_write_npz_atomic", read_only_root)
+    monkeypatch.setattr(dl, "atomic_write", read_only_root)
     assert_splits_equal(dl.load_cifar("cifar10", root), cifar10_like)
     assert not list(root.glob("*.npz")) and len(list((cache_home / "hybrid-lt").glob("*.npz"))) == 1
     monkeypatch.setattr(dl, "_decode_image", lambda path: pytest.fail(f"decoded {path}"))

@@ -104,6 +104,23 @@ def test_stop_and_resume_equals_straight_through(sig, data_root, straight_run, t
         assert ra[key] == rb[key], key
 
 
+def test_signal_in_an_epochs_last_step_resumes(data_root, tmp_path):
+    """With one step per epoch every signal lands in an epoch's last step (or its evaluation): the run stops at
+    the epoch boundary with a checkpoint that --resume continues from."""
+    out = tmp_path / "run"
+    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    argv[argv.index("--batch_size") + 1] = "150"  # 159 images: one step per epoch
+    argv[argv.index("--epochs") + 1] = "5"
+    proc, _, stderr = start_and_signal_after("epoch 1/3", argv, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM: stopped after epoch" in stderr
+    state = util.load_checkpoint(out / "last.pt")["run"]
+    assert state["step"] == 0 and state["epoch"] in (2, 3, 4)
+    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [h["epoch"] for h in json.loads((out / "results.json").read_text())["history"]] == [1, 2, 3, 4, 5]
+
+
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(data_root, tmp_path):
     """SIGKILL the moment a checkpoint's temporary file appears (i.e. mid-write), several times over one run;
     each time the folder's last.pt, if any, must load, and the next start must resume from it."""

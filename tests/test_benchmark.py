@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -60,7 +61,8 @@ def test_script_writes_json_with_every_measurement(tmp_path):
         for key in ("samples_per_s", "seconds", "step_ms", "first_step_s", "warmup_s", "final_loss"):
             assert _positive(row[key]), (key, row[key])
         assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
-    assert (project["amp"], project["channels_last"], project["compile"]) == (False, False, False)
+    fast = main.fast_default(torch.device("cpu"))  # bf16 + channels_last on CPUs with native bf16
+    assert (project["amp"], project["channels_last"], project["compile"]) == (fast, fast, False)
     assert reference["workers"] == 1
     assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
     rows = result["memory"]["rows"]
@@ -96,8 +98,9 @@ def test_compare_options_covers_amp_channels_last_and_compile(bench):
     cfg, _ = bench.parse_args(["--compare_options"])
     configs = bench.option_configs(cfg, torch.device("cpu"), compare=True)
     settings = [(c.amp, c.channels_last, c.compile) for _, c in configs]
-    # The device default comes first (cpu: both off); every amp x channels_last pair once; compile on its own.
-    assert settings[0] == (False, False, False) and "device default" in configs[0][0]
+    # The device default comes first; every amp x channels_last pair once; compile on its own.
+    fast = main.fast_default(torch.device("cpu"))
+    assert settings[0] == (fast, fast, False) and "device default" in configs[0][0]
     assert sorted(settings[:4]) == sorted((a, c, False) for a in (True, False) for c in (True, False))
     assert settings[4] == (None, None, True)
     assert len({label for label, _ in configs}) == 5

@@ -111,11 +111,11 @@ def test_signal_in_an_epochs_last_step_resumes(data_root, tmp_path):
     argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
     argv[argv.index("--batch_size") + 1] = "150"  # 159 images: one step per epoch
     argv[argv.index("--epochs") + 1] = "5"
-    proc, _, stderr = start_and_signal_after("epoch 1/3", argv, signal.SIGTERM)
+    proc, _, stderr = start_and_signal_after("epoch 1/5", argv, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM: stopped after epoch" in stderr
     state = util.load_checkpoint(out / "last.pt")["run"]
-    assert state["step"] == 0 and state["epoch"] in (2, 3, 4)
+    assert state["step"] == 0 and 1 <= state["epoch"] <= 4
     resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [h["epoch"] for h in json.loads((out / "results.json").read_text())["history"]] == [1, 2, 3, 4, 5]

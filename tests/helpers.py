@@ -105,3 +105,15 @@ def write_image_folder(root: str | os.PathLike, train: ArraySplit, test: ArraySp
         for i, (image, label) in enumerate(zip(split.images, split.labels)):
             Image.fromarray(image).save(Path(root) / split_name / names[label] / f"{i:06d}.{fmt}")
     return Path(root)
+
+
+def snapshot(folder: str | os.PathLike) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes (empty when the folder does not exist): equal
+    snapshots before and after a command mean it wrote, changed and deleted nothing there."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

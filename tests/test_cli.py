@@ -2,7 +2,6 @@
 torchvision layout, and every bad input of the CLI issue (one line, non-zero exit, nothing written)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import main
-from helpers import make_synthetic, write_pickled_cifar10, write_pickled_cifar100
+from helpers import make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 10  # per class
@@ -152,14 +151,6 @@ def test_defaults_are_the_paper_recipe():
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with a hash of its bytes (empty when the folder does not exist)."""
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def call_main(argv: list[str], capsys) -> tuple[int, str]:

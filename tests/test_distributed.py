@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from torch import nn
 import losses
 import main
 import networks
-from helpers import make_synthetic, write_pickled_cifar10
+from helpers import make_synthetic, snapshot, write_pickled_cifar10
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -262,11 +261,6 @@ def torchrun_env() -> dict[str, str]:
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(torchrun_command(*args), capture_output=True, text=True, cwd=cwd, env=torchrun_env(),
                           timeout=TORCHRUN_TIMEOUT)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

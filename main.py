@@ -831,6 +831,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return evaluate_checkpoint(cfg, dist, device)
         return Run(cfg, dist, device).run()
     except (UserError, Stop) as e:
+        if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
+            return e.code
         prefix = f"rank {dist.rank}: " if dist.enabled else ""
         print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else 2

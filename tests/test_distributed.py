@@ -346,7 +346,7 @@ def test_interrupted_torchrun_resumes_to_the_end(tmp_path, cifar10_root):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert "SIGINT: stopped after step" in stderr.read_text(), stderr.read_text()[-3000:]
+    assert "SIGINT: stopped after" in stderr.read_text(), stderr.read_text()[-3000:]  # a step, or an epoch
     saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["run"]
     assert (1, 0) <= (saved["epoch"], saved["step"]) < (3, 0)
     assert not (tmp_path / "run" / "results.json").exists()

@@ -305,10 +305,10 @@ class Trainer:
         self.cfg, self.device, self.dist, self.num_classes = cfg, device, dist, num_classes
         self.amp = fast_default(device) if cfg.amp is None else cfg.amp
         self.channels_last = fast_default(device) if cfg.channels_last is None else cfg.channels_last
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.feature_branch = cfg.loss != "ce"
         mean, std = data.dataset_stats(cfg.dataset)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # [3]
         self.stream = data.TrainStream(train, num_classes, cfg.batch_size, mean=mean, std=std,
                                        sc_sampler=cfg.sc_sampler, ce_sampler=cfg.ce_sampler,
                                        feature_branch=self.feature_branch, device=device, seed=cfg.seed,
@@ -322,7 +322,7 @@ class Trainer:
             net.head.requires_grad_(False)
         if cfg.sync_bn and dist.enabled:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        net = net.to(device, memory_format=self.memory_format)
         self.net = net  # the bare HybridNet: evaluation, checkpoints, prototypes
         self.model: torch.nn.Module = net
         if dist.enabled:
@@ -352,7 +352,7 @@ class Trainer:
         """One SGD step on one batch of both branches. Returns the detached loss terms (still on the device)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = self.memory_format
         with self.autocast():
             if self.feature_branch:
                 n_views = batch.sc_views.shape[0]  # 2B
@@ -373,7 +373,7 @@ class Trainer:
                 torch.distributed.broadcast(buffer, 0)
         self.net.eval()
         try:
-            return test_confusion(self.net, images, labels, mean=self.mean.view(3), std=self.std.view(3),
+            return test_confusion(self.net, images, labels, mean=self.mean, std=self.std,
                                   num_classes=self.num_classes, amp=self.amp, channels_last=self.channels_last,
                                   dist=self.dist)
         finally:
@@ -385,7 +385,7 @@ class Trainer:
         self.net.eval()
         chunks = []
         for start in range(0, len(images), batch_size):
-            x = data.normalize(images[start:start + batch_size], self.mean.view(3), self.std.view(3))
+            x = data.normalize(images[start:start + batch_size], self.mean, self.std)
             with self.autocast():
                 chunks.append(self.net(x).projections.float().cpu())
         self.net.train()

@@ -108,7 +108,8 @@ def psc_loss(
         logits = z @ unit_prototypes.T / temperature  # [BV, C]
         positive_logit = logits.gather(1, view_labels[:, None]).squeeze(1)  # [BV]
         if exclude_positive:
-            positive_mask = F.one_hot(view_labels, num_classes).bool()  # [BV, C]
+            # A comparison, not F.one_hot: one_hot checks the labels' range with a host read on some devices.
+            positive_mask = view_labels[:, None] == torch.arange(num_classes, device=view_labels.device)  # [BV, C]
             logits = logits.masked_fill(positive_mask, _masked_out(logits))
         return (torch.logsumexp(logits, dim=1) - positive_logit).mean()
 

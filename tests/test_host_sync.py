@@ -1,0 +1,137 @@
+"""A training step (the stream's next batch plus Trainer.step) never reads a device value back to the host.
+
+On a GPU such a read (``.item()``, ``if tensor:``, boolean-mask indexing, ``nonzero``, ``.cpu()``, ``.tolist()``)
+stalls the host until the device has caught up, so the host can no longer queue the next step's kernels while
+the device runs this one. CI has no GPU, and ``torch.cuda.set_sync_debug_mode`` works only there, so this test
+records every ATen operator the step dispatches on the CPU and rejects the ones that synchronise on CUDA.
+Reads that never reach the dispatcher on the CPU (``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to('cpu')``) are
+made to raise. The same operators run on both devices (a few CPU kernels read values for checks that CUDA does
+with device-side asserts; F.one_hot was one of them, and the code avoids it). The negative controls show that
+the detector fires.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import main
+from helpers import make_synthetic
+
+# Operators that wait for the device on CUDA: a scalar read, or an output whose size depends on the data.
+SYNCING_OPS = {
+    "aten._local_scalar_dense",  # .item(), bool(t), int(t), float(t), `if t:`
+    "aten.is_nonzero", "aten.equal", "aten.allclose",
+    "aten.nonzero", "aten.argwhere", "aten.masked_select",
+    "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators dispatched inside the block, and every one of them that would sync on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.ops.add(name)
+        if name in SYNCING_OPS:
+            self.syncs.append(name)
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
+            self.syncs.append("aten.repeat_interleave without output_size")
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
+                self.syncs.append(f"{name} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def python_reads_refused():
+    """Host reads that never reach the dispatcher on the CPU (the data is already there) raise in this block."""
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() in the training step")
+        return read
+    to = torch.Tensor.to
+
+    def to_device(self, *args, **kwargs):
+        targets = [*args, kwargs.get("device")]
+        if any(isinstance(t, (str, torch.device)) and torch.device(t).type == "cpu" for t in targets):
+            raise AssertionError("Tensor.to('cpu') in the training step")
+        return to(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("tolist", "numpy", "__array__", "cpu"):
+            patch.setattr(torch.Tensor, name, refuse(name))
+        patch.setattr(torch.Tensor, "to", to_device)
+        yield
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    with python_reads_refused(), HostReads() as reads:
+        yield reads
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
+    return train
+
+
+def _trainer(train, *argv: str) -> main.Trainer:
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet20", "--batch_size", "8", *argv])
+    return main.Trainer(cfg, train, 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+@pytest.mark.parametrize("amp", [True, False])
+def test_training_step_has_no_host_sync(train_split, loss, amp):
+    trainer = _trainer(train_split, "--loss", loss, "--amp" if amp else "--no-amp")
+    batches = trainer.stream.epoch(0)
+    with no_host_reads() as reads:
+        for _ in range(2):
+            trainer.step(next(batches), alpha=0.5, lr=0.1)
+    assert {"aten.convolution", "aten.convolution_backward", "aten.randint"} <= reads.ops  # it did record a step
+    assert reads.syncs == []
+
+
+@pytest.mark.parametrize("sampler", ["instance", "class", "sqrt", "reversed"])
+def test_every_sampler_draws_without_host_sync(train_split, sampler):
+    trainer = _trainer(train_split, "--sc_sampler", sampler, "--ce_sampler", sampler)
+    with no_host_reads() as reads:
+        batches = trainer.stream.epoch(1)  # the epoch's permutations are drawn here
+        for _ in range(2):
+            next(batches)
+    assert reads.syncs == []
+
+
+@pytest.mark.parametrize("read, caught", [
+    (lambda t: t.sum().item(), "aten._local_scalar_dense"),
+    (lambda t: bool(t.max() > 0), "aten._local_scalar_dense"),
+    (lambda t: t[t > 0], "aten.index with a boolean mask"),
+    (lambda t: torch.nonzero(t), "aten.nonzero"),
+    (lambda t: t.repeat_interleave(torch.tensor([1, 2, 1])), "aten.repeat_interleave without output_size"),
+])
+def test_detector_catches_host_reads(read, caught):
+    with HostReads() as reads:
+        read(torch.tensor([1.0, -2.0, 3.0]))
+    assert caught in reads.syncs
+
+
+@pytest.mark.parametrize("read", [lambda t: t.tolist(), lambda t: t.numpy(), lambda t: t.cpu(),
+                                  lambda t: t.to("cpu"), lambda t: t.to(device=torch.device("cpu"))])
+def test_detector_catches_python_reads(read):
+    t = torch.ones(2)
+    with python_reads_refused():
+        with pytest.raises(AssertionError, match="in the training step"):
+            read(t)
+        t.to(torch.float64)  # a dtype conversion stays on the device: allowed
+    assert t.tolist() == [1.0, 1.0]  # and everything is restored afterwards

@@ -35,7 +35,9 @@ Three measurements, each skippable:
 Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
 with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
-views) plus one classifier-branch image: samples/s = steps * batch_size / seconds.
+views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further project
+step runs under torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in it waited
+for the device ("none", or the error); the CPU equivalent is tests/test_host_sync.py.
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -261,10 +263,29 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
 
     timing, terms = time_steps(step, opts.warmup_steps, opts.steps, device)
     record = {"amp": trainer.amp, "channels_last": trainer.channels_last, "compile": cfg.compile,
-              **timing_record(timing, cfg.batch_size), "final_loss": terms.total.item()}
+              **timing_record(timing, cfg.batch_size), "final_loss": terms.total.item(),
+              "host_sync": host_sync_check(step, device)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
     return record
+
+
+def host_sync_check(step: Callable[[], Any], device: torch.device) -> Optional[str]:
+    """On CUDA, one more step (the stream's next batch and Trainer.step) under
+    torch.cuda.set_sync_debug_mode("error"): "none" when it ran through, else the error it raised.
+    None on other devices, where tests/test_host_sync.py checks the operators a step dispatches instead."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as e:
+        return f"error: {util.one_line(e)}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        sync(device)
 
 
 class PilImages(torch.utils.data.Dataset):
@@ -542,6 +563,10 @@ def format_report(result: dict[str, Any]) -> str:
         if ref is not None:
             lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers), fp32 eager | off | off | off | "
                          f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
+        checked = [row for row in result["project"] if row.get("host_sync") is not None]
+        if checked:
+            lines += ["", "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): " +
+                      "; ".join(f"{row['label']}: {row['host_sync']}" for row in checked)]
     memory = result["memory"]
     if memory is not None:
         lines += ["", f"feature-loss peak memory, forward + backward, [B, {MEMORY_VIEWS}, {MEMORY_FEAT_DIM}] features, "

@@ -61,6 +61,7 @@ def test_script_writes_json_with_every_measurement(tmp_path):
         for key in ("samples_per_s", "seconds", "step_ms", "first_step_s", "warmup_s", "final_loss"):
             assert _positive(row[key]), (key, row[key])
         assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
+    assert project["host_sync"] is None  # checked on CUDA only; on the CPU tests/test_host_sync.py does it
     fast = main.fast_default(torch.device("cpu"))  # bf16 + channels_last on CPUs with native bf16
     assert (project["amp"], project["channels_last"], project["compile"]) == (fast, fast, False)
     assert reference["workers"] == 1
@@ -112,6 +113,33 @@ def test_time_steps_runs_warmup_then_timed_steps(bench):
     timing, last = bench.time_steps(lambda: calls.append(None) or len(calls), 3, 4, torch.device("cpu"))
     assert len(calls) == 7 and last == 7 and timing.steps == 4
     assert 0 <= timing.first_step_s <= timing.warmup_s and timing.seconds >= 0
+
+
+def test_host_sync_check_arms_cuda_debug_mode_around_one_step(bench, monkeypatch):
+    modes, syncs = [], []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(bench, "sync", syncs.append)
+    cuda = torch.device("cuda", 0)  # nothing touches a GPU: both CUDA calls are replaced
+
+    def step_in_debug_mode():
+        assert modes[-1] == "error"
+    assert bench.host_sync_check(step_in_debug_mode, cuda) == "none"
+    assert modes == ["error", "default"] and syncs == [cuda, cuda]
+
+    def syncing_step():
+        raise RuntimeError("called a synchronizing CUDA operation\n(Triggered internally)")
+    assert bench.host_sync_check(syncing_step, cuda) == \
+        "error: called a synchronizing CUDA operation (Triggered internally)"
+    assert modes[-1] == "default"  # restored after the error too
+    assert bench.host_sync_check(step_in_debug_mode, torch.device("cpu")) is None
+    report = bench.format_report({
+        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
+        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
+        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
+        "project": [{"label": "as configured", "amp": True, "channels_last": True, "compile": False,
+                     "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None, "first_step_s": 1.0,
+                     "compile_s": None, "host_sync": "none"}]})
+    assert "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): as configured: none" in report
 
 
 def test_add_growth(bench):

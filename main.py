@@ -639,17 +639,17 @@ class Run:
         for step, batch in zip(range(state.step, steps), trainer.stream.epoch(epoch, state.step)):
             global_step = epoch * steps + step
             lr = trainer.lr_at(global_step)
+            timed = self.first_step_s is not None
             terms = trainer.step(batch, alpha, lr)
-            if self.first_step_s is None:  # one-off costs (torch.compile, allocator, cuDNN autotuning) kept apart
-                self.sync()
+            if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
+                self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
                 self.first_step_s = time.perf_counter() - t_epoch
                 t_log = t_epoch = time.perf_counter()
-                steps_since_log, steps_in_epoch = -1, -1
             step_sums = torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
             state.epoch_sums += step_sums  # summed per step, so a resumed epoch adds up exactly as an unbroken one
             since_log += step_sums
-            steps_since_log += 1
-            steps_in_epoch += 1
+            steps_since_log += timed
+            steps_in_epoch += timed
             state.step = step + 1
             bar.update(1)
             at_log = state.step % cfg.print_freq == 0 or state.step == steps

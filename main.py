@@ -819,14 +819,22 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     return 0
 
 
+def configure_backends(cfg: Config) -> None:
+    """Kernel choice. By default cuDNN times its convolution algorithms once per input shape and keeps the
+    fastest (every step here has the same shapes). --deterministic asks for deterministic kernels everywhere
+    instead; cuBLAS needs a fixed workspace for that, which must be set before its first use."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     dist = Dist()
     try:
         cfg = parse_config(argv)
         dist, device = setup_distributed(cfg)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
+        configure_backends(cfg)
         if cfg.eval_only:
             return evaluate_checkpoint(cfg, dist, device)
         return Run(cfg, dist, device).run()

@@ -72,9 +72,11 @@ def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epoch
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts on the tensors' device, no host sync. preds, targets: [N] int64 -> [C, C] int64, rows = true class."""
+    """Counts on the tensors' device, no host sync. preds, targets: [N] int64 -> [C, C] int64, rows = true class.
+    scatter_add_, not bincount: CUDA's bincount reads the input's min and max back to the host."""
     flat = targets * num_classes + preds  # [N]
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(num_classes, num_classes)
 
 
 def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]) -> dict[str, Any]:

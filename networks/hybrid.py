@@ -15,7 +15,7 @@ class HybridOutput(NamedTuple):
 
     features:    [N, 64] pooled backbone feature
     projections: [N, feat_dim] float32, L2-normalised (feature branch)
-    logits:      [N, C] (classifier branch)
+    logits:      [N, C] float32 (classifier branch)
     """
 
     features: Tensor
@@ -51,9 +51,16 @@ class HybridNet(nn.Module):
         """x: [N, 3, 32, 32] -> pooled backbone feature [N, 64]."""
         return self.backbone(x)
 
+    def classify(self, features: Tensor) -> Tensor:
+        """features [N, 64] -> logits [N, C] in float32, also under bf16 autocast: bf16 logits (about 3 significant
+        digits) would turn near-ties into exact ties, which argmax settles towards the lower class index (the
+        head classes of a long-tailed set). The layer is tiny, so float32 costs nothing measurable."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.classifier(features.float())
+
     def forward_logits(self, x: Tensor) -> Tensor:
-        """x: [N, 3, 32, 32] -> logits [N, C]; the classifier branch alone, as used at test time."""
-        return self.classifier(self.backbone(x))
+        """x: [N, 3, 32, 32] -> logits [N, C] float32; the classifier branch alone, as used at test time."""
+        return self.classify(self.backbone(x))
 
     def forward(self, x: Tensor) -> HybridOutput:
         """x: [N, 3, 32, 32] -> HybridOutput(features [N, 64], projections [N, feat_dim], logits [N, C])."""
@@ -61,4 +68,4 @@ class HybridNet(nn.Module):
         # Normalise in float32: under bf16 autocast the head's output is bf16 (about 3 significant
         # digits), and a norm off 1 by that much is magnified by the 1/t in the contrastive losses.
         projections = F.normalize(self.head(features).float(), dim=1)
-        return HybridOutput(features, projections, self.classifier(features))
+        return HybridOutput(features, projections, self.classify(features))

@@ -98,7 +98,9 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))  # [N, 64, 8, 8]
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # [N, 64]
+        # Global average pooling, written as the mean that F.adaptive_avg_pool2d(out, 1) dispatches to anyway;
+        # the general adaptive-pool backward has no deterministic CUDA kernel (tests/test_step_ops.py).
+        return out.mean(dim=(2, 3))  # [N, 64]
 
 
 def cifar_resnet_models() -> dict[str, Callable[[], CifarResNet]]:

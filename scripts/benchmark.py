@@ -37,7 +37,7 @@ with --compile, compilation: it is reported apart as first_step_s / compile_s), 
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further project
 step runs under torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in it waited
-for the device ("none", or the error); the CPU equivalent is tests/test_host_sync.py.
+for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py.
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -273,7 +273,7 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
 def host_sync_check(step: Callable[[], Any], device: torch.device) -> Optional[str]:
     """On CUDA, one more step (the stream's next batch and Trainer.step) under
     torch.cuda.set_sync_debug_mode("error"): "none" when it ran through, else the error it raised.
-    None on other devices, where tests/test_host_sync.py checks the operators a step dispatches instead."""
+    None on other devices, where tests/test_step_ops.py checks the operators a step dispatches instead."""
     if device.type != "cuda":
         return None
     sync(device)
@@ -593,6 +593,7 @@ def load_average() -> Optional[list[float]]:
 
 def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
     device = main.resolve_device(cfg.device)
+    main.configure_backends(cfg)  # as main.py: cuDNN picks its fastest kernels (the reference gets them too)
     num_classes = data.DATASETS[cfg.dataset]
     train, source = training_split(cfg, opts.data_root)
     result: dict[str, Any] = {

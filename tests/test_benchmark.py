@@ -61,7 +61,7 @@ def test_script_writes_json_with_every_measurement(tmp_path):
         for key in ("samples_per_s", "seconds", "step_ms", "first_step_s", "warmup_s", "final_loss"):
             assert _positive(row[key]), (key, row[key])
         assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
-    assert project["host_sync"] is None  # checked on CUDA only; on the CPU tests/test_host_sync.py does it
+    assert project["host_sync"] is None  # checked on CUDA only; on the CPU tests/test_step_ops.py does it
     fast = main.fast_default(torch.device("cpu"))  # bf16 + channels_last on CPUs with native bf16
     assert (project["amp"], project["channels_last"], project["compile"]) == (fast, fast, False)
     assert reference["workers"] == 1

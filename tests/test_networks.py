@@ -43,6 +43,16 @@ def test_backbone_output_shape():
     assert features.shape == (3, 64)
 
 
+def test_backbone_feature_is_the_global_average_of_the_last_stage():
+    backbone = MODELS["resnet20"]().double()
+    captured = []
+    backbone.layer3.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    features = backbone(_images().double())
+    [last_stage] = captured
+    assert last_stage.shape == (3, 64, 8, 8)
+    torch.testing.assert_close(features, torch.nn.functional.adaptive_avg_pool2d(last_stage, 1).flatten(1))
+
+
 def test_hybrid_forward_fields_and_shapes():
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=7, feat_dim=32)
@@ -68,8 +78,11 @@ def test_projections_are_float32_unit_vectors_under_bf16_autocast():
     model = build_model("resnet20", num_classes=3, feat_dim=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(_images(batch_size=2))
-    assert output.logits.dtype == torch.bfloat16  # autocast really was on
+    assert output.features.dtype == torch.bfloat16  # autocast really was on
     assert output.projections.dtype == torch.float32
+    # The classifier runs in float32 on the (bf16) features: bf16 logits would make near-ties exact ties.
+    assert output.logits.dtype == torch.float32
+    torch.testing.assert_close(output.logits, model.classifier(output.features.float()), rtol=0, atol=0)
     torch.testing.assert_close(output.projections.norm(dim=1), torch.ones(2))
 
 

@@ -1,13 +1,16 @@
-"""A training step (the stream's next batch plus Trainer.step) never reads a device value back to the host.
+"""What a training step (the stream's next batch plus Trainer.step) dispatches, checked on the CPU for CUDA.
 
-On a GPU such a read (``.item()``, ``if tensor:``, boolean-mask indexing, ``nonzero``, ``.cpu()``, ``.tolist()``)
-stalls the host until the device has caught up, so the host can no longer queue the next step's kernels while
-the device runs this one. CI has no GPU, and ``torch.cuda.set_sync_debug_mode`` works only there, so this test
-records every ATen operator the step dispatches on the CPU and rejects the ones that synchronise on CUDA.
-Reads that never reach the dispatcher on the CPU (``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to('cpu')``) are
-made to raise. The same operators run on both devices (a few CPU kernels read values for checks that CUDA does
-with device-side asserts; F.one_hot was one of them, and the code avoids it). The negative controls show that
-the detector fires.
+No host sync. On a GPU a read of a device value (``.item()``, ``if tensor:``, boolean-mask indexing,
+``nonzero``, ``.cpu()``, ``.tolist()``) stalls the host until the device has caught up, so the host can no longer
+queue the next step's kernels while the device runs this one. CI has no GPU, and ``torch.cuda.set_sync_debug_mode``
+works only there (the benchmark uses it on CUDA), so these tests record every ATen operator a step dispatches on
+the CPU and reject the ones that synchronise on CUDA. Reads that never reach the dispatcher on the CPU
+(``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to('cpu')``) are made to raise. The same operators run on both
+devices (a few CPU kernels read values for checks that CUDA does with device-side asserts; F.one_hot was one of
+them, and the code avoids it). The negative controls show that the detector fires.
+
+Deterministic kernels. ``--deterministic`` makes PyTorch raise on any CUDA operator that has no deterministic
+implementation; the step must dispatch none of those.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import main
+import util
 from helpers import make_synthetic
 
 # Operators that wait for the device on CUDA: a scalar read, or an output whose size depends on the data.
@@ -135,3 +139,61 @@ def test_detector_catches_python_reads(read):
             read(t)
         t.to(torch.float64)  # a dtype conversion stays on the device: allowed
     assert t.tolist() == [1.0, 1.0]  # and everything is restored afterwards
+
+
+def test_confusion_matrix_counts_without_host_sync():
+    preds, targets = torch.tensor([0, 2, 2, 1, 0]), torch.tensor([0, 2, 1, 1, 2])
+    with no_host_reads() as reads:
+        counts = util.confusion_matrix(preds, targets, 3)
+    assert reads.syncs == [] and "aten.bincount" not in reads.ops  # CUDA's bincount reads min and max back
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
+
+
+# Operators whose CUDA kernels have no deterministic version: torch.use_deterministic_algorithms(True) raises on
+# them (PyTorch's documentation of that function; bincount only with weights, but it is refused outright here).
+NONDETERMINISTIC_ON_CUDA = {
+    "aten._adaptive_avg_pool2d_backward", "aten._adaptive_avg_pool3d_backward", "aten.adaptive_max_pool2d_backward",
+    "aten.adaptive_max_pool3d_backward", "aten.avg_pool3d_backward", "aten.max_pool3d_with_indices_backward",
+    "aten.fractional_max_pool2d_backward", "aten.fractional_max_pool3d_backward", "aten.max_unpool1d",
+    "aten.max_unpool2d", "aten.max_unpool3d", "aten.upsample_linear1d_backward", "aten.upsample_bilinear2d_backward",
+    "aten.upsample_bicubic2d_backward", "aten.upsample_trilinear3d_backward", "aten.reflection_pad3d_backward",
+    "aten.replication_pad3d_backward", "aten.nll_loss2d_forward", "aten._ctc_loss_backward",
+    "aten._embedding_bag_dense_backward", "aten.histc", "aten.bincount", "aten.kthvalue", "aten.median",
+    "aten.grid_sampler_2d_backward", "aten.grid_sampler_3d_backward", "aten.put_",
+}
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+def test_training_step_has_deterministic_cuda_kernels(train_split, loss):
+    trainer = _trainer(train_split, "--loss", loss)
+    batches = trainer.stream.epoch(0)
+    with HostReads() as reads:
+        trainer.step(next(batches), alpha=0.5, lr=0.1)
+        trainer.confusion(trainer.stream.images[:8], trainer.stream.labels[:8])
+    assert "aten.convolution_backward" in reads.ops
+    assert reads.ops & NONDETERMINISTIC_ON_CUDA == set()
+
+
+def test_deterministic_flag_configures_cublas_and_cudnn(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    try:
+        main.configure_backends(main.parse_config(["--deterministic"]))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is False
+        # cuBLAS raises under deterministic algorithms unless its workspace is fixed before its first use.
+        assert main.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    main.configure_backends(main.parse_config([]))
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is True
+    assert "CUBLAS_WORKSPACE_CONFIG" not in main.os.environ
+
+
+def test_nondeterministic_list_names_dispatched_operators():
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    with HostReads() as reads:
+        torch.nn.functional.adaptive_avg_pool2d(x, 2).sum().backward()
+        torch.bincount(torch.tensor([0, 1, 1]))
+    assert {"aten._adaptive_avg_pool2d_backward", "aten.bincount"} <= reads.ops & NONDETERMINISTIC_ON_CUDA

@@ -369,6 +369,8 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
         else:
             (view1, view2), sc_labels = next(feature_batches)
             n_views = 2 * len(sc_labels)
+            # Concatenated on the host, then copied, as SupContrast does (torch.cat of the two crops, then
+            # .cuda(non_blocking=True)): the cat's output is not pinned, so that copy is synchronous, in theirs too.
             out = net(torch.cat([view1, view2, ce_images]).to(device, non_blocking=True))  # [3B, 3, 32, 32]
             terms = criterion(out.projections[:n_views], sc_labels.to(device, non_blocking=True),  # [2B, D]
                               out.logits[n_views:], ce_labels, alpha, prototypes=net.prototypes)  # [B, C]

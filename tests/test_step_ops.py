@@ -33,8 +33,8 @@ SYNCING_OPS = {
 }
 
 
-class HostReads(TorchDispatchMode):
-    """Records the operators dispatched inside the block, and every one of them that would sync on CUDA."""
+class OpTrace(TorchDispatchMode):
+    """Records the operators dispatched inside the block (ops), and each of them that would sync on CUDA (syncs)."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +80,7 @@ def python_reads_refused():
 
 @contextlib.contextmanager
 def no_host_reads():
-    with python_reads_refused(), HostReads() as reads:
+    with python_reads_refused(), OpTrace() as reads:
         yield reads
 
 
@@ -125,7 +125,7 @@ def test_every_sampler_draws_without_host_sync(train_split, sampler):
     (lambda t: t.repeat_interleave(torch.tensor([1, 2, 1])), "aten.repeat_interleave without output_size"),
 ])
 def test_detector_catches_host_reads(read, caught):
-    with HostReads() as reads:
+    with OpTrace() as reads:
         read(torch.tensor([1.0, -2.0, 3.0]))
     assert caught in reads.syncs
 
@@ -167,7 +167,7 @@ NONDETERMINISTIC_ON_CUDA = {
 def test_training_step_has_deterministic_cuda_kernels(train_split, loss):
     trainer = _trainer(train_split, "--loss", loss)
     batches = trainer.stream.epoch(0)
-    with HostReads() as reads:
+    with OpTrace() as reads:
         trainer.step(next(batches), alpha=0.5, lr=0.1)
         trainer.confusion(trainer.stream.images[:8], trainer.stream.labels[:8])
     assert "aten.convolution_backward" in reads.ops
@@ -193,7 +193,7 @@ def test_deterministic_flag_configures_cublas_and_cudnn(monkeypatch):
 
 def test_nondeterministic_list_names_dispatched_operators():
     x = torch.randn(1, 2, 6, 6, requires_grad=True)
-    with HostReads() as reads:
+    with OpTrace() as reads:
         torch.nn.functional.adaptive_avg_pool2d(x, 2).sum().backward()
         torch.bincount(torch.tensor([0, 1, 1]))
     assert {"aten._adaptive_avg_pool2d_backward", "aten.bincount"} <= reads.ops & NONDETERMINISTIC_ON_CUDA

@@ -262,6 +262,10 @@ def fast_default(device: torch.device) -> bool:
         return False
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """[N, ...] on each process -> [world_size * N, ...] in rank order, differentiable."""
     return _GatherWithGrad.apply(tensor)
@@ -283,7 +287,7 @@ def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.
     """Classifier-branch confusion matrix [C, C] (rows = truth) of `net` (in eval mode) on uint8 images
     [N, 3, 32, 32]. Each process takes every world_size-th batch and the counts are summed, so all processes
     get the same matrix; the host waits for the device once, at the end."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=images.device)
     for start in range(dist.rank * batch_size, len(images), batch_size * dist.world_size):
         x = data.normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=fmt)
@@ -305,7 +309,7 @@ class Trainer:
         self.cfg, self.device, self.dist, self.num_classes = cfg, device, dist, num_classes
         self.amp = fast_default(device) if cfg.amp is None else cfg.amp
         self.channels_last = fast_default(device) if cfg.channels_last is None else cfg.channels_last
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(self.channels_last)
         self.feature_branch = cfg.loss != "ce"
         mean, std = data.dataset_stats(cfg.dataset)
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # [3]
@@ -807,7 +811,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     # Evaluate as the run did (its numerics), unless the flags say otherwise.
     amp = saved.get("amp", fast_default(device)) if cfg.amp is None else cfg.amp
     channels_last = saved.get("channels_last", False) if cfg.channels_last is None else cfg.channels_last
-    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    net = net.to(device, memory_format=memory_format(channels_last)).eval()
     confusion = test_confusion(net, images, labels, mean=mean, std=std, num_classes=num_classes, amp=amp,
                                channels_last=channels_last, dist=dist)
     if not dist.main:

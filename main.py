@@ -312,11 +312,11 @@ class Trainer:
         self.memory_format = memory_format(self.channels_last)
         self.feature_branch = cfg.loss != "ce"
         mean, std = data.dataset_stats(cfg.dataset)
-        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)  # [3]
         self.stream = data.TrainStream(train, num_classes, cfg.batch_size, mean=mean, std=std,
                                        sc_sampler=cfg.sc_sampler, ce_sampler=cfg.ce_sampler,
                                        feature_branch=self.feature_branch, device=device, seed=cfg.seed,
                                        rank=dist.rank, world_size=dist.world_size)
+        self.mean, self.std = self.stream.mean, self.stream.std  # float32 [3] on the device, for evaluation
         self.class_counts = list(self.stream.class_counts)
         self.shot_groups = data.shot_groups(self.class_counts)
 

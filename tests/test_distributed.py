@@ -356,3 +356,22 @@ def test_interrupted_torchrun_resumes_to_the_end(tmp_path, cifar10_root):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert results["world_size"] == WORLD_SIZE
+
+
+@pytest.mark.parametrize("world_size", ["2", None])
+def test_exit_process_skips_interpreter_teardown_only_under_torchrun(world_size):
+    """A torchrun process leaves with os._exit after flushing its output (C++ teardown at interpreter exit aborted
+    now and then, failing a finished job); a lone process exits normally, atexit handlers included."""
+    code = ("import atexit, sys, main\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "print('unflushed out', end='')\n"
+            "print('unflushed err', end='', file=sys.stderr)\n"
+            "main.exit_process(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world_size is not None:
+        env["WORLD_SIZE"] = world_size
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout.startswith("unflushed out") and proc.stderr == "unflushed err"
+    assert ("teardown ran" in proc.stdout) == (world_size is None)

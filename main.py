@@ -54,7 +54,9 @@ class Config:
                              "data")
     data_seed: int = _opt(0, "seed of the long-tailed subset (0 gives LDAM-DRW's split)", "data")
     sc_sampler: str = _opt("instance", "sampler of the feature (SC/PSC) branch", "data", choices=data.SAMPLERS)
-    ce_sampler: str = _opt("class", "sampler of the classifier (CE) branch", "data", choices=data.SAMPLERS)
+    ce_sampler: Optional[str] = _opt(None, "sampler of the classifier (CE) branch (default: class for the hybrid "
+                                     "losses, instance for --loss ce, which is then plain cross-entropy)", "data",
+                                     choices=data.SAMPLERS)
     # ---- method
     loss: str = _opt("sc", "feature loss: sc (Hybrid-SC), psc (Hybrid-PSC) or ce (cross-entropy baseline)",
                      "method", choices=losses.METHODS)
@@ -92,6 +94,10 @@ class Config:
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
     print_freq: int = _opt(10, "steps between progress updates (each costs one host-device sync)", "run")
+
+    def __post_init__(self) -> None:
+        if self.ce_sampler is None:  # the hybrid's classifier branch is class-balanced; the CE baseline is plain CE
+            self.ce_sampler = "instance" if self.loss == "ce" else "class"
 
     @property
     def imbalance_ratio(self) -> float:

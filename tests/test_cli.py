@@ -87,6 +87,7 @@ def test_config_and_checkpoint_contents(finished_run):
     assert cfg["loss"] == loss and cfg["model"] == "resnet20" and cfg["batch_size"] == 16
     assert cfg["train_size"] == sum(EXPECTED_COUNTS) and "git_commit" in cfg
     assert cfg["psc_temperature"] == 1.0  # the paper's PSC temperature on CIFAR-10
+    assert (cfg["sc_sampler"], cfg["ce_sampler"]) == ("instance", "instance" if loss == "ce" else "class")
     assert '"git_commit"' in proc.stdout  # the full config is printed at the start
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     for key in ("model", "optimizer", "run", "config", "num_classes", "class_counts", "rng"):
@@ -148,6 +149,14 @@ def test_defaults_are_the_paper_recipe():
             cfg.weight_decay, cfg.epochs, list(cfg.lr_decay_epochs), cfg.lr_decay_rate, cfg.temp) == \
         ("cifar10", "sc", "resnet32", 0.01, 512, 0.5, 0.9, 1e-4, 200, [120, 160], 0.1, 0.1)
     assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "class"), (["--loss", "psc"], "class"),  # the hybrid's classifier branch is class-balanced
+    (["--loss", "ce"], "instance"),  # the CE baseline is plain cross-entropy
+    (["--loss", "ce", "--ce_sampler", "class"], "class"), (["--ce_sampler", "sqrt"], "sqrt")])
+def test_classifier_sampler_default_follows_the_method(argv, expected):
+    assert main.parse_config(argv).ce_sampler == expected
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -4,7 +4,7 @@
     python scripts/summarize.py runs/table1 [more dirs or results.json files] [--csv] [--out FILE]
 
 Reads every results.json under the given folders (recursively), groups the runs by
-(dataset, method, imb_type, imbalance ratio, schedule) and reports per group: the seeds, best and
+(dataset, method, imb_type, imbalance ratio, schedule, recipe) and reports per group: the seeds, best and
 last top-1 as mean ± std over seeds, many / medium / few-shot accuracy (last epoch, mean), the
 schedule, the mean wall time, the paper's top-1 and our difference to it.
 
@@ -18,6 +18,12 @@ Choices, documented here and in the table's footnotes:
   instead of the paper value and difference.
 - CE has no value in the paper; on CIFAR-10-LT ratio 100 the literature value 70.36 is shown,
   marked "(lit.)", without a difference (a different recipe).
+- Runs that share dataset, method, ratio and schedule but differ in another training setting of
+  their saved config (e.g. --ce_sampler, --temp, --amp, --model) are separate rows, each labelled
+  with the settings that tell them apart ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags
+  (paths, device, logging, resume, compile, channels_last, deterministic) never split a group;
+  only settings every run of the group records are compared, so runs made before a flag existed
+  still group with later ones.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -32,7 +38,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -50,6 +56,13 @@ PAPER_TOP1 = MappingProxyType({
     ("cifar100", "sc", 100): 46.72, ("cifar100", "sc", 50): 51.87, ("cifar100", "sc", 10): 63.05,
     ("cifar100", "psc", 100): 44.97, ("cifar100", "psc", 50): 48.93, ("cifar100", "psc", 10): 62.37,
 })
+# Saved-config entries that do not define the training recipe (paths, devices, logging, layout
+# and compile choices with the same maths), or that the group key already holds.
+NOT_RECIPE = frozenset({
+    "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint",
+    "device", "compile", "channels_last", "deterministic", "print_freq", "eval_every",
+    "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
+})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 
@@ -59,7 +72,7 @@ DATASET_ORDER = ("cifar10", "cifar100")
 METHOD_ORDER = ("sc", "psc", "ce")
 
 CSV_COLUMNS = (
-    "dataset", "method", "imb_type", "imbalance_ratio", "n_seeds", "seeds",
+    "dataset", "method", "variant", "imb_type", "imbalance_ratio", "n_seeds", "seeds",
     "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
     "many_mean", "medium_mean", "few_mean", "epochs", "lr_decay_epochs", "batch_size",
     "paper_schedule", "wall_time_s_mean", "reference_top1", "reference_source", "diff_last_minus_reference",
@@ -89,6 +102,7 @@ class RunResult:
     medium: float | None
     few: float | None
     wall_time_s: float | None
+    recipe: tuple[tuple[str, str], ...] = ()  # the other training settings of its config, as JSON
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ class GroupKey:
     epochs: int
     lr_decay_epochs: tuple[int, ...]
     batch_size: int | None
+    # The recipe settings that tell this group from others with the same fields above ((name, JSON
+    # value) pairs); empty when there is no such group.
+    variant: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,6 +203,11 @@ def parse_result(data: object, path: str) -> RunResult:
     imb_type = data.get("imb_type", "exp")
     if not isinstance(imb_type, str):
         raise ValueError(f"'imb_type' must be a string, got {imb_type!r}")
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"'config' must be an object, got {config!r}")
+    recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in config.items()
+                          if name not in NOT_RECIPE))
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
         imbalance_ratio=ratio, seed=integers["seed"], epochs=integers["epochs"],
@@ -194,22 +216,41 @@ def parse_result(data: object, path: str) -> RunResult:
         many=_shot_accuracy(data, "many"), medium=_shot_accuracy(data, "medium"),
         few=_shot_accuracy(data, "few"),
         wall_time_s=_number(data, "wall_time_s", optional=True),
+        recipe=recipe,
     )
 
 
 # ---- grouping and statistics (pure) ----------------------------------------------------------
 
 def group_key(run: RunResult) -> GroupKey:
+    """The key without the recipe variant (see split_by_recipe)."""
     # Rounded so that 1/0.02 computed two ways still lands in one group.
     return GroupKey(run.dataset, run.method, run.imb_type, round(run.imbalance_ratio, 3),
                     run.epochs, run.lr_decay_epochs, run.batch_size)
 
 
+def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
+    """The runs of one group split by the recipe settings they differ in, each part keyed with those
+    settings as its variant. Only settings that every run records are compared."""
+    shared = set.intersection(*(set(dict(run.recipe)) for run in runs))
+    parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
+    for run in runs:
+        parts.setdefault(tuple(item for item in run.recipe if item[0] in shared), []).append(run)
+    if len(parts) == 1:
+        return {key: runs}
+    differing = {name for name in shared if len({dict(recipe)[name] for recipe in parts}) > 1}
+    return {replace(key, variant=tuple(item for item in recipe if item[0] in differing)): members
+            for recipe, members in parts.items()}
+
+
 def group_runs(runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     """Runs by group, each group sorted by seed; a seed twice in one group is a SummaryError."""
-    groups: dict[GroupKey, list[RunResult]] = {}
+    by_key: dict[GroupKey, list[RunResult]] = {}
     for run in runs:
-        groups.setdefault(group_key(run), []).append(run)
+        by_key.setdefault(group_key(run), []).append(run)
+    groups: dict[GroupKey, list[RunResult]] = {}
+    for key, members in by_key.items():
+        groups.update(split_by_recipe(key, members))
     for members in groups.values():
         members.sort(key=lambda run: run.seed)
         for previous, current in zip(members, members[1:]):
@@ -278,7 +319,8 @@ def _row_order(summary: GroupSummary) -> tuple:
     rank = lambda order, value: order.index(value) if value in order else len(order)  # noqa: E731
     return (rank(DATASET_ORDER, key.dataset), key.dataset, key.imb_type,
             rank(METHOD_ORDER, key.method), key.method, -key.imbalance_ratio,
-            not summary.paper_schedule, -key.epochs, key.lr_decay_epochs, key.batch_size or 0)
+            not summary.paper_schedule, -key.epochs, key.lr_decay_epochs, key.batch_size or 0,
+            variant_text(key))
 
 
 def summarize(runs: list[RunResult]) -> list[GroupSummary]:
@@ -319,6 +361,23 @@ def schedule_text(key: GroupKey, paper_schedule: bool) -> str:
     return f"other schedule: {key.epochs} epochs, lr decay at {decay}, batch {batch}"
 
 
+def variant_text(key: GroupKey) -> str:
+    """'ce_sampler=sqrt, temp=0.07' (JSON null shows as 'auto', lists comma-joined); '' for none."""
+    def value_text(encoded: str) -> str:
+        value = json.loads(encoded)
+        if value is None:
+            return "auto"
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    return ", ".join(f"{name}={value_text(encoded)}" for name, encoded in key.variant)
+
+
+def _method_text(key: GroupKey) -> str:
+    label = METHOD_LABELS.get(key.method, key.method)
+    return f"{label} [{variant_text(key)}]" if key.variant else label
+
+
 def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'}"
 
@@ -343,7 +402,7 @@ def format_markdown(rows: list[GroupSummary]) -> str:
         else:
             reference, diff = f"{row.reference_top1:.2f}", f"{row.diff:+.2f}"
         cells = (
-            DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
+            DATASET_LABELS.get(key.dataset, key.dataset), _method_text(key),
             _ratio_text(key), f"{len(row.seeds)} ({', '.join(str(s) for s in row.seeds)})",
             _pm(row.best_top1_mean, row.best_top1_std), _pm(row.last_top1_mean, row.last_top1_std),
             _opt(row.many), _opt(row.medium), _opt(row.few),
@@ -364,6 +423,10 @@ def format_markdown(rows: list[GroupSummary]) -> str:
         "- (lit.): the paper has no CE number; 70.36 is plain cross-entropy as reported in the "
         "literature (Cao et al. 2019), a different recipe from ours, so no difference is shown.",
     ]
+    if any(row.key.variant for row in rows):
+        notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
+                     "training settings of their saved config are reported apart; 'auto' is the "
+                     "flag's automatic default.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -380,7 +443,7 @@ def format_csv(rows: list[GroupSummary]) -> str:
         key = row.key
         writer.writerow((
             DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
-            key.imb_type, repr(key.imbalance_ratio), len(row.seeds), " ".join(str(s) for s in row.seeds),
+            variant_text(key), key.imb_type, repr(key.imbalance_ratio), len(row.seeds), " ".join(str(s) for s in row.seeds),
             _csv_number(row.best_top1_mean), _csv_number(row.best_top1_std),
             _csv_number(row.last_top1_mean), _csv_number(row.last_top1_std),
             _csv_number(row.many), _csv_number(row.medium), _csv_number(row.few),

@@ -43,7 +43,7 @@ def summarize():
 
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
-                wall_time_s=3600.0, imb_type="exp"):
+                wall_time_s=3600.0, imb_type="exp", config=None):
     """A results.json in the schema main.py writes (only what matters here varies)."""
     shots = {"top1": last, "many": many, "medium": medium, "few": few}
     return {
@@ -55,7 +55,7 @@ def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, la
         "best": {**shots, "top1": best, "epoch": epochs - 1}, "last": {**shots, "epoch": epochs},
         "per_class": [last] * 10, "class_counts": [5000, 50], "history": [],
         "samples_per_s": 1000.0, "wall_time_s": wall_time_s, "torch_version": "2.14.1",
-        "device": "cpu", "config": {"epochs": epochs},
+        "device": "cpu", "config": {"epochs": epochs, **(config or {})},
     }
 
 
@@ -205,6 +205,46 @@ def test_duplicate_seed_is_an_error_but_overlapping_dirs_count_once(summarize, t
     write_result(tmp_path / "copy", "a", seed=0, last=70.0)
     code, _, err = run_summarize(summarize, capsys, tmp_path)
     assert code == 1 and "seed 0" in err and "appears twice" in err
+
+
+def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summarize, tmp_path, capsys):
+    common = {"temp": 0.1, "amp": None, "output_dir": "x", "device": "auto"}
+    for seed in (0, 1):
+        write_result(tmp_path / "class", f"s{seed}", seed=seed, last=80.0 + seed,
+                     config={**common, "ce_sampler": "class", "output_dir": f"class/s{seed}"})
+    # Same seed 0, another sampler and device: a separate row, not a duplicate seed.
+    write_result(tmp_path / "sqrt", "s0", seed=0, last=70.0,
+                 config={**common, "ce_sampler": "sqrt", "device": "cuda"})
+    write_result(tmp_path / "fp32", "s0", seed=0, last=60.0,
+                 config={**common, "ce_sampler": "sqrt", "amp": "none"})
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == ""
+    rows = table_rows(out)
+    assert [(r[1], r[3], r[5]) for r in rows] == [
+        ("Hybrid-SC [amp=auto, ce_sampler=class]", "2 (0, 1)", "80.50 ± 0.71"),
+        ("Hybrid-SC [amp=auto, ce_sampler=sqrt]", "1 (0)", "70.00 ± n/a"),
+        ("Hybrid-SC [amp=none, ce_sampler=sqrt]", "1 (0)", "60.00 ± n/a"),
+    ]
+    assert all(r[11] == "81.40" for r in rows)  # the paper's schedule: still compared
+    assert "[name=value]" in out
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
+    assert [row["variant"] for row in csv.DictReader(io.StringIO(out))] == [
+        "amp=auto, ce_sampler=class", "amp=auto, ce_sampler=sqrt", "amp=none, ce_sampler=sqrt"]
+
+
+def test_settings_only_some_runs_record_or_bookkeeping_do_not_split_a_group(summarize, tmp_path, capsys):
+    # A run from before a flag existed groups with later ones; paths, devices and logging never split.
+    write_result(tmp_path, "old", seed=0, config={"temp": 0.1, "print_freq": 10, "lr_decay_epochs": [120, 160]})
+    write_result(tmp_path, "new", seed=1, config={"temp": 0.1, "new_flag": [1, 2], "print_freq": 50,
+                                                  "data_root": "/elsewhere", "compile": True})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    [row] = table_rows(out)
+    assert row[1] == "Hybrid-SC" and row[3] == "2 (0, 1)" and "[name=value]" not in out
+    # The same recipe twice for one seed is still a doubled seed.
+    write_result(tmp_path, "copy", seed=1, config={"temp": 0.1, "output_dir": "copy"})
+    code, _, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 1 and "seed 1" in err and "appears twice" in err
 
 
 def test_format_duration(summarize):

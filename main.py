@@ -789,7 +789,7 @@ class Run:
             "class_counts": trainer.class_counts, "shot_groups": trainer.shot_groups, "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s,
-            "wall_time_s": state.wall_time, "torch_version": torch.__version__,
+            "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": git_commit(),
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "config": dataclasses.asdict(cfg),
         }

@@ -544,6 +544,7 @@ class Run:
 
     def __init__(self, cfg: Config, dist: Dist, device: torch.device):
         self.cfg, self.dist, self.device = cfg, dist, device
+        self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
         self.out = resolve_output_dir(cfg)
         if dist.main:
             check_output_dir(cfg, self.out)
@@ -602,7 +603,7 @@ class Run:
             return 0
         if dist.main:
             prepare_output_dir(self.out, cfg.overwrite)
-            config = {**dataclasses.asdict(cfg), "git_commit": git_commit(), "torch_version": torch.__version__,
+            config = {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": torch.__version__,
                       "device": device_name(self.device), "world_size": dist.world_size,
                       "num_classes": self.num_classes, "class_counts": trainer.class_counts,
                       "train_size": sum(trainer.class_counts), "amp": trainer.amp,
@@ -789,7 +790,7 @@ class Run:
             "class_counts": trainer.class_counts, "shot_groups": trainer.shot_groups, "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s,
-            "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": git_commit(),
+            "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "config": dataclasses.asdict(cfg),
         }

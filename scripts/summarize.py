@@ -18,12 +18,13 @@ Choices, documented here and in the table's footnotes:
   instead of the paper value and difference.
 - CE has no value in the paper; on CIFAR-10-LT ratio 100 the literature value 70.36 is shown,
   marked "(lit.)", without a difference (a different recipe).
-- Runs that share dataset, method, ratio and schedule but differ in another training setting of
-  their saved config (e.g. --ce_sampler, --temp, --amp, --model) are separate rows, each labelled
-  with the settings that tell them apart ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags
-  (paths, device, logging, resume, compile, channels_last, deterministic) never split a group;
-  only settings every run of the group records are compared, so runs made before a flag existed
-  still group with later ones.
+- Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
+  setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
+  the number of processes are separate rows, each labelled with the settings that tell them apart
+  ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags (paths, device, logging, resume, compile,
+  channels_last, deterministic) never split a group. A setting that some runs do not record
+  (made before the flag existed) splits nothing when the runs that record it agree; when they
+  differ, the runs without it are a part of their own, labelled "name=?".
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -60,7 +61,7 @@ PAPER_TOP1 = MappingProxyType({
 # and compile choices with the same maths), or that the group key already holds.
 NOT_RECIPE = frozenset({
     "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint",
-    "device", "compile", "channels_last", "deterministic", "print_freq", "eval_every",
+    "device", "compile", "channels_last", "deterministic", "print_freq",
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
@@ -206,8 +207,10 @@ def parse_result(data: object, path: str) -> RunResult:
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise ValueError(f"'config' must be an object, got {config!r}")
-    recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in config.items()
-                          if name not in NOT_RECIPE))
+    settings = {name: value for name, value in config.items() if name not in NOT_RECIPE}
+    if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
+        settings["world_size"] = data["world_size"]
+    recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
         imbalance_ratio=ratio, seed=integers["seed"], epochs=integers["epochs"],
@@ -229,18 +232,26 @@ def group_key(run: RunResult) -> GroupKey:
                     run.epochs, run.lr_decay_epochs, run.batch_size)
 
 
+UNRECORDED = "?"  # a run without a setting that splits its group (made before the flag existed)
+
+
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     """The runs of one group split by the recipe settings they differ in, each part keyed with those
-    settings as its variant. Only settings that every run records are compared."""
-    shared = set.intersection(*(set(dict(run.recipe)) for run in runs))
-    parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
-    for run in runs:
-        parts.setdefault(tuple(item for item in run.recipe if item[0] in shared), []).append(run)
-    if len(parts) == 1:
+    settings as its variant. A setting splits the group when the runs that record it hold more than
+    one value; runs that do not record such a setting form their own part ("name=?")."""
+    recipes = [dict(run.recipe) for run in runs]
+    values: dict[str, set[str]] = {}
+    for recipe in recipes:
+        for name, encoded in recipe.items():
+            values.setdefault(name, set()).add(encoded)
+    differing = sorted(name for name, seen in values.items() if len(seen) > 1)
+    if not differing:
         return {key: runs}
-    differing = {name for name in shared if len({dict(recipe)[name] for recipe in parts}) > 1}
-    return {replace(key, variant=tuple(item for item in recipe if item[0] in differing)): members
-            for recipe, members in parts.items()}
+    parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
+    for run, recipe in zip(runs, recipes):
+        variant = tuple((name, recipe.get(name, UNRECORDED)) for name in differing)
+        parts.setdefault(variant, []).append(run)
+    return {replace(key, variant=variant): members for variant, members in parts.items()}
 
 
 def group_runs(runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
@@ -364,6 +375,8 @@ def schedule_text(key: GroupKey, paper_schedule: bool) -> str:
 def variant_text(key: GroupKey) -> str:
     """'ce_sampler=sqrt, temp=0.07' (JSON null shows as 'auto', lists comma-joined); '' for none."""
     def value_text(encoded: str) -> str:
+        if encoded == UNRECORDED:
+            return UNRECORDED
         value = json.loads(encoded)
         if value is None:
             return "auto"
@@ -425,8 +438,9 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     ]
     if any(row.key.variant for row in rows):
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
-                     "training settings of their saved config are reported apart; 'auto' is the "
-                     "flag's automatic default.")
+                     "training settings of their saved config (or in world_size, the number of "
+                     "processes) are reported apart; 'auto': the flag's default, which may depend on the "
+                     "device (e.g. --amp); '?': the run does not record the setting.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

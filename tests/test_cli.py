@@ -71,7 +71,7 @@ def test_results_are_sane(finished_run):
     assert res["last_top1"] == pytest.approx(sum(res["per_class"]) / 10)
     assert res["samples_per_s"] > 0 and res["wall_time_s"] > 0
     assert res["torch_version"] == torch.__version__ and res["device"].startswith("cpu")
-    assert res["git_commit"] == main.git_commit()  # the checkout that finished the run (None outside git)
+    assert res["git_commit"] == main.git_commit()  # the checkout the run started from (None outside git)
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
     assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2

@@ -247,6 +247,42 @@ def test_settings_only_some_runs_record_or_bookkeeping_do_not_split_a_group(summ
     assert code == 1 and "seed 1" in err and "appears twice" in err
 
 
+def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, capsys):
+    # Runs that record ce_sampler disagree, so the run that does not record it cannot join either.
+    write_result(tmp_path, "class", seed=0, config={"ce_sampler": "class", "sync_bn": False, "decay": [1, 2]})
+    write_result(tmp_path, "sqrt", seed=1, config={"ce_sampler": "sqrt", "sync_bn": True, "decay": [1, 2]})
+    write_result(tmp_path, "old", seed=2, config={"decay": [1, 2]})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3]) for r in table_rows(out)] == [
+        ("Hybrid-SC [ce_sampler=?, sync_bn=?]", "1 (2)"),
+        ("Hybrid-SC [ce_sampler=class, sync_bn=False]", "1 (0)"),
+        ("Hybrid-SC [ce_sampler=sqrt, sync_bn=True]", "1 (1)"),
+    ]
+    assert "'?': the run does not record the setting" in out
+
+
+@pytest.mark.parametrize("field, values, labels", [
+    ("world_size", (1, 4), ("world_size=1", "world_size=4")),  # top level of results.json, not in config
+    ("eval_every", (1, 5), ("eval_every=1", "eval_every=5")),  # changes which epochs 'best' picks from
+    ("lr_decay_epochs", ([120, 160], [100]), None),  # part of the schedule: split by the key, no label
+])
+def test_processes_and_evaluation_interval_split_a_group(summarize, tmp_path, capsys, field, values, labels):
+    for name, value in zip("ab", values):
+        if field == "world_size":
+            path = write_result(tmp_path, name, seed=0)
+            result = json.loads(path.read_text())
+            path.write_text(json.dumps({**result, "world_size": value}))
+        elif field == "lr_decay_epochs":
+            write_result(tmp_path, name, seed=0, decay=tuple(value), config={"lr_decay_epochs": value})
+        else:
+            write_result(tmp_path, name, seed=0, config={field: value})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    methods = sorted(r[1] for r in table_rows(out))
+    assert methods == (["Hybrid-SC", "Hybrid-SC"] if labels is None else [f"Hybrid-SC [{label}]" for label in labels])
+
+
 def test_format_duration(summarize):
     assert [summarize.format_duration(s) for s in (None, 4.6, 65, 3600 * 2 + 7 * 60 + 59)] == [
         "—", "5s", "1m 05s", "2h 07m"]

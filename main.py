@@ -792,7 +792,7 @@ class Run:
             "first_step_s": self.first_step_s,
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": self.dist.world_size,
-            "config": dataclasses.asdict(cfg),
+            "amp": trainer.amp, "psc_temperature": cfg.psc_temperature, "config": dataclasses.asdict(cfg),
         }
         util.write_json(results, self.out / "results.json")
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "

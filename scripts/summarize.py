@@ -24,7 +24,10 @@ Choices, documented here and in the table's footnotes:
   ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags (paths, device, logging, resume, compile,
   channels_last, deterministic) never split a group. A setting that some runs do not record
   (made before the flag existed) splits nothing when the runs that record it agree; when they
-  differ, the runs without it are a part of their own, labelled "name=?".
+  differ, the runs without it are a part of their own, labelled "name=?". --amp and --psc_temp
+  count as the value the run used (results.json's "amp" and "psc_temperature"), so a default
+  and the same value given explicitly are one recipe; "auto" in a label is a run that did not
+  record what its default resolved to.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -64,6 +67,9 @@ NOT_RECIPE = frozenset({
     "device", "compile", "channels_last", "deterministic", "print_freq",
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })
+# Flags whose default main.py resolves at run time (by device, by dataset), and the top-level field
+# of results.json that records the value a run used: "auto" and the explicit value are one recipe.
+RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 
@@ -210,6 +216,9 @@ def parse_result(data: object, path: str) -> RunResult:
     settings = {name: value for name, value in config.items() if name not in NOT_RECIPE}
     if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
         settings["world_size"] = data["world_size"]
+    for flag, field in RESOLVED.items():  # 'auto' as the run resolved it, where results.json records that
+        if data.get(field) is not None:
+            settings[flag] = data[field]
     recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
@@ -439,8 +448,9 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     if any(row.key.variant for row in rows):
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
                      "training settings of their saved config (or in world_size, the number of "
-                     "processes) are reported apart; 'auto': the flag's default, which may depend on the "
-                     "device (e.g. --amp); '?': the run does not record the setting.")
+                     "processes) are reported apart; 'auto': the flag's default, where the run does not "
+                     "record what it resolved to (e.g. --amp, by device); '?': the run does not record "
+                     "the setting.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

@@ -72,6 +72,9 @@ def test_results_are_sane(finished_run):
     assert res["samples_per_s"] > 0 and res["wall_time_s"] > 0
     assert res["torch_version"] == torch.__version__ and res["device"].startswith("cpu")
     assert res["git_commit"] == main.git_commit()  # the checkout the run started from (None outside git)
+    # Defaults as resolved for this run, beside the unresolved flags of the saved config.
+    assert res["config"]["amp"] is None and res["amp"] == main.fast_default(torch.device("cpu"))
+    assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
     assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2
@@ -130,6 +133,7 @@ def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
     assert cfg["psc_temperature"] == 0.1 and cfg["num_classes"] == 100
     res = json.loads((out / "results.json").read_text())
     assert len(res["per_class"]) == 100 and sum(res["class_counts"]) == cfg["train_size"]
+    assert res["psc_temperature"] == 0.1
 
 
 def test_help_lists_every_flag_with_its_default():

@@ -262,6 +262,27 @@ def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, c
     assert "'?': the run does not record the setting" in out
 
 
+def test_a_default_and_the_same_value_given_explicitly_are_one_row(summarize, tmp_path, capsys):
+    # results.json records what --amp / --psc_temp resolved to; the saved config keeps None for a default.
+    def write(name, seed, config, **resolved):
+        path = write_result(tmp_path, name, seed=seed, method="psc", config=config)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **resolved}))
+
+    write("auto", 0, {"amp": None, "psc_temp": None}, amp=True, psc_temperature=1.0)
+    write("explicit", 1, {"amp": True, "psc_temp": 1.0}, amp=True, psc_temperature=1.0)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3]) for r in table_rows(out)] == [("Hybrid-PSC", "2 (0, 1)")]
+    # A default that resolved to another value is another recipe; one that was not recorded is 'auto'.
+    write("fp32", 2, {"amp": None, "psc_temp": None}, amp=False, psc_temperature=1.0)
+    write("old", 3, {"amp": None, "psc_temp": 1.0})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3]) for r in table_rows(out)] == [
+        ("Hybrid-PSC [amp=False]", "1 (2)"), ("Hybrid-PSC [amp=True]", "2 (0, 1)"),
+        ("Hybrid-PSC [amp=auto]", "1 (3)")]
+
+
 @pytest.mark.parametrize("field, values, labels", [
     ("world_size", (1, 4), ("world_size=1", "world_size=4")),  # top level of results.json, not in config
     ("eval_every", (1, 5), ("eval_every=1", "eval_every=5")),  # changes which epochs 'best' picks from

@@ -605,3 +605,65 @@ def test_sweep_real_cli(tmp_path, summarize):
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE |") == 2
+
+
+# ---- gpu_checks.sh ---------------------------------------------------------------------------
+
+def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
+    """The one-command GPU check, with --smoke on the CPU: unpacks a .tar.gz of an image folder (as the lent
+    machine gets CIFAR-10), runs the benchmark and a training run, and leaves at most 8 files in --out."""
+    import tarfile
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from helpers import make_synthetic, write_image_folder
+
+    write_image_folder(tmp_path / "src" / "cifar10-jpeg", *make_synthetic(10, 24, 4, seed=3), fmt="jpg")
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    # Relative paths, as typed in the repository root on the lent machine.
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", archive.name, "--out", "out",
+                           "--device", "cpu", "--workers", "0", "--smoke"],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench.json", "bench.txt", "env.txt", "results_eager.json", "summary.md", "train_eager.log"]
+    assert "benchmark: ok" in proc.stdout and "train_eager: ok" in proc.stdout
+    assert "torch " in (out / "env.txt").read_text()
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench and "reference" in json.dumps(bench)
+    res = json.loads((out / "results_eager.json").read_text())
+    assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
+    assert "| CIFAR-10-LT | Hybrid-SC |" in (out / "summary.md").read_text()
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
+
+
+def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
+    script = ["bash", str(SCRIPTS / "gpu_checks.sh")]
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("earlier results")
+    data = tmp_path / "data"
+    data.mkdir()
+    for args, message in (
+        (["--out", str(tmp_path / "o")], "--data is required"),
+        (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
+        (["--data", str(data), "--out", str(occupied)], "is not empty"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--budget_s", "1.5"], "whole number"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--device", "tpu"], "cuda or cpu"),
+    ):
+        proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    assert (occupied / "keep.txt").read_text() == "earlier results"
+    # No time left: every step is skipped, said so, and the exit status says the checks did not run.
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([*script, "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
+                           "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    for step in ("benchmark", "train_eager", "train_compile"):
+        assert f"{step}: skipped" in proc.stdout
+    assert (tmp_path / "o" / "env.txt").is_file()

@@ -25,9 +25,10 @@ Choices, documented here and in the table's footnotes:
   channels_last, deterministic) never split a group. A setting that some runs do not record
   (made before the flag existed) splits nothing when the runs that record it agree; when they
   differ, the runs without it are a part of their own, labelled "name=?". --amp and --psc_temp
-  count as the value the run used (results.json's "amp" and "psc_temperature"), so a default
-  and the same value given explicitly are one recipe; "auto" in a label is a run that did not
-  record what its default resolved to.
+  count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
+  config.json beside it), so a default and the same value given explicitly are one recipe; a run
+  that records neither counts as not recording the setting. --temp splits only Hybrid-SC rows,
+  --psc_temp and --psc_denominator only Hybrid-PSC rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -68,8 +69,11 @@ NOT_RECIPE = frozenset({
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })
 # Flags whose default main.py resolves at run time (by device, by dataset), and the top-level field
-# of results.json that records the value a run used: "auto" and the explicit value are one recipe.
+# of results.json (and, in older runs, of the config.json beside it) that records the value a run
+# used: a default and the same value given explicitly are one recipe.
 RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
+# Settings that only some feature losses read: the others' runs do not split on them.
+USED_BY = MappingProxyType({"temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",)})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 
@@ -216,9 +220,14 @@ def parse_result(data: object, path: str) -> RunResult:
     settings = {name: value for name, value in config.items() if name not in NOT_RECIPE}
     if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
         settings["world_size"] = data["world_size"]
-    for flag, field in RESOLVED.items():  # 'auto' as the run resolved it, where results.json records that
+    for flag, field in RESOLVED.items():
         if data.get(field) is not None:
             settings[flag] = data[field]
+        elif settings.get(flag) is None:
+            settings.pop(flag, None)  # left at its default, and what that resolved to is not recorded: '?'
+    for flag, methods in USED_BY.items():
+        if data["method"] not in methods:
+            settings.pop(flag, None)
     recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
@@ -448,9 +457,7 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     if any(row.key.variant for row in rows):
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
                      "training settings of their saved config (or in world_size, the number of "
-                     "processes) are reported apart; 'auto': the flag's default, where the run does not "
-                     "record what it resolved to (e.g. --amp, by device); '?': the run does not record "
-                     "the setting.")
+                     "processes) are reported apart; '?': the run does not record the setting.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -497,11 +504,26 @@ def find_result_files(paths: list[str]) -> list[Path]:
     return list(found.values())
 
 
+def with_resolved_defaults(data: object, config_file: Path) -> object:
+    """results.json made before it recorded RESOLVED's fields: those fields from the config.json that
+    main.py writes beside it (which has always held them), where that file is there and readable."""
+    if not isinstance(data, dict) or all(field in data for field in RESOLVED.values()):
+        return data
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return data  # no usable config.json: those settings stay unrecorded
+    if not isinstance(config, dict):
+        return data
+    return {**{field: config.get(field) for field in RESOLVED.values()}, **data}
+
+
 def load_runs(files: list[Path]) -> list[RunResult]:
     runs = []
     for file in files:
         try:
-            runs.append(parse_result(json.loads(file.read_text()), str(file)))
+            data = with_resolved_defaults(json.loads(file.read_text()), file.parent / "config.json")
+            runs.append(parse_result(data, str(file)))
         except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SummaryError(f"malformed results file {file}: {message}") from error

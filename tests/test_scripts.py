@@ -208,7 +208,7 @@ def test_duplicate_seed_is_an_error_but_overlapping_dirs_count_once(summarize, t
 
 
 def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summarize, tmp_path, capsys):
-    common = {"temp": 0.1, "amp": None, "output_dir": "x", "device": "auto"}
+    common = {"temp": 0.1, "amp": True, "output_dir": "x", "device": "auto"}
     for seed in (0, 1):
         write_result(tmp_path / "class", f"s{seed}", seed=seed, last=80.0 + seed,
                      config={**common, "ce_sampler": "class", "output_dir": f"class/s{seed}"})
@@ -216,20 +216,20 @@ def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summari
     write_result(tmp_path / "sqrt", "s0", seed=0, last=70.0,
                  config={**common, "ce_sampler": "sqrt", "device": "cuda"})
     write_result(tmp_path / "fp32", "s0", seed=0, last=60.0,
-                 config={**common, "ce_sampler": "sqrt", "amp": "none"})
+                 config={**common, "ce_sampler": "sqrt", "amp": False})
     code, out, err = run_summarize(summarize, capsys, tmp_path)
     assert code == 0 and err == ""
     rows = table_rows(out)
     assert [(r[1], r[3], r[5]) for r in rows] == [
-        ("Hybrid-SC [amp=auto, ce_sampler=class]", "2 (0, 1)", "80.50 ± 0.71"),
-        ("Hybrid-SC [amp=auto, ce_sampler=sqrt]", "1 (0)", "70.00 ± n/a"),
-        ("Hybrid-SC [amp=none, ce_sampler=sqrt]", "1 (0)", "60.00 ± n/a"),
+        ("Hybrid-SC [amp=False, ce_sampler=sqrt]", "1 (0)", "60.00 ± n/a"),
+        ("Hybrid-SC [amp=True, ce_sampler=class]", "2 (0, 1)", "80.50 ± 0.71"),
+        ("Hybrid-SC [amp=True, ce_sampler=sqrt]", "1 (0)", "70.00 ± n/a"),
     ]
     assert all(r[11] == "81.40" for r in rows)  # the paper's schedule: still compared
     assert "[name=value]" in out
     code, out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
     assert [row["variant"] for row in csv.DictReader(io.StringIO(out))] == [
-        "amp=auto, ce_sampler=class", "amp=auto, ce_sampler=sqrt", "amp=none, ce_sampler=sqrt"]
+        "amp=False, ce_sampler=sqrt", "amp=True, ce_sampler=class", "amp=True, ce_sampler=sqrt"]
 
 
 def test_settings_only_some_runs_record_or_bookkeeping_do_not_split_a_group(summarize, tmp_path, capsys):
@@ -264,23 +264,42 @@ def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, c
 
 def test_a_default_and_the_same_value_given_explicitly_are_one_row(summarize, tmp_path, capsys):
     # results.json records what --amp / --psc_temp resolved to; the saved config keeps None for a default.
-    def write(name, seed, config, **resolved):
-        path = write_result(tmp_path, name, seed=seed, method="psc", config=config)
+    def write(name, seed, config, method="psc", **resolved):
+        path = write_result(tmp_path, name, seed=seed, method=method, config=config)
         path.write_text(json.dumps({**json.loads(path.read_text()), **resolved}))
+        return path
 
     write("auto", 0, {"amp": None, "psc_temp": None}, amp=True, psc_temperature=1.0)
     write("explicit", 1, {"amp": True, "psc_temp": 1.0}, amp=True, psc_temperature=1.0)
+    # Made before results.json recorded them: read from the config.json beside it, as main.py writes it.
+    old = write("old", 2, {"amp": None, "psc_temp": None})
+    (old.parent / "config.json").write_text(json.dumps({"seed": 2, "psc_temp": None, "amp": True,
+                                                        "psc_temperature": 1.0}))
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
-    assert [(r[1], r[3]) for r in table_rows(out)] == [("Hybrid-PSC", "2 (0, 1)")]
-    # A default that resolved to another value is another recipe; one that was not recorded is 'auto'.
-    write("fp32", 2, {"amp": None, "psc_temp": None}, amp=False, psc_temperature=1.0)
-    write("old", 3, {"amp": None, "psc_temp": 1.0})
+    assert [(r[1], r[3]) for r in table_rows(out)] == [("Hybrid-PSC", "3 (0, 1, 2)")]
+    # A default that resolved to another value is another recipe; one recorded nowhere is '?'.
+    write("fp32", 3, {"amp": None, "psc_temp": None}, amp=False, psc_temperature=1.0)
+    lost = write("lost", 4, {"amp": None, "psc_temp": 1.0})
+    (lost.parent / "config.json").write_text("{cut off")  # unreadable: ignored, not an error
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
     assert [(r[1], r[3]) for r in table_rows(out)] == [
-        ("Hybrid-PSC [amp=False]", "1 (2)"), ("Hybrid-PSC [amp=True]", "2 (0, 1)"),
-        ("Hybrid-PSC [amp=auto]", "1 (3)")]
+        ("Hybrid-PSC [amp=?]", "1 (4)"), ("Hybrid-PSC [amp=False]", "1 (3)"), ("Hybrid-PSC [amp=True]", "3 (0, 1, 2)")]
+
+
+def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path, capsys):
+    for method, seed, config in (("sc", 0, {"temp": 0.1, "psc_temp": 0.5, "psc_denominator": "all"}),
+                                 ("sc", 1, {"temp": 0.1, "psc_temp": 1.0, "psc_denominator": "negatives"}),
+                                 ("ce", 0, {"temp": 0.1}), ("ce", 1, {"temp": 0.07}),
+                                 ("psc", 0, {"temp": 0.1, "psc_denominator": "all"}),
+                                 ("psc", 1, {"temp": 0.07, "psc_denominator": "negatives"})):
+        write_result(tmp_path, f"{method}{seed}", method=method, seed=seed, config=config)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3]) for r in table_rows(out)] == [
+        ("Hybrid-SC", "2 (0, 1)"), ("Hybrid-PSC [psc_denominator=all]", "1 (0)"),
+        ("Hybrid-PSC [psc_denominator=negatives]", "1 (1)"), ("CE", "2 (0, 1)")]
 
 
 @pytest.mark.parametrize("field, values, labels", [

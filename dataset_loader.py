@@ -401,16 +401,19 @@ class AugmentParams(NamedTuple):
         return AugmentParams(self.offsets[start:stop], self.flips[start:stop], self.grays[start:stop])
 
 
-def draw_augment_params(n: int, generator: torch.Generator, device: torch.device | str) -> AugmentParams:
-    """Crop offsets, flips and grayscale choices for n images, drawn on ``device`` with ``generator``."""
+def draw_augment_params(n: int, generator: torch.Generator, device: torch.device | str,
+                        gray_prob: float = GRAY_PROB) -> AugmentParams:
+    """Crop offsets, flips and grayscale choices for n images, drawn on ``device`` with ``generator``.
+    The same random numbers whatever ``gray_prob`` is: only the grayscale threshold moves."""
     offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=generator, device=device)
     coins = torch.rand(n, 2, generator=generator, device=device)
-    return AugmentParams(offsets, coins[:, 0] < FLIP_PROB, coins[:, 1] < GRAY_PROB)
+    return AugmentParams(offsets, coins[:, 0] < FLIP_PROB, coins[:, 1] < gray_prob)
 
 
 def apply_augment(images: Tensor, params: AugmentParams, mean: Tensor, std: Tensor) -> Tensor:
     """Crop from the zero-padded image, flip, grayscale, normalise; as torchvision's
-    RandomCrop(32, padding=4) -> RandomHorizontalFlip -> RandomGrayscale(0.2) -> ToTensor -> Normalize.
+    RandomCrop(32, padding=4) -> RandomHorizontalFlip -> RandomGrayscale(p) -> ToTensor -> Normalize
+    (p, 0.2 by default, is already in ``params``).
 
     images: uint8 [B, 3, 32, 32]; mean, std: float [3] (0..1 scale) on the images' device.
     Returns float32 [B, 3, 32, 32].
@@ -436,13 +439,14 @@ def apply_augment(images: Tensor, params: AugmentParams, mean: Tensor, std: Tens
     return x.reshape(b, 3, size, size)
 
 
-def augment(images: Tensor, mean: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
+def augment(images: Tensor, mean: Tensor, std: Tensor, generator: torch.Generator,
+            gray_prob: float = GRAY_PROB) -> Tensor:
     """One random augmentation of each image (independent choices per image).
 
     images: uint8 [B, 3, 32, 32] on any device; mean, std: float [3] on that device; generator on that
     device. Returns float32 [B, 3, 32, 32], normalised.
     """
-    params = draw_augment_params(images.shape[0], generator, images.device)
+    params = draw_augment_params(images.shape[0], generator, images.device, gray_prob)
     return apply_augment(images, params, mean, std)
 
 
@@ -509,7 +513,10 @@ class TrainStream:
 
     def __init__(self, train: ArraySplit, num_classes: int, batch_size: int, *, mean, std,
                  sc_sampler: str = "instance", ce_sampler: str = "class", feature_branch: bool = True,
-                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1):
+                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 gray_prob: float = GRAY_PROB):
+        if not 0 <= gray_prob <= 1:
+            raise DataError(f"gray_prob must be in [0, 1], got {gray_prob}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size} processes")
         if batch_size < 1 or batch_size % world_size:
@@ -526,7 +533,7 @@ class TrainStream:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.feature_branch = feature_branch
+        self.feature_branch, self.gray_prob = feature_branch, gray_prob
         self.sc_sampler, self.ce_sampler = sc_sampler, ce_sampler
         self.device = torch.device(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
@@ -586,9 +593,10 @@ class TrainStream:
         ce_idx = self._indices(self.ce_sampler, step, permutations.get(_CE_BRANCH))
         if self.feature_branch:
             sc_idx = self._indices(self.sc_sampler, step, permutations.get(_SC_BRANCH))
-            params = draw_augment_params(3 * b, gen, self.device)  # [ce | view1 | view2] of the global batch
+            # [ce | view1 | view2] of the global batch
+            params = draw_augment_params(3 * b, gen, self.device, self.gray_prob)
         else:
-            params = draw_augment_params(b, gen, self.device)
+            params = draw_augment_params(b, gen, self.device, self.gray_prob)
         lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
         ce_local = ce_idx[lo:hi]
         if not self.feature_branch:

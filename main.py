@@ -57,6 +57,8 @@ class Config:
     ce_sampler: Optional[str] = _opt(None, "sampler of the classifier (CE) branch (default: class for the hybrid "
                                      "losses, instance for --loss ce, which is then plain cross-entropy)", "data",
                                      choices=data.SAMPLERS)
+    gray_prob: float = _opt(data.GRAY_PROB, "probability of RandomGrayscale in both branches' augmentation (0 turns "
+                            "it off)", "data")
     # ---- method
     loss: str = _opt("sc", "feature loss: sc (Hybrid-SC), psc (Hybrid-PSC) or ce (cross-entropy baseline)",
                      "method", choices=losses.METHODS)
@@ -157,6 +159,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--learning_rate must be positive (got {cfg.learning_rate})")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be positive (got {cfg.epochs})")
+    if not 0 <= cfg.gray_prob <= 1:
+        raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
     if not 0 < cfg.imb_factor <= 1:
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
     for f in dataclasses.fields(cfg):
@@ -321,7 +325,7 @@ class Trainer:
         self.stream = data.TrainStream(train, num_classes, cfg.batch_size, mean=mean, std=std,
                                        sc_sampler=cfg.sc_sampler, ce_sampler=cfg.ce_sampler,
                                        feature_branch=self.feature_branch, device=device, seed=cfg.seed,
-                                       rank=dist.rank, world_size=dist.world_size)
+                                       rank=dist.rank, world_size=dist.world_size, gray_prob=cfg.gray_prob)
         self.mean, self.std = self.stream.mean, self.stream.std  # float32 [3] on the device, for evaluation
         self.class_counts = list(self.stream.class_counts)
         self.shot_groups = data.shot_groups(self.class_counts)
@@ -499,9 +503,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
 
 
-COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "loss", "model",
-                      "feat_dim", "temp", "psc_temp", "psc_denominator", "batch_size", "learning_rate", "momentum",
-                      "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate", "warm_epochs", "seed")
+COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
+                      "loss", "model", "feat_dim", "temp", "psc_temp", "psc_denominator", "batch_size",
+                      "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate",
+                      "warm_epochs", "seed")
 
 
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
@@ -510,7 +515,10 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
         raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
                         f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
     now = dataclasses.asdict(cfg)
-    diff = [f"--{k} {saved['config'].get(k)} -> {now[k]}" for k in keys if saved["config"].get(k) != now[k]]
+    # A checkpoint from before a flag existed was made with that flag's default.
+    before = {f.name: f.default for f in dataclasses.fields(Config)}
+    then = {k: saved["config"].get(k, before[k]) for k in keys}
+    diff = [f"--{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)}")
 

@@ -322,7 +322,7 @@ def reference_loaders(cfg: main.Config, train: data.ArraySplit, device: torch.de
     augment = transforms.Compose([
         transforms.RandomCrop(data.IMAGE_SIZE, padding=data.CROP_PADDING),
         transforms.RandomHorizontalFlip(),
-        transforms.RandomGrayscale(p=data.GRAY_PROB),
+        transforms.RandomGrayscale(p=cfg.gray_prob),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])

@@ -210,6 +210,8 @@ BAD_INPUTS = [
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
     (["--imb_factor", "1.5"], "--imb_factor"),
+    (["--gray_prob", "1.5"], "--gray_prob must be in [0, 1]"),
+    (["--gray_prob", "-0.1"], "--gray_prob must be in [0, 1]"),
     (["--temp", "0"], "--temp"),
     (["--warm_epochs", "nan"], "finite"),
     (["--weight_decay", "inf"], "finite"),
@@ -342,3 +344,15 @@ def test_readme_documents_every_flag():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
                 assert f"`{flag}`" in readme, flag
+
+
+def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
+    """A checkpoint from before --gray_prob existed was made with its default (0.2) and resumes under it."""
+    import dataclasses
+
+    cfg = main.parse_config([])
+    before_the_flag = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "gray_prob"}
+    saved = {"num_classes": 10, "config": before_the_flag}
+    main.check_compatible(saved, cfg, Path("last.pt"), 10)  # no error
+    with pytest.raises(main.UserError, match=r"--gray_prob 0.2 -> 0.0"):
+        main.check_compatible(saved, main.parse_config(["--gray_prob", "0"]), Path("last.pt"), 10)

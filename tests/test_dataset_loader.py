@@ -410,6 +410,35 @@ def test_cross_entropy_baseline_draws_no_feature_batch(small_train):
     assert batch.ce_images.shape == (16, 3, 32, 32)
 
 
+def test_gray_prob_moves_only_the_grayscale_threshold():
+    default = dl.draw_augment_params(5000, torch.Generator().manual_seed(3), "cpu")
+    draws = {p: dl.draw_augment_params(5000, torch.Generator().manual_seed(3), "cpu", gray_prob=p)
+             for p in (0.0, 0.2, 0.5, 1.0)}
+    for params in draws.values():  # crops and flips do not depend on it, so --gray_prob changes nothing else
+        assert torch.equal(params.offsets, default.offsets) and torch.equal(params.flips, default.flips)
+    assert torch.equal(draws[0.2].grays, default.grays)  # 0.2 is the default: the same stream as before the flag
+    assert not draws[0.0].grays.any() and draws[1.0].grays.all()
+    assert abs(draws[0.5].grays.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 5000)
+    assert bool((draws[0.2].grays <= draws[0.5].grays).all())  # one coin per image, a moving threshold
+
+
+def test_stream_gray_prob(small_train):
+    def is_gray(images: Tensor) -> Tensor:
+        """[B]: all three channels equal, after undoing the per-channel normalisation."""
+        raw = images * torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+        return ((raw[:, 0] - raw[:, 1]).abs().amax((1, 2)) < 1e-4) & ((raw[:, 1] - raw[:, 2]).abs().amax((1, 2)) < 1e-4)
+
+    for prob, expected in ((0.0, False), (1.0, True)):
+        batch = next(make_stream(small_train, 4, 32, gray_prob=prob).epoch(0))
+        for images in (batch.sc_views, batch.ce_images):
+            assert bool((is_gray(images) == expected).all()), prob
+    default, explicit = (next(make_stream(small_train, 4, 32, **kw).epoch(0)) for kw in ({}, {"gray_prob": 0.2}))
+    assert_batches_equal(default, explicit)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(DataError, match="gray_prob must be in"):
+            make_stream(small_train, 4, 32, gray_prob=bad)
+
+
 def test_stream_bad_batch_sizes(small_train):
     with pytest.raises(DataError, match="larger than the training set"):
         make_stream(small_train, 4, 81)

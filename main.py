@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional
 
 import numpy as np
@@ -503,6 +504,9 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
 
 
+# Training settings added after runs had been saved, with what the code did before each existed: a
+# checkpoint or run without one was made with that value (scripts/summarize.py keeps the same table).
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB})
 COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
                       "loss", "model", "feat_dim", "temp", "psc_temp", "psc_denominator", "batch_size",
                       "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate",
@@ -515,9 +519,7 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
         raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
                         f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
     now = dataclasses.asdict(cfg)
-    # A checkpoint from before a flag existed was made with that flag's default.
-    before = {f.name: f.default for f in dataclasses.fields(Config)}
-    then = {k: saved["config"].get(k, before[k]) for k in keys}
+    then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
     diff = [f"--{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)}")

@@ -11,12 +11,13 @@ Three measurements, each skippable:
    `trainer.stream.epoch(...)` (device-resident uint8 images, batched augmentation, one forward of both branches,
    the hybrid loss, SGD). The data comes from the same stream object, so its cost is inside the timed loop.
 2. A reference pipeline with the same maths written the usual way (SupContrast / LDAM-DRW / BBN style): a torch
-   Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip, RandomGrayscale(0.2),
-   ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the instance-sampled feature-branch loader, a
-   second loader with a class-balanced WeightedRandomSampler for the classifier branch, float32 eager, a fresh
-   model of the same backbone, losses.HybridLoss with the same method and temperature, SGD with the same
-   hyper-parameters and learning rates, and `loss.item()` every step for logging (a host sync). Like the project,
-   it forwards both branches' images in one pass, so batch-norm statistics (the maths) are the same.
+   Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip,
+   RandomGrayscale(--gray_prob), ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the
+   instance-sampled feature-branch loader, a second loader with a class-balanced WeightedRandomSampler for the
+   classifier branch, float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
+   temperature, SGD with the same hyper-parameters and learning rates, and `loss.item()` every step for logging (a
+   host sync). Like the project, it forwards both branches' images in one pass, so batch-norm statistics (the
+   maths) are the same.
 3. Peak memory of the feature loss alone (losses.supcon_loss on [B, 2, 128], losses.psc_loss with 100
    prototypes), forward + backward, at each of --memory_batch_sizes:
    - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory allocated once the

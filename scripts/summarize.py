@@ -24,7 +24,8 @@ Choices, documented here and in the table's footnotes:
   ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags (paths, device, logging, resume, compile,
   channels_last, deterministic) never split a group. A setting that some runs do not record
   (made before the flag existed) splits nothing when the runs that record it agree; when they
-  differ, the runs without it are a part of their own, labelled "name=?". --amp and --psc_temp
+  differ, the runs without it are a part of their own, labelled "name=?" (a flag whose earlier
+  behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
   that records neither counts as not recording the setting. --temp splits only Hybrid-SC rows,
@@ -72,6 +73,10 @@ NOT_RECIPE = frozenset({
 # of results.json (and, in older runs, of the config.json beside it) that records the value a run
 # used: a default and the same value given explicitly are one recipe.
 RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
+# Training settings added after runs had been saved, with what the code did before each existed
+# (main.FLAGS_ADDED_LATER, repeated here so that summarising needs no torch): a run without one
+# was made with that value.
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2})
 # Settings that only some feature losses read: the others' runs do not split on them.
 USED_BY = MappingProxyType({"temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",)})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
@@ -217,7 +222,7 @@ def parse_result(data: object, path: str) -> RunResult:
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise ValueError(f"'config' must be an object, got {config!r}")
-    settings = {name: value for name, value in config.items() if name not in NOT_RECIPE}
+    settings = {**FLAGS_ADDED_LATER, **{name: value for name, value in config.items() if name not in NOT_RECIPE}}
     if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
         settings["world_size"] = data["world_size"]
     for flag, field in RESOLVED.items():

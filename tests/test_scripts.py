@@ -7,6 +7,7 @@ results.json at the end, --resume needs last.pt, a folder that holds a run needs
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -286,6 +287,31 @@ def test_a_default_and_the_same_value_given_explicitly_are_one_row(summarize, tm
     assert code == 0
     assert [(r[1], r[3]) for r in table_rows(out)] == [
         ("Hybrid-PSC [amp=?]", "1 (4)"), ("Hybrid-PSC [amp=False]", "1 (3)"), ("Hybrid-PSC [amp=True]", "3 (0, 1, 2)")]
+
+
+def test_a_run_from_before_a_flag_counts_as_what_the_code_did_then(summarize, tmp_path, capsys):
+    # The CE calibration without grayscale beside the same recipe run before --gray_prob existed (0.2 then).
+    write_result(tmp_path, "before_the_flag", method="ce", seed=0, last=65.0, config={"ce_sampler": "instance"})
+    write_result(tmp_path, "no_gray", method="ce", seed=0, last=66.0,
+                 config={"ce_sampler": "instance", "gray_prob": 0.0})
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0, err
+    assert [(r[1], r[5]) for r in table_rows(out)] == [
+        ("CE [gray_prob=0.0]", "66.00 ± n/a"), ("CE [gray_prob=0.2]", "65.00 ± n/a")]
+    write_result(tmp_path, "explicit", method="ce", seed=1, last=67.0,
+                 config={"ce_sampler": "instance", "gray_prob": 0.2})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert [(r[1], r[3]) for r in table_rows(out)] == [
+        ("CE [gray_prob=0.0]", "1 (0)"), ("CE [gray_prob=0.2]", "2 (0, 1)")]
+
+
+def test_summarize_knows_the_same_added_flags_as_main(summarize):
+    import main  # torch is only needed here, not by summarize.py
+
+    assert dict(summarize.FLAGS_ADDED_LATER) == dict(main.FLAGS_ADDED_LATER)
+    assert all(name in main.COMPARED_ON_RESUME for name in main.FLAGS_ADDED_LATER)
+    defaults = {f.name: f.default for f in dataclasses.fields(main.Config)}
+    assert all(defaults[name] == value for name, value in main.FLAGS_ADDED_LATER.items())  # the default kept it
 
 
 def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path, capsys):

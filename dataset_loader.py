@@ -439,14 +439,13 @@ def apply_augment(images: Tensor, params: AugmentParams, mean: Tensor, std: Tens
     return x.reshape(b, 3, size, size)
 
 
-def augment(images: Tensor, mean: Tensor, std: Tensor, generator: torch.Generator,
-            gray_prob: float = GRAY_PROB) -> Tensor:
+def augment(images: Tensor, mean: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
     """One random augmentation of each image (independent choices per image).
 
     images: uint8 [B, 3, 32, 32] on any device; mean, std: float [3] on that device; generator on that
     device. Returns float32 [B, 3, 32, 32], normalised.
     """
-    params = draw_augment_params(images.shape[0], generator, images.device, gray_prob)
+    params = draw_augment_params(images.shape[0], generator, images.device)
     return apply_augment(images, params, mean, std)
 
 

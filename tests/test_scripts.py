@@ -563,7 +563,15 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
         process.send_signal(signal.SIGTERM)
     else:
         os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=20)
+    try:
+        stdout, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:  # say what state the sweep was in, then clean up
+        status = Path(f"/proc/{process.pid}/status")
+        lines = status.read_text().splitlines() if status.exists() else []
+        masks = [line for line in lines if line.startswith("Sig")]
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the sweep did not stop within 20 s of the signal; its {masks}\n{stdout}{stderr}")
     assert process.returncode == 130, stdout + stderr
     assert len(read_log()) == 1 and read_log("end") == []
     # Exactly one SIGTERM, although Ctrl-C signals the whole process group: a second signal

@@ -217,26 +217,14 @@ launch_and_wait() {
   echo "$pid" >"$state_dir/pid.$idx"
   # An interrupt between the start and the line above found no pid file: stop the run here.
   [[ ! -e $state_dir/stop ]] || signal_run_once "$idx" "$pid"
-  wait_in_slices "$pid"
-  # The run has ended (also when it was saving its checkpoint as an interrupt arrived): its status.
   wait "$pid" || rc=$?
+  # wait also returns when a trapped signal arrives; the run may still be saving its checkpoint.
+  while kill -0 "$pid" 2>/dev/null; do
+    rc=0
+    wait "$pid" || rc=$?
+  done
   rm -f "$state_dir/pid.$idx"
   return "$rc"
-}
-
-# Returns once the processes $@ (children of this shell) have ended. It waits in slices, short at
-# first (for short runs), then a second: a trapped signal interrupts `wait`, but one that lands
-# just before `wait` blocks is acted on only when the waited-for process ends. Waiting on a run
-# itself could then hold a Ctrl-C back for the whole run (a test on a loaded machine saw the
-# trap not run for 20 s); waiting on a sleep holds it back for one slice at most.
-wait_in_slices() {
-  local slices=(0.05 0.1 0.2 0.5) n=0 pid
-  for pid in "$@"; do
-    while kill -0 "$pid" 2>/dev/null; do
-      sleep "${slices[n++]:-1}" &
-      wait "$!" 2>/dev/null || true
-    done
-  done
 }
 
 # SIGTERM to run $1 (pid $2) unless it has had one: the interrupt handler and launch_and_wait may
@@ -270,13 +258,11 @@ set -m # job control: each run (and each GPU worker) in its own process group, s
 
 if ((${#gpu_list[@]})); then
   echo "$prog: $n_runs runs in $runs_dir, queue over GPUs: ${gpu_list[*]}"
-  workers=()
   for gpu in "${gpu_list[@]}"; do
     run_queue "$gpu" &
-    workers+=("$!")
   done
-  wait_in_slices "${workers[@]}"
-  wait || true # reap them; each run's status is in its status file
+  # wait returns early (>128) when a trapped signal arrives; keep waiting for the workers.
+  until wait; do :; done
 else
   echo "$prog: $n_runs runs in $runs_dir, one after another"
   run_queue ""

@@ -546,6 +546,13 @@ def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):
     assert set(summary_statuses(result.stdout).values()) == {"done"}
 
 
+# Runs a command with SIGINT at its default disposition, as a terminal's Ctrl-C finds it. A process
+# started with `&` by a shell without job control (e.g. `nohup pytest ... &` from a script) has
+# SIGINT ignored and passes that on, and bash cannot trap a signal that was ignored when it started.
+WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 @pytest.mark.parametrize("gpus", ["", "0"])
 def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
     """SIGINT to the process group (Ctrl-C) serially, SIGTERM to the sweep with a GPU queue."""
@@ -553,8 +560,8 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
     env["FAKE_SLEEP"] = "30"
     runs = tmp_path / "runs"
     args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)]
-    process = subprocess.Popen(["bash", str(SCRIPTS / "sweep.sh"), *args, "--gpus", gpus], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([*WITH_DEFAULT_SIGINT, "bash", str(SCRIPTS / "sweep.sh"), *args, "--gpus", gpus],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, cwd=tmp_path)
     deadline = time.monotonic() + 20
     while not read_log() and time.monotonic() < deadline:

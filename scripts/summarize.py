@@ -17,7 +17,9 @@ Choices, documented here and in the table's footnotes:
   marked in the epochs column ("short schedule: 20 epochs") and shows "n/c" (not comparable)
   instead of the paper value and difference.
 - CE has no value in the paper; on CIFAR-10-LT ratio 100 the literature value 70.36 is shown,
-  marked "(lit.)", without a difference (a different recipe).
+  marked "(lit.)", without a difference (a different recipe). It is plain, instance-sampled
+  cross-entropy: a CE run with another --ce_sampler is always labelled with it
+  ("CE [ce_sampler=class]", the hybrid's classifier branch alone) and gets no literature value.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
   setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
   the number of processes are separate rows, each labelled with the settings that tell them apart
@@ -81,6 +83,10 @@ FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2})
 USED_BY = MappingProxyType({"temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",)})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
+# What "plain" means for those literature values: instance sampling. A run with another value is
+# another method (class-balanced CE is the hybrid's classifier branch alone): its label always says
+# so, also with no other run to tell it from, and it gets no literature value.
+LITERATURE_RECIPE = MappingProxyType({"ce": MappingProxyType({"ce_sampler": "instance"})})
 
 DATASET_LABELS = MappingProxyType({"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"})
 METHOD_LABELS = MappingProxyType({"sc": "Hybrid-SC", "psc": "Hybrid-PSC", "ce": "CE"})
@@ -258,6 +264,11 @@ def group_key(run: RunResult) -> GroupKey:
 UNRECORDED = "?"  # a run without a setting that splits its group (made before the flag existed)
 
 
+def plain_recipe(method: str) -> dict[str, str]:
+    """The settings (name -> JSON value) that the literature value of this method assumes."""
+    return {name: json.dumps(value) for name, value in LITERATURE_RECIPE.get(method, {}).items()}
+
+
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     """The runs of one group split by the recipe settings they differ in, each part keyed with those
     settings as its variant. A setting splits the group when the runs that record it hold more than
@@ -267,7 +278,9 @@ def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list
     for recipe in recipes:
         for name, encoded in recipe.items():
             values.setdefault(name, set()).add(encoded)
-    differing = sorted(name for name, seen in values.items() if len(seen) > 1)
+    plain = plain_recipe(key.method)
+    differing = sorted(name for name, seen in values.items()
+                       if len(seen) > 1 or (name in plain and seen != {plain[name]}))
     if not differing:
         return {key: runs}
     parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
@@ -319,7 +332,8 @@ def reference_top1(key: GroupKey) -> tuple[float, str] | None:
     table_key = (key.dataset, key.method, ratio)
     if table_key in PAPER_TOP1:
         return PAPER_TOP1[table_key], "paper"
-    if table_key in LITERATURE_TOP1:
+    plain = plain_recipe(key.method)
+    if table_key in LITERATURE_TOP1 and all(plain.get(name, encoded) == encoded for name, encoded in key.variant):
         return LITERATURE_TOP1[table_key], "literature"
     return None
 

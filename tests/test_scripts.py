@@ -151,6 +151,25 @@ def test_ce_literature_reference_is_marked(summarize, tmp_path, capsys):
     assert "(lit.)" in out.split("\n\n", 1)[1]  # explained in the footnotes
 
 
+def test_class_balanced_ce_is_labelled_and_not_set_beside_plain_ce(summarize, tmp_path, capsys):
+    # The literature's 70.36 is plain (instance-sampled) CE; class-balanced CE is another method,
+    # labelled as such even when no other run tells it apart.
+    write_result(tmp_path, "cb", method="ce", last=61.0, config={"ce_sampler": "class"})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path / "cb")
+    assert code == 0
+    [row] = table_rows(out)
+    assert row[1] == "CE [ce_sampler=class]" and row[11:] == ["—", "—"]
+    write_result(tmp_path, "plain", method="ce", seed=1, last=65.0, config={"ce_sampler": "instance"})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    rows = {row[1]: row for row in table_rows(out)}
+    assert rows["CE [ce_sampler=class]"][11:] == ["—", "—"]
+    assert rows["CE [ce_sampler=instance]"][11:] == ["70.36 (lit.)", "—"]
+    code, out, _ = run_summarize(summarize, capsys, tmp_path / "plain")  # alone: plain CE, no label
+    [row] = table_rows(out)
+    assert row[1] == "CE" and row[11:] == ["70.36 (lit.)", "—"]
+
+
 def test_csv_output_parses_with_unformatted_numbers(summarize, tmp_path, capsys):
     for seed, last in enumerate([80.0, 81.0]):
         write_result(tmp_path, f"s{seed}", seed=seed, last=last, medium=None)

@@ -253,6 +253,11 @@ on_interrupt() {
     [[ -z $pid ]] || signal_run_once "${pid_file##*.}" "$pid"
   done
 }
+# A shell started with '&' by a shell without job control (a script, 'nohup cmd &' in one) begins
+# with SIGINT ignored, and bash cannot trap a signal that was ignored when it started.
+if [[ $(trap -p INT) == "trap -- '' SIGINT" ]]; then
+  echo "$prog: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill $$' (SIGTERM) can" >&2
+fi
 trap on_interrupt INT TERM
 set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
 

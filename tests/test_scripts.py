@@ -614,6 +614,38 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
     assert [("--resume" in c["args"]) for c in read_log()[1:]] == [True, False]
 
 
+def test_sweep_started_with_sigint_ignored_says_so_and_stops_on_sigterm(fake, tmp_path):
+    """'cmd &' from a script starts the sweep with SIGINT ignored: Ctrl-C cannot reach it, the note says what can."""
+    env, read_log = fake
+    env["FAKE_SLEEP"] = "30"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(tmp_path / "runs")]
+    with_sigint_ignored = [WITH_DEFAULT_SIGINT[0], "-c", WITH_DEFAULT_SIGINT[2].replace("SIG_DFL", "SIG_IGN")]
+    process = subprocess.Popen([*with_sigint_ignored, "bash", str(SCRIPTS / "sweep.sh"), *args],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=tmp_path)
+    deadline = time.monotonic() + 20
+    while not read_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the sweep did not stop within 20 s of SIGTERM\n{stdout}{stderr}")
+    assert process.returncode == 130, stdout + stderr
+    note = f"sweep.sh: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill {process.pid}'"
+    assert note in stderr
+    [stopped] = read_log("stopped")
+    assert stopped["signals"] == [signal.SIGTERM]
+    # With SIGINT at its default disposition there is no note.
+    env.pop("FAKE_SLEEP")
+    again = subprocess.run([*WITH_DEFAULT_SIGINT, "bash", str(SCRIPTS / "sweep.sh"), *args], env=env,
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "note: SIGINT" not in again.stderr
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"], "unknown argument '--bogus'"),
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),

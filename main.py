@@ -220,7 +220,11 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if local_rank >= torch.cuda.device_count():  # NCCL would fail later, naming a duplicate GPU
+        raise UserError(f"this is process {local_rank} of this machine (LOCAL_RANK) but only "
+                        f"{torch.cuda.device_count()} GPU(s) are visible: start at most that many per machine "
+                        "(torchrun --nproc_per_node), or use --device cpu")
+    torch.cuda.set_device(local_rank)
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -666,6 +670,10 @@ class Run:
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
                 self.first_step_s = time.perf_counter() - t_epoch
                 t_log = t_epoch = time.perf_counter()
+                if dist.main:  # now, not only in results.json: a run cut off later still shows it
+                    bar.write(f"first step {self.first_step_s:.1f} s (one-off costs: "
+                              f"{'torch.compile, ' if cfg.compile else ''}allocator, kernel selection)")
+                    sys.stdout.flush()
             step_sums = torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
             state.epoch_sums += step_sums  # summed per step, so a resumed epoch adds up exactly as an unbroken one
             since_log += step_sums

@@ -563,7 +563,10 @@ def format_report(result: dict[str, Any]) -> str:
                          f"{_fmt(row['ratio_to_reference'], '.2f')} | {row['first_step_s']:.2f} | "
                          f"{_fmt(row['compile_s'], '.1f')} |")
         ref = result["reference"]
-        if ref is not None:
+        if ref is not None and "error" in ref:
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers) | | | | failed: {ref['error']} "
+                         "| | | | |")
+        elif ref is not None:
             lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers), fp32 eager | off | off | off | "
                          f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
         checked = [row for row in result["project"] if row.get("host_sync") is not None]
@@ -594,7 +597,10 @@ def load_average() -> Optional[list[float]]:
         return None
 
 
-def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
+def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
+        save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """Every measurement, as one dict; `save(result)` is called after each row and section with what is there
+    so far ("complete": false until the end), so that a run cut off by a time limit leaves what it measured."""
     device = main.resolve_device(cfg.device)
     main.configure_backends(cfg)  # as main.py: cuDNN picks its fastest kernels (the reference gets them too)
     num_classes = data.DATASETS[cfg.dataset]
@@ -609,8 +615,9 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]
                      "workers": opts.workers, "compare_options": opts.compare_options},
         "data": {"source": source, "train_size": len(train.labels),
                  "class_counts": np.bincount(train.labels, minlength=num_classes).tolist()},
-        "project": [], "reference": None, "ratio": None, "memory": None,
+        "project": [], "reference": None, "ratio": None, "memory": None, "complete": False,
     }
+    save(result)  # an unwritable --json path fails here, not after the timing
     for label, config in option_configs(cfg, device, opts.compare_options):
         print(f"timing project: {label} ...", file=sys.stderr, flush=True)
         try:
@@ -620,18 +627,27 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str]) -> dict[str, Any]
                 raise
             row = {"error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
         result["project"].append({"label": label, **row})
+        save(result)
     if opts.reference:
         print(f"timing reference: PIL + DataLoader with {opts.workers} workers ...", file=sys.stderr, flush=True)
-        result["reference"] = time_reference(cfg, train, num_classes, device, opts)
-        for row in result["project"]:
-            if "samples_per_s" in row:
-                row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
-        result["ratio"] = result["project"][0].get("ratio_to_reference")
+        try:
+            result["reference"] = time_reference(cfg, train, num_classes, device, opts)
+        except Exception as e:  # noqa: BLE001 - say, DataLoader workers killed for lack of shared memory:
+            # the project rows and the memory table still count; main_cli exits 1 after writing them
+            result["reference"] = {"workers": opts.workers, "error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
+        else:
+            for row in result["project"]:
+                if "samples_per_s" in row:
+                    row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
+            result["ratio"] = result["project"][0].get("ratio_to_reference")
     for row in result["project"]:
         row.setdefault("ratio_to_reference", None)
     result["load_average_after_timing"] = load_average()
+    save(result)
     if opts.memory_batch_sizes:
         result["memory"] = memory_table(opts.memory_batch_sizes, device)
+    result["complete"] = True
+    save(result)
     return result
 
 
@@ -655,11 +671,15 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
         if probe is not None:
             return probe_main(*probe)
         cfg, opts = parse_args(argv)
-        result = run(cfg, opts, argv)
+        json_path = opts.json_path
+        result = run(cfg, opts, argv, save=(lambda r: util.write_json(r, json_path)) if json_path else lambda r: None)
         print(format_report(result), flush=True)
-        if opts.json_path:
-            util.write_json(result, opts.json_path)
-            print(f"wrote {opts.json_path}")
+        if json_path:
+            print(f"wrote {json_path}")
+        reference = result["reference"]
+        if reference is not None and "error" in reference:
+            print(f"error: the reference pipeline failed: {reference['error']}", file=sys.stderr, flush=True)
+            return 1
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

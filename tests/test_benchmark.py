@@ -95,6 +95,34 @@ def test_no_reference_and_no_memory(bench):
     assert "reference:" not in bench.format_report(result)
 
 
+def test_json_is_saved_after_each_row_and_a_failed_reference_keeps_the_rest(bench, tmp_path, monkeypatch, capsys):
+    """A benchmark cut off by a time limit leaves what it measured; a reference that fails (say, its workers
+    killed for lack of shared memory) is a row with the error, the JSON is still written, and the exit is 1."""
+    out = tmp_path / "bench.json"
+    seen = []
+    real_write = bench.util.write_json
+
+    def write_json(obj, path):
+        seen.append(json.loads(json.dumps(obj)))  # a copy of what was on disk at this point
+        real_write(obj, path)
+
+    def time_reference(*args):
+        assert json.loads(out.read_text())["project"][0]["samples_per_s"] > 0  # saved before the reference ran
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.\nIt is possible that ...")
+
+    monkeypatch.setattr(bench.util, "write_json", write_json)
+    monkeypatch.setattr(bench, "time_reference", time_reference)
+    assert bench.main_cli([*TINY, "--workers", "1", "--memory_batch_sizes", "", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == ("error: the reference pipeline failed: RuntimeError: DataLoader worker (pid 123) "
+                                    "is killed by signal: Bus error. It is possible that ...")
+    assert "| reference: PIL + DataLoader (1 workers) | | | | failed: RuntimeError: DataLoader" in captured.out
+    assert [(len(r["project"]), r["complete"]) for r in seen] == [(0, False), (1, False), (1, False), (1, True)]
+    result = json.loads(out.read_text())
+    assert result == seen[-1] and result["ratio"] is None and result["project"][0]["ratio_to_reference"] is None
+    assert result["reference"]["error"].startswith("RuntimeError: DataLoader worker (pid 123) is killed")
+
+
 def test_compare_options_covers_amp_channels_last_and_compile(bench):
     cfg, _ = bench.parse_args(["--compare_options"])
     configs = bench.option_configs(cfg, torch.device("cpu"), compare=True)

@@ -83,6 +83,9 @@ def test_results_are_sane(finished_run):
     else:
         assert all(e["feature_loss"] != 0 for e in res["history"])
     assert "done: last top1" in proc.stdout
+    # The first step's one-off costs are printed when measured (a run cut off later still shows them).
+    [first] = [line for line in proc.stdout.splitlines() if line.startswith("first step ")]
+    assert float(first.split()[2]) == pytest.approx(res["first_step_s"], abs=0.051)
 
 
 def test_config_and_checkpoint_contents(finished_run):
@@ -242,6 +245,18 @@ def test_cuda_without_gpu(tmp_path, capsys, cifar10_root):
                            "--output_dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "no CUDA device")
     assert not (tmp_path / "o").exists()
+
+
+def test_more_processes_than_gpus_is_one_line(tmp_path, capsys, cifar10_root, monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 says why, before NCCL would fail obscurely."""
+    set_device = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "process 1 of this machine (LOCAL_RANK) but only 1 GPU(s) are visible")
+    assert set_device == [] and not (tmp_path / "o").exists()
 
 
 def test_data_root_without_data(tmp_path, capsys):

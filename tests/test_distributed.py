@@ -299,6 +299,7 @@ def test_torchrun_trains_and_only_rank_0_writes(torchrun_sc):
     assert 0 <= results["last_top1"] <= 100 and results["history"][0]["feature_loss"] > 0
     # only rank 0 logs: each line once
     assert proc.stdout.count("done: last top1") == 1 and proc.stdout.count("epoch 1/1 |") == 1
+    assert proc.stdout.count("first step ") == 1
 
 
 def test_torchrun_resume_of_a_finished_run_does_nothing(torchrun_sc, cifar10_root):

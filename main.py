@@ -214,17 +214,19 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """--device auto|cpu|cuda -> the device of this process (GPU local_rank under torchrun)."""
+def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -> torch.device:
+    """--device auto|cpu|cuda -> the device of this process: GPU local_rank (modulo the visible GPUs, for
+    launchers that give each process one GPU through CUDA_VISIBLE_DEVICES) when local_processes (torchrun's
+    LOCAL_WORLD_SIZE; 0 when unknown) is at most the number of visible GPUs."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if local_rank >= torch.cuda.device_count():  # NCCL would fail later, naming a duplicate GPU
-        raise UserError(f"this is process {local_rank} of this machine (LOCAL_RANK) but only "
-                        f"{torch.cuda.device_count()} GPU(s) are visible: start at most that many per machine "
-                        "(torchrun --nproc_per_node), or use --device cpu")
-    torch.cuda.set_device(local_rank)
+    gpus = torch.cuda.device_count()
+    if local_processes > gpus:  # two processes on one GPU: NCCL would fail later, naming a duplicate GPU
+        raise UserError(f"{local_processes} processes on this machine (torchrun --nproc_per_node) but {gpus} "
+                        f"visible GPU(s): start at most {gpus} per machine, or use --device cpu")
+    torch.cuda.set_device(local_rank % gpus)
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -232,7 +234,8 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     """Read torchrun's environment, pick the device and join the process group (nccl on CUDA, gloo on CPU)."""
     dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(cfg.device, dist.local_rank)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) if dist.enabled else 0
+    device = resolve_device(cfg.device, dist.local_rank if dist.enabled else 0, local_processes)
     use_cuda = device.type == "cuda"
     if cfg.sync_bn and not use_cuda:
         raise UserError("--sync_bn needs CUDA (PyTorch's SyncBatchNorm does not run on the CPU)")

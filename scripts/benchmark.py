@@ -632,6 +632,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         print(f"timing reference: PIL + DataLoader with {opts.workers} workers ...", file=sys.stderr, flush=True)
         try:
             result["reference"] = time_reference(cfg, train, num_classes, device, opts)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - say, DataLoader workers killed for lack of shared memory:
             # the project rows and the memory table still count; main_cli exits 1 after writing them
             result["reference"] = {"workers": opts.workers, "error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}

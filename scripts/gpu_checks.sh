@@ -151,7 +151,8 @@ run_step() {
   "$python" -c 'import sys, torch, torchvision; print("python", sys.version.split()[0]); print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); torch.cuda.is_available() and print("gpu", torch.cuda.get_device_name(0))' 2>&1 || true
   echo "cpu cores: $(nproc 2>/dev/null || echo '?')"
   # The benchmark's reference passes batches from its DataLoader workers through /dev/shm.
-  echo "/dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR == 2 { print $2 " total, " $4 " free" }')"
+  shm=$(df -hP /dev/shm 2>/dev/null | awk 'NR == 2 { print $2 " total, " $4 " free" }')
+  echo "/dev/shm: ${shm:-absent}"
   if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 || echo "nvidia-smi failed"; else echo "nvidia-smi: not found"; fi
 } >>"$log"
 

@@ -255,7 +255,8 @@ on_interrupt() {
 }
 # A shell started with '&' by a shell without job control (a script, 'nohup cmd &' in one) begins
 # with SIGINT ignored, and bash cannot trap a signal that was ignored when it started.
-if [[ $(trap -p INT) == "trap -- '' SIGINT" ]]; then
+sigint_ignored="^trap -- '' (SIG)?INT\$" # bash's POSIX mode prints INT, not SIGINT
+if [[ $(trap -p INT) =~ $sigint_ignored ]]; then
   echo "$prog: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill $$' (SIGTERM) can" >&2
 fi
 trap on_interrupt INT TERM

@@ -248,15 +248,24 @@ def test_cuda_without_gpu(tmp_path, capsys, cifar10_root):
 
 
 def test_more_processes_than_gpus_is_one_line(tmp_path, capsys, cifar10_root, monkeypatch):
-    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 says why, before NCCL would fail obscurely."""
+    """torchrun --nproc_per_node 2 on a one-GPU machine: each rank says why, before NCCL would fail obscurely.
+    A launcher that gives each process its own GPU (srun --gpus-per-task=1: one visible GPU, LOCAL_RANK 0..N-1,
+    no LOCAL_WORLD_SIZE) still works, and so does a single process with a stray LOCAL_RANK."""
     set_device = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", set_device.append)
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: set_device[-1])
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "o")], capsys)
-    assert_one_line_error(code, err, "process 1 of this machine (LOCAL_RANK) but only 1 GPU(s) are visible")
+    assert_one_line_error(code, err, "2 processes on this machine (torchrun --nproc_per_node) but 1 visible GPU(s)")
     assert set_device == [] and not (tmp_path / "o").exists()
+    assert main.resolve_device("auto", local_rank=1) == torch.device("cuda", 0)  # one GPU per process
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist, device = main.setup_distributed(main.Config())
+    assert not dist.enabled and device == torch.device("cuda", 0)
+    assert set_device == [0, 0]
 
 
 def test_data_root_without_data(tmp_path, capsys):

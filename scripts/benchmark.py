@@ -502,7 +502,7 @@ def cuda_memory_row(loss: str, batch_size: int, device: torch.device) -> dict[st
         seconds = time.perf_counter() - start
         return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "seconds": seconds}
     except torch.cuda.OutOfMemoryError as e:
-        return {"peak_bytes": None, "error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
+        return {"peak_bytes": None, "error": error_text(e)}
     finally:
         inputs = None
         torch.cuda.empty_cache()
@@ -589,6 +589,11 @@ def format_report(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def error_text(e: BaseException) -> str:
+    """An exception as the one-line 'error' of a row that failed."""
+    return f"{type(e).__name__}: {util.one_line(e)}"[:300]
+
+
 def load_average() -> Optional[list[float]]:
     """1, 5 and 15-minute load averages (None where the OS has none)."""
     try:
@@ -625,7 +630,7 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if not opts.compare_options:
                 raise
-            row = {"error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
+            row = {"error": error_text(e)}
         result["project"].append({"label": label, **row})
         save(result)
     if opts.reference:
@@ -636,7 +641,7 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
             raise
         except Exception as e:  # noqa: BLE001 - say, DataLoader workers killed for lack of shared memory:
             # the project rows and the memory table still count; main_cli exits 1 after writing them
-            result["reference"] = {"workers": opts.workers, "error": f"{type(e).__name__}: {util.one_line(e)}"[:300]}
+            result["reference"] = {"workers": opts.workers, "error": error_text(e)}
         else:
             for row in result["project"]:
                 if "samples_per_s" in row:

@@ -573,23 +573,16 @@ WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.sig
                        "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
-@pytest.mark.parametrize("gpus", ["", "0"])
-def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
-    """SIGINT to the process group (Ctrl-C) serially, SIGTERM to the sweep with a GPU queue."""
-    env, read_log = fake
-    env["FAKE_SLEEP"] = "30"
-    runs = tmp_path / "runs"
-    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)]
-    process = subprocess.Popen([*WITH_DEFAULT_SIGINT, "bash", str(SCRIPTS / "sweep.sh"), *args, "--gpus", gpus],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, cwd=tmp_path)
+def interrupt_sweep(wrapper, args, env, read_log, cwd, send):
+    """Start sweep.sh through `wrapper` (sets its SIGINT disposition) in a session of its own, call send(process)
+    once its first run has started, and return (process, stdout, stderr) after it exits; fail if it does not
+    stop within 20 s, with its signal masks."""
+    process = subprocess.Popen([*wrapper, "bash", str(SCRIPTS / "sweep.sh"), *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
     deadline = time.monotonic() + 20
     while not read_log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if gpus:
-        process.send_signal(signal.SIGTERM)
-    else:
-        os.killpg(process.pid, signal.SIGINT)
+    send(process)
     try:
         stdout, stderr = process.communicate(timeout=20)
     except subprocess.TimeoutExpired:  # say what state the sweep was in, then clean up
@@ -599,6 +592,20 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"the sweep did not stop within 20 s of the signal; its {masks}\n{stdout}{stderr}")
+    return process, stdout, stderr
+
+
+@pytest.mark.parametrize("gpus", ["", "0"])
+def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
+    """SIGINT to the process group (Ctrl-C) serially, SIGTERM to the sweep with a GPU queue."""
+    env, read_log = fake
+    env["FAKE_SLEEP"] = "30"
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)]
+    send = ((lambda process: process.send_signal(signal.SIGTERM)) if gpus else  # kill PID
+            (lambda process: os.killpg(process.pid, signal.SIGINT)))  # Ctrl-C: the whole process group
+    process, stdout, stderr = interrupt_sweep(WITH_DEFAULT_SIGINT, [*args, "--gpus", gpus], env, read_log,
+                                              tmp_path, send)
     assert process.returncode == 130, stdout + stderr
     assert len(read_log()) == 1 and read_log("end") == []
     # Exactly one SIGTERM, although Ctrl-C signals the whole process group: a second signal
@@ -621,19 +628,8 @@ def test_sweep_started_with_sigint_ignored_says_so_and_stops_on_sigterm(fake, tm
     env["FAKE_SLEEP"] = "30"
     args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(tmp_path / "runs")]
     with_sigint_ignored = [WITH_DEFAULT_SIGINT[0], "-c", WITH_DEFAULT_SIGINT[2].replace("SIG_DFL", "SIG_IGN")]
-    process = subprocess.Popen([*with_sigint_ignored, "bash", str(SCRIPTS / "sweep.sh"), *args],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, cwd=tmp_path)
-    deadline = time.monotonic() + 20
-    while not read_log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    try:
-        stdout, stderr = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the sweep did not stop within 20 s of SIGTERM\n{stdout}{stderr}")
+    process, stdout, stderr = interrupt_sweep(with_sigint_ignored, args, env, read_log, tmp_path,
+                                              lambda process: process.send_signal(signal.SIGTERM))
     assert process.returncode == 130, stdout + stderr
     note = f"sweep.sh: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill {process.pid}'"
     assert note in stderr

@@ -190,6 +190,8 @@ run_one() {
   local status
   if [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
     status="INTERRUPTED (exit $rc)"
+  elif [[ -e $state_dir/stop ]]; then
+    status="done" # it wrote results.json before the interrupt reached it, then exited with the signal's status
   elif ((rc != 0)); then
     status="FAILED (exit $rc${log:+, see $log})"
   elif [[ ! -e $run_dir/results.json ]]; then

@@ -404,6 +404,17 @@ def log(event, **extra):
 # "stop now"); the signals received are logged so a test can see that exactly one arrived. The
 # handlers go in before "start" is logged, so a test that signals on seeing "start" never meets
 # the default handlers, however slowly this interpreter starts on a loaded machine.
+def finish():
+    open(os.path.join(out, "last.pt"), "w").close()
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({{"dataset": value("--dataset"), "method": value("--loss"), "imb_type": "exp",
+                   "imb_factor": float(value("--imb_factor")), "imbalance_ratio": 1.0 / float(value("--imb_factor")),
+                   "seed": int(value("--seed")), "epochs": 200, "lr_decay_epochs": [120, 160],
+                   "batch_size": 512, "best_top1": 80.0, "last_top1": 79.0, "many": 90.0,
+                   "medium": 80.0, "few": 70.0, "wall_time_s": 12.0}}, f)
+    log("end")
+
+
 signals = []
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: signals.append(signum))
@@ -417,6 +428,8 @@ os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "config.json"), "w") as f:
     json.dump({{"args": args}}, f)
 print("training", name, flush=True)
+if os.environ.get("FAKE_FINISH_FIRST") == name:  # the run finishes, and a signal then meets it on its way out
+    finish()
 deadline = time.time() + float(os.environ.get("FAKE_SLEEP", "0"))
 while time.time() < deadline and not signals:
     time.sleep(0.01)
@@ -427,15 +440,7 @@ if signals:
     sys.exit(130)
 if os.environ.get("FAKE_FAIL") == name:
     sys.exit(3)
-open(os.path.join(out, "last.pt"), "w").close()
-ratio = 1.0 / float(value("--imb_factor"))
-with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({{"dataset": value("--dataset"), "method": value("--loss"), "imb_type": "exp",
-               "imb_factor": float(value("--imb_factor")), "imbalance_ratio": ratio,
-               "seed": int(value("--seed")), "epochs": 200, "lr_decay_epochs": [120, 160],
-               "batch_size": 512, "best_top1": 80.0, "last_top1": 79.0, "many": 90.0,
-               "medium": 80.0, "few": 70.0, "wall_time_s": 12.0}}, f)
-log("end")
+finish()
 '''
 
 
@@ -447,7 +452,7 @@ def fake(tmp_path):
     script.chmod(0o755)
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP")}
+           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
     def read_log(event="start"):
@@ -641,6 +646,21 @@ def test_sweep_started_with_sigint_ignored_says_so_and_stops_on_sigterm(fake, tm
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "note: SIGINT" not in again.stderr
+
+
+def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
+    """A signal that reaches a run after it wrote results.json (main.py exits non-zero then) does not make the
+    finished run a failure: it is 'done', and the sweep still exits 130 and starts nothing else."""
+    env, read_log = fake
+    env.update(FAKE_SLEEP="30", FAKE_FINISH_FIRST="cifar10_sc_r100_s0")
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(tmp_path / "runs")]
+    process, stdout, stderr = interrupt_sweep(WITH_DEFAULT_SIGINT, args, env, lambda: read_log("end"), tmp_path,
+                                              lambda process: process.send_signal(signal.SIGTERM))
+    assert process.returncode == 130, stdout + stderr
+    [stopped] = read_log("stopped")  # the fake exits 130 after the signal, results.json already written
+    assert stopped["name"] == "cifar10_sc_r100_s0"
+    statuses = summary_statuses(stdout)
+    assert statuses == {"cifar10_sc_r100_s0": "done", "cifar10_psc_r100_s0": "not started"}, stdout
 
 
 @pytest.mark.parametrize("script, args, message", [

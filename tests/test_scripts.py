@@ -400,10 +400,6 @@ def log(event, **extra):
         f.write(json.dumps(record) + "\n")
 
 
-# Like main.py: a signal asks the run to stop after the current step (a second one would mean
-# "stop now"); the signals received are logged so a test can see that exactly one arrived. The
-# handlers go in before "start" is logged, so a test that signals on seeing "start" never meets
-# the default handlers, however slowly this interpreter starts on a loaded machine.
 def finish():
     open(os.path.join(out, "last.pt"), "w").close()
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -415,6 +411,10 @@ def finish():
     log("end")
 
 
+# Like main.py: a signal asks the run to stop after the current step (a second one would mean
+# "stop now"); the signals received are logged so a test can see that exactly one arrived. The
+# handlers go in before "start" is logged, so a test that signals on seeing "start" never meets
+# the default handlers, however slowly this interpreter starts on a loaded machine.
 signals = []
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: signals.append(signum))

@@ -31,12 +31,16 @@ def _masked_out(logits: Tensor) -> float:
     return torch.finfo(logits.dtype).min
 
 
-def supcon_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020), 'all' anchors, no base-temperature factor.
+def supcon_loss(
+    features: Tensor, labels: Tensor, temperature: float, base_temperature: float | None = None
+) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020), 'all' anchors.
 
     For anchor i among the B*V views, with P(i) the other views of the same label:
         L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{k != i} exp(z_i.z_k/t) )
-    and the loss is the mean of L_i over ALL B*V anchors. An anchor with no positive (only possible
+    and the loss is the mean of L_i over ALL B*V anchors, as the paper writes it. base_temperature
+    b, when given, multiplies the loss by t / b as SupContrast's code does (its default b = 0.07
+    with t = 0.1 gives 1.43); None (the default) is b = t, no factor. An anchor with no positive (only possible
     with V = 1 and a label seen once in the batch) has L_i = 0 and still counts in the mean, so such
     a batch gives a finite, slightly smaller value rather than NaN. With V >= 2 every anchor has a
     positive (its other views) and the choice never matters.
@@ -66,7 +70,8 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
         positive_log_prob = torch.where(positive_mask, log_prob, torch.zeros_like(log_prob)).sum(dim=1)  # [VB]
         num_positives = positive_mask.sum(dim=1)
         per_anchor = -positive_log_prob / num_positives.clamp(min=1)  # 0 where an anchor has no positive
-        return per_anchor.mean()
+        loss = per_anchor.mean()
+        return loss if base_temperature is None else loss * (temperature / base_temperature)
 
 
 def psc_loss(
@@ -147,19 +152,24 @@ class HybridLoss(nn.Module):
         temperature: float,
         exclude_positive: bool = True,
         gather: Callable[[Tensor], Tensor] | None = None,
+        base_temperature: float | None = None,
     ):
         super().__init__()
         if method not in METHODS:
             raise UserError(f"unknown loss method '{method}'; choose from {', '.join(METHODS)}")
         if not temperature > 0:
             raise UserError(f"temperature must be positive, got {temperature}")
+        if base_temperature is not None and not base_temperature > 0:
+            raise UserError(f"base temperature must be positive, got {base_temperature}")
         self.method = method
+        self.base_temperature = base_temperature  # SC only (SupContrast's t / b factor); None: none
         self.temperature = temperature
         self.exclude_positive = exclude_positive
         self.gather = gather
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, temperature={self.temperature}, exclude_positive={self.exclude_positive}"
+        return (f"method={self.method}, temperature={self.temperature}, base_temperature={self.base_temperature}, "
+                f"exclude_positive={self.exclude_positive}")
 
     def forward(
         self,
@@ -191,7 +201,7 @@ class HybridLoss(nn.Module):
                 # Collectives want contiguous buffers; the transpose above is a strided view.
                 views = self.gather(views.contiguous())  # [B_global, V, D]
                 sc_labels = self.gather(sc_labels)  # [B_global]
-            feature = supcon_loss(views, sc_labels, self.temperature)
+            feature = supcon_loss(views, sc_labels, self.temperature, self.base_temperature)
         else:
             if prototypes is None:
                 raise ValueError("method 'psc' needs prototypes (build the model with use_prototypes=True)")

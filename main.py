@@ -66,6 +66,9 @@ class Config:
     model: str = _opt("resnet32", "backbone", "method", choices=tuple(networks.MODELS))
     feat_dim: int = _opt(128, "projection dimension of the contrastive head", "method")
     temp: float = _opt(0.1, "SC temperature", "method")
+    base_temp: Optional[float] = _opt(None, "SC base temperature: multiplies the SC loss by temp / base_temp as "
+                                      "SupContrast's code does (its 0.07 gives 1.43 at --temp 0.1); default: --temp, "
+                                      "so no factor, the paper's formula", "method")
     psc_temp: Optional[float] = _opt(None, "PSC temperature (default: the paper's 1.0 on CIFAR-10, 0.1 on "
                                      "CIFAR-100)", "method")
     psc_denominator: str = _opt("negatives", "PSC softmax denominator: 'negatives' excludes the positive "
@@ -162,6 +165,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--epochs must be positive (got {cfg.epochs})")
     if not 0 <= cfg.gray_prob <= 1:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
+    if cfg.base_temp is not None and not cfg.base_temp > 0:
+        raise UserError(f"--base_temp must be positive (got {cfg.base_temp})")
     if not 0 < cfg.imb_factor <= 1:
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
     for f in dataclasses.fields(cfg):
@@ -355,7 +360,7 @@ class Trainer:
         self.criterion = losses.HybridLoss(
             cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
             exclude_positive=cfg.psc_denominator == "negatives",
-            gather=gather_with_grad if dist.enabled and cfg.loss == "sc" else None)
+            gather=gather_with_grad if dist.enabled and cfg.loss == "sc" else None, base_temperature=cfg.base_temp)
         params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -513,9 +518,9 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 # Training settings added after runs had been saved, with what the code did before each existed: a
 # checkpoint or run without one was made with that value (scripts/summarize.py keeps the same table).
-FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB})
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None})
 COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
-                      "loss", "model", "feat_dim", "temp", "psc_temp", "psc_denominator", "batch_size",
+                      "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "batch_size",
                       "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate",
                       "warm_epochs", "seed")
 

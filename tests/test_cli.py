@@ -216,6 +216,7 @@ BAD_INPUTS = [
     (["--gray_prob", "1.5"], "--gray_prob must be in [0, 1]"),
     (["--gray_prob", "-0.1"], "--gray_prob must be in [0, 1]"),
     (["--temp", "0"], "--temp"),
+    (["--base_temp", "0"], "--base_temp must be positive"),
     (["--warm_epochs", "nan"], "finite"),
     (["--weight_decay", "inf"], "finite"),
     (["--momentum", "-0.9"], "--momentum"),
@@ -380,3 +381,9 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     main.check_compatible(saved, cfg, Path("last.pt"), 10)  # no error
     with pytest.raises(main.UserError, match=r"--gray_prob 0.2 -> 0.0"):
         main.check_compatible(saved, main.parse_config(["--gray_prob", "0"]), Path("last.pt"), 10)
+    # Before --base_temp existed there was no SupContrast factor: such a run resumes only without one.
+    before_base_temp = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "base_temp"}
+    main.check_compatible({"num_classes": 10, "config": before_base_temp}, cfg, Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--base_temp None -> 0.07"):
+        main.check_compatible({"num_classes": 10, "config": before_base_temp},
+                              main.parse_config(["--base_temp", "0.07"]), Path("last.pt"), 10)

@@ -71,6 +71,35 @@ def test_supcon_matches_reference_loop(num_views, feat_dim, temperature, labels)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
 
 
+def reference_supcon_with_base_temperature(features, labels, temperature, base_temperature):
+    """SupContrast's loss as its code computes it: per anchor -(t / b) * mean over positives of
+    (logit - log sum over all other views of exp(logit)), logits z_i.z_k / t; mean over anchors."""
+    batch_size, num_views, _ = features.shape
+    views = [(features[b, v], int(labels[b])) for b in range(batch_size) for v in range(num_views)]
+    total = features.new_zeros(())
+    for i, (z_i, y_i) in enumerate(views):
+        log_norm = torch.log(sum(torch.exp(z_i @ z_k / temperature) for k, (z_k, _) in enumerate(views) if k != i))
+        positives = [z_i @ z_p / temperature - log_norm for p, (z_p, y_p) in enumerate(views) if p != i and y_p == y_i]
+        total = total - (temperature / base_temperature) * sum(positives) / len(positives)
+    return total / len(views)
+
+
+@pytest.mark.parametrize("temperature, base_temperature", [(0.1, 0.07), (0.5, 1.0), (0.07, 0.07)])
+def test_supcon_base_temperature_is_supcontrasts_factor(temperature, base_temperature):
+    generator = torch.Generator().manual_seed(11)
+    labels = torch.tensor([0, 1, 1, 2, 0, 1])
+    raw = torch.randn(len(labels), 2, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    loss = supcon_loss(F.normalize(raw, dim=-1), labels, temperature, base_temperature)
+    (grad,) = torch.autograd.grad(loss, raw)
+    expected = reference_supcon_with_base_temperature(F.normalize(raw, dim=-1), labels, temperature, base_temperature)
+    (expected_grad,) = torch.autograd.grad(expected, raw)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
+    without = supcon_loss(F.normalize(raw, dim=-1), labels, temperature)  # the default: the paper's formula
+    assert loss.item() == pytest.approx(without.item() * temperature / base_temperature, rel=1e-12)
+
+
 # (num_views, feat_dim, temperature, labels, num_classes): class 3 of 5 never appears in the first case.
 PSC_CASES = [
     (2, 5, 1.0, [0, 0, 1, 2, 2, 4], 5),
@@ -256,6 +285,18 @@ def test_hybrid_loss_sc_reads_projections_view_major(num_views):
     assert terms.ce.item() == pytest.approx(expected_ce.item(), abs=1e-6)
     assert terms.total.item() == pytest.approx(0.3 * expected_feature.item() + 0.7 * expected_ce.item(), abs=1e-6)
     assert terms.total.dim() == terms.feature.dim() == terms.ce.dim() == 0
+
+
+def test_hybrid_loss_scales_only_the_sc_term_by_the_base_temperature():
+    sc_views, sc_labels, logits, ce_labels = _branch_batches()
+    plain = HybridLoss("sc", 0.1)(torch.cat(sc_views), sc_labels, logits, ce_labels, alpha=0.3)
+    scaled = HybridLoss("sc", 0.1, base_temperature=0.07)(torch.cat(sc_views), sc_labels, logits, ce_labels, alpha=0.3)
+    assert scaled.feature.item() == pytest.approx(plain.feature.item() / 0.7, rel=1e-6)
+    assert scaled.ce.item() == plain.ce.item()
+    assert scaled.total.item() == pytest.approx(0.3 * scaled.feature.item() + 0.7 * plain.ce.item(), rel=1e-6)
+    for bad in (0.0, -0.07):
+        with pytest.raises(UserError, match="base temperature must be positive"):
+            HybridLoss("sc", 0.1, base_temperature=bad)
 
 
 @pytest.mark.parametrize("exclude_positive", [True, False])

@@ -197,3 +197,14 @@ def test_nondeterministic_list_names_dispatched_operators():
         torch.nn.functional.adaptive_avg_pool2d(x, 2).sum().backward()
         torch.bincount(torch.tensor([0, 1, 1]))
     assert {"aten._adaptive_avg_pool2d_backward", "aten.bincount"} <= reads.ops & NONDETERMINISTIC_ON_CUDA
+
+
+def test_base_temp_flag_reaches_the_training_step(train_split):
+    """--base_temp 0.07 scales the step's SC term by 0.1 / 0.07 and leaves the classifier branch alone."""
+    terms = {}
+    for argv in ((), ("--base_temp", "0.07")):
+        trainer = _trainer(train_split, "--no-amp", *argv)  # same seed: same initial weights and first batch
+        terms[argv] = trainer.step(next(trainer.stream.epoch(0)), alpha=0.5, lr=0.1)
+    plain, scaled = terms[()], terms[("--base_temp", "0.07")]
+    assert scaled.feature.item() == pytest.approx(plain.feature.item() * 0.1 / 0.07, rel=1e-5)
+    assert scaled.ce.item() == pytest.approx(plain.ce.item(), rel=1e-6)

@@ -40,10 +40,10 @@ def supcon_loss(
         L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{k != i} exp(z_i.z_k/t) )
     and the loss is the mean of L_i over ALL B*V anchors, as the paper writes it. base_temperature
     b, when given, multiplies the loss by t / b as SupContrast's code does (its default b = 0.07
-    with t = 0.1 gives 1.43); None (the default) is b = t, no factor. An anchor with no positive (only possible
-    with V = 1 and a label seen once in the batch) has L_i = 0 and still counts in the mean, so such
-    a batch gives a finite, slightly smaller value rather than NaN. With V >= 2 every anchor has a
-    positive (its other views) and the choice never matters.
+    with t = 0.1 gives 1.43); None (the default) is b = t, no factor. An anchor with no positive
+    (only possible with V = 1 and a label seen once in the batch) has L_i = 0 and still counts in
+    the mean, so such a batch gives a finite, slightly smaller value rather than NaN. With V >= 2
+    every anchor has a positive (its other views) and the choice never matters.
 
     Shape:
         features: [B, V, D], L2-normalised along D (any float dtype)
@@ -162,8 +162,8 @@ class HybridLoss(nn.Module):
         if base_temperature is not None and not base_temperature > 0:
             raise UserError(f"base temperature must be positive, got {base_temperature}")
         self.method = method
-        self.base_temperature = base_temperature  # SC only (SupContrast's t / b factor); None: none
         self.temperature = temperature
+        self.base_temperature = base_temperature  # SC only (SupContrast's t / b factor); None: no factor
         self.exclude_positive = exclude_positive
         self.gather = gather
 

@@ -30,8 +30,9 @@ Choices, documented here and in the table's footnotes:
   behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
-  that records neither counts as not recording the setting. --temp and --base_temp split only Hybrid-SC rows,
-  --psc_temp and --psc_denominator only Hybrid-PSC rows: the other losses do not read them.
+  that records neither counts as not recording the setting. --temp and --base_temp split only
+  Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows: the other losses do not
+  read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.

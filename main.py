@@ -165,8 +165,6 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--epochs must be positive (got {cfg.epochs})")
     if not 0 <= cfg.gray_prob <= 1:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
-    if cfg.base_temp is not None and not cfg.base_temp > 0:
-        raise UserError(f"--base_temp must be positive (got {cfg.base_temp})")
     if not 0 < cfg.imb_factor <= 1:
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
     for f in dataclasses.fields(cfg):
@@ -187,7 +185,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if not 0 < cfg.lr_decay_rate <= 1:
         raise UserError(f"--lr_decay_rate must be in (0, 1] (got {cfg.lr_decay_rate})")
-    for name in ("temp", "psc_temp"):
+    for name in ("temp", "base_temp", "psc_temp"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")

@@ -74,6 +74,10 @@ class Config:
     psc_denominator: str = _opt("negatives", "PSC softmax denominator: 'negatives' excludes the positive "
                                 "prototype as the paper writes it; 'all' is the usual softmax over all classes",
                                 "method", choices=("negatives", "all"))
+    bn_stats: str = _opt("joint", "batch-norm statistics in training: joint passes both branches' images through "
+                         "the backbone as one batch; per_branch passes the feature-branch views and the "
+                         "classifier-branch images separately, each normalised with its own batch statistics",
+                         "method", choices=("joint", "per_branch"))
     # ---- optimisation
     batch_size: int = _opt(512, "images per branch per step (global over all processes)", "optimisation")
     learning_rate: float = _opt(0.5, "base learning rate (SGD)", "optimisation")
@@ -381,7 +385,8 @@ class Trainer:
         with self.autocast():
             if self.feature_branch:
                 n_views = batch.sc_views.shape[0]  # 2B
-                out = self.model(torch.cat([batch.sc_views, batch.ce_images]).contiguous(memory_format=fmt))
+                out = self.model(torch.cat([batch.sc_views, batch.ce_images]).contiguous(memory_format=fmt),
+                                 split=n_views if self.cfg.bn_stats == "per_branch" else None)
                 projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B, D], [B, C]
             else:
                 projections, logits = None, self.model(batch.ce_images.contiguous(memory_format=fmt)).logits
@@ -516,11 +521,11 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 # Training settings added after runs had been saved, with what the code did before each existed: a
 # checkpoint or run without one was made with that value (scripts/summarize.py keeps the same table).
-FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None})
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None, "bn_stats": "joint"})
 COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
-                      "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "batch_size",
-                      "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs", "lr_decay_rate",
-                      "warm_epochs", "seed")
+                      "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "bn_stats",
+                      "batch_size", "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs",
+                      "lr_decay_rate", "warm_epochs", "seed")
 
 
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):

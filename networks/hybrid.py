@@ -62,9 +62,16 @@ class HybridNet(nn.Module):
         """x: [N, 3, 32, 32] -> logits [N, C] float32; the classifier branch alone, as used at test time."""
         return self.classify(self.backbone(x))
 
-    def forward(self, x: Tensor) -> HybridOutput:
-        """x: [N, 3, 32, 32] -> HybridOutput(features [N, 64], projections [N, feat_dim], logits [N, C])."""
-        features = self.backbone(x)
+    def forward(self, x: Tensor, split: int | None = None) -> HybridOutput:
+        """x: [N, 3, 32, 32] -> HybridOutput(features [N, 64], projections [N, feat_dim], logits [N, C]).
+
+        With split, x[:split] and x[split:] go through the backbone in two passes: in training mode each part is
+        batch-normalised with its own statistics, and the running statistics are updated by the first part, then
+        by the second. In eval mode the result is that of one pass."""
+        if split is None:
+            features = self.backbone(x)
+        else:
+            features = torch.cat([self.backbone(x[:split]), self.backbone(x[split:])])
         # Normalise in float32: under bf16 autocast the head's output is bf16 (about 3 significant
         # digits), and a norm off 1 by that much is magnified by the 1/t in the contrastive losses.
         projections = F.normalize(self.head(features).float(), dim=1)

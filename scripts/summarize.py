@@ -79,9 +79,10 @@ RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
 # Training settings added after runs had been saved, with what the code did before each existed
 # (main.FLAGS_ADDED_LATER, repeated here so that summarising needs no torch): a run without one
 # was made with that value.
-FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2, "base_temp": None})
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2, "base_temp": None, "bn_stats": "joint"})
 # Settings that only some feature losses read: the others' runs do not split on them.
-USED_BY = MappingProxyType({"temp": ("sc",), "base_temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",)})
+USED_BY = MappingProxyType({"temp": ("sc",), "base_temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",),
+                            "bn_stats": ("sc", "psc")})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 # What "plain" means for those literature values: instance sampling. A run with another value is

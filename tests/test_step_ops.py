@@ -15,6 +15,7 @@ implementation; the step must dispatch none of those.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -208,3 +209,32 @@ def test_base_temp_flag_reaches_the_training_step(train_split):
     plain, scaled = terms[()], terms[("--base_temp", "0.07")]
     assert scaled.feature.item() == pytest.approx(plain.feature.item() * 0.1 / 0.07, rel=1e-5)
     assert scaled.ce.item() == pytest.approx(plain.ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc"])
+def test_per_branch_bn_stats_normalise_each_branch_alone(train_split, loss):
+    """--bn_stats per_branch: the step's loss is that of the feature-branch views and the classifier-branch images
+    each passed through the network alone; the default joint pass gives another loss (so the check can fail)."""
+    terms, expected = {}, {}
+    for mode in ("joint", "per_branch"):
+        trainer = _trainer(train_split, "--no-amp", "--loss", loss, "--bn_stats", mode)
+        batch = next(trainer.stream.epoch(0))
+        before = copy.deepcopy(trainer.net)  # the weights and BN state the step starts from, in training mode
+        with torch.no_grad():
+            projections, logits = before(batch.sc_views).projections, before(batch.ce_images).logits
+            expected[mode] = trainer.criterion(projections, batch.sc_labels, logits, batch.ce_labels, 0.5,
+                                               prototypes=before.prototypes)
+        terms[mode] = trainer.step(batch, alpha=0.5, lr=0.1)
+    for name in ("feature", "ce"):
+        assert getattr(terms["per_branch"], name).item() == pytest.approx(getattr(expected["per_branch"], name).item(),
+                                                                          rel=1e-5)
+        assert getattr(terms["joint"], name).item() != pytest.approx(getattr(expected["joint"], name).item(), rel=1e-3)
+
+
+def test_per_branch_step_has_no_host_sync(train_split):
+    trainer = _trainer(train_split, "--bn_stats", "per_branch")
+    batches = trainer.stream.epoch(0)
+    with no_host_reads() as reads:
+        for _ in range(2):
+            trainer.step(next(batches), alpha=0.5, lr=0.1)
+    assert "aten.convolution" in reads.ops and reads.syncs == []

@@ -87,6 +87,24 @@ def test_psc_and_ce_time_both_pipelines(bench, loss):
     assert "| project: as configured |" in bench.format_report(result)
 
 
+@pytest.mark.parametrize("bn_stats, split", [("joint", None), ("per_branch", 8)])
+def test_both_pipelines_pass_the_bn_stats_choice_to_the_network(bench, monkeypatch, bn_stats, split):
+    """The reference has the project's maths: with --bn_stats per_branch both split the 2B views from the B images."""
+    import networks
+
+    seen, forward = [], networks.HybridNet.forward
+
+    def recording_forward(self, x, split=None):
+        seen.append((len(x), split))
+        return forward(self, x, split=split)
+
+    monkeypatch.setattr(networks.HybridNet, "forward", recording_forward)
+    argv = [*TINY, "--batch_size", "4", "--steps", "1", "--workers", "0", "--memory_batch_sizes", "",
+            "--bn_stats", bn_stats]
+    bench.run(*bench.parse_args(argv), argv)
+    assert seen and set(seen) == {(12, split)}  # both pipelines, every step: 2B views + B images, B = 4
+
+
 def test_no_reference_and_no_memory(bench):
     argv = [*TINY, "--no_reference", "--memory_batch_sizes", ""]
     result = bench.run(*bench.parse_args(argv), argv)

@@ -387,3 +387,9 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     with pytest.raises(main.UserError, match=r"--base_temp None -> 0.07"):
         main.check_compatible({"num_classes": 10, "config": before_base_temp},
                               main.parse_config(["--base_temp", "0.07"]), Path("last.pt"), 10)
+    # Before --bn_stats existed both branches went through the backbone as one batch.
+    before_bn_stats = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "bn_stats"}
+    main.check_compatible({"num_classes": 10, "config": before_bn_stats}, cfg, Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--bn_stats joint -> per_branch"):
+        main.check_compatible({"num_classes": 10, "config": before_bn_stats},
+                              main.parse_config(["--bn_stats", "per_branch"]), Path("last.pt"), 10)

@@ -74,6 +74,32 @@ def test_hybrid_forward_fields_and_shapes():
     torch.testing.assert_close(model.forward_logits(images), output.logits)
 
 
+def _bn_state(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
+def test_split_forward_normalises_each_part_with_its_own_batch_statistics():
+    """forward(x, split=k) in training mode is x[:k] and x[k:] through the network one after the other (their
+    outputs and the running statistics they leave); it differs from one pass, and in eval mode equals it."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=5, feat_dim=16)
+    images = torch.randn(10, 3, 32, 32) * torch.linspace(0.5, 2.0, 10).view(10, 1, 1, 1)  # parts differ in scale
+    one_by_one, joint = copy.deepcopy(model), copy.deepcopy(model)
+    split = model(images, split=6)
+    first, second = one_by_one(images[:6]), one_by_one(images[6:])
+    for name in ("features", "projections", "logits"):
+        torch.testing.assert_close(getattr(split, name), torch.cat([getattr(first, name), getattr(second, name)]))
+    for mine, theirs in zip(_bn_state(model), _bn_state(one_by_one), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert not torch.allclose(joint(images).logits, split.logits, atol=1e-3)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, split=6).logits, model(images).logits)
+
+
 def test_projections_are_float32_unit_vectors_under_bf16_autocast():
     model = build_model("resnet20", num_classes=3, feat_dim=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

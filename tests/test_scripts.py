@@ -341,14 +341,19 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
                                  ("psc", 0, {"temp": 0.1, "psc_denominator": "all"}),
                                  ("psc", 1, {"temp": 0.07, "psc_denominator": "negatives"}),
                                  ("psc", 2, {"base_temp": 0.07, "psc_denominator": "negatives"}),
-                                 ("sc", 2, {"temp": 0.1}), ("sc", 3, {"temp": 0.1, "base_temp": 0.07})):
+                                 ("sc", 2, {"temp": 0.1}), ("sc", 3, {"temp": 0.1, "base_temp": 0.07}),
+                                 ("ce", 2, {"bn_stats": "per_branch"}),
+                                 ("psc", 3, {"bn_stats": "joint", "psc_denominator": "negatives"}),
+                                 ("psc", 4, {"bn_stats": "per_branch", "psc_denominator": "negatives"})):
         write_result(tmp_path, f"{method}{seed}", method=method, seed=seed, config=config)
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
     assert [(r[1], r[3]) for r in table_rows(out)] == [
         ("Hybrid-SC [base_temp=0.07]", "1 (3)"), ("Hybrid-SC [base_temp=auto]", "3 (0, 1, 2)"),
-        ("Hybrid-PSC [psc_denominator=all]", "1 (0)"), ("Hybrid-PSC [psc_denominator=negatives]", "2 (1, 2)"),
-        ("CE", "2 (0, 1)")]
+        ("Hybrid-PSC [bn_stats=joint, psc_denominator=all]", "1 (0)"),
+        ("Hybrid-PSC [bn_stats=joint, psc_denominator=negatives]", "3 (1, 2, 3)"),
+        ("Hybrid-PSC [bn_stats=per_branch, psc_denominator=negatives]", "1 (4)"),
+        ("CE", "3 (0, 1, 2)")]
 
 
 @pytest.mark.parametrize("field, values, labels", [

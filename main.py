@@ -119,6 +119,10 @@ class Config:
             return self.psc_temp
         return 1.0 if self.dataset == "cifar10" else 0.1
 
+    def bn_split(self, n_views: int) -> Optional[int]:
+        """HybridNet.forward's `split` for a step's batch of n_views feature-branch views, then the CE images."""
+        return n_views if self.bn_stats == "per_branch" else None
+
     def default_output_dir(self) -> str:
         ratio = round(self.imbalance_ratio)
         kind = "" if self.imb_type == "exp" else f"{self.imb_type}_"
@@ -386,7 +390,7 @@ class Trainer:
             if self.feature_branch:
                 n_views = batch.sc_views.shape[0]  # 2B
                 out = self.model(torch.cat([batch.sc_views, batch.ce_images]).contiguous(memory_format=fmt),
-                                 split=n_views if self.cfg.bn_stats == "per_branch" else None)
+                                 split=self.cfg.bn_split(n_views))
                 projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B, D], [B, C]
             else:
                 projections, logits = None, self.model(batch.ce_images.contiguous(memory_format=fmt)).logits

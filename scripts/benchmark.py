@@ -373,7 +373,7 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
             # Concatenated on the host, then copied, as SupContrast does (torch.cat of the two crops, then
             # .cuda(non_blocking=True)): the cat's output is not pinned, so that copy is synchronous, in theirs too.
             out = net(torch.cat([view1, view2, ce_images]).to(device, non_blocking=True),  # [3B, 3, 32, 32]
-                      split=n_views if cfg.bn_stats == "per_branch" else None)
+                      split=cfg.bn_split(n_views))
             terms = criterion(out.projections[:n_views], sc_labels.to(device, non_blocking=True),  # [2B, D]
                               out.logits[n_views:], ce_labels, alpha, prototypes=net.prototypes)  # [B, C]
         optimizer.zero_grad(set_to_none=True)

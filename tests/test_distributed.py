@@ -1,8 +1,9 @@
 """Multi-process training (issue 7) on the CPU: gloo, two processes.
 
 - Two ranks with a global contrastive batch give the single-process loss and gradients: once for an explicit
-  DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather). The
-  model has no batch norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
+  DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather; also
+  with --bn_stats per_branch, whose two backbone passes run inside one DDP forward). The model has no batch
+  norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
 - `torchrun --nproc_per_node 2 main.py` trains, writes its files from rank 0 only, resumes (finished and
   interrupted runs), and stops every rank without hanging when one fails.
 """
@@ -46,6 +47,9 @@ TRAINER_ARGS = ["--dataset", "cifar10", "--model", "resnet20", "--batch_size", s
                 "--lr_decay_epochs", "", "--device", "cpu", "--seed", "3",
                 "--no-amp", "--no-channels_last"]  # float32: bf16 rounding would hide a 1e-5 difference
 TRAINER_CLASSES = 10
+# The Trainer cases: flags after TRAINER_ARGS. With the BN-free model the per-branch split must change nothing.
+TRAINER_CASES = {"sc": ["--loss", "sc"], "psc": ["--loss", "psc"], "ce": ["--loss", "ce"],
+                 "sc_per_branch": ["--loss", "sc", "--bn_stats", "per_branch"]}
 
 
 # ----------------------------------------------------------------------------------------------- a BN-free model
@@ -125,9 +129,9 @@ def gather_detached_peers(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)  # [world_size * N, ...]
 
 
-def trainer_step(method: str, dist: main.Dist) -> dict:
+def trainer_step(case: str, dist: main.Dist) -> dict:
     """One main.Trainer.step (alpha ALPHA) on the first batch of epoch 0, with the BN-free model patched in."""
-    cfg = main.parse_config(TRAINER_ARGS + ["--loss", method])
+    cfg = main.parse_config(TRAINER_ARGS + TRAINER_CASES[case])
     train, _ = make_synthetic(TRAINER_CLASSES, 3, 1, seed=5)
     with mock.patch.object(networks, "build_model", build_bn_free_model):
         trainer = main.Trainer(cfg, train, TRAINER_CLASSES, torch.device("cpu"), dist)
@@ -152,8 +156,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                 "ce": explicit_step("ce", mine, ddp=True),
             },
             "detached_gather": explicit_step("sc", mine, gather=gather_detached_peers, ddp=True),
-            "trainer": {method: trainer_step(method, main.Dist(rank, world_size, rank))
-                        for method in ("sc", "psc", "ce")},
+            "trainer": {case: trainer_step(case, main.Dist(rank, world_size, rank)) for case in TRAINER_CASES},
         }
         partial = Path(out_dir) / f"rank{rank}.pt.tmp"
         torch.save(results, partial)
@@ -182,7 +185,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 def one_process() -> dict:
     whole = rank_slice(global_batch(), 0, 1)
     return {"explicit": {method: explicit_step(method, whole) for method in ("sc", "psc", "ce")},
-            "trainer": {method: trainer_step(method, main.Dist()) for method in ("sc", "psc", "ce")}}
+            "trainer": {case: trainer_step(case, main.Dist()) for case in TRAINER_CASES}}
 
 
 def assert_same_tensors(actual: dict, expected: dict, atol: float, what: str) -> None:
@@ -225,17 +228,17 @@ def test_detached_gather_gives_the_same_loss_but_wrong_gradients(two_ranks, one_
         assert worst > 100 * GRAD_ATOL
 
 
-@pytest.mark.parametrize("method", ["sc", "psc", "ce"])
-def test_trainer_step_on_two_ranks_equals_one_process(method, two_ranks, one_process):
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_trainer_step_on_two_ranks_equals_one_process(case, two_ranks, one_process):
     """main.Trainer end to end: TrainStream's rank slices, DDP and the gather give the one-process step."""
-    single = one_process["trainer"][method]
+    single = one_process["trainer"][case]
     for rank, result in enumerate(two_ranks):
-        mine = result["trainer"][method]
-        assert_same_tensors(mine["grads"], single["grads"], GRAD_ATOL, f"rank {rank} {method} gradient")
-        assert_same_tensors(mine["params"], single["params"], GRAD_ATOL, f"rank {rank} {method} parameter")
-        if method == "sc":
+        mine = result["trainer"][case]
+        assert_same_tensors(mine["grads"], single["grads"], GRAD_ATOL, f"rank {rank} {case} gradient")
+        assert_same_tensors(mine["params"], single["params"], GRAD_ATOL, f"rank {rank} {case} parameter")
+        if case.startswith("sc"):  # SC is computed on the gathered global batch: the same value on every rank
             torch.testing.assert_close(mine["terms"][1], single["terms"][1], rtol=0, atol=LOSS_ATOL)
-    mean_terms = sum(r["trainer"][method]["terms"] for r in two_ranks) / WORLD_SIZE
+    mean_terms = sum(r["trainer"][case]["terms"] for r in two_ranks) / WORLD_SIZE
     torch.testing.assert_close(mean_terms, single["terms"], rtol=0, atol=LOSS_ATOL)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,8 @@ class Config:
                               "a fresh network is risky, LDAM-DRW warms up for 5", "optimisation")
     # ---- run
     seed: int = _opt(0, "seed of the model init and the batch stream", "run")
-    output_dir: Optional[str] = _opt(None, "run folder (default runs/<dataset>_<loss>_r<ratio>_s<seed>)", "run")
+    output_dir: Optional[str] = _opt(None, "run folder (default runs/<dataset>_<loss>_r<ratio>_s<seed>, with "
+                                            "step_ before r for --imb_type step)", "run")
     resume: bool = _opt(False, "continue the run in --output_dir from its last.pt", "run")
     overwrite: bool = _opt(False, "start again in an --output_dir that already holds a run", "run")
     eval_only: bool = _opt(False, "evaluate --checkpoint on the test set and exit", "run")
@@ -329,9 +331,10 @@ def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.
 class Trainer:
     """Owns the model, the optimiser, the batch stream and the training step (also what the benchmark times).
 
-    The model forwards the feature-branch views and the classifier-branch images in one pass
-    (cat([sc_views, ce_images]) -> [3B, 3, 32, 32]): one set of kernel launches instead of two, with batch-norm
-    statistics over both branches' images."""
+    The model forwards the feature-branch views and the classifier-branch images in one module call
+    (cat([sc_views, ce_images]) -> [3B, 3, 32, 32]): by default one pass, with batch-norm statistics over both
+    branches' images; with --bn_stats per_branch the backbone runs on each branch's part separately
+    (Config.bn_split)."""
 
     def __init__(self, cfg: Config, train: data.ArraySplit, num_classes: int, device: torch.device,
                  dist: Dist = Dist()):
@@ -497,6 +500,8 @@ def resolve_output_dir(cfg: Config) -> Path:
 
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "results.json")
+# TensorBoard's projector files of a finished run: the config, and <global step, 5+ digits>/<tag>/*.tsv.
+PROJECTOR_CONFIG, PROJECTIONS_TAG = "projector_config.pbtxt", "test_projections"
 
 
 def check_output_dir(cfg: Config, out: Path) -> None:
@@ -516,7 +521,11 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
-            stale += list(RUN_FILES) + [p.name for p in out.glob("events.out.tfevents.*")]
+            stale += list(RUN_FILES) + [PROJECTOR_CONFIG] + [p.name for p in out.glob("events.out.tfevents.*")]
+            for projections in out.glob(f"[0-9][0-9][0-9][0-9][0-9]*/{PROJECTIONS_TAG}"):
+                shutil.rmtree(projections)
+                if not any(projections.parent.iterdir()):
+                    projections.parent.rmdir()
         for name in stale:
             (out / name).unlink(missing_ok=True)
     except OSError as e:
@@ -810,7 +819,7 @@ class Run:
         self.write_figures(self.last_metrics, self.last_confusion, step, "last")
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
             self.writer.add_embedding(trainer.projections(self.test_images), metadata=self.test_labels.cpu().tolist(),
-                                      global_step=step, tag="test_projections")
+                                      global_step=step, tag=PROJECTIONS_TAG)
         self.tick_wall_time()
         last = {**{k: self.last_metrics[k] for k in ("top1", "many", "medium", "few")}, "epoch": cfg.epochs}
         results = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -361,6 +362,21 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
     if loss != "ce":
         metadata = next(out.rglob("metadata.tsv")).read_text().split()
         assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
+
+
+def test_overwrite_removes_every_file_of_the_run_and_nothing_else(finished_run, tmp_path):
+    """--overwrite clears a finished run's files (TensorBoard's projector folders included, so a new run with
+    another step count leaves no orphans) and keeps what the user put in the folder."""
+    _, out, _ = finished_run
+    folder = tmp_path / "run"
+    shutil.copytree(out, folder)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "plots").mkdir()
+    (folder / "12345").mkdir()  # a folder with a step-like name but no projections of ours
+    (folder / "12345" / "mine.tsv").write_text("mine")
+    main.prepare_output_dir(folder, overwrite=True)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "12345", "12345/mine.tsv", "notes.txt", "plots"]
 
 
 def test_readme_documents_every_flag():

@@ -75,10 +75,11 @@ class Config:
     psc_denominator: str = _opt("negatives", "PSC softmax denominator: 'negatives' excludes the positive "
                                 "prototype as the paper writes it; 'all' is the usual softmax over all classes",
                                 "method", choices=("negatives", "all"))
-    bn_stats: str = _opt("joint", "batch-norm statistics in training: joint passes both branches' images through "
-                         "the backbone as one batch; per_branch passes the feature-branch views and the "
-                         "classifier-branch images separately, each normalised with its own batch statistics",
-                         "method", choices=("joint", "per_branch"))
+    bn_stats: str = _opt("per_branch", "batch-norm statistics in training: per_branch passes the feature-branch "
+                         "views and the classifier-branch images through the backbone separately, each normalised "
+                         "with its own batch statistics (as two forward calls would); joint passes them as one "
+                         "batch (the default of every run made before per_branch became the default)", "method",
+                         choices=("per_branch", "joint"))
     # ---- optimisation
     batch_size: int = _opt(512, "images per branch per step (global over all processes)", "optimisation")
     learning_rate: float = _opt(0.5, "base learning rate (SGD)", "optimisation")
@@ -332,9 +333,9 @@ class Trainer:
     """Owns the model, the optimiser, the batch stream and the training step (also what the benchmark times).
 
     The model forwards the feature-branch views and the classifier-branch images in one module call
-    (cat([sc_views, ce_images]) -> [3B, 3, 32, 32]): by default one pass, with batch-norm statistics over both
-    branches' images; with --bn_stats per_branch the backbone runs on each branch's part separately
-    (Config.bn_split)."""
+    (cat([sc_views, ce_images]) -> [3B, 3, 32, 32]); by default (--bn_stats per_branch) the backbone runs on each
+    branch's part separately, each with its own batch-norm statistics; --bn_stats joint makes it one pass with
+    statistics over both branches' images (Config.bn_split)."""
 
     def __init__(self, cfg: Config, train: data.ArraySplit, num_classes: int, device: torch.device,
                  dist: Dist = Dist()):
@@ -550,7 +551,8 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
     diff = [f"--{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
     if diff:
-        raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)}")
+        raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
+                        f"(give these flags the checkpoint's values to use it)")
 
 
 def git_commit() -> Optional[str]:

@@ -17,7 +17,7 @@ Three measurements, each skippable:
    classifier branch, float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
    temperature, SGD with the same hyper-parameters and learning rates, and `loss.item()` every step for logging (a
    host sync). Like the project, it forwards both branches' images in one module call with the same
-   Config.bn_split (one pass by default, per branch with --bn_stats per_branch), so batch-norm statistics (the
+   Config.bn_split (per branch by default, one pass with --bn_stats joint), so batch-norm statistics (the
    maths) are the same.
 3. Peak memory of the feature loss alone (losses.supcon_loss on [B, 2, 128], losses.psc_loss with 100
    prototypes), forward + backward, at each of --memory_batch_sizes:

@@ -1,9 +1,9 @@
 """Multi-process training (issue 7) on the CPU: gloo, two processes.
 
 - Two ranks with a global contrastive batch give the single-process loss and gradients: once for an explicit
-  DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather; also
-  with --bn_stats per_branch, whose two backbone passes run inside one DDP forward). The model has no batch
-  norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
+  DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather; with
+  the default --bn_stats per_branch, whose two backbone passes run inside one DDP forward, and with joint). The
+  model has no batch norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
 - `torchrun --nproc_per_node 2 main.py` trains, writes its files from rank 0 only, resumes (finished and
   interrupted runs), and stops every rank without hanging when one fails.
 """
@@ -47,9 +47,10 @@ TRAINER_ARGS = ["--dataset", "cifar10", "--model", "resnet20", "--batch_size", s
                 "--lr_decay_epochs", "", "--device", "cpu", "--seed", "3",
                 "--no-amp", "--no-channels_last"]  # float32: bf16 rounding would hide a 1e-5 difference
 TRAINER_CLASSES = 10
-# The Trainer cases: flags after TRAINER_ARGS. With the BN-free model the per-branch split must change nothing.
+# The Trainer cases: flags after TRAINER_ARGS. The default --bn_stats per_branch splits the model's forward in two
+# inside one DDP call; with the BN-free model neither it nor the joint pass may change the step.
 TRAINER_CASES = {"sc": ["--loss", "sc"], "psc": ["--loss", "psc"], "ce": ["--loss", "ce"],
-                 "sc_per_branch": ["--loss", "sc", "--bn_stats", "per_branch"]}
+                 "sc_joint": ["--loss", "sc", "--bn_stats", "joint"]}
 
 
 # ----------------------------------------------------------------------------------------------- a BN-free model

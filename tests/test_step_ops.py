@@ -215,7 +215,7 @@ def test_base_temp_flag_reaches_the_training_step(train_split):
 @pytest.mark.parametrize("loss", ["sc", "psc"])
 def test_per_branch_bn_stats_normalise_each_branch_alone(train_split, loss):
     """--bn_stats per_branch: the step's loss is that of the feature-branch views and the classifier-branch images
-    each passed through the network alone; the default joint pass gives another loss (so the check can fail)."""
+    each passed through the network alone; the one joint pass gives another loss (so the check can fail)."""
     terms, expected = {}, {}
     for mode in ("joint", "per_branch"):
         trainer = _trainer(train_split, "--no-amp", "--loss", loss, "--bn_stats", mode)

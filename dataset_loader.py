@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import os
 import pickle
 import zipfile
@@ -40,6 +41,14 @@ CROP_PADDING = 4
 FLIP_PROB = 0.5
 GRAY_PROB = 0.2
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+# Augmentations of the feature branch's two views: "paper" is the classifier branch's (crop from the
+# 4-pixel padded image, flip, grayscale), "supcon" SupContrast's CIFAR recipe (see apply_supcon_augment).
+SC_AUGS = ("paper", "supcon")
+RESIZED_CROP_SCALE = (0.2, 1.0)     # SupContrast's CIFAR setting (torchvision's default is 0.08)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default
+RESIZED_CROP_ATTEMPTS = 10           # torchvision's, before it falls back to the whole image
+JITTER_STRENGTHS = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
+JITTER_PROB = 0.8
 
 # Torchvision's pickled folder for each dataset, and the files inside it.
 _PICKLED_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -449,6 +458,159 @@ def augment(images: Tensor, mean: Tensor, std: Tensor, generator: torch.Generato
     return apply_augment(images, params, mean, std)
 
 
+class SupConParams(NamedTuple):
+    """Random choices of SupContrast's CIFAR augmentation for B images, one per image."""
+
+    boxes: Tensor    # int64 [B, 4]: top, left, height, width of the crop that is resized to 32 x 32
+    flips: Tensor    # bool [B]: mirror left-right
+    jitters: Tensor  # bool [B]: apply the colour jitter
+    factors: Tensor  # float32 [B, 4]: brightness, contrast and saturation factors, hue shift
+    order: Tensor    # int64 [B, 4]: the jitter operations (indices into factors) in the order they apply
+    grays: Tensor    # bool [B]: convert to grayscale
+
+    def slice(self, start: int, stop: int) -> "SupConParams":
+        return SupConParams(*(field[start:stop] for field in self))
+
+
+def draw_supcon_params(n: int, generator: torch.Generator, device: torch.device | str,
+                       gray_prob: float = GRAY_PROB) -> SupConParams:
+    """The choices of torchvision's RandomResizedCrop(32, scale=(0.2, 1)), RandomHorizontalFlip,
+    RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8) and RandomGrayscale(gray_prob) for n images,
+    drawn on ``device`` with ``generator`` and without reading anything back to the host.
+
+    The crop follows RandomResizedCrop.get_params: up to 10 attempts of an area fraction uniform in the
+    scale range and a log-uniform aspect ratio, rounded to whole pixels; the first attempt that fits is
+    kept (all 10 are drawn at once); if none fits, the whole image (its own fallback for a square image).
+    """
+    size, attempts = IMAGE_SIZE, RESIZED_CROP_ATTEMPTS
+    # float64, as get_params does its arithmetic in Python floats: the same roundings to whole pixels.
+    u = torch.rand(n, attempts, 2, dtype=torch.float64, generator=generator, device=device)
+    scale_lo, scale_hi = RESIZED_CROP_SCALE
+    log_lo, log_hi = math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1])
+    area = size * size * (scale_lo + (scale_hi - scale_lo) * u[..., 0])  # [n, attempts]
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # width / height
+    widths, heights = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (widths >= 1) & (widths <= size) & (heights >= 1) & (heights <= size)  # [n, attempts]
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none does)
+    any_fits = fits.any(dim=1)
+    height = torch.where(any_fits, heights.gather(1, first).squeeze(1), size).long()  # [n]
+    width = torch.where(any_fits, widths.gather(1, first).squeeze(1), size).long()
+    corner = torch.rand(n, 2, dtype=torch.float64, generator=generator, device=device)
+    top = (corner[:, 0] * (size - height + 1)).long()  # uniform in 0 .. size - height
+    left = (corner[:, 1] * (size - width + 1)).long()
+    coins = torch.rand(n, 3, generator=generator, device=device)
+    # Factors uniform in [1 - s, 1 + s] (brightness, contrast, saturation) and [-s, s] (hue). Python scalars, not a
+    # tensor of the strengths: torch.tensor(..., device="cuda") would be a synchronous copy from the host.
+    u = 2 * torch.rand(n, 4, generator=generator, device=device) - 1  # [n, 4] in [-1, 1)
+    factors = torch.stack([centre + strength * u[:, k] for k, (centre, strength)
+                           in enumerate(zip((1.0, 1.0, 1.0, 0.0), JITTER_STRENGTHS))], dim=1)  # [n, 4]
+    order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)  # a uniform permutation each
+    return SupConParams(torch.stack([top, left, height, width], dim=1), coins[:, 0] < FLIP_PROB,
+                        coins[:, 1] < JITTER_PROB, factors, order, coins[:, 2] < gray_prob)
+
+
+def _bilinear_taps(out_index: Tensor, start: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Resizing a crop [start, start + length) of one axis to IMAGE_SIZE pixels, bilinearly, as
+    F.interpolate(mode="bilinear", align_corners=False) does on the crop alone (so edges repeat the
+    crop's own border pixels): output pixel u reads (1 - frac) * x[lo] + frac * x[hi].
+
+    out_index: float [S] or [B, S]; start, length: int64 [B]. Returns lo, hi int64 [B, S], frac float [B, S].
+    """
+    scale = length.to(torch.float32)[:, None] / IMAGE_SIZE  # [B, 1]
+    source = ((out_index + 0.5) * scale - 0.5).clamp_(min=0)  # [B, S], in crop coordinates
+    lo = source.floor()
+    frac = source - lo
+    lo = lo.long()
+    hi = torch.minimum(lo + 1, length[:, None] - 1)
+    return start[:, None] + lo, start[:, None] + hi, frac
+
+
+def _resized_crop(x: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
+    """float [B, C, S, S] -> each image's box resized to [S, S] (bilinear), then mirrored where flips."""
+    b, c, s, _ = x.shape
+    top, left, height, width = boxes.unbind(1)
+    steps = torch.arange(s, device=x.device, dtype=torch.float32)
+    row_lo, row_hi, row_frac = _bilinear_taps(steps, top, height)
+    # A flip reads the resized columns right to left, so it is part of the column taps.
+    out_cols = torch.where(flips[:, None], s - 1 - steps, steps)  # [B, S]
+    col_lo, col_hi, col_frac = _bilinear_taps(out_cols, left, width)
+
+    def rows(index: Tensor) -> Tensor:
+        return x.gather(2, index[:, None, :, None].expand(b, c, s, s))
+
+    x = rows(row_lo).lerp_(rows(row_hi), row_frac[:, None, :, None])  # [B, C, S, S]: rows resized
+
+    def cols(index: Tensor) -> Tensor:
+        return x.gather(3, index[:, None, None, :].expand(b, c, s, s))
+
+    return cols(col_lo).lerp_(cols(col_hi), col_frac[:, None, None, :])
+
+
+def _luma(x: Tensor) -> Tensor:
+    """float [B, 3, H, W] -> [B, 1, H, W], ITU-R 601-2 weights."""
+    w_r, w_g, w_b = GRAY_WEIGHTS
+    return (x[:, 0:1] * w_r).add_(x[:, 1:2], alpha=w_g).add_(x[:, 2:3], alpha=w_b)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1] (torchvision's blend); factor [B] per image.
+    A factor of 1 returns x exactly."""
+    f = factor[:, None, None, None]
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """float [B, 3, H, W] in [0, 1] -> the same images with their HSV hue turned by shift [B] (in turns)."""
+    r, g, b = x.unbind(1)
+    value, minimum = x.amax(dim=1), x.amin(dim=1)  # [B, H, W]
+    chroma = value - minimum
+    saturation = chroma / torch.where(value > 0, value, 1)
+    safe_chroma = torch.where(chroma > 0, chroma, 1)  # grey pixels: hue 0 (every difference is 0)
+    sector = torch.where(value == r, (g - b) / safe_chroma,
+                         torch.where(value == g, (b - r) / safe_chroma + 2, (r - g) / safe_chroma + 4))
+    hue = torch.remainder(sector / 6 + shift[:, None, None], 1.0)  # [B, H, W] in [0, 1)
+    # HSV -> RGB in closed form: channel n (5: red, 3: green, 1: blue) is v - v s clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 h) mod 6.
+    channels = []
+    for n in (5, 3, 1):
+        k = torch.remainder(n + 6 * hue, 6.0)
+        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp_(0, 1))
+    return torch.stack(channels, dim=1)
+
+
+def _color_jitter(x: Tensor, params: SupConParams) -> Tensor:
+    """ColorJitter on float [B, 3, H, W] in [0, 1], each image with its own factors and its own order of the
+    four operations (torchvision's brightness, contrast, saturation and hue on tensors). An image without
+    jitter, or an operation not at this position of its order, gets the identity factor (exact), and the
+    hue turn is applied only where chosen, so each image sees each operation once."""
+    chosen = params.jitters[:, None, None] & (params.order[:, :, None] == torch.arange(4, device=x.device))  # [B, 4 pos, 4 op]
+    identity = torch.ones_like(params.factors[:, 0])
+    for position in range(4):
+        picks = chosen[:, position]  # [B, 4]: which operation each image applies here
+        x = _blend(x, x.new_zeros(()), torch.where(picks[:, 0], params.factors[:, 0], identity))  # brightness
+        gray_mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+        x = _blend(x, gray_mean, torch.where(picks[:, 1], params.factors[:, 1], identity))  # contrast
+        x = _blend(x, _luma(x), torch.where(picks[:, 2], params.factors[:, 2], identity))  # saturation
+        x = torch.where(picks[:, 3, None, None, None], _shift_hue(x, params.factors[:, 3]), x)  # hue
+    return x
+
+
+def apply_supcon_augment(images: Tensor, params: SupConParams, mean: Tensor, std: Tensor) -> Tensor:
+    """SupContrast's CIFAR augmentation of the contrastive views: RandomResizedCrop(32, scale=(0.2, 1)) ->
+    RandomHorizontalFlip -> RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8) -> RandomGrayscale(p) ->
+    ToTensor -> Normalize, with torchvision's tensor arithmetic (bilinear resize, float colour operations, no
+    rounding to uint8 between steps as its PIL path does).
+
+    images: uint8 [B, 3, 32, 32]; mean, std: float [3] (0..1 scale) on the images' device.
+    Returns float32 [B, 3, 32, 32].
+    """
+    x = images.float().div_(255)  # [B, 3, 32, 32] on 0..1, as ToTensor
+    x = _resized_crop(x, params.boxes, params.flips)
+    x = _color_jitter(x, params)
+    x = torch.where(params.grays[:, None, None, None], _luma(x).expand_as(x), x)
+    return x.sub_(mean.reshape(1, 3, 1, 1)).div_(std.reshape(1, 3, 1, 1))
+
+
 def to_device_images(split: ArraySplit, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """(uint8 [N, 3, 32, 32] channels-first, int64 [N]) on ``device``; the copy to CHW happens on the host."""
     images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))  # [N, 3, 32, 32]
@@ -513,9 +675,11 @@ class TrainStream:
     def __init__(self, train: ArraySplit, num_classes: int, batch_size: int, *, mean, std,
                  sc_sampler: str = "instance", ce_sampler: str = "class", feature_branch: bool = True,
                  device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 gray_prob: float = GRAY_PROB):
+                 gray_prob: float = GRAY_PROB, sc_aug: str = "paper"):
         if not 0 <= gray_prob <= 1:
             raise DataError(f"gray_prob must be in [0, 1], got {gray_prob}")
+        if sc_aug not in SC_AUGS:
+            raise DataError(f"unknown feature-branch augmentation {sc_aug!r}; choose one of {', '.join(SC_AUGS)}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size} processes")
         if batch_size < 1 or batch_size % world_size:
@@ -532,7 +696,7 @@ class TrainStream:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.feature_branch, self.gray_prob = feature_branch, gray_prob
+        self.feature_branch, self.gray_prob, self.sc_aug = feature_branch, gray_prob, sc_aug
         self.sc_sampler, self.ce_sampler = sc_sampler, ce_sampler
         self.device = torch.device(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
@@ -590,22 +754,29 @@ class TrainStream:
         gen.manual_seed(_derived_seed(self.seed, epoch, step, _STEP_TAG))
         # Global draws, in a fixed order, identical on every rank.
         ce_idx = self._indices(self.ce_sampler, step, permutations.get(_CE_BRANCH))
-        if self.feature_branch:
-            sc_idx = self._indices(self.sc_sampler, step, permutations.get(_SC_BRANCH))
-            # [ce | view1 | view2] of the global batch
-            params = draw_augment_params(3 * b, gen, self.device, self.gray_prob)
-        else:
-            params = draw_augment_params(b, gen, self.device, self.gray_prob)
         lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
         ce_local = ce_idx[lo:hi]
         if not self.feature_branch:
+            params = draw_augment_params(b, gen, self.device, self.gray_prob)
             ce_images = apply_augment(self.images[ce_local], params.slice(lo, hi), self.mean, self.std)
             return Batch(None, None, ce_images, self.labels[ce_local])
+        sc_idx = self._indices(self.sc_sampler, step, permutations.get(_SC_BRANCH))
         sc_local = sc_idx[lo:hi]
+        n = hi - lo
+        if self.sc_aug == "supcon":
+            ce_params = draw_augment_params(b, gen, self.device, self.gray_prob)
+            view_params = draw_supcon_params(2 * b, gen, self.device, self.gray_prob)  # [view1 | view2] global
+            ce_images = apply_augment(self.images[ce_local], ce_params.slice(lo, hi), self.mean, self.std)
+            local = [view_params.slice(part * b + lo, part * b + hi) for part in range(2)]
+            joined_views = SupConParams(*(torch.cat(fields) for fields in zip(*local)))
+            sc_views = apply_supcon_augment(self.images[sc_local].repeat(2, 1, 1, 1), joined_views, self.mean,
+                                            self.std)  # [2B, 3, 32, 32]
+            return Batch(sc_views, self.labels[sc_local], ce_images, self.labels[ce_local])
+        # [ce | view1 | view2] of the global batch
+        params = draw_augment_params(3 * b, gen, self.device, self.gray_prob)
         local_params = [params.slice(part * b + lo, part * b + hi) for part in range(3)]
         # One augmentation call over [ce; view1; view2] keeps kernel launches down on GPU.
         images = torch.cat([self.images[ce_local], self.images[sc_local], self.images[sc_local]])  # [3B, 3, 32, 32]
         joined = AugmentParams(*(torch.cat(fields) for fields in zip(*local_params)))
         out = apply_augment(images, joined, self.mean, self.std)  # [3B, 3, 32, 32]
-        n = hi - lo
         return Batch(out[n:], self.labels[sc_local], out[:n], self.labels[ce_local])

@@ -61,6 +61,10 @@ class Config:
                                      choices=data.SAMPLERS)
     gray_prob: float = _opt(data.GRAY_PROB, "probability of RandomGrayscale in both branches' augmentation (0 turns "
                             "it off)", "data")
+    sc_aug: str = _opt("paper", "augmentation of the feature branch's two views: paper (the classifier branch's: "
+                       "random crop with 4-pixel padding, flip, grayscale) or supcon (SupContrast's CIFAR recipe: "
+                       "RandomResizedCrop scale 0.2-1, flip, ColorJitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale)",
+                       "data", choices=data.SC_AUGS)
     # ---- method
     loss: str = _opt("sc", "feature loss: sc (Hybrid-SC), psc (Hybrid-PSC) or ce (cross-entropy baseline)",
                      "method", choices=losses.METHODS)
@@ -348,7 +352,8 @@ class Trainer:
         self.stream = data.TrainStream(train, num_classes, cfg.batch_size, mean=mean, std=std,
                                        sc_sampler=cfg.sc_sampler, ce_sampler=cfg.ce_sampler,
                                        feature_branch=self.feature_branch, device=device, seed=cfg.seed,
-                                       rank=dist.rank, world_size=dist.world_size, gray_prob=cfg.gray_prob)
+                                       rank=dist.rank, world_size=dist.world_size, gray_prob=cfg.gray_prob,
+                                       sc_aug=cfg.sc_aug)
         self.mean, self.std = self.stream.mean, self.stream.std  # float32 [3] on the device, for evaluation
         self.class_counts = list(self.stream.class_counts)
         self.shot_groups = data.shot_groups(self.class_counts)
@@ -535,9 +540,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 # Training settings added after runs had been saved, with what the code did before each existed: a
 # checkpoint or run without one was made with that value (scripts/summarize.py keeps the same table).
-FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None, "bn_stats": "joint"})
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None, "bn_stats": "joint",
+                                      "sc_aug": "paper"})
 COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
-                      "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "bn_stats",
+                      "sc_aug", "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "bn_stats",
                       "batch_size", "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs",
                       "lr_decay_rate", "warm_epochs", "seed")
 

@@ -13,7 +13,8 @@ Three measurements, each skippable:
 2. A reference pipeline with the same maths written the usual way (SupContrast / LDAM-DRW / BBN style): a torch
    Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip,
    RandomGrayscale(--gray_prob), ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the
-   instance-sampled feature-branch loader, a second loader with a class-balanced WeightedRandomSampler for the
+   instance-sampled feature-branch loader (with --sc_aug supcon, SupContrast's RandomResizedCrop(32, scale 0.2-1),
+   RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8), RandomGrayscale there instead), a second loader with a class-balanced WeightedRandomSampler for the
    classifier branch, float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
    temperature, SGD with the same hyper-parameters and learning rates, and `loss.item()` every step for logging (a
    host sync). Like the project, it forwards both branches' images in one module call with the same
@@ -328,12 +329,22 @@ def reference_loaders(cfg: main.Config, train: data.ArraySplit, device: torch.de
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
+    view_augment = augment
+    if cfg.sc_aug == "supcon":  # SupContrast's CIFAR transform for its two crops
+        view_augment = transforms.Compose([
+            transforms.RandomResizedCrop(data.IMAGE_SIZE, scale=data.RESIZED_CROP_SCALE, ratio=data.RESIZED_CROP_RATIO),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.ColorJitter(*data.JITTER_STRENGTHS)], p=data.JITTER_PROB),
+            transforms.RandomGrayscale(p=cfg.gray_prob),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
     loader_kwargs = dict(batch_size=cfg.batch_size, drop_last=True, num_workers=workers,
                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     feature_loader = None
     if cfg.loss != "ce":
         feature_loader = torch.utils.data.DataLoader(
-            PilImages(train.images, train.labels, TwoCropTransform(augment)), shuffle=True, **loader_kwargs)
+            PilImages(train.images, train.labels, TwoCropTransform(view_augment)), shuffle=True, **loader_kwargs)
     class_counts = np.bincount(train.labels, minlength=data.DATASETS[cfg.dataset])
     # Class-balanced: each image weighs 1 / (its class size), so every class is drawn equally often.
     sample_weights = torch.as_tensor(1.0 / class_counts[train.labels], dtype=torch.double)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import main
@@ -103,6 +104,25 @@ def test_both_pipelines_pass_the_bn_stats_choice_to_the_network(bench, monkeypat
             "--bn_stats", bn_stats]
     bench.run(*bench.parse_args(argv), argv)
     assert seen and set(seen) == {(12, split)}  # both pipelines, every step: 2B views + B images, B = 4
+
+
+def test_supcon_views_in_both_pipelines(bench):
+    """--sc_aug supcon: the project's stream and the reference's two-crop loader both use SupContrast's transforms
+    for the views; the reference's classifier-branch loader keeps the paper's."""
+    from torchvision import transforms
+
+    argv = [*TINY, "--batch_size", "4", "--steps", "1", "--workers", "0", "--memory_batch_sizes", "", "--sc_aug",
+            "supcon"]
+    cfg, opts = bench.parse_args(argv)
+    assert cfg.sc_aug == "supcon"
+    train = bench.data.ArraySplit(np.zeros((8, 32, 32, 3), np.uint8), np.arange(8) % 2)
+    feature_loader, ce_loader = bench.reference_loaders(cfg, train, torch.device("cpu"), 0)
+    view_steps = [type(t) for t in feature_loader.dataset.transform.transform.transforms]
+    assert view_steps[:3] == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.RandomApply]
+    assert type(ce_loader.dataset.transform.transforms[0]) is transforms.RandomCrop
+    result = bench.run(cfg, opts, argv)
+    for row in (result["project"][0], result["reference"]):
+        assert _positive(row["samples_per_s"]) and math.isfinite(row["final_loss"])
 
 
 def test_no_reference_and_no_memory(bench):

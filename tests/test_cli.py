@@ -159,6 +159,7 @@ def test_defaults_are_the_paper_recipe():
         ("cifar10", "sc", "resnet32", 0.01, 512, 0.5, 0.9, 1e-4, 200, [120, 160], 0.1, 0.1)
     assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
     assert cfg.bn_stats == "per_branch"  # not stated in the paper: each branch's own batch statistics (README)
+    assert cfg.sc_aug == "paper"  # the paper's augmentation for both branches; SupContrast's is an option
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -205,6 +206,7 @@ BAD_INPUTS = [
     (["--loss", "triplet"], "invalid choice"),
     (["--sc_sampler", "balanced"], "invalid choice"),
     (["--ce_sampler", "x"], "invalid choice"),
+    (["--sc_aug", "simclr"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
     (["--batch_size", "1"], "--batch_size"),
     (["--learning_rate", "0"], "--learning_rate"),
@@ -411,3 +413,9 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
                           Path("last.pt"), 10)
     with pytest.raises(main.UserError, match=r"--bn_stats joint -> per_branch .*checkpoint's values"):
         main.check_compatible({"num_classes": 10, "config": before_bn_stats}, cfg, Path("last.pt"), 10)
+    # Before --sc_aug existed the views had the paper's augmentation: such a run resumes only without supcon.
+    before_sc_aug = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sc_aug"}
+    main.check_compatible({"num_classes": 10, "config": before_sc_aug}, cfg, Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--sc_aug paper -> supcon"):
+        main.check_compatible({"num_classes": 10, "config": before_sc_aug}, main.parse_config(["--sc_aug", "supcon"]),
+                              Path("last.pt"), 10)

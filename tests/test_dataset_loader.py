@@ -33,7 +33,7 @@ def one_torch_thread():
 # Upper-tail 1e-4 critical values of the chi-square distribution, from scipy.stats.chi2.isf(1e-4, df):
 # a correct sampler exceeds them once in 10,000 seeds, and the seeds here are fixed, so tests are
 # deterministic.
-CHI2_CRITICAL_1E4 = {4: 23.513, 8: 31.828}
+CHI2_CRITICAL_1E4 = {4: 23.513, 8: 31.828, 23: 57.075}
 
 
 def chi2_critical(df: int) -> float:
@@ -43,6 +43,13 @@ def chi2_critical(df: int) -> float:
 def chi2_stat(observed: np.ndarray, probs: np.ndarray) -> float:
     expected = observed.sum() * probs
     return float(((observed - expected) ** 2 / expected).sum())
+
+
+def chi2_two_sample(a: np.ndarray, b: np.ndarray) -> float:
+    """Chi-square statistic that two equal-sized samples' bin counts a and b come from one distribution
+    (len(a) - 1 degrees of freedom)."""
+    assert a.sum() == b.sum() and (a + b).min() > 0
+    return float(((a - b) ** 2 / (a + b)).sum())
 
 
 def long_tailed_split(class_counts: list[int], seed: int = 0) -> ArraySplit:
@@ -326,6 +333,123 @@ def test_augment_rates_and_offsets():
     assert abs(gray_rate - 0.2) < 4.5 * math.sqrt(0.16 / 1000)
 
 
+# SupContrast's augmentation of the contrastive views (--sc_aug supcon), against torchvision's own functions.
+TORCHVISION_TENSOR_LUMA = (0.2989, 0.587, 0.114)  # what torchvision's tensor rgb_to_grayscale uses
+
+
+def torchvision_supcon(images: Tensor, params: dl.SupConParams, mean, std) -> Tensor:
+    """Per-image float64 loop of the same choices through torchvision.transforms.v2.functional."""
+    from torchvision.transforms.v2 import functional as TF
+    jitter_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    out = []
+    for i, image in enumerate(images):
+        top, left, height, width = params.boxes[i].tolist()
+        x = TF.resized_crop(image.double() / 255, top, left, height, width, [32, 32], antialias=True)
+        if params.flips[i]:
+            x = TF.horizontal_flip(x)
+        if params.jitters[i]:
+            for op in params.order[i].tolist():
+                x = jitter_ops[op](x, params.factors[i, op].item())
+        if params.grays[i]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        out.append(TF.normalize(x, list(mean), list(std)))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def supcon_case():
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    return images, dl.draw_supcon_params(300, gen, "cpu")
+
+
+def test_supcon_augment_matches_torchvision(supcon_case, monkeypatch):
+    images, params = supcon_case
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    ref = torchvision_supcon(images, params, CIFAR10_MEAN, CIFAR10_STD)
+    with monkeypatch.context() as patch:  # torchvision's tensor luma: then every operation must agree to rounding
+        patch.setattr(dl, "GRAY_WEIGHTS", TORCHVISION_TENSOR_LUMA)
+        out = dl.apply_supcon_augment(images, params, mean, std)
+    assert out.shape == (300, 3, 32, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=0)
+    # With the project's (PIL's) luma weights, the contrast, saturation and grayscale steps move by about 1e-4.
+    torch.testing.assert_close(dl.apply_supcon_augment(images, params, mean, std).double(), ref, atol=3e-3, rtol=0)
+    # The draws cover what the reference exercises: every operation at every position, both kinds of crop.
+    assert params.flips.any() and params.grays.any() and params.jitters.any() and not params.jitters.all()
+    assert {(p, op) for row in params.order[params.jitters].tolist() for p, op in enumerate(row)} == \
+        {(p, op) for p in range(4) for op in range(4)}
+    heights, widths = params.boxes[:, 2], params.boxes[:, 3]
+    assert heights.min() < 16 and widths.min() < 16 and ((heights == 32) | (widths == 32)).any()
+
+
+def test_supcon_identity_choices_equal_evaluation_input(supcon_case):
+    images = supcon_case[0][:12]
+    n = len(images)
+    no = torch.zeros(n, dtype=torch.bool)
+    identity = dl.SupConParams(torch.tensor([[0, 0, 32, 32]]).repeat(n, 1), no, no, torch.tensor([[1.0, 1, 1, 0]]).repeat(n, 1),
+                               torch.arange(4).repeat(n, 1), no)
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    torch.testing.assert_close(dl.apply_supcon_augment(images, identity, mean, std), dl.normalize(images, mean, std))
+    # Without jitter the colours stay exactly as they were; jitter with identity factors changes them only by the
+    # rounding of the HSV round trip of a hue turn of 0.
+    x = images.float() / 255
+    assert torch.equal(dl._color_jitter(x, identity), x)
+    jittered = dl._color_jitter(x, identity._replace(jitters=~no, order=torch.randperm(4).repeat(n, 1)))
+    torch.testing.assert_close(jittered, x, atol=1e-6, rtol=0)
+
+
+def test_supcon_crop_boxes_follow_torchvision():
+    """RandomResizedCrop(32, scale=(0.2, 1)).get_params, 20,000 draws each: the same distribution of crop heights,
+    widths and areas (two-sample chi-square, 9 bins), every box inside the image."""
+    from torchvision.transforms import RandomResizedCrop
+    n = 20000
+    torch.manual_seed(0)
+    ref = np.array([RandomResizedCrop.get_params(torch.zeros(3, 32, 32), scale=dl.RESIZED_CROP_SCALE,
+                                                 ratio=dl.RESIZED_CROP_RATIO) for _ in range(n)])
+    ours = dl.draw_supcon_params(n, torch.Generator().manual_seed(1), "cpu").boxes.numpy()
+    assert ours.dtype == np.int64
+    top, left, height, width = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 32).all() and (left + width <= 32).all()
+    assert height.min() >= 1 and width.min() >= 1
+    side_edges = [0, 15, 17, 19, 21, 23, 25, 27, 29, 33]
+    area_edges = [0, 300, 400, 500, 600, 700, 800, 900, 1000, 1025]
+    for values, edges in ((lambda a: a[:, 2], side_edges), (lambda a: a[:, 3], side_edges),
+                          (lambda a: a[:, 2] * a[:, 3], area_edges)):
+        a, b = np.histogram(values(ours), edges)[0], np.histogram(values(ref), edges)[0]
+        assert chi2_two_sample(a, b) < chi2_critical(8)
+    for axis, size in ((0, 2), (1, 3)):  # the corner is uniform over the positions the crop fits
+        positions = (ours[:, axis] + 0.5) / (32 - ours[:, size] + 1)  # mean 0.5 when uniform over 0 .. 32 - size
+        assert abs(positions.mean() - 0.5) < 0.01
+
+
+def test_supcon_rates_factors_and_orders():
+    n = 24000
+    params = dl.draw_supcon_params(n, torch.Generator().manual_seed(2), "cpu", gray_prob=0.3)
+    for coins, rate in ((params.flips, 0.5), (params.jitters, 0.8), (params.grays, 0.3)):
+        assert coins.dtype == torch.bool and abs(coins.float().mean().item() - rate) < 4.5 * math.sqrt(rate * (1 - rate) / n)
+    low, high = params.factors.amin(0), params.factors.amax(0)
+    torch.testing.assert_close(low, torch.tensor([0.6, 0.6, 0.6, -0.1]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(high, torch.tensor([1.4, 1.4, 1.4, 0.1]), atol=1e-3, rtol=0)
+    assert abs(params.factors[:, 3].mean().item()) < 4.5 * 0.2 / math.sqrt(12 * n)  # uniform: sd = width / sqrt(12)
+    assert torch.equal(params.order.sort(dim=1).values, torch.arange(4).expand(n, 4))  # each row a permutation
+    codes = (params.order * torch.tensor([64, 16, 4, 1])).sum(1).numpy()
+    observed = np.unique(codes, return_counts=True)[1]
+    assert len(observed) == 24 and chi2_stat(observed, np.full(24, 1 / 24)) < chi2_critical(23)
+    none = dl.draw_supcon_params(100, torch.Generator().manual_seed(2), "cpu", gray_prob=0.0)
+    assert not none.grays.any()
+
+
+def test_supcon_views_are_not_crops_of_the_padded_image(supcon_case):
+    """Resized crops and colour changes: unlike the paper's augmentation, almost no view is a window of the image."""
+    images, params = supcon_case
+    zero, one = torch.zeros(3), torch.ones(3) / 255
+    out = dl.apply_supcon_augment(images[:40], params.slice(0, 40), zero, one)  # 0..255 scale
+    padded = torch.nn.functional.pad(images[:40], (4, 4, 4, 4)).double()
+    windows = padded.unfold(2, 32, 1).unfold(3, 32, 1).permute(0, 2, 3, 1, 4, 5).reshape(40, 81, 3, 32, 32)
+    error = (windows - out.double()[:, None]).abs().flatten(2).amax(2).amin(1)  # [40]: nearest window
+    assert (error > 1).float().mean() > 0.9
+
+
 def test_normalize_and_device_images():
     train, _ = make_synthetic(3, 4, 1)
     images, labels = dl.to_device_images(train, "cpu")
@@ -372,26 +496,50 @@ def test_stream_shapes_and_views(small_train):
     assert same.float().mean() < 0.2  # independent views coincide with probability ~1/240
 
 
-def test_stream_is_repeatable_and_resumes_mid_epoch(small_train):
+@pytest.mark.parametrize("sc_aug", dl.SC_AUGS)
+def test_stream_is_repeatable_and_resumes_mid_epoch(small_train, sc_aug):
     for sampler in ("instance", "class"):
-        stream = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3)
+        stream = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3, sc_aug=sc_aug)
         full = list(stream.epoch(2))
         assert len(full) == 5
-        restarted = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3)
+        restarted = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=3, sc_aug=sc_aug)
         resumed = list(restarted.epoch(2, start_step=3))
         assert len(resumed) == 2
         for a, b in zip(full[3:], resumed):
             assert_batches_equal(a, b)
         assert not torch.equal(full[0].ce_images, next(stream.epoch(3)).ce_images)
-        other_seed = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=4)
+        other_seed = make_stream(small_train, 4, 16, sc_sampler=sampler, ce_sampler="sqrt", seed=4, sc_aug=sc_aug)
         assert not torch.equal(full[0].sc_views, next(other_seed.epoch(2)).sc_views)
     with pytest.raises(ValueError):
         next(stream.epoch(0, start_step=6))
 
 
-def test_ranks_slice_the_global_batch(small_train):
+def test_stream_supcon_augments_only_the_views(small_train, monkeypatch):
+    """--sc_aug supcon: the 2B views of each step go through apply_supcon_augment in one call with their own
+    draws, the B classifier-branch images through the paper's augmentation; --sc_aug paper never calls it."""
+    calls = {"supcon": [], "paper": []}
+    for name, key in (("apply_supcon_augment", "supcon"), ("apply_augment", "paper")):
+        def recording(images, params, *args, _f=getattr(dl, name), _key=key):
+            calls[_key].append(len(images))
+            assert len(params.flips) == len(images)
+            return _f(images, params, *args)
+        monkeypatch.setattr(dl, name, recording)
+    batch = next(make_stream(small_train, 4, 16, sc_aug="supcon").epoch(0))
+    assert calls == {"supcon": [32], "paper": [16]}
+    assert batch.sc_views.shape == (32, 3, 32, 32) and batch.ce_images.shape == (16, 3, 32, 32)
+    view1, view2 = batch.sc_views[:16], batch.sc_views[16:]
+    assert not (view1 == view2).flatten(1).all(1).any()  # the two views of an image differ
+    calls.update(supcon=[], paper=[])
+    next(make_stream(small_train, 4, 16).epoch(0))
+    assert calls == {"supcon": [], "paper": [48]}
+    with pytest.raises(DataError, match="unknown feature-branch augmentation 'simclr'"):
+        make_stream(small_train, 4, 16, sc_aug="simclr")
+
+
+@pytest.mark.parametrize("sc_aug", dl.SC_AUGS)
+def test_ranks_slice_the_global_batch(small_train, sc_aug):
     for sc_sampler in ("instance", "reversed"):
-        kwargs = dict(sc_sampler=sc_sampler, ce_sampler="class", seed=9)
+        kwargs = dict(sc_sampler=sc_sampler, ce_sampler="class", seed=9, sc_aug=sc_aug)
         single = list(make_stream(small_train, 4, 16, **kwargs).epoch(1))
         ranks = [list(make_stream(small_train, 4, 16, rank=r, world_size=2, **kwargs).epoch(1)) for r in range(2)]
         for step, whole in enumerate(single):

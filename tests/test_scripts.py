@@ -362,6 +362,17 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
         ("CE", "3 (0, 1, 2)")]
 
 
+def test_feature_branch_augmentation_splits_only_the_hybrids_rows(summarize, tmp_path, capsys):
+    """A run from before --sc_aug had the paper's augmentation; CE has no feature branch, so it never splits."""
+    for method, seed, config in (("sc", 0, {}), ("sc", 1, {"sc_aug": "paper"}), ("sc", 2, {"sc_aug": "supcon"}),
+                                 ("ce", 0, {}), ("ce", 1, {"sc_aug": "supcon"})):
+        write_result(tmp_path, f"{method}{seed}", method=method, seed=seed, config=config)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3]) for r in table_rows(out)] == [
+        ("Hybrid-SC [sc_aug=paper]", "2 (0, 1)"), ("Hybrid-SC [sc_aug=supcon]", "1 (2)"), ("CE", "2 (0, 1)")]
+
+
 @pytest.mark.parametrize("field, values, labels", [
     ("world_size", (1, 4), ("world_size=1", "world_size=4")),  # top level of results.json, not in config
     ("eval_every", (1, 5), ("eval_every=1", "eval_every=5")),  # changes which epochs 'best' picks from

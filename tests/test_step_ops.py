@@ -2,7 +2,8 @@
 
 No host sync. On a GPU a read of a device value (``.item()``, ``if tensor:``, boolean-mask indexing,
 ``nonzero``, ``.cpu()``, ``.tolist()``) stalls the host until the device has caught up, so the host can no longer
-queue the next step's kernels while the device runs this one. CI has no GPU, and ``torch.cuda.set_sync_debug_mode``
+queue the next step's kernels while the device runs this one; so does a tensor made from Python data
+(``torch.tensor([...], device="cuda")`` copies from the host and waits). CI has no GPU, and ``torch.cuda.set_sync_debug_mode``
 works only there (the benchmark uses it on CUDA), so these tests record every ATen operator a step dispatches on
 the CPU and reject the ones that synchronise on CUDA. Reads that never reach the dispatcher on the CPU
 (``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to('cpu')``) are made to raise. The same operators run on both
@@ -31,6 +32,7 @@ SYNCING_OPS = {
     "aten.is_nonzero", "aten.equal", "aten.allclose",
     "aten.nonzero", "aten.argwhere", "aten.masked_select",
     "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+    "aten.lift_fresh",  # torch.tensor(python data): on CUDA a synchronous copy from the host
 }
 
 
@@ -109,6 +111,20 @@ def test_training_step_has_no_host_sync(train_split, loss, amp, bn_stats):
     assert reads.syncs == []
 
 
+@pytest.mark.parametrize("loss", ["sc", "psc"])
+def test_supcon_augmentation_has_no_host_sync_and_deterministic_kernels(train_split, loss):
+    """--sc_aug supcon (resized crops, colour jitter in a per-image order) draws and augments on the device too."""
+    trainer = _trainer(train_split, "--loss", loss, "--sc_aug", "supcon")
+    assert trainer.stream.sc_aug == "supcon"
+    with no_host_reads() as reads:
+        batches = trainer.stream.epoch(0)
+        for _ in range(2):
+            trainer.step(next(batches), alpha=0.5, lr=0.1)
+    assert {"aten.sort", "aten.lerp_", "aten.remainder"} <= reads.ops  # the SupContrast augmentation did run
+    assert reads.syncs == []
+    assert reads.ops & NONDETERMINISTIC_ON_CUDA == set()
+
+
 @pytest.mark.parametrize("sampler", ["instance", "class", "sqrt", "reversed"])
 def test_every_sampler_draws_without_host_sync(train_split, sampler):
     trainer = _trainer(train_split, "--sc_sampler", sampler, "--ce_sampler", sampler)
@@ -125,6 +141,7 @@ def test_every_sampler_draws_without_host_sync(train_split, sampler):
     (lambda t: t[t > 0], "aten.index with a boolean mask"),
     (lambda t: torch.nonzero(t), "aten.nonzero"),
     (lambda t: t.repeat_interleave(torch.tensor([1, 2, 1])), "aten.repeat_interleave without output_size"),
+    (lambda t: t * torch.tensor([1.0, 2.0, 3.0], device=t.device), "aten.lift_fresh"),
 ])
 def test_detector_catches_host_reads(read, caught):
     with OpTrace() as reads:

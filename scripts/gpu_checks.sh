@@ -17,12 +17,14 @@ Runs these steps in order, each under its own cap and what is left of the time b
   benchmark       scripts/benchmark.py at batch 512 on the data, main.py's CUDA defaults against the
                   PIL + DataLoader reference (--workers per loader), with the host-sync check and
                   the feature losses' peak memory (cap 90 s) -> bench.json
+  bench_supcon    the project's step with --sc_aug supcon alone (SupContrast's augmentation of the
+                  views; no reference, no memory), with the host-sync check (cap 40 s) -> bench_supcon.json
   bench_options   the same step with each amp x channels_last combination and torch.compile
                   (--compare_options, no reference, no memory; cap 150 s) -> bench_options.json
   train_compile   train_eager with --compile (what is left); results.json's first_step_s holds
                   the compilation, train_time_s the training -> results_compile.json
 Then summary.md (scripts/summarize.py per run) and log.txt: the environment (nvidia-smi, torch,
-the commit) and every step's output and status. At most 6 files, all directly in --out.
+the commit) and every step's output and status. At most 7 files, all directly in --out.
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
 than 30 s left is skipped; 15 s stay for the summary. Each step compiles into its own fresh
@@ -181,6 +183,8 @@ train() {
 
 train eager 240
 run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --json "$out/bench.json" "${memory_args[@]}"
+run_step bench_supcon 40 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
+  --json "$out/bench_supcon.json"
 if ((smoke)); then
   statuses+=("bench_options: not in --smoke")
   statuses+=("train_compile: not in --smoke")

@@ -514,6 +514,21 @@ def test_stream_is_repeatable_and_resumes_mid_epoch(small_train, sc_aug):
         next(stream.epoch(0, start_step=6))
 
 
+def test_paper_stream_draws_in_a_fixed_order(small_train):
+    """A default step's batch is made from draws in this order after seeding with (seed, epoch, step): the
+    classifier branch's indices, the feature branch's, then the augmentation choices of [ce | view1 | view2] in one
+    draw. Every run saved so far (and a resume of one) depends on that order not changing."""
+    stream = make_stream(small_train, 4, 16, sc_sampler="class", ce_sampler="sqrt", seed=3)
+    batch = next(stream.epoch(2, start_step=1))
+    gen = stream._generator
+    gen.manual_seed(dl._derived_seed(3, 2, 1, dl._STEP_TAG))
+    ce_idx, sc_idx = stream._indices("sqrt", 1, None), stream._indices("class", 1, None)
+    params = dl.draw_augment_params(48, gen, "cpu")
+    images = torch.cat([stream.images[ce_idx], stream.images[sc_idx], stream.images[sc_idx]])
+    out = dl.apply_augment(images, params, stream.mean, stream.std)
+    assert_batches_equal(batch, dl.Batch(out[16:], stream.labels[sc_idx], out[:16], stream.labels[ce_idx]))
+
+
 def test_stream_supcon_augments_only_the_views(small_train, monkeypatch):
     """--sc_aug supcon: the 2B views of each step go through apply_supcon_augment in one call with their own
     draws, the B classifier-branch images through the paper's augmentation; --sc_aug paper never calls it."""

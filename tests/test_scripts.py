@@ -783,13 +783,16 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
                           env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["bench.json", "log.txt", "results_eager.json", "summary.md"]
-    assert "benchmark: ok" in proc.stdout and "train_eager: ok" in proc.stdout
+    assert files == ["bench.json", "bench_supcon.json", "log.txt", "results_eager.json", "summary.md"]
+    assert "benchmark: ok" in proc.stdout and "train_eager: ok" in proc.stdout and "bench_supcon: ok" in proc.stdout
     log = (out / "log.txt").read_text()
     assert "torch " in log and "commit: " in log and "== train_eager" in log and "epoch 1/1" in log
     assert re.search(r"^/dev/shm: \S+ total, \S+ free$", log, re.M) and "first step " in log
     bench = json.loads((out / "bench.json").read_text())
     assert bench["complete"] is True and bench["reference"]["samples_per_s"] > 0
+    supcon = json.loads((out / "bench_supcon.json").read_text())
+    assert supcon["complete"] is True and supcon["settings"]["sc_aug"] == "supcon"
+    assert supcon["project"][0]["samples_per_s"] > 0 and supcon["reference"] is None
     res = json.loads((out / "results_eager.json").read_text())
     assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
     summary = (out / "summary.md").read_text()
@@ -821,7 +824,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     proc = subprocess.run([*script, "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
                            "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    for step in ("train_eager", "benchmark", "bench_options", "train_compile"):
+    for step in ("train_eager", "benchmark", "bench_supcon", "bench_options", "train_compile"):
         assert f"{step}: skipped" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["log.txt", "summary.md"]
     assert "nvidia-smi" in (tmp_path / "o" / "log.txt").read_text()

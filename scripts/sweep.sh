@@ -220,8 +220,12 @@ launch_and_wait() {
   # An interrupt between the start and the line above found no pid file: stop the run here.
   [[ ! -e $state_dir/stop ]] || signal_run_once "$idx" "$pid"
   wait "$pid" || rc=$?
-  # wait also returns when a trapped signal arrives; the run may still be saving its checkpoint.
+  # wait also returns when a trapped signal arrives (the run may still be saving its checkpoint)
+  # and, under job control, when the run is stopped (kill -STOP, to lend the machine to something
+  # else for a while): then at once again at each call until it continues, so pause before each
+  # new wait rather than spin a core for as long as the run stays stopped.
   while kill -0 "$pid" 2>/dev/null; do
+    sleep 0.5
     rc=0
     wait "$pid" || rc=$?
   done

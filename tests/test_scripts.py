@@ -419,7 +419,7 @@ name = os.path.basename(out)
 
 
 def log(event, **extra):
-    record = {{"event": event, "name": name, "main": main_path, "args": args,
+    record = {{"event": event, "name": name, "main": main_path, "args": args, "pid": os.getpid(),
               "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "time": time.time(), **extra}}
     with open(os.environ["FAKE_LOG"], "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -594,6 +594,50 @@ def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):
         assert "training" in (runs / "logs" / f"{start['name']}.log").read_text()
         assert f"[{start['name']}] CUDA_VISIBLE_DEVICES={start['gpu']} " in result.stdout
     assert set(summary_statuses(result.stdout).values()) == {"done"}
+
+
+def session_cpu_ticks(session: int, exclude: int) -> int:
+    """User + system CPU time, in clock ticks, of the live processes in `session` other than `exclude`."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        if int(fields[3]) == session and int(stat.parent.name) != exclude:  # field 6, session id
+            ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
+    return ticks
+
+
+@pytest.mark.parametrize("gpus", ["", "0"])
+def test_sweep_waits_idle_while_a_run_is_stopped(fake, tmp_path, gpus):
+    """A run held stopped (kill -STOP, to lend the cores to something else) ends bash's wait at once and again at
+    every call under job control; the sweep must not spin a core meanwhile, and goes on when the run continues."""
+    env, read_log = fake
+    env["FAKE_SLEEP"] = "3"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc", "--runs_dir", str(tmp_path / "runs"),
+            "--gpus", gpus]
+    process = subprocess.Popen(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not read_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [start] = read_log()
+        os.kill(start["pid"], signal.SIGSTOP)
+        time.sleep(0.5)  # let the sweep see the stop
+        before = session_cpu_ticks(process.pid, exclude=start["pid"])
+        time.sleep(2)
+        spent = (session_cpu_ticks(process.pid, exclude=start["pid"]) - before) / os.sysconf("SC_CLK_TCK")
+        os.kill(start["pid"], signal.SIGCONT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert spent < 0.2, f"the sweep used {spent:.2f} s of CPU in 2 s while its run was stopped"
+    assert process.returncode == 0, stdout + stderr
+    assert summary_statuses(stdout) == {"cifar10_sc_r100_s0": "done"}
 
 
 # Runs a command with SIGINT at its default disposition, as a terminal's Ctrl-C finds it. A process

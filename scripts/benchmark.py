@@ -408,12 +408,12 @@ def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> lis
     amp x channels_last on both settings (the device default first) and compile with the device defaults."""
     if not compare:
         return [("as configured", cfg)]
-    default = main.fast_default(device)  # main.Trainer's default for both amp and channels_last
-    grid = sorted(itertools.product((True, False), repeat=2), key=lambda ac: ac != (default, default))
+    default = (main.fast_default(device), main.CHANNELS_LAST_DEFAULT)  # main.Trainer's defaults
+    grid = sorted(itertools.product((True, False), repeat=2), key=lambda ac: ac != default)
     configs = []
     for amp, channels_last in grid:
         label = f"amp {'on' if amp else 'off'}, channels_last {'on' if channels_last else 'off'}"
-        if (amp, channels_last) == (default, default):
+        if (amp, channels_last) == default:
             label += " (device default)"
         configs.append((label, dataclasses.replace(cfg, amp=amp, channels_last=channels_last, compile=False)))
     configs.append(("compile, device defaults", dataclasses.replace(cfg, amp=None, channels_last=None, compile=True)))

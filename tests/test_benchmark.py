@@ -63,8 +63,8 @@ def test_script_writes_json_with_every_measurement(tmp_path):
             assert _positive(row[key]), (key, row[key])
         assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
     assert project["host_sync"] is None  # checked on CUDA only; on the CPU tests/test_step_ops.py does it
-    fast = main.fast_default(torch.device("cpu"))  # bf16 + channels_last on CPUs with native bf16
-    assert (project["amp"], project["channels_last"], project["compile"]) == (fast, fast, False)
+    fast = main.fast_default(torch.device("cpu"))  # bf16 on CPUs with native bf16; channels_last everywhere
+    assert (project["amp"], project["channels_last"], project["compile"]) == (fast, True, False)
     assert reference["workers"] == 1
     assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
     rows = result["memory"]["rows"]
@@ -167,7 +167,7 @@ def test_compare_options_covers_amp_channels_last_and_compile(bench):
     settings = [(c.amp, c.channels_last, c.compile) for _, c in configs]
     # The device default comes first; every amp x channels_last pair once; compile on its own.
     fast = main.fast_default(torch.device("cpu"))
-    assert settings[0] == (fast, fast, False) and "device default" in configs[0][0]
+    assert settings[0] == (fast, True, False) and "device default" in configs[0][0]
     assert sorted(settings[:4]) == sorted((a, c, False) for a in (True, False) for c in (True, False))
     assert settings[4] == (None, None, True)
     assert len({label for label, _ in configs}) == 5

@@ -75,6 +75,8 @@ def test_results_are_sane(finished_run):
     assert res["git_commit"] == main.git_commit()  # the checkout the run started from (None outside git)
     # Defaults as resolved for this run, beside the unresolved flags of the saved config.
     assert res["config"]["amp"] is None and res["amp"] == main.fast_default(torch.device("cpu"))
+    saved = json.loads((out / "config.json").read_text())  # resolved there, beside the run's other settings
+    assert res["config"]["channels_last"] is None and saved["channels_last"] is True
     assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)

@@ -289,8 +289,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def fast_default(device: torch.device) -> bool:
     """Default of --amp: on for CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX), where scripts/benchmark.py
-    measured bf16 autocast + channels_last at about 2x float32 (see README, Performance). --channels_last is on by
-    default everywhere: in float32 on the CPU it, too, measured faster for the hybrids (CHANNELS_LAST_DEFAULT)."""
+    measured bf16 autocast + channels_last at about 2x float32 (see README, Performance)."""
     if device.type == "cuda":
         return True
     try:
@@ -299,6 +298,8 @@ def fast_default(device: torch.device) -> bool:
         return False
 
 
+# Default of --channels_last, on every device: in float32 on the CPU, too, it measured faster for the hybrids
+# (README, Performance, "A CPU without bf16").
 CHANNELS_LAST_DEFAULT = True
 
 

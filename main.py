@@ -551,6 +551,11 @@ COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_samp
                       "sc_aug", "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "bn_stats",
                       "batch_size", "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs",
                       "lr_decay_rate", "warm_epochs", "seed")
+# Settings that only some losses read (scripts/summarize.py keeps the same table): a run of another loss is
+# the same run whatever they say, so they neither block its resume nor split its row in a summary.
+USED_BY = MappingProxyType({"sc_sampler": ("sc", "psc"), "temp": ("sc",), "base_temp": ("sc",),
+                            "psc_temp": ("psc",), "psc_denominator": ("psc",), "bn_stats": ("sc", "psc"),
+                            "sc_aug": ("sc", "psc")})
 
 
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
@@ -559,6 +564,7 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
         raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
                         f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
     now = dataclasses.asdict(cfg)
+    keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
     diff = [f"--{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
     if diff:

@@ -31,8 +31,8 @@ Choices, documented here and in the table's footnotes:
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
   that records neither counts as not recording the setting. --temp and --base_temp split only
-  Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats and --sc_aug
-  only the hybrids' rows: the other losses do not read them.
+  Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug and
+  --sc_sampler only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -80,9 +80,10 @@ RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
 # (main.FLAGS_ADDED_LATER, repeated here so that summarising needs no torch): a run without one
 # was made with that value.
 FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2, "base_temp": None, "bn_stats": "joint", "sc_aug": "paper"})
-# Settings that only some feature losses read: the others' runs do not split on them.
-USED_BY = MappingProxyType({"temp": ("sc",), "base_temp": ("sc",), "psc_temp": ("psc",), "psc_denominator": ("psc",),
-                            "bn_stats": ("sc", "psc"), "sc_aug": ("sc", "psc")})
+# Settings that only some losses read (main.USED_BY, repeated here too): the others' runs do not split on them.
+USED_BY = MappingProxyType({"sc_sampler": ("sc", "psc"), "temp": ("sc",), "base_temp": ("sc",),
+                            "psc_temp": ("psc",), "psc_denominator": ("psc",), "bn_stats": ("sc", "psc"),
+                            "sc_aug": ("sc", "psc")})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 # What "plain" means for those literature values: instance sampling. A run with another value is

@@ -392,6 +392,36 @@ def test_readme_documents_every_flag():
                 assert f"`{flag}`" in readme, flag
 
 
+@pytest.mark.parametrize("loss, unused", [
+    ("ce", ["--sc_sampler", "class", "--sc_aug", "supcon", "--bn_stats", "joint", "--temp", "0.5",
+            "--base_temp", "0.07", "--psc_temp", "0.3", "--psc_denominator", "all"]),
+    ("sc", ["--psc_temp", "0.3", "--psc_denominator", "all"]),
+    ("psc", ["--temp", "0.5", "--base_temp", "0.07"]),
+])
+def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
+    """Flags main.USED_BY lists for other losses change nothing in a run of this one (the same steps, bit for bit),
+    so its checkpoint resumes whatever they say; a flag it reads still has to match."""
+    import dataclasses
+
+    assert {flag[2:] for flag in unused[::2]} == {k for k, losses_ in main.USED_BY.items() if loss not in losses_}
+    train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
+    common = ["--device", "cpu", "--model", "resnet20", "--batch_size", "8", "--loss", loss, "--no-amp"]
+    cfg, other = main.parse_config(common), main.parse_config(common + unused)
+    runs = []
+    for c in (cfg, other):
+        trainer = main.Trainer(c, train, 4, torch.device("cpu"))
+        batches = trainer.stream.epoch(0)
+        totals = [trainer.step(next(batches), alpha=0.5, lr=0.1).total.item() for _ in range(2)]
+        runs.append((totals, [p.detach().clone() for p in trainer.model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    saved = {"num_classes": 4, "config": dataclasses.asdict(cfg)}
+    main.check_compatible(saved, other, Path("last.pt"), 4)  # no error
+    read = {"ce": ["--ce_sampler", "sqrt"], "sc": ["--temp", "0.5"], "psc": ["--psc_temp", "0.3"]}[loss]
+    with pytest.raises(main.UserError, match=f"{read[0]} .* -> {read[1]}"):
+        main.check_compatible(saved, main.parse_config(common + read), Path("last.pt"), 4)
+
+
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     """A checkpoint from before --gray_prob existed was made with its default (0.2) and resumes under it."""
     import dataclasses

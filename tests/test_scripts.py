@@ -329,6 +329,8 @@ def test_summarize_knows_the_same_added_flags_as_main(summarize):
     import main  # torch is only needed here, not by summarize.py
 
     assert dict(summarize.FLAGS_ADDED_LATER) == dict(main.FLAGS_ADDED_LATER)
+    assert dict(summarize.USED_BY) == dict(main.USED_BY)  # and the same settings that only some losses read
+    assert all(name in main.COMPARED_ON_RESUME for name in main.USED_BY)
     assert all(name in main.COMPARED_ON_RESUME for name in main.FLAGS_ADDED_LATER)
     defaults = {f.name: f.default for f in dataclasses.fields(main.Config)}
     # Each flag's default kept what the code did before it existed, except --bn_stats: its default became per_branch
@@ -348,7 +350,7 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
                                  ("psc", 1, {"temp": 0.07, "psc_denominator": "negatives"}),
                                  ("psc", 2, {"base_temp": 0.07, "psc_denominator": "negatives"}),
                                  ("sc", 2, {"temp": 0.1}), ("sc", 3, {"temp": 0.1, "base_temp": 0.07}),
-                                 ("ce", 2, {"bn_stats": "per_branch"}),
+                                 ("ce", 2, {"bn_stats": "per_branch"}), ("ce", 3, {"sc_sampler": "class"}),
                                  ("psc", 3, {"bn_stats": "joint", "psc_denominator": "negatives"}),
                                  ("psc", 4, {"bn_stats": "per_branch", "psc_denominator": "negatives"})):
         write_result(tmp_path, f"{method}{seed}", method=method, seed=seed, config=config)
@@ -359,7 +361,7 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
         ("Hybrid-PSC [bn_stats=joint, psc_denominator=all]", "1 (0)"),
         ("Hybrid-PSC [bn_stats=joint, psc_denominator=negatives]", "3 (1, 2, 3)"),
         ("Hybrid-PSC [bn_stats=per_branch, psc_denominator=negatives]", "1 (4)"),
-        ("CE", "3 (0, 1, 2)")]
+        ("CE", "4 (0, 1, 2, 3)")]
 
 
 def test_feature_branch_augmentation_splits_only_the_hybrids_rows(summarize, tmp_path, capsys):

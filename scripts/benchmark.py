@@ -4,6 +4,7 @@
     python scripts/benchmark.py --device cpu --batch_size 128 --steps 20 --warmup_steps 5     # CPU, Hybrid-SC
     python scripts/benchmark.py --device cuda --batch_size 512 --json bench.json              # one GPU
     python scripts/benchmark.py --compare_options --no_reference --memory_batch_sizes ""      # amp / channels_last / compile
+    python scripts/benchmark.py --profile --no_reference --memory_batch_sizes ""              # where a step's time goes
 
 Three measurements, each skippable:
 
@@ -40,7 +41,10 @@ with --compile, compilation: it is reported apart as first_step_s / compile_s), 
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further project
 step runs under torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in it waited
-for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py.
+for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py. With --profile, --steps more
+project steps (the first row's options) run under torch.profiler, and each operator's self time per step and
+share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels each operator
+launched (an operator's own, not its children's, so the shares add up to the kernels' total).
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -87,6 +91,7 @@ MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the i
 MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated once the inputs exist"
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
+PROFILE_TOP = 15  # operators listed by --profile; the rest are one "other" line
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "eval_every", "print_freq",
                     "sync_bn", "deterministic")
@@ -103,6 +108,7 @@ class BenchOptions:
     compare_options: bool
     json_path: Optional[str]
     data_root: Optional[str]  # None: synthetic images
+    profile: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -123,6 +129,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="batch sizes of the feature-loss memory table, comma-separated ('' skips it)")
     bench.add_argument("--compare_options", action="store_true",
                        help="time the project step with amp on/off x channels_last on/off, and compiled")
+    bench.add_argument("--profile", action="store_true",
+                       help="then run --steps more project steps under torch.profiler: each operator's self time "
+                            "per step (CPU time; on CUDA its kernels' device time) and share")
     bench.add_argument("--json", metavar="PATH", help="write every number as JSON here")
     bench.add_argument("--_memory_probe", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS)
     return parser
@@ -166,7 +175,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     opts = BenchOptions(steps=args["steps"], warmup_steps=args["warmup_steps"], workers=workers,
                         reference=not args["no_reference"],
                         memory_batch_sizes=parse_memory_batch_sizes(args["memory_batch_sizes"]),
-                        compare_options=args["compare_options"], json_path=args["json"], data_root=data_root)
+                        compare_options=args["compare_options"], json_path=args["json"], data_root=data_root,
+                        profile=args["profile"])
     return cfg, opts
 
 
@@ -252,8 +262,9 @@ def first_epoch_alpha(cfg: main.Config) -> float:
 
 
 def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,
-                 opts: BenchOptions) -> dict[str, Any]:
-    """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging)."""
+                 opts: BenchOptions, profile: bool = False) -> dict[str, Any]:
+    """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging);
+    with `profile`, also where the time of opts.steps further steps goes (profile_steps)."""
     if cfg.compile:
         torch._dynamo.reset()  # compile from scratch, so compile_s is the real cost
     trainer = main.Trainer(cfg, train, num_classes, device)
@@ -270,7 +281,41 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
               "host_sync": host_sync_check(step, device)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
+    if profile:
+        try:
+            record["profile"] = profile_steps(step, opts.steps, device)
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot run costs its table, not the timings
+            record["profile"] = {"error": error_text(e)}
     return record
+
+
+def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> dict[str, Any]:
+    """Run `steps` steps under torch.profiler; per operator, its self time per step, its share of all operators'
+    self time and its calls per step, the PROFILE_TOP largest first and the rest as one "other" row. On CUDA
+    the time is the device time of the kernels each operator launched itself (the kernels' own rows are left
+    out, so nothing counts twice); elsewhere it is CPU time, which on the CPU is where the arithmetic runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = [(event.key, getattr(event, field), event.count) for event in prof.key_averages()
+           if not cuda or event.device_type == torch.autograd.DeviceType.CPU]
+    ops = sorted((op for op in ops if op[1] > 0), key=lambda op: -op[1])
+    total_us = sum(op[1] for op in ops)
+    row = lambda name, us, calls: {"op": name, "ms_per_step": us / 1000 / steps,  # noqa: E731
+                                   "share": us / total_us if total_us else 0.0, "calls_per_step": calls / steps}
+    rows = [row(name, us, calls) for name, us, calls in ops[:PROFILE_TOP]]
+    rest = ops[PROFILE_TOP:]
+    if rest:
+        rows.append(row(f"other ({len(rest)} operators)", sum(op[1] for op in rest), sum(op[2] for op in rest)))
+    return {"steps": steps, "clock": "device (kernels)" if cuda else "cpu", "ms_per_step": total_us / 1000 / steps,
+            "ops": rows}
 
 
 def host_sync_check(step: Callable[[], Any], device: torch.device) -> Optional[str]:
@@ -586,6 +631,18 @@ def format_report(result: dict[str, Any]) -> str:
         if checked:
             lines += ["", "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): " +
                       "; ".join(f"{row['label']}: {row['host_sync']}" for row in checked)]
+        for row in result["project"]:
+            prof = row.get("profile")
+            if prof is None:
+                continue
+            if "error" in prof:
+                lines += ["", f"profile of project: {row['label']}: failed: {prof['error']}"]
+                continue
+            lines += ["", f"where a step of project: {row['label']} spends its time (torch.profiler, {prof['steps']} "
+                          f"steps, {prof['clock']} self time, {prof['ms_per_step']:.1f} ms/step in all)",
+                      "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
+            lines += [f"| {op['op'][:80]} | {op['ms_per_step']:.2f} | {100 * op['share']:.1f} % | "
+                      f"{op['calls_per_step']:g} |" for op in prof["ops"]]
     memory = result["memory"]
     if memory is not None:
         lines += ["", f"feature-loss peak memory, forward + backward, [B, {MEMORY_VIEWS}, {MEMORY_FEAT_DIM}] features, "
@@ -636,10 +693,10 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         "project": [], "reference": None, "ratio": None, "memory": None, "complete": False,
     }
     save(result)  # an unwritable --json path fails here, not after the timing
-    for label, config in option_configs(cfg, device, opts.compare_options):
+    for i, (label, config) in enumerate(option_configs(cfg, device, opts.compare_options)):
         print(f"timing project: {label} ...", file=sys.stderr, flush=True)
         try:
-            row = time_project(config, train, num_classes, device, opts)
+            row = time_project(config, train, num_classes, device, opts, profile=opts.profile and i == 0)
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if not opts.compare_options:
                 raise

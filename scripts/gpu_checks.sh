@@ -15,8 +15,9 @@ Runs these steps in order, each under its own cap and what is left of the time b
   train_eager     the paper's 200-epoch Hybrid-SC on CIFAR-10-LT, imbalance ratio 100, main.py's
                   defaults (cap 240 s) -> results_eager.json
   benchmark       scripts/benchmark.py at batch 512 on the data, main.py's CUDA defaults against the
-                  PIL + DataLoader reference (--workers per loader), with the host-sync check and
-                  the feature losses' peak memory (cap 90 s) -> bench.json
+                  PIL + DataLoader reference (--workers per loader), with the host-sync check, a
+                  profile of the project's step by operator (--profile) and the feature losses' peak
+                  memory (cap 90 s) -> bench.json
   bench_supcon    the project's step with --sc_aug supcon alone (SupContrast's augmentation of the
                   views; no reference, no memory), with the host-sync check (cap 40 s) -> bench_supcon.json
   bench_options   the same step with each amp x channels_last combination and torch.compile
@@ -182,7 +183,7 @@ train() {
 }
 
 train eager 240
-run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --json "$out/bench.json" "${memory_args[@]}"
+run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
 run_step bench_supcon 40 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
   --json "$out/bench_supcon.json"
 if ((smoke)); then

@@ -133,6 +133,65 @@ def test_no_reference_and_no_memory(bench):
     assert "reference:" not in bench.format_report(result)
 
 
+def test_profile_breaks_the_first_project_row_down_by_operator(bench):
+    argv = [*TINY, "--no_reference", "--memory_batch_sizes", "", "--profile"]
+    result = bench.run(*bench.parse_args(argv), argv)
+    prof = result["project"][0]["profile"]
+    assert prof["steps"] == 2 and prof["clock"] == "cpu" and _positive(prof["ms_per_step"])
+    ops = {row["op"]: row for row in prof["ops"]}
+    assert len(prof["ops"]) == bench.PROFILE_TOP + 1 and prof["ops"][-1]["op"].startswith("other (")
+    assert math.isclose(sum(row["share"] for row in prof["ops"]), 1.0, rel_tol=1e-9)
+    assert math.isclose(sum(row["ms_per_step"] for row in prof["ops"]), prof["ms_per_step"], rel_tol=1e-9)
+    shares = [row["share"] for row in prof["ops"][:-1]]
+    assert shares == sorted(shares, reverse=True)
+    # resnet20 has 19 convolutions, and per-branch batch norm passes each branch through them apart.
+    assert ops["aten::convolution_backward"]["calls_per_step"] == 2 * 19
+    assert "| aten::convolution_backward |" in bench.format_report(result)
+    assert "spends its time (torch.profiler, 2 steps, cpu self time" in bench.format_report(result)
+    plain = bench.run(*bench.parse_args(argv[:-1]), argv[:-1])
+    assert "profile" not in plain["project"][0] and "spends its time" not in bench.format_report(plain)
+
+
+def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings(bench, monkeypatch):
+    """On CUDA the operators' self device time is their own kernels'; the kernels' rows would count them twice."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    event = lambda key, us, count, kind: type("Avg", (), {  # noqa: E731
+        "key": key, "self_device_time_total": us, "self_cpu_time_total": 1, "count": count, "device_type": kind})
+    events = [event("aten::mm", 300, 4, cpu), event("sm90_gemm_kernel", 300, 4, cuda),
+              event("aten::add_", 100, 8, cpu), event("elementwise_kernel", 100, 8, cuda),
+              event("aten::empty", 0, 9, cpu), event("aten::relu", 50, 2, cpu)]
+
+    class FakeProfile:
+        def __init__(self, activities):
+            assert torch.profiler.ProfilerActivity.CUDA in activities
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return False
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "PROFILE_TOP", 1)
+    steps = []
+    prof = bench.profile_steps(lambda: steps.append(1), 2, torch.device("cuda", 0))
+    assert len(steps) == 2 and prof["clock"] == "device (kernels)" and prof["ms_per_step"] == 0.225
+    assert prof["ops"] == [
+        {"op": "aten::mm", "ms_per_step": 0.15, "share": 300 / 450, "calls_per_step": 2.0},
+        {"op": "other (2 operators)", "ms_per_step": 0.075, "share": 150 / 450, "calls_per_step": 5.0}]
+
+    def broken(*args):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+    monkeypatch.setattr(bench, "profile_steps", broken)
+    argv = [*TINY, "--no_reference", "--memory_batch_sizes", "", "--profile"]
+    result = bench.run(*bench.parse_args(argv), argv)
+    row = result["project"][0]
+    assert _positive(row["samples_per_s"]) and row["profile"] == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED more"}
+    assert "profile of project: as configured: failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED more" in \
+        bench.format_report(result)
+
+
 def test_json_is_saved_after_each_row_and_a_failed_reference_keeps_the_rest(bench, tmp_path, monkeypatch, capsys):
     """A benchmark cut off by a time limit leaves what it measured; a reference that fails (say, its workers
     killed for lack of shared memory) is a row with the error, the JSON is still written, and the exit is 1."""

@@ -836,6 +836,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert re.search(r"^/dev/shm: \S+ total, \S+ free$", log, re.M) and "first step " in log
     bench = json.loads((out / "bench.json").read_text())
     assert bench["complete"] is True and bench["reference"]["samples_per_s"] > 0
+    assert "aten::convolution_backward" in {row["op"] for row in bench["project"][0]["profile"]["ops"]}
     supcon = json.loads((out / "bench_supcon.json").read_text())
     assert supcon["complete"] is True and supcon["settings"]["sc_aug"] == "supcon"
     assert supcon["project"][0]["samples_per_s"] > 0 and supcon["reference"] is None

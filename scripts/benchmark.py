@@ -41,10 +41,11 @@ with --compile, compilation: it is reported apart as first_step_s / compile_s), 
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further project
 step runs under torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in it waited
-for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py. With --profile, --steps more
-project steps (the first row's options) run under torch.profiler, and each operator's self time per step and
-share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels each operator
-launched (an operator's own, not its children's, so the shares add up to the kernels' total).
+for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py. With --profile, once everything
+else is measured and saved, up to PROFILE_MAX_STEPS more steps of the first project row's step run under
+torch.profiler, and each operator's self time per step and share of the total are reported: CPU time on the CPU,
+on CUDA the device time of the kernels each operator launched itself (not its children's, so no kernel counts
+twice; kernels launched outside any operator are left out of the total).
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -92,6 +93,7 @@ MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated onc
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
 PROFILE_TOP = 15  # operators listed by --profile; the rest are one "other" line
+PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "eval_every", "print_freq",
                     "sync_bn", "deterministic")
@@ -130,8 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare_options", action="store_true",
                        help="time the project step with amp on/off x channels_last on/off, and compiled")
     bench.add_argument("--profile", action="store_true",
-                       help="then run --steps more project steps under torch.profiler: each operator's self time "
-                            "per step (CPU time; on CUDA its kernels' device time) and share")
+                       help=f"at the end, up to {PROFILE_MAX_STEPS} more steps of the first project row under "
+                            "torch.profiler: each operator's self time per step (CPU time; on CUDA its kernels' "
+                            "device time) and share")
     bench.add_argument("--json", metavar="PATH", help="write every number as JSON here")
     bench.add_argument("--_memory_probe", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS)
     return parser
@@ -262,9 +265,9 @@ def first_epoch_alpha(cfg: main.Config) -> float:
 
 
 def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,
-                 opts: BenchOptions, profile: bool = False) -> dict[str, Any]:
+                 opts: BenchOptions) -> tuple[dict[str, Any], Callable[[], Any]]:
     """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging);
-    with `profile`, also where the time of opts.steps further steps goes (profile_steps)."""
+    returns the record and the step, which continues the same run (for profile_steps)."""
     if cfg.compile:
         torch._dynamo.reset()  # compile from scratch, so compile_s is the real cost
     trainer = main.Trainer(cfg, train, num_classes, device)
@@ -281,12 +284,7 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
               "host_sync": host_sync_check(step, device)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
-    if profile:
-        try:
-            record["profile"] = profile_steps(step, opts.steps, device)
-        except Exception as e:  # noqa: BLE001 - a profiler that cannot run costs its table, not the timings
-            record["profile"] = {"error": error_text(e)}
-    return record
+    return record, step
 
 
 def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> dict[str, Any]:
@@ -308,6 +306,8 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
            if not cuda or event.device_type == torch.autograd.DeviceType.CPU]
     ops = sorted((op for op in ops if op[1] > 0), key=lambda op: -op[1])
     total_us = sum(op[1] for op in ops)
+    if total_us == 0:  # e.g. CUPTI unavailable: the profiler only warns, and every kernel time reads 0
+        raise RuntimeError(f"the profiler recorded no {'kernel' if cuda else 'operator'} time")
     row = lambda name, us, calls: {"op": name, "ms_per_step": us / 1000 / steps,  # noqa: E731
                                    "share": us / total_us if total_us else 0.0, "calls_per_step": calls / steps}
     rows = [row(name, us, calls) for name, us, calls in ops[:PROFILE_TOP]]
@@ -687,16 +687,19 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         # Other processes on the same cores slow both pipelines unevenly; the load average shows whether they ran.
         "load_average_start": load_average(),
         "settings": {**dataclasses.asdict(cfg), "steps": opts.steps, "warmup_steps": opts.warmup_steps,
-                     "workers": opts.workers, "compare_options": opts.compare_options},
+                     "workers": opts.workers, "compare_options": opts.compare_options, "profile": opts.profile},
         "data": {"source": source, "train_size": len(train.labels),
                  "class_counts": np.bincount(train.labels, minlength=num_classes).tolist()},
         "project": [], "reference": None, "ratio": None, "memory": None, "complete": False,
     }
     save(result)  # an unwritable --json path fails here, not after the timing
+    profile_step = None  # the first project row's step, kept for --profile at the end
     for i, (label, config) in enumerate(option_configs(cfg, device, opts.compare_options)):
         print(f"timing project: {label} ...", file=sys.stderr, flush=True)
         try:
-            row = time_project(config, train, num_classes, device, opts, profile=opts.profile and i == 0)
+            row, step = time_project(config, train, num_classes, device, opts)
+            if opts.profile and i == 0:
+                profile_step = step
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if not opts.compare_options:
                 raise
@@ -723,6 +726,13 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
     save(result)
     if opts.memory_batch_sizes:
         result["memory"] = memory_table(opts.memory_batch_sizes, device)
+        save(result)
+    if profile_step is not None:  # last, so that a slow profiler under a time limit costs nothing else
+        print("profiling project: " + result["project"][0]["label"] + " ...", file=sys.stderr, flush=True)
+        try:
+            result["project"][0]["profile"] = profile_steps(profile_step, min(opts.steps, PROFILE_MAX_STEPS), device)
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot run costs its table, not the timings
+            result["project"][0]["profile"] = {"error": error_text(e)}
     result["complete"] = True
     save(result)
     return result

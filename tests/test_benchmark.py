@@ -135,7 +135,11 @@ def test_no_reference_and_no_memory(bench):
 
 def test_profile_breaks_the_first_project_row_down_by_operator(bench):
     argv = [*TINY, "--no_reference", "--memory_batch_sizes", "", "--profile"]
-    result = bench.run(*bench.parse_args(argv), argv)
+    saved = []
+    result = bench.run(*bench.parse_args(argv), argv, save=lambda r: saved.append(json.loads(json.dumps(r))))
+    # The row's timing is saved before the profiler runs, last, so a time limit that stops it costs nothing else.
+    assert "profile" not in saved[-2]["project"][0] and saved[-2]["complete"] is False
+    assert saved[-1] == json.loads(json.dumps(result)) and result["settings"]["profile"] is True
     prof = result["project"][0]["profile"]
     assert prof["steps"] == 2 and prof["clock"] == "cpu" and _positive(prof["ms_per_step"])
     ops = {row["op"]: row for row in prof["ops"]}
@@ -180,6 +184,10 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
     assert prof["ops"] == [
         {"op": "aten::mm", "ms_per_step": 0.15, "share": 300 / 450, "calls_per_step": 2.0},
         {"op": "other (2 operators)", "ms_per_step": 0.075, "share": 150 / 450, "calls_per_step": 5.0}]
+    # Without CUPTI the profiler only warns and every kernel time reads 0: an error, not an empty table.
+    events[:] = [event("aten::mm", 0, 4, cpu), event("aten::add_", 0, 8, cpu)]
+    with pytest.raises(RuntimeError, match="recorded no kernel time"):
+        bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))
 
     def broken(*args):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")

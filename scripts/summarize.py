@@ -2,6 +2,11 @@
 """Summarise finished runs as the paper's Table 1 (markdown, or CSV with --csv).
 
     python scripts/summarize.py runs/table1 [more dirs or results.json files] [--csv] [--out FILE]
+    python scripts/summarize.py runs/table1 --per_class    # and each row's top-1 per class
+
+With --per_class, the markdown adds a table per dataset and ratio (one column per row above, one line per
+class with its training images) of each class's top-1 at the last epoch, mean over the row's seeds; with
+--csv it prints those numbers instead of the rows, one line per row and class (with the std over seeds).
 
 Reads every results.json under the given folders (recursively), groups the runs by
 (dataset, method, imb_type, imbalance ratio, schedule, recipe) and reports per group: the seeds, best and
@@ -128,6 +133,8 @@ class RunResult:
     few: float | None
     wall_time_s: float | None
     recipe: tuple[tuple[str, str], ...] = ()  # the other training settings of its config, as JSON
+    per_class: tuple[float, ...] | None = None  # last-epoch top-1 per class; None when not recorded
+    class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class GroupSummary:
     reference_top1: float | None  # None when not comparable or unknown
     reference_source: str | None  # "paper" or "literature"
     diff: float | None  # last_top1_mean - paper value; only against the paper's own numbers
+    # Last-epoch top-1 per class, mean and std over seeds (std None for one seed); None when a run of the
+    # group does not record it or its runs were trained on different class sizes.
+    per_class_mean: tuple[float, ...] | None = None
+    per_class_std: tuple[float | None, ...] | None = None
+    class_counts: tuple[int, ...] | None = None
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -186,6 +198,21 @@ def _shot_accuracy(data: dict, key: str) -> float | None:
         raise ValueError(f"missing key '{key}'")
     value = _number(data, key, optional=True)
     return None if value is None or math.isnan(value) else value
+
+
+def _per_class(data: dict) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
+    """(per-class top-1, class sizes), both None unless the file records both; checked for shape."""
+    per_class, counts = data.get("per_class"), data.get("class_counts")
+    if per_class is None or counts is None:
+        return None, None
+    if not isinstance(per_class, list) or not isinstance(counts, list) or len(per_class) != len(counts) \
+            or not per_class:
+        raise ValueError("'per_class' and 'class_counts' must be lists of one value per class")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 100.0 for v in per_class):
+        raise ValueError(f"'per_class' must hold percentages in 0..100, got {per_class!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(f"'class_counts' must hold non-negative integers, got {counts!r}")
+    return tuple(float(v) for v in per_class), tuple(counts)
 
 
 def parse_result(data: object, path: str) -> RunResult:
@@ -243,6 +270,7 @@ def parse_result(data: object, path: str) -> RunResult:
         if data["method"] not in methods:
             settings.pop(flag, None)
     recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
+    per_class, class_counts = _per_class(data)
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
         imbalance_ratio=ratio, seed=integers["seed"], epochs=integers["epochs"],
@@ -251,7 +279,7 @@ def parse_result(data: object, path: str) -> RunResult:
         many=_shot_accuracy(data, "many"), medium=_shot_accuracy(data, "medium"),
         few=_shot_accuracy(data, "few"),
         wall_time_s=_number(data, "wall_time_s", optional=True),
-        recipe=recipe,
+        recipe=recipe, per_class=per_class, class_counts=class_counts,
     )
 
 
@@ -350,6 +378,11 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
     diff = None
     if reference is not None and reference[1] == "paper":
         diff = last_mean - reference[0]
+    per_class_mean = per_class_std = counts = None
+    if all(run.per_class is not None for run in runs) and len({run.class_counts for run in runs}) == 1:
+        counts = runs[0].class_counts
+        stats = [mean_std([run.per_class[c] for run in runs]) for c in range(len(counts))]
+        per_class_mean, per_class_std = tuple(m for m, _ in stats), tuple(sd for _, sd in stats)
     return GroupSummary(
         key=key, seeds=tuple(run.seed for run in runs),
         best_top1_mean=best_mean, best_top1_std=best_std,
@@ -361,7 +394,7 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         paper_schedule=paper_schedule,
         reference_top1=None if reference is None else reference[0],
         reference_source=None if reference is None else reference[1],
-        diff=diff,
+        diff=diff, per_class_mean=per_class_mean, per_class_std=per_class_std, class_counts=counts,
     )
 
 
@@ -483,6 +516,67 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def _row_label(row: GroupSummary) -> str:
+    """A per-class column's heading: the row's method, variant, schedule when not the paper's, and seeds."""
+    schedule = "" if row.paper_schedule else f", {row.key.epochs} ep."
+    seeds = f"{len(row.seeds)} seed{'s' if len(row.seeds) != 1 else ''}"
+    return f"{_method_text(row.key)}{schedule} ({seeds})"
+
+
+def per_class_tables(rows: list[GroupSummary]) -> list[tuple[str, list[GroupSummary]]]:
+    """(heading, rows) per dataset, imb_type and ratio, in table order; rows without per-class values are
+    left out (per_class_notes says which)."""
+    tables: dict[tuple, list[GroupSummary]] = {}
+    for row in rows:
+        if row.per_class_mean is not None:
+            key = row.key
+            tables.setdefault((key.dataset, key.imb_type, key.imbalance_ratio, row.class_counts), []).append(row)
+    headings = [f"{DATASET_LABELS.get(dataset, dataset)}, imbalance ratio {_ratio_text(members[0].key)}"
+                for (dataset, *_), members in tables.items()]
+    return list(zip(headings, tables.values()))
+
+
+def format_per_class_markdown(rows: list[GroupSummary]) -> str:
+    """Each row's last-epoch top-1 per class (mean over seeds), one table per dataset and ratio."""
+    blocks = []
+    for heading, members in per_class_tables(rows):
+        counts = members[0].class_counts
+        header = ["class", "train images"] + [_row_label(row) for row in members]
+        lines = [f"Per-class top-1 at the last epoch, {heading} (mean over seeds):", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for c, count in enumerate(counts):
+            lines.append("| " + " | ".join([str(c), str(count)] + [f"{row.per_class_mean[c]:.2f}" for row in members])
+                         + " |")
+        blocks.append("\n".join(lines))
+    missing = [row for row in rows if row.per_class_mean is None]
+    if missing:
+        blocks.append("No per-class values (a run that does not record them, or seeds trained on different "
+                      "class sizes): " + "; ".join(f"{DATASET_LABELS.get(r.key.dataset, r.key.dataset)} "
+                                                   f"{_ratio_text(r.key)} {_row_label(r)}" for r in missing))
+    return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "n_seeds", "seeds",
+                         "class", "train_images", "top1_mean", "top1_std")
+
+
+def format_per_class_csv(rows: list[GroupSummary]) -> str:
+    """One line per row and class: the last-epoch top-1 mean and std over seeds (empty std for one seed)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PER_CLASS_CSV_COLUMNS)
+    for row in rows:
+        if row.per_class_mean is None:
+            continue
+        key = row.key
+        for c, count in enumerate(row.class_counts):
+            writer.writerow((DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
+                             variant_text(key), key.imb_type, repr(key.imbalance_ratio), key.epochs, len(row.seeds),
+                             " ".join(str(s) for s in row.seeds), c, count, _csv_number(row.per_class_mean[c]),
+                             _csv_number(row.per_class_std[c])))
+    return buffer.getvalue()
+
+
 def _csv_number(value: float | None) -> str:
     return "" if value is None else repr(value)
 
@@ -558,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="+", metavar="DIR", help="run folders or their parents (searched recursively)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
+    parser.add_argument("--per_class", action="store_true",
+                        help="add each row's last-epoch top-1 per class (with --csv: print those instead)")
     return parser
 
 
@@ -571,7 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as error:
         print(f"summarize.py: error: {error}", file=sys.stderr)
         return 1
-    text = format_csv(rows) if args.csv else format_markdown(rows)
+    if args.csv:
+        text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
+    else:
+        text = format_markdown(rows)
+        if args.per_class:
+            text += "\n" + format_per_class_markdown(rows)
     if args.out:
         Path(args.out).write_text(text)
         print(f"summarize.py: wrote {len(rows)} rows from {len(files)} runs to {args.out}", file=sys.stderr)

@@ -43,9 +43,12 @@ def summarize():
 
 # ---- summarize.py ----------------------------------------------------------------------------
 
+CIFAR10_R100_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
-                wall_time_s=3600.0, imb_type="exp", config=None):
+                wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=CIFAR10_R100_COUNTS):
     """A results.json in the schema main.py writes (only what matters here varies)."""
     shots = {"top1": last, "many": many, "medium": medium, "few": few}
     return {
@@ -55,7 +58,7 @@ def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, la
         "best_top1": best, "best_epoch": epochs - 1, "last_top1": last,
         "many": many, "medium": medium, "few": few,
         "best": {**shots, "top1": best, "epoch": epochs - 1}, "last": {**shots, "epoch": epochs},
-        "per_class": [last] * 10, "class_counts": [5000, 50], "history": [],
+        "per_class": [last] * 10 if per_class is None else per_class, "class_counts": class_counts, "history": [],
         "samples_per_s": 1000.0, "wall_time_s": wall_time_s, "torch_version": "2.14.1",
         "device": "cpu", "config": {"epochs": epochs, **(config or {})},
     }
@@ -193,6 +196,54 @@ def test_csv_output_parses_with_unformatted_numbers(summarize, tmp_path, capsys)
     assert psc["reference_top1"] == "" and psc["diff_last_minus_reference"] == ""
 
 
+def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, capsys):
+    """--per_class: one table per dataset and ratio, a column per row, a line per class with its training images;
+    with --csv the same numbers, one line per row and class, with the std over seeds."""
+    sc_seeds = [[50.0 + seed + c for c in range(10)] for seed in range(3)]
+    for seed, per_class in enumerate(sc_seeds):
+        write_result(tmp_path, f"sc{seed}", seed=seed, per_class=per_class)
+    write_result(tmp_path, "psc0", method="psc", per_class=[10.0 * c for c in range(10)])
+    r10_counts = [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500]
+    write_result(tmp_path, "sc_r10", ratio=10, per_class=[90.0] * 10, class_counts=r10_counts)
+    older = result_dict(method="ce")
+    del older["per_class"]  # a run that does not record it
+    (tmp_path / "ce0").mkdir()
+    (tmp_path / "ce0" / "results.json").write_text(json.dumps(older))
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_class")
+    assert code == 0 and err == ""
+    blocks = out.split("Per-class top-1 at the last epoch, ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["CIFAR-10-LT, imbalance ratio 100 (mean over seeds):",
+                                                   "CIFAR-10-LT, imbalance ratio 10 (mean over seeds):"]
+    r100 = table_rows(blocks[0])
+    assert len(r100) == 10
+    assert [r[:2] for r in r100] == [[str(c), str(n)] for c, n in enumerate(CIFAR10_R100_COUNTS)]
+    assert [r[2] for r in r100] == [f"{statistics.mean(s[c] for s in sc_seeds):.2f}" for c in range(10)]
+    assert [r[3] for r in r100] == [f"{10.0 * c:.2f}" for c in range(10)]
+    header = [line for line in blocks[0].splitlines() if line.startswith("| class")][0]
+    assert header == "| class | train images | Hybrid-SC (3 seeds) | Hybrid-PSC (1 seed) |"
+    assert [r[:3] for r in table_rows(blocks[1].split("\n\n")[1])] == \
+        [[str(c), str(n), "90.00"] for c, n in enumerate(r10_counts)]
+    assert out.rstrip().endswith("No per-class values (a run that does not record them, or seeds trained on "
+                                 "different class sizes): CIFAR-10-LT 100 CE (1 seed)")
+    assert len(table_rows(out.split("\n\n")[0])) == 4  # the main table is unchanged
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class", "--csv")
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(lines) == 3 * 10
+    sc = [line for line in lines if line["method"] == "Hybrid-SC" and line["imbalance_ratio"] == "100.0"]
+    assert [int(line["train_images"]) for line in sc] == CIFAR10_R100_COUNTS
+    assert sc[3]["seeds"] == "0 1 2" and float(sc[3]["top1_mean"]) == statistics.mean(s[3] for s in sc_seeds)
+    assert math.isclose(float(sc[3]["top1_std"]), statistics.stdev(s[3] for s in sc_seeds), rel_tol=1e-12)
+    assert [line["top1_std"] for line in lines if line["method"] == "Hybrid-PSC"] == [""] * 10
+
+
+def test_per_class_of_seeds_with_other_class_sizes_is_not_averaged(summarize, tmp_path, capsys):
+    write_result(tmp_path, "a", seed=0)
+    write_result(tmp_path, "b", seed=1, class_counts=[5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 49])
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class")
+    assert code == 0 and "| class |" not in out
+    assert "No per-class values" in out and "Hybrid-SC (2 seeds)" in out
+
+
 def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (tmp_path / "empty" / "run").mkdir(parents=True)
     code, out, err = run_summarize(summarize, capsys, tmp_path / "empty")
@@ -208,6 +259,8 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (json.dumps({**result_dict(), "best_top1": "81"}), "'best_top1' must be a number"),
     (json.dumps({**result_dict(), "last_top1": 0.81 * 1000}), "percentage in 0..100"),
     (json.dumps([1, 2]), "not a JSON object"),
+    (json.dumps({**result_dict(), "per_class": [80.0] * 9}), "one value per class"),
+    (json.dumps({**result_dict(), "per_class": [0.8] * 9 + [800.0]}), "'per_class' must hold percentages"),
 ])
 def test_malformed_results_name_the_file(summarize, tmp_path, capsys, content, reason):
     write_result(tmp_path, "good")
@@ -805,6 +858,13 @@ def test_sweep_real_cli(tmp_path, summarize):
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE |") == 2
+    # The per-class tables from main.py's own results.json: one per ratio, a line per class.
+    per_class = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs), "--per_class", "--csv"],
+                               capture_output=True, text=True, timeout=60)
+    assert per_class.returncode == 0, per_class.stderr
+    lines = list(csv.DictReader(io.StringIO(per_class.stdout)))
+    assert sorted({line["imbalance_ratio"] for line in lines}) == ["10.0", "2.0"] and len(lines) == 2 * 10
+    assert all(0.0 <= float(line["top1_mean"]) <= 100.0 for line in lines)
 
 
 # ---- gpu_checks.sh ---------------------------------------------------------------------------

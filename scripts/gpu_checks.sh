@@ -24,7 +24,7 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   (--compare_options, no reference, no memory; cap 150 s) -> bench_options.json
   train_compile   train_eager with --compile (what is left); results.json's first_step_s holds
                   the compilation, train_time_s the training -> results_compile.json
-Then summary.md (scripts/summarize.py per run) and log.txt: the environment (nvidia-smi, torch,
+Then summary.md (scripts/summarize.py --per_class per run) and log.txt: the environment (nvidia-smi, torch,
 the commit) and every step's output and status. At most 7 files, all directly in --out.
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
@@ -203,7 +203,7 @@ for results in "$out"/results_*.json; do
   {
     echo "## $variant"
     echo
-    "$python" scripts/summarize.py "$results" 2>&1 || echo "(summarize failed on $results)"
+    "$python" scripts/summarize.py "$results" --per_class 2>&1 || echo "(summarize failed on $results)"
     echo
   } >>"$out/summary.md"
   summarised=1

@@ -904,6 +904,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
     summary = (out / "summary.md").read_text()
     assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC |" in summary
+    assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10 " in summary
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
 
 

@@ -19,7 +19,8 @@ Choices, documented here and in the table's footnotes:
 - The paper gives one top-1 per cell; "diff" compares our LAST-epoch top-1 mean with it (the best
   epoch is chosen on the test set, so it is optimistic).
 - The paper schedule is 200 epochs, lr x0.1 at 120 and 160, batch 512. Any other schedule is
-  marked in the epochs column ("short schedule: 20 epochs") and shows "n/c" (not comparable)
+  marked in the epochs column ("short schedule: 20 epochs", with the lr decay epochs and batch size
+  where two rows would otherwise read alike) and shows "n/c" (not comparable)
   instead of the paper value and difference.
 - CE has no value in the paper; on CIFAR-10-LT ratio 100 the literature value 70.36 is shown,
   marked "(lit.)", without a difference (a different recipe). It is plain, instance-sampled
@@ -55,6 +56,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import Callable
 
 import numpy as np
 
@@ -208,10 +210,12 @@ def _per_class(data: dict) -> tuple[tuple[float, ...] | None, tuple[int, ...] | 
     if not isinstance(per_class, list) or not isinstance(counts, list) or len(per_class) != len(counts) \
             or not per_class:
         raise ValueError("'per_class' and 'class_counts' must be lists of one value per class")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 100.0 for v in per_class):
-        raise ValueError(f"'per_class' must hold percentages in 0..100, got {per_class!r}")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
-        raise ValueError(f"'class_counts' must hold non-negative integers, got {counts!r}")
+    for c, v in enumerate(per_class):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
+            raise ValueError(f"'per_class' must hold percentages in 0..100, got {v!r} for class {c}")
+    for c, n in enumerate(counts):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"'class_counts' must hold non-negative integers, got {n!r} for class {c}")
     return tuple(float(v) for v in per_class), tuple(counts)
 
 
@@ -434,15 +438,28 @@ def _ratio_text(key: GroupKey) -> str:
     return ratio if key.imb_type == "exp" else f"{ratio} ({key.imb_type})"
 
 
-def schedule_text(key: GroupKey, paper_schedule: bool) -> str:
-    """'200' on the paper schedule; otherwise says which schedule, e.g. 'short schedule: 20 epochs'."""
+def schedule_text(key: GroupKey, paper_schedule: bool, detailed: bool = False) -> str:
+    """'200' on the paper schedule; otherwise says which schedule, e.g. 'short schedule: 20 epochs', with the
+    lr decay epochs and the batch size when longer than the paper's or `detailed` (to tell two rows apart)."""
     if paper_schedule:
         return str(key.epochs)
-    if key.epochs < PAPER_EPOCHS:
-        return f"short schedule: {key.epochs} epoch{'s' if key.epochs != 1 else ''}"
     decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
     batch = "?" if key.batch_size is None else str(key.batch_size)
+    if key.epochs < PAPER_EPOCHS:
+        short = f"short schedule: {key.epochs} epoch{'s' if key.epochs != 1 else ''}"
+        return f"{short}, lr decay at {decay}, batch {batch}" if detailed else short
     return f"other schedule: {key.epochs} epochs, lr decay at {decay}, batch {batch}"
+
+
+def distinct_schedules(rows: list[GroupSummary], label: Callable[[GroupSummary], tuple]) -> list[str]:
+    """Each row's schedule_text, in full for rows that would otherwise look alike: same `label` and the same
+    short text (e.g. two 20-epoch runs with other lr decay epochs)."""
+    short = [schedule_text(row.key, row.paper_schedule) for row in rows]
+    seen: dict[tuple, int] = {}
+    for row, text in zip(rows, short):
+        seen[(label(row), text)] = seen.get((label(row), text), 0) + 1
+    return [schedule_text(row.key, row.paper_schedule, detailed=seen[(label(row), text)] > 1)
+            for row, text in zip(rows, short)]
 
 
 def variant_text(key: GroupKey) -> str:
@@ -477,7 +494,8 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     header = ("dataset", "method", "imb. ratio", "seeds", "best top-1", "last top-1",
               "many", "medium", "few", "epochs", "wall time", "paper top-1", "diff")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    schedules = distinct_schedules(rows, lambda row: (row.key.dataset, _method_text(row.key), _ratio_text(row.key)))
+    for row, schedule in zip(rows, schedules):
         key = row.key
         if not row.paper_schedule:
             reference, diff = "n/c", "n/c"
@@ -492,7 +510,7 @@ def format_markdown(rows: list[GroupSummary]) -> str:
             _ratio_text(key), f"{len(row.seeds)} ({', '.join(str(s) for s in row.seeds)})",
             _pm(row.best_top1_mean, row.best_top1_std), _pm(row.last_top1_mean, row.last_top1_std),
             _opt(row.many), _opt(row.medium), _opt(row.few),
-            schedule_text(key, row.paper_schedule), format_duration(row.wall_time_s), reference, diff,
+            schedule, format_duration(row.wall_time_s), reference, diff,
         )
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
@@ -516,11 +534,13 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def _row_label(row: GroupSummary) -> str:
-    """A per-class column's heading: the row's method, variant, schedule when not the paper's, and seeds."""
-    schedule = "" if row.paper_schedule else f", {row.key.epochs} ep."
-    seeds = f"{len(row.seeds)} seed{'s' if len(row.seeds) != 1 else ''}"
-    return f"{_method_text(row.key)}{schedule} ({seeds})"
+def _row_labels(rows: list[GroupSummary]) -> list[str]:
+    """Per-class column headings: each row's method and variant, its schedule unless the paper's (in full where
+    two rows would otherwise look alike), and its seeds."""
+    schedules = distinct_schedules(rows, lambda row: (_method_text(row.key),))
+    seeds = [f"{len(row.seeds)} seed{'s' if len(row.seeds) != 1 else ''}" for row in rows]
+    return [f"{_method_text(row.key)}{'' if row.paper_schedule else ', ' + schedule} ({n})"
+            for row, schedule, n in zip(rows, schedules, seeds)]
 
 
 def per_class_tables(rows: list[GroupSummary]) -> list[tuple[str, list[GroupSummary]]]:
@@ -531,8 +551,9 @@ def per_class_tables(rows: list[GroupSummary]) -> list[tuple[str, list[GroupSumm
         if row.per_class_mean is not None:
             key = row.key
             tables.setdefault((key.dataset, key.imb_type, key.imbalance_ratio, row.class_counts), []).append(row)
-    headings = [f"{DATASET_LABELS.get(dataset, dataset)}, imbalance ratio {_ratio_text(members[0].key)}"
-                for (dataset, *_), members in tables.items()]
+    headings = [f"{DATASET_LABELS.get(dataset, dataset)}, imbalance ratio {_ratio_text(members[0].key)}, "
+                f"{counts[0]} .. {counts[-1]} training images per class"
+                for (dataset, _, _, counts), members in tables.items()]
     return list(zip(headings, tables.values()))
 
 
@@ -541,7 +562,7 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     blocks = []
     for heading, members in per_class_tables(rows):
         counts = members[0].class_counts
-        header = ["class", "train images"] + [_row_label(row) for row in members]
+        header = ["class", "train images"] + _row_labels(members)
         lines = [f"Per-class top-1 at the last epoch, {heading} (mean over seeds):", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for c, count in enumerate(counts):
@@ -551,13 +572,15 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     missing = [row for row in rows if row.per_class_mean is None]
     if missing:
         blocks.append("No per-class values (a run that does not record them, or seeds trained on different "
-                      "class sizes): " + "; ".join(f"{DATASET_LABELS.get(r.key.dataset, r.key.dataset)} "
-                                                   f"{_ratio_text(r.key)} {_row_label(r)}" for r in missing))
+                      "class sizes): " + "; ".join(f"{DATASET_LABELS.get(r.key.dataset, r.key.dataset)} ratio "
+                                                   f"{_ratio_text(r.key)} {label}"
+                                                   for r, label in zip(missing, _row_labels(missing))))
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
-PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "n_seeds", "seeds",
-                         "class", "train_images", "top1_mean", "top1_std")
+PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "lr_decay_epochs",
+                         "batch_size", "paper_schedule", "n_seeds", "seeds", "class", "train_images", "top1_mean",
+                         "top1_std")
 
 
 def format_per_class_csv(rows: list[GroupSummary]) -> str:
@@ -571,7 +594,9 @@ def format_per_class_csv(rows: list[GroupSummary]) -> str:
         key = row.key
         for c, count in enumerate(row.class_counts):
             writer.writerow((DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
-                             variant_text(key), key.imb_type, repr(key.imbalance_ratio), key.epochs, len(row.seeds),
+                             variant_text(key), key.imb_type, repr(key.imbalance_ratio), key.epochs,
+                             " ".join(str(e) for e in key.lr_decay_epochs),
+                             "" if key.batch_size is None else key.batch_size, row.paper_schedule, len(row.seeds),
                              " ".join(str(s) for s in row.seeds), c, count, _csv_number(row.per_class_mean[c]),
                              _csv_number(row.per_class_std[c])))
     return buffer.getvalue()
@@ -669,13 +694,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.csv:
         text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
+        if args.per_class and any(row.per_class_mean is None for row in rows):
+            print(f"summarize.py: {sum(row.per_class_mean is None for row in rows)} rows without per-class values "
+                  "left out (a run that does not record them, or seeds trained on different class sizes)",
+                  file=sys.stderr)
     else:
         text = format_markdown(rows)
         if args.per_class:
             text += "\n" + format_per_class_markdown(rows)
     if args.out:
         Path(args.out).write_text(text)
-        print(f"summarize.py: wrote {len(rows)} rows from {len(files)} runs to {args.out}", file=sys.stderr)
+        what = f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class else f"{len(rows)} rows"
+        print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -212,8 +212,9 @@ def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, ca
     code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_class")
     assert code == 0 and err == ""
     blocks = out.split("Per-class top-1 at the last epoch, ")[1:]
-    assert [b.splitlines()[0] for b in blocks] == ["CIFAR-10-LT, imbalance ratio 100 (mean over seeds):",
-                                                   "CIFAR-10-LT, imbalance ratio 10 (mean over seeds):"]
+    assert [b.splitlines()[0] for b in blocks] == [
+        "CIFAR-10-LT, imbalance ratio 100, 5000 .. 50 training images per class (mean over seeds):",
+        "CIFAR-10-LT, imbalance ratio 10, 5000 .. 500 training images per class (mean over seeds):"]
     r100 = table_rows(blocks[0])
     assert len(r100) == 10
     assert [r[:2] for r in r100] == [[str(c), str(n)] for c, n in enumerate(CIFAR10_R100_COUNTS)]
@@ -224,7 +225,7 @@ def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, ca
     assert [r[:3] for r in table_rows(blocks[1].split("\n\n")[1])] == \
         [[str(c), str(n), "90.00"] for c, n in enumerate(r10_counts)]
     assert out.rstrip().endswith("No per-class values (a run that does not record them, or seeds trained on "
-                                 "different class sizes): CIFAR-10-LT 100 CE (1 seed)")
+                                 "different class sizes): CIFAR-10-LT ratio 100 CE (1 seed)")
     assert len(table_rows(out.split("\n\n")[0])) == 4  # the main table is unchanged
     code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class", "--csv")
     lines = list(csv.DictReader(io.StringIO(out)))
@@ -236,12 +237,51 @@ def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, ca
     assert [line["top1_std"] for line in lines if line["method"] == "Hybrid-PSC"] == [""] * 10
 
 
+def test_rows_that_differ_only_in_lr_decay_or_batch_say_so(summarize, tmp_path, capsys):
+    """Two 20-epoch rows with other lr decay epochs, and a step-profile run: no two columns or rows look alike."""
+    write_result(tmp_path, "a", epochs=20, decay=(12, 16), batch_size=128)
+    write_result(tmp_path, "b", epochs=20, decay=(10, 15), batch_size=128)
+    write_result(tmp_path, "c", epochs=20, decay=(12, 16), batch_size=128, method="psc")
+    write_result(tmp_path, "d", imb_type="step", per_class=[60.0] * 10,
+                 class_counts=[5000] * 5 + [50] * 5)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class")
+    assert code == 0
+    main_rows = table_rows(out.split("\n\n")[0])
+    assert sorted(r[9] for r in main_rows if r[1] == "Hybrid-SC" and r[2] == "100") == [
+        "short schedule: 20 epochs, lr decay at 10,15, batch 128", "short schedule: 20 epochs, lr decay at 12,16, batch 128"]
+    assert [r[9] for r in main_rows if r[1] == "Hybrid-PSC"] == ["short schedule: 20 epochs"]  # alone: short
+    headers = [line for line in out.splitlines() if line.startswith("| class")]
+    assert headers[0] == ("| class | train images | Hybrid-SC, short schedule: 20 epochs, lr decay at 10,15, batch 128 "
+                          "(1 seed) | Hybrid-SC, short schedule: 20 epochs, lr decay at 12,16, batch 128 (1 seed) | "
+                          "Hybrid-PSC, short schedule: 20 epochs (1 seed) |")
+    assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 100 (step), 5000 .. 50 training" in out
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_class", "--csv")
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and err == "" and len(lines) == 4 * 10
+    assert sorted({(line["method"], line["lr_decay_epochs"], line["batch_size"], line["paper_schedule"])
+                   for line in lines if line["imb_type"] == "exp"}) == [
+        ("Hybrid-PSC", "12 16", "128", "False"), ("Hybrid-SC", "10 15", "128", "False"),
+        ("Hybrid-SC", "12 16", "128", "False")]
+
+
 def test_per_class_of_seeds_with_other_class_sizes_is_not_averaged(summarize, tmp_path, capsys):
     write_result(tmp_path, "a", seed=0)
     write_result(tmp_path, "b", seed=1, class_counts=[5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 49])
+    without_counts = result_dict(method="psc")
+    del without_counts["class_counts"]  # per-class values without the class sizes: not recorded either
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps(without_counts))
     code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class")
     assert code == 0 and "| class |" not in out
-    assert "No per-class values" in out and "Hybrid-SC (2 seeds)" in out
+    assert out.rstrip().endswith("No per-class values (a run that does not record them, or seeds trained on "
+                                 "different class sizes): CIFAR-10-LT ratio 100 Hybrid-SC (2 seeds); "
+                                 "CIFAR-10-LT ratio 100 Hybrid-PSC (1 seed)")
+    out_file = tmp_path / "per_class.csv"
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_class", "--csv", "--out", out_file)
+    assert code == 0 and out == "" and out_file.read_text().count("\n") == 1  # the header alone
+    assert err.splitlines() == ["summarize.py: 2 rows without per-class values left out (a run that does not record "
+                                "them, or seeds trained on different class sizes)",
+                                f"summarize.py: wrote 0 per-class lines from 3 runs to {out_file}"]
 
 
 def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
@@ -260,7 +300,8 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (json.dumps({**result_dict(), "last_top1": 0.81 * 1000}), "percentage in 0..100"),
     (json.dumps([1, 2]), "not a JSON object"),
     (json.dumps({**result_dict(), "per_class": [80.0] * 9}), "one value per class"),
-    (json.dumps({**result_dict(), "per_class": [0.8] * 9 + [800.0]}), "'per_class' must hold percentages"),
+    (json.dumps({**result_dict(), "per_class": [0.8] * 9 + [800.0]}), "percentages in 0..100, got 800.0 for class 9"),
+    (json.dumps({**result_dict(), "class_counts": [5000] * 9 + [0.5]}), "non-negative integers, got 0.5 for class 9"),
 ])
 def test_malformed_results_name_the_file(summarize, tmp_path, capsys, content, reason):
     write_result(tmp_path, "good")
@@ -904,7 +945,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
     summary = (out / "summary.md").read_text()
     assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC |" in summary
-    assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10 " in summary
+    assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10, " in summary
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
 
 

@@ -558,6 +558,13 @@ USED_BY = MappingProxyType({"sc_sampler": ("sc", "psc"), "temp": ("sc",), "base_
                             "sc_aug": ("sc", "psc")})
 
 
+def unread_settings(cfg: Config) -> list[str]:
+    """The flags given a value other than their default that the run's loss does not read (USED_BY)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return [name for name, losses_ in USED_BY.items()
+            if cfg.loss not in losses_ and getattr(cfg, name) != defaults[name]]
+
+
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
     """A checkpoint must come from the same model and class count (and, to resume, the same recipe)."""
     if saved.get("num_classes") != num_classes or saved["config"].get("model") != cfg.model:
@@ -669,6 +676,10 @@ class Run:
             util.write_json(config, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
+        unread = unread_settings(cfg)
+        if unread:  # not an error: a sweep passes one set of flags to every method
+            self.log(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
+                     f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run")
         self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
                  f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
                  f"steps/epoch, device {device_name(self.device)}, output {self.out}")

@@ -129,12 +129,14 @@ def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
 
 
 def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
+    """--temp is SC's: PSC keeps its own (0.1 on CIFAR-100), and the run says --temp changes nothing."""
     write_pickled_cifar100(tmp_path / "data", *make_synthetic(100, 6, 2, seed=1))
     out = tmp_path / "run"
     proc = run_cli("--dataset", "cifar100", "--data_root", str(tmp_path / "data"), "--loss", "psc",
                    "--output_dir", str(out), "--model", "resnet20", "--batch_size", "32", "--epochs", "1",
-                   "--lr_decay_epochs", "", "--imb_factor", "0.5", "--device", "cpu")
+                   "--lr_decay_epochs", "", "--imb_factor", "0.5", "--device", "cpu", "--temp", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: --loss psc does not read --temp; it changes nothing in this run\n" in proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["psc_temperature"] == 0.1 and cfg["num_classes"] == 100
     res = json.loads((out / "results.json").read_text())
@@ -404,6 +406,8 @@ def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
     import dataclasses
 
     assert {flag[2:] for flag in unused[::2]} == {k for k, losses_ in main.USED_BY.items() if loss not in losses_}
+    assert sorted(main.unread_settings(main.parse_config(["--loss", loss, *unused]))) == sorted(f[2:] for f in unused[::2])
+    assert main.unread_settings(main.parse_config(["--loss", loss])) == []
     train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
     common = ["--device", "cpu", "--model", "resnet20", "--batch_size", "8", "--loss", loss, "--no-amp"]
     cfg, other = main.parse_config(common), main.parse_config(common + unused)

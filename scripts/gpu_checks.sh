@@ -20,6 +20,10 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   memory (cap 90 s) -> bench.json
   bench_supcon    the project's step with --sc_aug supcon alone (SupContrast's augmentation of the
                   views; no reference, no memory), with the host-sync check (cap 40 s) -> bench_supcon.json
+  train_eager_resumed
+                  only when train_eager was cut off by its cap: the same run continued with --resume
+                  (what is left; its 200-epoch result matters more than the two steps below, which
+                  then get what remains, train_compile nothing) -> results_eager.json
   bench_options   the same step with each amp x channels_last combination and torch.compile
                   (--compare_options, no reference, no memory; cap 150 s) -> bench_options.json
   train_compile   train_eager with --compile (what is left); results.json's first_step_s holds
@@ -104,6 +108,7 @@ fi
 
 statuses=()
 any_failed=0
+last_rc=""  # the exit status of the last step run_step ran ("skipped" when it did not run)
 reserve=15  # seconds kept for the summary at the end
 
 # note TEXT: to the terminal and to log.txt.
@@ -117,6 +122,7 @@ run_step() {
   shift 3
   local left=$((budget_s - reserve - (SECONDS - start)))
   local limit=$((cap < left ? cap : left))
+  last_rc=skipped
   if ((limit < 30)); then
     statuses+=("$name: skipped (${left}s of the budget left)")
     any_failed=1
@@ -129,6 +135,7 @@ run_step() {
   PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_$name" \
     timeout --signal=TERM --kill-after=10 $((limit - 10)) "$@" >>"$log" 2>&1 || rc=$?
   local took=$((SECONDS - t0))
+  last_rc=$rc
   if ((rc == 0)); then
     statuses+=("$name: ok (${took}s)")
   elif ((rc == 124 || rc == 137)); then
@@ -170,29 +177,42 @@ else
 fi
 bench=("$python" scripts/benchmark.py --device "$device" --data_root "$data_root" "${bench_args[@]}")
 
-# train VARIANT CAP [main.py flags]: one 200-epoch run; its results.json comes back as results_VARIANT.json.
+# train STEP VARIANT CAP [main.py flags]: one 200-epoch run in the folder of VARIANT; its results.json comes
+# back as results_VARIANT.json.
 train() {
-  local variant=$1 cap=$2
-  shift 2
+  local step=$1 variant=$2 cap=$3
+  shift 3
   local run_dir="$scratch/runs/sc_$variant"
-  run_step "train_$variant" "$cap" -- "$python" main.py --data_root "$data_root" --device "$device" --loss sc \
+  run_step "$step" "$cap" -- "$python" main.py --data_root "$data_root" --device "$device" --loss sc \
     --output_dir "$run_dir" --print_freq 24 "${run_args[@]}" "$@"
   if [[ -f $run_dir/results.json ]]; then
     cp "$run_dir/results.json" "$out/results_$variant.json"
   fi
 }
 
-train eager 240
+train train_eager eager 240
+eager_cut=0  # cut off by its cap (main.py saved last.pt on the TERM): resumed after the benchmarks
+if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $scratch/runs/sc_eager/last.pt ]]; then
+  eager_cut=1
+fi
 run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
 run_step bench_supcon 40 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
   --json "$out/bench_supcon.json"
+if ((eager_cut)); then
+  train train_eager_resumed eager "$budget_s" --resume
+fi
 if ((smoke)); then
   statuses+=("bench_options: not in --smoke")
   statuses+=("train_compile: not in --smoke")
 else
   run_step bench_options 150 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
     --json "$out/bench_options.json"
-  train compile "$budget_s" --compile
+  if ((eager_cut)); then
+    statuses+=("train_compile: not run (the cut-off eager run was resumed instead)")
+    note "== train_compile: not run, the cut-off eager run was resumed instead"
+  else
+    train train_compile compile "$budget_s" --compile
+  fi
 fi
 
 summarised=0

@@ -949,6 +949,57 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
 
 
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python in gpu_checks.sh: main.py is "cut off" (exit 124, as timeout reports it, after saving
+# last.pt) unless given --resume, which finishes it; the benchmark writes its JSON; the rest is real python.
+echo "$*" >>"$FAKE_LOG"
+case $1 in
+  main.py)
+    out="" resume=0
+    while (($#)); do
+      case $1 in --output_dir) out=$2; shift 2 ;; --resume) resume=1; shift ;; *) shift ;; esac
+    done
+    mkdir -p "$out"
+    if ((resume)); then cp "$FAKE_RESULTS" "$out/results.json"; exit 0; fi
+    echo checkpoint >"$out/last.pt"
+    exit 124 ;;
+  scripts/benchmark.py)
+    while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2"; shift; done
+    exit 0 ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+
+
+def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path):
+    """A 200-epoch run that its cap cut off is continued with --resume after the benchmarks, in the same folder,
+    and its results.json still comes back; the compiled twin is not started then."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    results = tmp_path / "template.json"
+    results.write_text(json.dumps(result_dict(epochs=200)))
+    data = tmp_path / "data"
+    data.mkdir()
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
+           "FAKE_RESULTS": str(results)}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(data), "--out", str(out),
+                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a step was cut off
+    assert "train_eager: CUT OFF" in proc.stdout and "train_eager_resumed: ok" in proc.stdout
+    mains = [line.split() for line in calls.read_text().splitlines() if line.startswith("main.py")]
+    assert len(mains) == 2 and "--resume" not in mains[0] and mains[1] == mains[0] + ["--resume"]
+    steps = [line.split()[0] for line in calls.read_text().splitlines() if line.split()[0] != "-c"]
+    assert steps[:5] == ["main.py", "scripts/benchmark.py", "scripts/benchmark.py", "main.py", "scripts/benchmark.py"]
+    assert "--compare_options" in calls.read_text().splitlines()[-2]  # bench_options after the resumed run
+    assert "train_compile: not run (the cut-off eager run was resumed instead)" in proc.stdout
+    assert json.loads((out / "results_eager.json").read_text())["epochs"] == 200
+    assert "| CIFAR-10-LT | Hybrid-SC | 100 |" in (out / "summary.md").read_text()
+    assert not (out / "results_compile.json").exists()
+
+
 def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     script = ["bash", str(SCRIPTS / "gpu_checks.sh")]
     occupied = tmp_path / "occupied"

@@ -191,8 +191,10 @@ train() {
 }
 
 train train_eager eager 240
-eager_cut=0  # cut off by its cap (main.py saved last.pt on the TERM): resumed after the benchmarks
-if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $scratch/runs/sc_eager/last.pt ]]; then
+# Cut off by its cap, main.py saved last.pt on the TERM: resumed after the benchmarks. (A TERM during the last
+# epoch's evaluation or results can still let the run finish: results.json says so.)
+eager_dir="$scratch/runs/sc_eager" eager_cut=0
+if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
   eager_cut=1
 fi
 run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"

@@ -932,6 +932,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench.json", "bench_supcon.json", "log.txt", "results_eager.json", "summary.md"]
     assert "benchmark: ok" in proc.stdout and "train_eager: ok" in proc.stdout and "bench_supcon: ok" in proc.stdout
+    assert "train_eager_resumed" not in proc.stdout  # a run that finished is not resumed
     log = (out / "log.txt").read_text()
     assert "torch " in log and "commit: " in log and "== train_eager" in log and "epoch 1/1" in log
     assert re.search(r"^/dev/shm: \S+ total, \S+ free$", log, re.M) and "first step " in log
@@ -951,8 +952,10 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for python in gpu_checks.sh: main.py is "cut off" (exit 124, as timeout reports it, after saving
-# last.pt) unless given --resume, which finishes it; the benchmark writes its JSON; the rest is real python.
-echo "$*" >>"$FAKE_LOG"
+# last.pt when FAKE_CHECKPOINT is 1) unless given --resume, which finishes it; the benchmark writes its JSON;
+# the rest is real python.
+printf '%q ' "$@" >>"$FAKE_LOG"
+echo >>"$FAKE_LOG"
 case $1 in
   main.py)
     out="" resume=0
@@ -961,7 +964,7 @@ case $1 in
     done
     mkdir -p "$out"
     if ((resume)); then cp "$FAKE_RESULTS" "$out/results.json"; exit 0; fi
-    echo checkpoint >"$out/last.pt"
+    if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
     exit 124 ;;
   scripts/benchmark.py)
     while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2"; shift; done
@@ -971,9 +974,11 @@ esac
 """
 
 
-def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path):
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["last.pt saved", "no checkpoint"])
+def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkpoint):
     """A 200-epoch run that its cap cut off is continued with --resume after the benchmarks, in the same folder,
-    and its results.json still comes back; the compiled twin is not started then."""
+    and its results.json still comes back; the compiled twin is not started then. Without a last.pt to resume
+    from, the steps run as usual."""
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
@@ -983,17 +988,23 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path):
     data.mkdir()
     calls = tmp_path / "calls.log"
     env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
-           "FAKE_RESULTS": str(results)}
+           "FAKE_RESULTS": str(results), "FAKE_CHECKPOINT": "1" if checkpoint else "0"}
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(data), "--out", str(out),
                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # a step was cut off
-    assert "train_eager: CUT OFF" in proc.stdout and "train_eager_resumed: ok" in proc.stdout
-    mains = [line.split() for line in calls.read_text().splitlines() if line.startswith("main.py")]
+    calls_made = [line.split() for line in calls.read_text().splitlines() if line.split()[0] != "-c"]
+    mains = [args for args in calls_made if args[0] == "main.py"]
+    assert "train_eager: CUT OFF" in proc.stdout
+    if not checkpoint:
+        assert "train_eager_resumed" not in proc.stdout and "train_compile: CUT OFF" in proc.stdout
+        assert len(mains) == 2 and "--compile" in mains[1] and "--resume" not in mains[1]
+        return
+    assert "train_eager_resumed: ok" in proc.stdout
     assert len(mains) == 2 and "--resume" not in mains[0] and mains[1] == mains[0] + ["--resume"]
-    steps = [line.split()[0] for line in calls.read_text().splitlines() if line.split()[0] != "-c"]
-    assert steps[:5] == ["main.py", "scripts/benchmark.py", "scripts/benchmark.py", "main.py", "scripts/benchmark.py"]
-    assert "--compare_options" in calls.read_text().splitlines()[-2]  # bench_options after the resumed run
+    assert [args[0] for args in calls_made] == ["main.py", "scripts/benchmark.py", "scripts/benchmark.py", "main.py",
+                                                "scripts/benchmark.py", "scripts/summarize.py"]
+    assert "--compare_options" in calls_made[4]  # bench_options after the resumed run
     assert "train_compile: not run (the cut-off eager run was resumed instead)" in proc.stdout
     assert json.loads((out / "results_eager.json").read_text())["epochs"] == 200
     assert "| CIFAR-10-LT | Hybrid-SC | 100 |" in (out / "summary.md").read_text()

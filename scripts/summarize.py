@@ -53,6 +53,7 @@ import io
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -454,12 +455,9 @@ def schedule_text(key: GroupKey, paper_schedule: bool, detailed: bool = False) -
 def distinct_schedules(rows: list[GroupSummary], label: Callable[[GroupSummary], tuple]) -> list[str]:
     """Each row's schedule_text, in full for rows that would otherwise look alike: same `label` and the same
     short text (e.g. two 20-epoch runs with other lr decay epochs)."""
-    short = [schedule_text(row.key, row.paper_schedule) for row in rows]
-    seen: dict[tuple, int] = {}
-    for row, text in zip(rows, short):
-        seen[(label(row), text)] = seen.get((label(row), text), 0) + 1
-    return [schedule_text(row.key, row.paper_schedule, detailed=seen[(label(row), text)] > 1)
-            for row, text in zip(rows, short)]
+    looks = [(label(row), schedule_text(row.key, row.paper_schedule)) for row in rows]
+    alike = Counter(looks)
+    return [schedule_text(row.key, row.paper_schedule, detailed=alike[look] > 1) for row, look in zip(rows, looks)]
 
 
 def variant_text(key: GroupKey) -> str:
@@ -694,10 +692,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.csv:
         text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
-        if args.per_class and any(row.per_class_mean is None for row in rows):
-            print(f"summarize.py: {sum(row.per_class_mean is None for row in rows)} rows without per-class values "
-                  "left out (a run that does not record them, or seeds trained on different class sizes)",
-                  file=sys.stderr)
+        left_out = sum(row.per_class_mean is None for row in rows) if args.per_class else 0
+        if left_out:
+            print(f"summarize.py: {left_out} rows without per-class values left out (a run that does not record "
+                  "them, or seeds trained on different class sizes)", file=sys.stderr)
     else:
         text = format_markdown(rows)
         if args.per_class:

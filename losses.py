@@ -10,6 +10,8 @@ float32 answer to within bf16's rounding of the inputs.
 """
 from __future__ import annotations
 
+import math
+from types import MappingProxyType
 from typing import Callable, NamedTuple
 
 import torch
@@ -119,14 +121,27 @@ def psc_loss(
         return (torch.logsumexp(logits, dim=1) - positive_logit).mean()
 
 
-def hybrid_alpha(epoch: int, epochs: int) -> float:
-    """Weight of the feature loss: 1 - (epoch / epochs)^2, epoch counted from 0 (so 1 at the start).
+# Weight of the feature loss at epoch T of T_max (T from 0), by schedule: the paper's parabolic decay and the
+# alternatives of BBN's cumulative-learning ablation (Zhou et al., CVPR 2020), where the paper's form comes from.
+ALPHA_SCHEDULES = MappingProxyType({
+    "parabolic": lambda t: 1.0 - t ** 2,           # the paper: 1 - (T / T_max)^2
+    "linear": lambda t: 1.0 - t,
+    "cosine": lambda t: math.cos(t * math.pi / 2),
+    "equal": lambda t: 0.5,                         # no curriculum: both terms weighted alike throughout
+})
+
+
+def hybrid_alpha(epoch: int, epochs: int, schedule: str = "parabolic") -> float:
+    """Weight of the feature loss at this epoch (counted from 0): by default the paper's 1 - (epoch / epochs)^2,
+    so 1 at the start; see ALPHA_SCHEDULES for the others.
 
     Moves training from feature learning towards classifier learning.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
-    return 1.0 - (epoch / epochs) ** 2
+    if schedule not in ALPHA_SCHEDULES:
+        raise ValueError(f"unknown alpha schedule {schedule!r}; expected one of {', '.join(ALPHA_SCHEDULES)}")
+    return float(ALPHA_SCHEDULES[schedule](epoch / epochs))
 
 
 class LossTerms(NamedTuple):

@@ -84,6 +84,9 @@ class Config:
                          "with its own batch statistics (as two forward calls would); joint passes them as one "
                          "batch (the default of every run made before per_branch became the default)", "method",
                          choices=("per_branch", "joint"))
+    alpha_schedule: str = _opt("parabolic", "weight alpha of the feature loss over the epochs (T from 0): parabolic "
+                               "1 - (T/T_max)^2 (the paper), linear 1 - T/T_max, cosine cos(pi/2 T/T_max), or equal "
+                               "0.5 throughout (BBN's ablation)", "method", choices=tuple(losses.ALPHA_SCHEDULES))
     # ---- optimisation
     batch_size: int = _opt(512, "images per branch per step (global over all processes)", "optimisation")
     learning_rate: float = _opt(0.5, "base learning rate (SGD)", "optimisation")
@@ -546,16 +549,16 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 # Training settings added after runs had been saved, with what the code did before each existed: a
 # checkpoint or run without one was made with that value (scripts/summarize.py keeps the same table).
 FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": data.GRAY_PROB, "base_temp": None, "bn_stats": "joint",
-                                      "sc_aug": "paper"})
+                                      "sc_aug": "paper", "alpha_schedule": "parabolic"})
 COMPARED_ON_RESUME = ("dataset", "imb_type", "imb_factor", "data_seed", "sc_sampler", "ce_sampler", "gray_prob",
-                      "sc_aug", "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator", "bn_stats",
-                      "batch_size", "learning_rate", "momentum", "weight_decay", "epochs", "lr_decay_epochs",
-                      "lr_decay_rate", "warm_epochs", "seed")
+                      "sc_aug", "loss", "model", "feat_dim", "temp", "base_temp", "psc_temp", "psc_denominator",
+                      "bn_stats", "alpha_schedule", "batch_size", "learning_rate", "momentum", "weight_decay",
+                      "epochs", "lr_decay_epochs", "lr_decay_rate", "warm_epochs", "seed")
 # Settings that only some losses read (scripts/summarize.py keeps the same table): a run of another loss is
 # the same run whatever they say, so they neither block its resume nor split its row in a summary.
 USED_BY = MappingProxyType({"sc_sampler": ("sc", "psc"), "temp": ("sc",), "base_temp": ("sc",),
                             "psc_temp": ("psc",), "psc_denominator": ("psc",), "bn_stats": ("sc", "psc"),
-                            "sc_aug": ("sc", "psc")})
+                            "sc_aug": ("sc", "psc"), "alpha_schedule": ("sc", "psc")})
 
 
 def unread_settings(cfg: Config) -> list[str]:
@@ -705,7 +708,7 @@ class Run:
         cfg, state, trainer, dist = self.cfg, self.state, self.trainer, self.dist
         from tqdm import tqdm
         epoch, steps = state.epoch, trainer.steps_per_epoch
-        alpha = losses.hybrid_alpha(epoch, cfg.epochs) if trainer.feature_branch else 0.0
+        alpha = losses.hybrid_alpha(epoch, cfg.epochs, cfg.alpha_schedule) if trainer.feature_branch else 0.0
         if state.epoch_sums is None or state.step == 0:
             state.epoch_sums = torch.zeros(4, device=self.device)
         since_log = torch.zeros(4, device=self.device)

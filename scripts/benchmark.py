@@ -261,7 +261,7 @@ def lr_schedule(cfg: main.Config, train_size: int) -> Callable[[int], float]:
 
 
 def first_epoch_alpha(cfg: main.Config) -> float:
-    return losses.hybrid_alpha(0, cfg.epochs) if cfg.loss != "ce" else 0.0
+    return losses.hybrid_alpha(0, cfg.epochs, cfg.alpha_schedule) if cfg.loss != "ce" else 0.0
 
 
 def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,

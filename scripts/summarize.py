@@ -26,6 +26,8 @@ Choices, documented here and in the table's footnotes:
   marked "(lit.)", without a difference (a different recipe). It is plain, instance-sampled
   cross-entropy: a CE run with another --ce_sampler is always labelled with it
   ("CE [ce_sampler=class]", the hybrid's classifier branch alone) and gets no literature value.
+  Likewise a hybrid run in another form than the paper's (--alpha_schedule other than parabolic,
+  --sc_aug supcon, for PSC --psc_denominator all) is always labelled with it and gets no paper value.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
   setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
   the number of processes are separate rows, each labelled with the settings that tell them apart
@@ -37,8 +39,8 @@ Choices, documented here and in the table's footnotes:
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
   that records neither counts as not recording the setting. --temp and --base_temp split only
-  Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug and
-  --sc_sampler only the hybrids' rows: the other losses do not read them.
+  Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
+  --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too.
@@ -87,17 +89,25 @@ RESOLVED = MappingProxyType({"amp": "amp", "psc_temp": "psc_temperature"})
 # Training settings added after runs had been saved, with what the code did before each existed
 # (main.FLAGS_ADDED_LATER, repeated here so that summarising needs no torch): a run without one
 # was made with that value.
-FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2, "base_temp": None, "bn_stats": "joint", "sc_aug": "paper"})
+FLAGS_ADDED_LATER = MappingProxyType({"gray_prob": 0.2, "base_temp": None, "bn_stats": "joint", "sc_aug": "paper",
+                                      "alpha_schedule": "parabolic"})
 # Settings that only some losses read (main.USED_BY, repeated here too): the others' runs do not split on them.
 USED_BY = MappingProxyType({"sc_sampler": ("sc", "psc"), "temp": ("sc",), "base_temp": ("sc",),
                             "psc_temp": ("psc",), "psc_denominator": ("psc",), "bn_stats": ("sc", "psc"),
-                            "sc_aug": ("sc", "psc")})
+                            "sc_aug": ("sc", "psc"), "alpha_schedule": ("sc", "psc")})
 # Plain cross-entropy on the same split, as reported in the literature (Cao et al. 2019, LDAM-DRW).
 LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
-# What "plain" means for those literature values: instance sampling. A run with another value is
-# another method (class-balanced CE is the hybrid's classifier branch alone): its label always says
-# so, also with no other run to tell it from, and it gets no literature value.
-LITERATURE_RECIPE = MappingProxyType({"ce": MappingProxyType({"ce_sampler": "instance"})})
+# The recipe each reference value assumes, where a flag can leave it: the paper's form of the method (its
+# alpha curriculum, its augmentation, its PSC denominator) for the hybrids, and "plain" (instance sampling)
+# for the literature's CE. A run with another value is another method (class-balanced CE is the hybrid's
+# classifier branch alone): its label always says so, also with no other run to tell it from, and it gets
+# no reference value.
+_PAPER_FORM = {"alpha_schedule": "parabolic", "sc_aug": "paper"}
+REFERENCE_RECIPE = MappingProxyType({
+    "sc": MappingProxyType(_PAPER_FORM),
+    "psc": MappingProxyType({**_PAPER_FORM, "psc_denominator": "negatives"}),
+    "ce": MappingProxyType({"ce_sampler": "instance"}),
+})
 
 DATASET_LABELS = MappingProxyType({"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"})
 METHOD_LABELS = MappingProxyType({"sc": "Hybrid-SC", "psc": "Hybrid-PSC", "ce": "CE"})
@@ -300,9 +310,9 @@ def group_key(run: RunResult) -> GroupKey:
 UNRECORDED = "?"  # a run without a setting that splits its group (made before the flag existed)
 
 
-def plain_recipe(method: str) -> dict[str, str]:
-    """The settings (name -> JSON value) that the literature value of this method assumes."""
-    return {name: json.dumps(value) for name, value in LITERATURE_RECIPE.get(method, {}).items()}
+def reference_recipe(method: str) -> dict[str, str]:
+    """The settings (name -> JSON value) that the paper's or the literature's value of this method assumes."""
+    return {name: json.dumps(value) for name, value in REFERENCE_RECIPE.get(method, {}).items()}
 
 
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
@@ -314,9 +324,9 @@ def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list
     for recipe in recipes:
         for name, encoded in recipe.items():
             values.setdefault(name, set()).add(encoded)
-    plain = plain_recipe(key.method)
+    reference = reference_recipe(key.method)
     differing = sorted(name for name, seen in values.items()
-                       if len(seen) > 1 or (name in plain and seen != {plain[name]}))
+                       if len(seen) > 1 or (name in reference and seen != {reference[name]}))
     if not differing:
         return {key: runs}
     parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
@@ -366,10 +376,12 @@ def reference_top1(key: GroupKey) -> tuple[float, str] | None:
     if key.imb_type != "exp" or abs(key.imbalance_ratio - ratio) > 1e-6:
         return None
     table_key = (key.dataset, key.method, ratio)
+    recipe = reference_recipe(key.method)
+    if any(recipe.get(name, encoded) != encoded for name, encoded in key.variant):
+        return None  # another form of the method than the one the value was measured with
     if table_key in PAPER_TOP1:
         return PAPER_TOP1[table_key], "paper"
-    plain = plain_recipe(key.method)
-    if table_key in LITERATURE_TOP1 and all(plain.get(name, encoded) == encoded for name, encoded in key.variant):
+    if table_key in LITERATURE_TOP1:
         return LITERATURE_TOP1[table_key], "literature"
     return None
 
@@ -528,7 +540,10 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     if any(row.key.variant for row in rows):
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
                      "training settings of their saved config (or in world_size, the number of "
-                     "processes) are reported apart; '?': the run does not record the setting.")
+                     "processes) are reported apart; '?': the run does not record the setting. A row in "
+                     "another form of the method than the paper's (alpha_schedule other than parabolic, "
+                     "sc_aug other than paper, for Hybrid-PSC psc_denominator other than negatives) or, for "
+                     "CE, with a ce_sampler other than instance has no reference value ('—').")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

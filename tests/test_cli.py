@@ -396,7 +396,7 @@ def test_readme_documents_every_flag():
 
 @pytest.mark.parametrize("loss, unused", [
     ("ce", ["--sc_sampler", "class", "--sc_aug", "supcon", "--bn_stats", "joint", "--temp", "0.5",
-            "--base_temp", "0.07", "--psc_temp", "0.3", "--psc_denominator", "all"]),
+            "--base_temp", "0.07", "--psc_temp", "0.3", "--psc_denominator", "all", "--alpha_schedule", "equal"]),
     ("sc", ["--psc_temp", "0.3", "--psc_denominator", "all"]),
     ("psc", ["--temp", "0.5", "--base_temp", "0.07"]),
 ])
@@ -424,6 +424,31 @@ def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
     read = {"ce": ["--ce_sampler", "sqrt"], "sc": ["--temp", "0.5"], "psc": ["--psc_temp", "0.3"]}[loss]
     with pytest.raises(main.UserError, match=f"{read[0]} .* -> {read[1]}"):
         main.check_compatible(saved, main.parse_config(common + read), Path("last.pt"), 4)
+
+
+def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):
+    """--alpha_schedule linear: alpha = 1 - T / T_max per epoch (T from 0), recorded in the history and the
+    config; a resume under another schedule is refused, and one from before the flag counts as parabolic."""
+    import dataclasses
+
+    out = tmp_path / "run"
+    at = TINY.index("--epochs")
+    tiny = TINY[:at] + TINY[at + 2:] + ["--epochs", "4", "--eval_every", "4"]
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(out), "--alpha_schedule", "linear", *tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [h["alpha"] for h in res["history"]] == [1.0, 0.75, 0.5, 0.25]
+    assert res["config"]["alpha_schedule"] == "linear"
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    linear = main.parse_config(["--data_root", str(cifar10_root), "--alpha_schedule", "linear", *tiny])
+    main.check_compatible(saved, linear, out / "last.pt", 10)  # no error
+    with pytest.raises(main.UserError, match=r"--alpha_schedule linear -> parabolic"):
+        main.check_compatible(saved, main.parse_config(["--data_root", str(cifar10_root), *tiny]), out / "last.pt", 10)
+    cfg = main.parse_config([])
+    before = {"num_classes": 10, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "alpha_schedule"}}
+    main.check_compatible(before, cfg, Path("last.pt"), 10)  # no error
+    with pytest.raises(main.UserError, match=r"--alpha_schedule parabolic -> cosine"):
+        main.check_compatible(before, main.parse_config(["--alpha_schedule", "cosine"]), Path("last.pt"), 10)
 
 
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():

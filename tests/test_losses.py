@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import METHODS, HybridLoss, LossTerms, hybrid_alpha, psc_loss, supcon_loss
+from losses import ALPHA_SCHEDULES, METHODS, HybridLoss, LossTerms, hybrid_alpha, psc_loss, supcon_loss
 from util import UserError
 
 
@@ -261,8 +261,28 @@ def test_hybrid_alpha_schedule():
     alphas = [hybrid_alpha(epoch, 200) for epoch in range(200)]
     assert all(later < earlier for earlier, later in zip(alphas, alphas[1:]))
     assert alphas[-1] == pytest.approx(1 - (199 / 200) ** 2) and alphas[-1] > 0
+    assert alphas == [hybrid_alpha(epoch, 200, "parabolic") for epoch in range(200)]  # the default, bit for bit
     with pytest.raises(ValueError):
         hybrid_alpha(0, 0)
+
+
+@pytest.mark.parametrize("schedule, formula", [
+    ("parabolic", lambda t, n: 1 - (t / n) ** 2),
+    ("linear", lambda t, n: 1 - t / n),
+    ("cosine", lambda t, n: math.cos(math.pi / 2 * t / n)),
+    ("equal", lambda t, n: 0.5),
+])
+def test_alpha_schedules_follow_their_formulas(schedule, formula):
+    """BBN's cumulative-learning weights (T counted from 0): every value in (0, 1], never rising."""
+    assert set(ALPHA_SCHEDULES) == {"parabolic", "linear", "cosine", "equal"}
+    for epochs in (1, 7, 200):
+        alphas = [hybrid_alpha(epoch, epochs, schedule) for epoch in range(epochs)]
+        assert alphas == pytest.approx([formula(epoch, epochs) for epoch in range(epochs)], abs=1e-15)
+        assert all(0 < a <= 1 for a in alphas) and all(b <= a for a, b in zip(alphas, alphas[1:]))
+        assert all(type(a) is float for a in alphas)
+    assert hybrid_alpha(1, 4, "linear") == 0.75 and hybrid_alpha(2, 4, "cosine") == pytest.approx(0.5 ** 0.5)
+    with pytest.raises(ValueError, match="unknown alpha schedule 'step'"):
+        hybrid_alpha(0, 10, "step")
 
 
 def _branch_batches(num_views=2, batch_size=5, feat_dim=6, num_classes=3):

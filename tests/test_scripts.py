@@ -458,15 +458,42 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
         ("CE", "4 (0, 1, 2, 3)")]
 
 
-def test_feature_branch_augmentation_splits_only_the_hybrids_rows(summarize, tmp_path, capsys):
-    """A run from before --sc_aug had the paper's augmentation; CE has no feature branch, so it never splits."""
-    for method, seed, config in (("sc", 0, {}), ("sc", 1, {"sc_aug": "paper"}), ("sc", 2, {"sc_aug": "supcon"}),
-                                 ("ce", 0, {}), ("ce", 1, {"sc_aug": "supcon"})):
+@pytest.mark.parametrize("flag, before, other", [("sc_aug", "paper", "supcon"), ("alpha_schedule", "parabolic", "linear")])
+def test_feature_branch_settings_split_only_the_hybrids_rows(summarize, tmp_path, capsys, flag, before, other):
+    """A run from before the flag had the paper's form; CE has no feature branch (and no alpha), so it never
+    splits."""
+    for method, seed, config in (("sc", 0, {}), ("sc", 1, {flag: before}), ("sc", 2, {flag: other}),
+                                 ("ce", 0, {}), ("ce", 1, {flag: other})):
         write_result(tmp_path, f"{method}{seed}", method=method, seed=seed, config=config)
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
-    assert [(r[1], r[3]) for r in table_rows(out)] == [
-        ("Hybrid-SC [sc_aug=paper]", "2 (0, 1)"), ("Hybrid-SC [sc_aug=supcon]", "1 (2)"), ("CE", "2 (0, 1)")]
+    hybrids = sorted([(f"Hybrid-SC [{flag}={before}]", "2 (0, 1)"), (f"Hybrid-SC [{flag}={other}]", "1 (2)")])
+    assert [(r[1], r[3]) for r in table_rows(out)] == [*hybrids, ("CE", "2 (0, 1)")]
+
+
+@pytest.mark.parametrize("method, flag, value", [("sc", "alpha_schedule", "linear"), ("psc", "alpha_schedule", "equal"),
+                                                 ("sc", "sc_aug", "supcon"), ("psc", "psc_denominator", "all")])
+def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summarize, tmp_path, capsys, method, flag,
+                                                                         value):
+    """Alone in the summary, at the paper's schedule, a run in another form of the method is labelled with it and
+    gets no paper value; the paper's form (given explicitly or not) gets it."""
+    write_result(tmp_path, "other", method=method, seed=0, last=70.0, config={flag: value})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    [row] = table_rows(out)
+    label = {"sc": "Hybrid-SC", "psc": "Hybrid-PSC"}[method]
+    assert row[1] == f"{label} [{flag}={value}]" and row[-2:] == ["—", "—"]
+    assert "has no reference value" in out
+    code, csv_out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
+    [line] = list(csv.DictReader(io.StringIO(csv_out)))
+    assert line["variant"] == f"{flag}={value}" and line["reference_top1"] == "" and line["reference_source"] == ""
+    default = {"alpha_schedule": "parabolic", "sc_aug": "paper", "psc_denominator": "negatives"}[flag]
+    (tmp_path / "other" / "results.json").unlink()
+    write_result(tmp_path, "paper_form", method=method, seed=0, last=70.0, config={flag: default})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    [row] = table_rows(out)
+    paper = {"sc": 81.40, "psc": 78.82}[method]
+    assert row[1] == label and row[-2:] == [f"{paper:.2f}", f"{70.0 - paper:+.2f}"]
 
 
 @pytest.mark.parametrize("field, values, labels", [

@@ -596,23 +596,31 @@ PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_
                          "top1_std")
 
 
-def format_per_class_csv(rows: list[GroupSummary]) -> str:
-    """One line per row and class: the last-epoch top-1 mean and std over seeds (empty std for one seed)."""
+def _key_cells(row: GroupSummary) -> dict[str, object]:
+    """The CSV cells that say which row this is (its group key, seeds and schedule), by column name."""
+    key = row.key
+    return {"dataset": DATASET_LABELS.get(key.dataset, key.dataset),
+            "method": METHOD_LABELS.get(key.method, key.method), "variant": variant_text(key), "imb_type": key.imb_type, "imbalance_ratio": repr(key.imbalance_ratio),
+            "n_seeds": len(row.seeds), "seeds": " ".join(str(s) for s in row.seeds), "epochs": key.epochs,
+            "lr_decay_epochs": " ".join(str(e) for e in key.lr_decay_epochs),
+            "batch_size": "" if key.batch_size is None else key.batch_size, "paper_schedule": row.paper_schedule}
+
+
+def _write_csv(columns: tuple[str, ...], lines) -> str:
+    """CSV text of these columns, from one dict (column -> cell) per line."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PER_CLASS_CSV_COLUMNS)
-    for row in rows:
-        if row.per_class_mean is None:
-            continue
-        key = row.key
-        for c, count in enumerate(row.class_counts):
-            writer.writerow((DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
-                             variant_text(key), key.imb_type, repr(key.imbalance_ratio), key.epochs,
-                             " ".join(str(e) for e in key.lr_decay_epochs),
-                             "" if key.batch_size is None else key.batch_size, row.paper_schedule, len(row.seeds),
-                             " ".join(str(s) for s in row.seeds), c, count, _csv_number(row.per_class_mean[c]),
-                             _csv_number(row.per_class_std[c])))
+    writer.writerow(columns)
+    writer.writerows([line[name] for name in columns] for line in lines)
     return buffer.getvalue()
+
+
+def format_per_class_csv(rows: list[GroupSummary]) -> str:
+    """One line per row and class: the last-epoch top-1 mean and std over seeds (empty std for one seed)."""
+    return _write_csv(PER_CLASS_CSV_COLUMNS, (
+        {**_key_cells(row), "class": c, "train_images": count, "top1_mean": _csv_number(row.per_class_mean[c]),
+         "top1_std": _csv_number(row.per_class_std[c])}
+        for row in rows if row.per_class_mean is not None for c, count in enumerate(row.class_counts)))
 
 
 def _csv_number(value: float | None) -> str:
@@ -621,23 +629,14 @@ def _csv_number(value: float | None) -> str:
 
 def format_csv(rows: list[GroupSummary]) -> str:
     """The same rows as CSV with unformatted numbers; empty cells where markdown shows n/a, — or n/c."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        key = row.key
-        writer.writerow((
-            DATASET_LABELS.get(key.dataset, key.dataset), METHOD_LABELS.get(key.method, key.method),
-            variant_text(key), key.imb_type, repr(key.imbalance_ratio), len(row.seeds), " ".join(str(s) for s in row.seeds),
-            _csv_number(row.best_top1_mean), _csv_number(row.best_top1_std),
-            _csv_number(row.last_top1_mean), _csv_number(row.last_top1_std),
-            _csv_number(row.many), _csv_number(row.medium), _csv_number(row.few),
-            key.epochs, " ".join(str(e) for e in key.lr_decay_epochs),
-            "" if key.batch_size is None else key.batch_size, row.paper_schedule,
-            _csv_number(row.wall_time_s), _csv_number(row.reference_top1), row.reference_source or "",
-            _csv_number(row.diff),
-        ))
-    return buffer.getvalue()
+    return _write_csv(CSV_COLUMNS, (
+        {**_key_cells(row),
+         "best_top1_mean": _csv_number(row.best_top1_mean), "best_top1_std": _csv_number(row.best_top1_std),
+         "last_top1_mean": _csv_number(row.last_top1_mean), "last_top1_std": _csv_number(row.last_top1_std),
+         "many_mean": _csv_number(row.many), "medium_mean": _csv_number(row.medium), "few_mean": _csv_number(row.few),
+         "wall_time_s_mean": _csv_number(row.wall_time_s), "reference_top1": _csv_number(row.reference_top1),
+         "reference_source": row.reference_source or "", "diff_last_minus_reference": _csv_number(row.diff)}
+        for row in rows))
 
 
 # ---- I/O -------------------------------------------------------------------------------------

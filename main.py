@@ -615,6 +615,15 @@ class Run:
         self.out = resolve_output_dir(cfg)
         if dist.main:
             check_output_dir(cfg, self.out)
+        self.num_classes = data.DATASETS[cfg.dataset]
+        saved = None
+        if cfg.resume:  # before the data are read, so that checking a finished run's settings takes a moment
+            saved = util.load_checkpoint(self.out / "last.pt")
+            check_compatible(saved, cfg, self.out / "last.pt", self.num_classes)
+        self.finished = (saved is not None and saved["run"]["epoch"] >= cfg.epochs
+                         and (self.out / "results.json").exists())
+        if self.finished:
+            return  # run() says so and does nothing
         download = cfg.download
         if download and dist.enabled:  # one download per machine, while the other processes wait for it
             if dist.local_rank == 0:
@@ -622,14 +631,11 @@ class Run:
             torch.distributed.barrier()
             download = False
         train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=download)
-        self.num_classes = data.DATASETS[cfg.dataset]
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist)
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
-        if cfg.resume:
-            saved = util.load_checkpoint(self.out / "last.pt")
-            check_compatible(saved, cfg, self.out / "last.pt", self.num_classes)
+        if saved is not None:
             self.load(saved)
         self.writer = None
         self.signals = SignalFlag()
@@ -663,11 +669,11 @@ class Run:
 
     # -- the loop
     def run(self) -> int:
+        if self.finished:
+            self.log(f"{self.out} already finished {self.cfg.epochs} epochs; nothing to do")
+            return 0
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
-        if state.epoch >= cfg.epochs and (self.out / "results.json").exists():
-            self.log(f"{self.out} already finished {cfg.epochs} epochs; nothing to do")
-            return 0
         if dist.main:
             prepare_output_dir(self.out, cfg.overwrite)
             config = {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": torch.__version__,

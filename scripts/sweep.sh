@@ -2,7 +2,8 @@
 # Sweep main.py over imbalance factors x methods x seeds, one run folder each.
 #
 # A run's folder tells its state (main.py writes results.json only when a run has finished):
-#   results.json            -> finished: skipped
+#   results.json            -> finished: main.py --resume checks that its settings are this sweep's
+#                              (and does nothing else), then it counts as skipped
 #   last.pt, no results     -> unfinished: run again with --resume
 #   folder with neither     -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
@@ -36,7 +37,10 @@ with --imb_type step.
                      --seed --output_dir --resume --overwrite) are refused here.
   -h, --help         this message
 
-A finished run is skipped whatever its options were: delete its folder to run it again.
+A finished run is skipped once main.py --resume has checked that it was made with the settings
+given now (a second or so); one made with others (say --alpha_schedule or --epochs) is a FAILED
+run with main.py's line saying which, never taken for this sweep's: use another --runs_dir. Runs
+whose last.pt was deleted cannot be checked and are skipped. Delete a folder to run it again.
 Python: \${PYTHON:-python} (currently: ${PYTHON:-python}).
 At the end prints each run's folder and status (done / skipped / FAILED); exits 1 if any run
 failed, 130 if interrupted: Ctrl-C or SIGTERM sends each running run one SIGTERM (main.py then
@@ -161,11 +165,14 @@ run_one() {
   local idx=$1 gpu=$2
   local name=${run_names[idx]}
   local run_dir="$runs_dir/$name" status_file="$state_dir/status.$idx"
-  local state_flag=()
-  if [[ -e $run_dir/results.json ]]; then
-    echo "[$name] finished already: skipped"
+  local state_flag=() finished=""
+  if [[ -e $run_dir/results.json && ! -e $run_dir/last.pt ]]; then
+    echo "[$name] finished already (no last.pt to check its settings against): skipped"
     echo "skipped" >"$status_file"
     return 0
+  elif [[ -e $run_dir/results.json ]]; then
+    echo "[$name] finished already: checking its settings against these"
+    finished=1 state_flag=(--resume) # main.py refuses another recipe, else says it has nothing to do
   elif [[ -e $run_dir/last.pt ]]; then
     state_flag=(--resume)
   elif [[ -e $run_dir ]]; then
@@ -188,7 +195,13 @@ run_one() {
   fi
 
   local status
-  if [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
+  if [[ -n $finished ]] && ((rc == 0)); then
+    status="skipped"
+  elif [[ -n $finished && ! -e $state_dir/stop ]]; then
+    status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
+  elif [[ -n $finished ]]; then
+    status="skipped" # interrupted while its settings were checked: it had finished
+  elif [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
     status="INTERRUPTED (exit $rc)"
   elif [[ -e $state_dir/stop ]]; then
     status="done" # it wrote results.json before the interrupt reached it, then exited with the signal's status

@@ -12,7 +12,8 @@ Usage: $prog --dataset cifar10|cifar100 [--ce] [--seeds "0 1 2"] [--runs_dir DIR
        [-- extra main.py args]
 
 Runs imb_factor 0.01 0.02 0.1 (ratio 100, 50, 10) x methods sc psc (and ce with --ce), one run
-folder each: DIR/<dataset>_<method>_r<ratio>_s<seed>. Finished runs are skipped, unfinished ones
+folder each: DIR/<dataset>_<method>_r<ratio>_s<seed>. Finished runs are skipped (once main.py has
+checked they were made with the settings given now; others are FAILED runs), unfinished ones
 resumed; see scripts/sweep.sh --help for the details, --gpus and the extra arguments.
 
   --dataset D     cifar10 or cifar100 (required)

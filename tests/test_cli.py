@@ -126,6 +126,17 @@ def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
     assert proc.returncode == 0, proc.stderr
     assert "already finished" in proc.stdout
     assert snapshot(out) == before
+    # The check reads the checkpoint before any data (a sweep checks each finished run in a moment), and a
+    # finished run of another recipe is refused in one line, not taken for this one.
+    proc = run_cli("--data_root", str(out / "no_data_here"), "--loss", loss, "--output_dir", str(out), "--resume",
+                   *TINY)
+    assert proc.returncode == 0 and "already finished 2 epochs; nothing to do" in proc.stdout, proc.stderr
+    proc = run_cli("--data_root", str(cifar10_root), "--loss", loss, "--output_dir", str(out), "--resume", *TINY,
+                   "--epochs", "3")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"error: checkpoint {out / 'last.pt'} was made with other settings: --epochs 2 -> 3 "
+                                   "(give these flags the checkpoint's values to use it)")
+    assert snapshot(out) == before
 
 
 def test_cifar100_psc_uses_the_paper_temperature(tmp_path):

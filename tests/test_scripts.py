@@ -572,6 +572,14 @@ if "--resume" in args and not os.path.exists(os.path.join(out, "last.pt")):
     sys.exit("error: --resume but no last.pt")
 if holds_run and "--resume" not in args and "--overwrite" not in args:
     sys.exit("error: folder holds a run; --resume or --overwrite")
+if "--resume" in args and os.path.exists(os.path.join(out, "results.json")):  # finished: check, do nothing
+    recipe = lambda a: [x for x in a if x not in ("--resume", "--overwrite")]
+    with open(os.path.join(out, "config.json")) as f:
+        if recipe(json.load(f)["args"]) != recipe(args):
+            sys.exit("error: checkpoint was made with other settings")
+    print(out, "already finished; nothing to do", flush=True)
+    log("checked")
+    sys.exit(0)
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "config.json"), "w") as f:
     json.dump({{"args": args}}, f)
@@ -649,8 +657,29 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
 
     again = run_script("sweep.sh", args, env)
     assert again.returncode == 0
-    assert len(read_log()) == len(expected)  # nothing ran a second time
+    assert len(read_log("end")) == len(expected)  # nothing ran a second time: each finished run was only checked
+    assert sorted(c["name"] for c in read_log("checked")) == sorted(expected)
+    assert all("--resume" in c["args"] for c in read_log()[len(expected):])
     assert summary_statuses(again.stdout) == {name: "skipped" for name in expected}
+    assert again.stdout.count("finished already: checking its settings") == len(expected)
+
+    # The same folders under other settings: each finished run is a failure that says why, none is taken for
+    # this sweep's, and nothing in them changes.
+    before = {name: (runs / name / "results.json").read_text() for name in expected}
+    other = run_script("sweep.sh", [*args, "--alpha_schedule", "linear"], env)
+    assert other.returncode == 1
+    assert set(summary_statuses(other.stdout).values()) == {
+        "FAILED (finished already, with other settings or unreadable: exit 1; use another --runs_dir)"}
+    assert other.stderr.count("error: checkpoint was made with other settings") == len(expected)
+    assert len(read_log("end")) == len(expected)
+    assert {name: (runs / name / "results.json").read_text() for name in expected} == before
+    # A finished run whose last.pt was deleted cannot be checked: it is skipped, as before.
+    name = sorted(expected)[0]
+    (runs / name / "last.pt").unlink()
+    pruned = run_script("sweep.sh", args, env)
+    assert pruned.returncode == 0 and summary_statuses(pruned.stdout)[name] == "skipped"
+    assert f"[{name}] finished already (no last.pt to check its settings against): skipped" in pruned.stdout
+    assert name not in [c["name"] for c in read_log("checked")[len(expected):]]
 
     code, out, _ = run_summarize(summarize, capsys, runs)
     assert code == 0 and [r[3] for r in table_rows(out)] == ["2 (0, 1)"] * 4
@@ -689,10 +718,12 @@ def test_table1_keeps_going_after_a_failure(fake, tmp_path):
     assert "1 of 9 runs FAILED" in result.stderr
     # The failed run left only config.json: the next call starts it again with --overwrite.
     env.pop("FAKE_FAIL")
-    again = run_script("table1.sh", ["--dataset", "cifar10", "--ce", "--runs_dir", str(runs)], env)
-    assert again.returncode == 0
-    [retry] = read_log()[len(expected):]
+    again = run_script("table1.sh", ["--dataset", "cifar10", "--ce", "--runs_dir", str(runs), "--", "--epochs", "2"],
+                       env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    [retry] = [c for c in read_log()[len(expected):] if "--resume" not in c["args"]]  # the others: checked
     assert retry["name"] == "cifar10_psc_r50_s0" and "--overwrite" in retry["args"]
+    assert sorted(c["name"] for c in read_log("checked")) == sorted(expected - {"cifar10_psc_r50_s0"})
 
 
 def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):

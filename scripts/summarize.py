@@ -540,10 +540,11 @@ def format_markdown(rows: list[GroupSummary]) -> str:
     if any(row.key.variant for row in rows):
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
                      "training settings of their saved config (or in world_size, the number of "
-                     "processes) are reported apart; '?': the run does not record the setting. A row in "
-                     "another form of the method than the paper's (alpha_schedule other than parabolic, "
-                     "sc_aug other than paper, for Hybrid-PSC psc_denominator other than negatives) or, for "
-                     "CE, with a ce_sampler other than instance has no reference value ('—').")
+                     "processes) are reported apart; '?': the run does not record the setting. At the paper's "
+                     "schedule, a row in another form of the method than the paper's (alpha_schedule other "
+                     "than parabolic, sc_aug other than paper, for Hybrid-PSC psc_denominator other than "
+                     "negatives) or, for CE, with a ce_sampler other than instance has no reference value "
+                     "('—').")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -600,7 +601,8 @@ def _key_cells(row: GroupSummary) -> dict[str, object]:
     """The CSV cells that say which row this is (its group key, seeds and schedule), by column name."""
     key = row.key
     return {"dataset": DATASET_LABELS.get(key.dataset, key.dataset),
-            "method": METHOD_LABELS.get(key.method, key.method), "variant": variant_text(key), "imb_type": key.imb_type, "imbalance_ratio": repr(key.imbalance_ratio),
+            "method": METHOD_LABELS.get(key.method, key.method), "variant": variant_text(key),
+            "imb_type": key.imb_type, "imbalance_ratio": repr(key.imbalance_ratio),
             "n_seeds": len(row.seeds), "seeds": " ".join(str(s) for s in row.seeds), "epochs": key.epochs,
             "lr_decay_epochs": " ".join(str(e) for e in key.lr_decay_epochs),
             "batch_size": "" if key.batch_size is None else key.batch_size, "paper_schedule": row.paper_schedule}

@@ -2,8 +2,9 @@
 # Sweep main.py over imbalance factors x methods x seeds, one run folder each.
 #
 # A run's folder tells its state (main.py writes results.json only when a run has finished):
-#   results.json            -> finished: main.py --resume checks that its settings are this sweep's
+#   results.json, last.pt   -> finished: main.py --resume checks that its recipe is this sweep's
 #                              (and does nothing else), then it counts as skipped
+#   results.json only       -> finished, last.pt deleted: cannot be checked, skipped
 #   last.pt, no results     -> unfinished: run again with --resume
 #   folder with neither     -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
@@ -37,10 +38,12 @@ with --imb_type step.
                      --seed --output_dir --resume --overwrite) are refused here.
   -h, --help         this message
 
-A finished run is skipped once main.py --resume has checked that it was made with the settings
-given now (a second or so); one made with others (say --alpha_schedule or --epochs) is a FAILED
-run with main.py's line saying which, never taken for this sweep's: use another --runs_dir. Runs
-whose last.pt was deleted cannot be checked and are skipped. Delete a folder to run it again.
+A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
+that it was made with the recipe given now: the data, model, loss and optimisation settings that
+a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
+--alpha_schedule or --epochs) is a FAILED run with main.py's line saying which, never taken for
+this sweep's: use another --runs_dir. A run whose last.pt was deleted cannot be checked and is
+skipped. Delete a folder to run it again.
 Python: \${PYTHON:-python} (currently: ${PYTHON:-python}).
 At the end prints each run's folder and status (done / skipped / FAILED); exits 1 if any run
 failed, 130 if interrupted: Ctrl-C or SIGTERM sends each running run one SIGTERM (main.py then
@@ -195,12 +198,12 @@ run_one() {
   fi
 
   local status
-  if [[ -n $finished ]] && ((rc == 0)); then
-    status="skipped"
-  elif [[ -n $finished && ! -e $state_dir/stop ]]; then
-    status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
+  local interrupted=0
+  [[ ! -e $state_dir/stop ]] || interrupted=1
+  if [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
+    status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
   elif [[ -n $finished ]]; then
-    status="skipped" # interrupted while its settings were checked: it had finished
+    status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
   elif [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
     status="INTERRUPTED (exit $rc)"
   elif [[ -e $state_dir/stop ]]; then

@@ -159,8 +159,8 @@ def test_help_lists_every_flag_with_its_default():
     text = main.get_args_parser().format_help()
     for flag in ("--dataset", "--data_root", "--download", "--imb_type", "--imb_factor", "--data_seed",
                  "--sc_sampler", "--ce_sampler", "--loss", "--model", "--feat_dim", "--temp", "--psc_temp",
-                 "--psc_denominator", "--batch_size", "--learning_rate", "--momentum", "--weight_decay", "--epochs",
-                 "--lr_decay_epochs", "--lr_decay_rate", "--warm_epochs", "--seed", "--output_dir", "--resume",
+                 "--psc_denominator", "--alpha_schedule", "--batch_size", "--learning_rate", "--momentum",
+                 "--weight_decay", "--epochs", "--lr_decay_epochs", "--lr_decay_rate", "--warm_epochs", "--seed", "--output_dir", "--resume",
                  "--overwrite", "--eval_only", "--checkpoint", "--device", "--amp", "--channels_last", "--compile",
                  "--eval_every"):
         assert flag in text, flag
@@ -172,6 +172,7 @@ def test_defaults_are_the_paper_recipe():
     assert (cfg.dataset, cfg.loss, cfg.model, cfg.imb_factor, cfg.batch_size, cfg.learning_rate, cfg.momentum,
             cfg.weight_decay, cfg.epochs, list(cfg.lr_decay_epochs), cfg.lr_decay_rate, cfg.temp) == \
         ("cifar10", "sc", "resnet32", 0.01, 512, 0.5, 0.9, 1e-4, 200, [120, 160], 0.1, 0.1)
+    assert cfg.alpha_schedule == "parabolic"  # alpha = 1 - (T / T_max)^2
     assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
     assert cfg.bn_stats == "per_branch"  # not stated in the paper: each branch's own batch statistics (README)
     assert cfg.sc_aug == "paper"  # the paper's augmentation for both branches; SupContrast's is an option

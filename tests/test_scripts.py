@@ -458,7 +458,8 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
         ("CE", "4 (0, 1, 2, 3)")]
 
 
-@pytest.mark.parametrize("flag, before, other", [("sc_aug", "paper", "supcon"), ("alpha_schedule", "parabolic", "linear")])
+@pytest.mark.parametrize("flag, before, other", [("sc_aug", "paper", "supcon"),
+                                                 ("alpha_schedule", "parabolic", "linear")])
 def test_feature_branch_settings_split_only_the_hybrids_rows(summarize, tmp_path, capsys, flag, before, other):
     """A run from before the flag had the paper's form; CE has no feature branch (and no alpha), so it never
     splits."""
@@ -573,6 +574,14 @@ if "--resume" in args and not os.path.exists(os.path.join(out, "last.pt")):
 if holds_run and "--resume" not in args and "--overwrite" not in args:
     sys.exit("error: folder holds a run; --resume or --overwrite")
 if "--resume" in args and os.path.exists(os.path.join(out, "results.json")):  # finished: check, do nothing
+    # (main.py compares only the recipe settings; here any other argument counts, which the tests avoid)
+    deadline = time.time() + float(os.environ.get("FAKE_CHECK_SLEEP", "0"))
+    while time.time() < deadline and not signals:
+        time.sleep(0.01)
+    if signals:  # main.py has no handler yet while it checks: the signal ends it
+        log("killed", signals=signals)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     recipe = lambda a: [x for x in a if x not in ("--resume", "--overwrite")]
     with open(os.path.join(out, "config.json")) as f:
         if recipe(json.load(f)["args"]) != recipe(args):
@@ -608,7 +617,8 @@ def fake(tmp_path):
     script.chmod(0o755)
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST")}
+           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST",
+                                                         "FAKE_CHECK_SLEEP")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
     def read_log(event="start"):
@@ -850,6 +860,29 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
     assert [("--resume" in c["args"]) for c in read_log()[1:]] == [True, False]
 
 
+def test_sweep_interrupted_while_checking_a_finished_run_counts_it_as_skipped(fake, tmp_path):
+    """The check of a finished run, cut short by the interrupt, leaves it a finished run: skipped, not FAILED."""
+    env, read_log = fake
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)]
+    first = run_script("sweep.sh", [*args, "--methods", "sc"], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    env["FAKE_CHECK_SLEEP"] = "30"
+    n_before = len(read_log())
+    process = subprocess.Popen([*WITH_DEFAULT_SIGINT, "bash", str(SCRIPTS / "sweep.sh"), *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               cwd=tmp_path)
+    deadline = time.monotonic() + 20
+    while len(read_log()) == n_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stdout + stderr
+    [killed] = read_log("killed")
+    assert killed["name"] == "cifar10_sc_r100_s0" and killed["signals"] == [signal.SIGTERM]
+    assert summary_statuses(stdout) == {"cifar10_sc_r100_s0": "skipped", "cifar10_psc_r100_s0": "not started"}
+
+
 def test_sweep_started_with_sigint_ignored_says_so_and_stops_on_sigterm(fake, tmp_path):
     """'cmd &' from a script starts the sweep with SIGINT ignored: Ctrl-C cannot reach it, the note says what can."""
     env, read_log = fake
@@ -949,10 +982,18 @@ def test_sweep_real_cli(tmp_path, summarize):
     assert summary_statuses(first.stdout) == {"cifar10_ce_r10_s0": "done", "cifar10_ce_r2_s0": "done"}
     for name in ("cifar10_ce_r10_s0", "cifar10_ce_r2_s0"):
         assert (runs / name / "results.json").is_file()
-    again = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)
+    # main.py checks each finished run: how it runs (--print_freq) and what CE does not read (--alpha_schedule)
+    # do not matter, so both are skipped; another recipe is refused, saying which setting differs.
+    again = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--print_freq", "7", "--alpha_schedule",
+                            "linear"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert summary_statuses(again.stdout) == {"cifar10_ce_r10_s0": "skipped", "cifar10_ce_r2_s0": "skipped"}
+    other = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--weight_decay", "0.001"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert other.returncode == 1
+    assert set(summary_statuses(other.stdout).values()) == {
+        "FAILED (finished already, with other settings or unreadable: exit 2; use another --runs_dir)"}
+    assert other.stderr.count("was made with other settings: --weight_decay 0.0001 -> 0.001") == 2
     table = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs)], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr

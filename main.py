@@ -620,6 +620,8 @@ class Run:
         if cfg.resume:  # before the data are read, so that checking a finished run's settings takes a moment
             saved = util.load_checkpoint(self.out / "last.pt")
             check_compatible(saved, cfg, self.out / "last.pt", self.num_classes)
+            if not isinstance(saved.get("run"), dict) or "epoch" not in saved["run"]:
+                raise UserError(f"{self.out / 'last.pt'} holds no training state ('run'): it cannot be resumed")
         self.finished = (saved is not None and saved["run"]["epoch"] >= cfg.epochs
                          and (self.out / "results.json").exists())
         if self.finished:

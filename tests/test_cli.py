@@ -463,6 +463,18 @@ def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):
         main.check_compatible(before, main.parse_config(["--alpha_schedule", "cosine"]), Path("last.pt"), 10)
 
 
+def test_resume_of_a_checkpoint_without_training_state_is_one_line(tmp_path, capsys):
+    """A last.pt with a model and config but no run state (not written by a run) is refused before any data."""
+    import dataclasses
+
+    argv = ["--output_dir", str(tmp_path), "--resume", "--data_root", str(tmp_path / "no_data"), "--device", "cpu"]
+    cfg = main.parse_config(argv)
+    torch.save({"model": {}, "config": dataclasses.asdict(cfg), "num_classes": 10}, tmp_path / "last.pt")
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'last.pt'} holds no training state ('run'): it cannot be resumed\n"
+
+
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     """A checkpoint from before --gray_prob existed was made with its default (0.2) and resumes under it."""
     import dataclasses

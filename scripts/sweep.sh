@@ -197,16 +197,15 @@ run_one() {
     launch_and_wait "$idx" "$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
   fi
 
-  local status
-  local interrupted=0
+  local status interrupted=0 # the stop file read once, so that every branch below sees the same answer
   [[ ! -e $state_dir/stop ]] || interrupted=1
   if [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
     status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
   elif [[ -n $finished ]]; then
     status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
-  elif [[ -e $state_dir/stop && ! -e $run_dir/results.json ]]; then
+  elif ((interrupted)) && [[ ! -e $run_dir/results.json ]]; then
     status="INTERRUPTED (exit $rc)"
-  elif [[ -e $state_dir/stop ]]; then
+  elif ((interrupted)); then
     status="done" # it wrote results.json before the interrupt reached it, then exited with the signal's status
   elif ((rc != 0)); then
     status="FAILED (exit $rc${log:+, see $log})"

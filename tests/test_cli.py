@@ -160,8 +160,8 @@ def test_help_lists_every_flag_with_its_default():
     for flag in ("--dataset", "--data_root", "--download", "--imb_type", "--imb_factor", "--data_seed",
                  "--sc_sampler", "--ce_sampler", "--loss", "--model", "--feat_dim", "--temp", "--psc_temp",
                  "--psc_denominator", "--alpha_schedule", "--batch_size", "--learning_rate", "--momentum",
-                 "--weight_decay", "--epochs", "--lr_decay_epochs", "--lr_decay_rate", "--warm_epochs", "--seed", "--output_dir", "--resume",
-                 "--overwrite", "--eval_only", "--checkpoint", "--device", "--amp", "--channels_last", "--compile",
+                 "--weight_decay", "--epochs", "--lr_decay_epochs", "--lr_decay_rate", "--warm_epochs", "--seed",
+                 "--output_dir", "--resume", "--overwrite", "--eval_only", "--checkpoint", "--device", "--amp", "--channels_last", "--compile",
                  "--eval_every"):
         assert flag in text, flag
     assert text.count("(default:") >= 33
@@ -440,9 +440,7 @@ def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
 
 def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):
     """--alpha_schedule linear: alpha = 1 - T / T_max per epoch (T from 0), recorded in the history and the
-    config; a resume under another schedule is refused, and one from before the flag counts as parabolic."""
-    import dataclasses
-
+    config; a resume under another schedule is refused."""
     out = tmp_path / "run"
     at = TINY.index("--epochs")
     tiny = TINY[:at] + TINY[at + 2:] + ["--epochs", "4", "--eval_every", "4"]
@@ -456,11 +454,6 @@ def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):
     main.check_compatible(saved, linear, out / "last.pt", 10)  # no error
     with pytest.raises(main.UserError, match=r"--alpha_schedule linear -> parabolic"):
         main.check_compatible(saved, main.parse_config(["--data_root", str(cifar10_root), *tiny]), out / "last.pt", 10)
-    cfg = main.parse_config([])
-    before = {"num_classes": 10, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "alpha_schedule"}}
-    main.check_compatible(before, cfg, Path("last.pt"), 10)  # no error
-    with pytest.raises(main.UserError, match=r"--alpha_schedule parabolic -> cosine"):
-        main.check_compatible(before, main.parse_config(["--alpha_schedule", "cosine"]), Path("last.pt"), 10)
 
 
 def test_resume_of_a_checkpoint_without_training_state_is_one_line(tmp_path, capsys):
@@ -504,3 +497,9 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     with pytest.raises(main.UserError, match=r"--sc_aug paper -> supcon"):
         main.check_compatible({"num_classes": 10, "config": before_sc_aug}, main.parse_config(["--sc_aug", "supcon"]),
                               Path("last.pt"), 10)
+    # Before --alpha_schedule existed alpha decayed parabolically: such a run resumes only under that schedule.
+    before_alpha_schedule = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "alpha_schedule"}
+    main.check_compatible({"num_classes": 10, "config": before_alpha_schedule}, cfg, Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--alpha_schedule parabolic -> cosine"):
+        main.check_compatible({"num_classes": 10, "config": before_alpha_schedule},
+                              main.parse_config(["--alpha_schedule", "cosine"]), Path("last.pt"), 10)

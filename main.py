@@ -606,26 +606,30 @@ def format_metrics(m: dict[str, Any]) -> str:
     return f"top1 {m['top1']:.2f} (many / medium / few {groups})"
 
 
+def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]], bool]:
+    """The run's folder, the checked last.pt to continue from (None unless --resume) and whether that run has
+    finished already (trained cfg.epochs and wrote results.json). Read before any data, so that checking a
+    finished run's settings takes a moment (a sweep checks every finished run this way)."""
+    out = resolve_output_dir(cfg)
+    if dist.main:
+        check_output_dir(cfg, out)
+    if not cfg.resume:
+        return out, None, False
+    saved = util.load_checkpoint(out / "last.pt")
+    check_compatible(saved, cfg, out / "last.pt", data.DATASETS[cfg.dataset])
+    if not isinstance(saved.get("run"), dict) or "epoch" not in saved["run"]:
+        raise UserError(f"{out / 'last.pt'} holds no training state ('run'): it cannot be resumed")
+    return out, saved, saved["run"]["epoch"] >= cfg.epochs and (out / "results.json").exists()
+
+
 class Run:
     """One training run: data, trainer, logging, evaluation, checkpoints and results."""
 
-    def __init__(self, cfg: Config, dist: Dist, device: torch.device):
-        self.cfg, self.dist, self.device = cfg, dist, device
+    def __init__(self, cfg: Config, dist: Dist, device: torch.device, out: Path, saved: Optional[dict[str, Any]]):
+        """`out` and `saved` (the checked last.pt when resuming, else None) come from resume_point()."""
+        self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
-        self.out = resolve_output_dir(cfg)
-        if dist.main:
-            check_output_dir(cfg, self.out)
         self.num_classes = data.DATASETS[cfg.dataset]
-        saved = None
-        if cfg.resume:  # before the data are read, so that checking a finished run's settings takes a moment
-            saved = util.load_checkpoint(self.out / "last.pt")
-            check_compatible(saved, cfg, self.out / "last.pt", self.num_classes)
-            if not isinstance(saved.get("run"), dict) or "epoch" not in saved["run"]:
-                raise UserError(f"{self.out / 'last.pt'} holds no training state ('run'): it cannot be resumed")
-        self.finished = (saved is not None and saved["run"]["epoch"] >= cfg.epochs
-                         and (self.out / "results.json").exists())
-        if self.finished:
-            return  # run() says so and does nothing
         download = cfg.download
         if download and dist.enabled:  # one download per machine, while the other processes wait for it
             if dist.local_rank == 0:
@@ -671,9 +675,6 @@ class Run:
 
     # -- the loop
     def run(self) -> int:
-        if self.finished:
-            self.log(f"{self.out} already finished {self.cfg.epochs} epochs; nothing to do")
-            return 0
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
         if dist.main:
@@ -931,7 +932,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         configure_backends(cfg)
         if cfg.eval_only:
             return evaluate_checkpoint(cfg, dist, device)
-        return Run(cfg, dist, device).run()
+        out, saved, finished = resume_point(cfg, dist)
+        if finished:
+            if dist.main:
+                print(f"{out} already finished {cfg.epochs} epochs; nothing to do", flush=True)
+            return 0
+        return Run(cfg, dist, device, out, saved).run()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code

@@ -39,13 +39,14 @@ Three measurements, each skippable:
 Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
 with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
-views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further project
-step runs under torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in it waited
-for the device ("none", or the error); the CPU equivalent is tests/test_step_ops.py. With --profile, once everything
-else is measured and saved, up to PROFILE_MAX_STEPS more steps of the first project row's step run under
-torch.profiler, and each operator's self time per step and share of the total are reported: CPU time on the CPU,
-on CUDA the device time of the kernels each operator launched itself (not its children's, so no kernel counts
-twice; kernels launched outside any operator are left out of the total).
+views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further epoch and
+one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
+"host_sync" records whether anything in them waited for the device ("none", or the first error); the CPU
+equivalent is tests/test_step_ops.py. With --profile, once everything else is measured and saved, up to
+PROFILE_MAX_STEPS more steps of the first project row's step run under torch.profiler, and each operator's self
+time per step and share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels
+each operator launched itself (not its children's, so no kernel counts twice; kernels launched outside any
+operator are left out of the total).
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -281,7 +282,8 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
     timing, terms = time_steps(step, opts.warmup_steps, opts.steps, device)
     record = {"amp": trainer.amp, "channels_last": trainer.channels_last, "compile": cfg.compile,
               **timing_record(timing, cfg.batch_size), "final_loss": terms.total.item(),
-              "host_sync": host_sync_check(step, device)}
+              # A whole epoch and one step more: the check crosses an epoch start (the stream's new permutations).
+              "host_sync": host_sync_check(step, device, trainer.steps_per_epoch + 1)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
     return record, step
@@ -318,16 +320,17 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
             "ops": rows}
 
 
-def host_sync_check(step: Callable[[], Any], device: torch.device) -> Optional[str]:
-    """On CUDA, one more step (the stream's next batch and Trainer.step) under
-    torch.cuda.set_sync_debug_mode("error"): "none" when it ran through, else the error it raised.
+def host_sync_check(step: Callable[[], Any], device: torch.device, steps: int = 1) -> Optional[str]:
+    """On CUDA, `steps` more steps (each the stream's next batch and Trainer.step) under
+    torch.cuda.set_sync_debug_mode("error"): "none" when they ran through, else the first error raised.
     None on other devices, where tests/test_step_ops.py checks the operators a step dispatches instead."""
     if device.type != "cuda":
         return None
     sync(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        for _ in range(steps):
+            step()
         return "none"
     except RuntimeError as e:
         return f"error: {util.one_line(e)}"

@@ -12,6 +12,8 @@ usage() {
 Usage: $prog --data ARCHIVE_OR_FOLDER --out DIR [--device cuda] [--budget_s 560] [--workers 6] [--smoke]
 
 Runs these steps in order, each under its own cap and what is left of the time budget:
+  decode          reads the data once (decoding JPEG files into the project's .npz cache), so that no
+                  timed or capped step below spends its time there (cap 90 s)
   train_eager     the paper's 200-epoch Hybrid-SC on CIFAR-10-LT, imbalance ratio 100, main.py's
                   defaults (cap 240 s) -> results_eager.json
   benchmark       scripts/benchmark.py at batch 512 on the data, main.py's CUDA defaults against the
@@ -19,21 +21,24 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   profile of the project's step by operator (--profile) and the feature losses' peak
                   memory (cap 90 s) -> bench.json
   bench_supcon    the project's step with --sc_aug supcon alone (SupContrast's augmentation of the
-                  views; no reference, no memory), with the host-sync check (cap 40 s) -> bench_supcon.json
+                  views; no reference, no memory), with the host-sync check (cap 60 s) -> bench_supcon.json
   train_eager_resumed
                   only when train_eager was cut off by its cap: the same run continued with --resume
                   (what is left; its 200-epoch result matters more than the two steps below, which
                   then get what remains, train_compile nothing) -> results_eager.json
   bench_options   the same step with each amp x channels_last combination and torch.compile
-                  (--compare_options, no reference, no memory; cap 150 s) -> bench_options.json
-  train_compile   train_eager with --compile (what is left); results.json's first_step_s holds
-                  the compilation, train_time_s the training -> results_compile.json
+                  (--compare_options, no reference, no memory; cap 150 s) -> bench_options.json; its
+                  compile row's compile_s is a cold compilation (an empty Inductor cache)
+  train_compile   train_eager with --compile (what is left), sharing bench_options' Inductor cache
+                  (the same step, so it compiles from a warm cache, as a sweep's later runs do);
+                  results.json's first_step_s holds that compilation, train_time_s the training
+                  -> results_compile.json
 Then summary.md (scripts/summarize.py --per_class per run) and log.txt: the environment (nvidia-smi, torch,
 the commit) and every step's output and status. At most 7 files, all directly in --out.
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
-than 30 s left is skipped; 15 s stay for the summary. Each step compiles into its own fresh
-Inductor cache, so a compile time is a cold one. Exits 1 if any step failed, was cut off or
+than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile compiles into
+its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
 was skipped.
 
   --data P       CIFAR-10 as a train/<class>/ + test/<class>/ folder (or a folder holding
@@ -131,8 +136,9 @@ run_step() {
   fi
   note "== $name (at most ${limit}s): $*"
   local t0=$SECONDS rc=0
-  # TERM at limit - 10 s (main.py then saves last.pt and stops), KILL 10 s later.
-  PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_$name" \
+  # TERM at limit - 10 s (main.py then saves last.pt and stops), KILL 10 s later. The Inductor cache is the
+  # step's own unless the caller names a shared one (inductor_cache=NAME run_step ...).
+  PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_${inductor_cache:-$name}" \
     timeout --signal=TERM --kill-after=10 $((limit - 10)) "$@" >>"$log" 2>&1 || rc=$?
   local took=$((SECONDS - t0))
   last_rc=$rc
@@ -190,6 +196,9 @@ train() {
   fi
 }
 
+# JPEG files are decoded once into the .npz cache beside them (in the scratch folder), outside the steps below.
+run_step decode 90 -- "$python" -c 'import sys, dataset_loader; dataset_loader.load_cifar("cifar10", sys.argv[1])' \
+  "$data_root"
 train train_eager eager 240
 # Cut off by its cap, main.py saved last.pt on the TERM: resumed after the benchmarks. (A TERM during the last
 # epoch's evaluation or results can still let the run finish: results.json says so.)
@@ -198,7 +207,7 @@ if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f 
   eager_cut=1
 fi
 run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
-run_step bench_supcon 40 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
+run_step bench_supcon 60 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
   --json "$out/bench_supcon.json"
 if ((eager_cut)); then
   train train_eager_resumed eager "$budget_s" --resume
@@ -207,13 +216,13 @@ if ((smoke)); then
   statuses+=("bench_options: not in --smoke")
   statuses+=("train_compile: not in --smoke")
 else
-  run_step bench_options 150 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
+  inductor_cache=compile run_step bench_options 150 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
     --json "$out/bench_options.json"
   if ((eager_cut)); then
     statuses+=("train_compile: not run (the cut-off eager run was resumed instead)")
     note "== train_compile: not run, the cut-off eager run was resumed instead"
   else
-    train train_compile compile "$budget_s" --compile
+    inductor_cache=compile train train_compile compile "$budget_s" --compile
   fi
 fi
 

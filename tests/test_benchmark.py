@@ -248,16 +248,19 @@ def test_time_steps_runs_warmup_then_timed_steps(bench):
     assert 0 <= timing.first_step_s <= timing.warmup_s and timing.seconds >= 0
 
 
-def test_host_sync_check_arms_cuda_debug_mode_around_one_step(bench, monkeypatch):
-    modes, syncs = [], []
+def test_host_sync_check_arms_cuda_debug_mode_around_its_steps(bench, monkeypatch):
+    modes, syncs, steps = [], [], []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     monkeypatch.setattr(bench, "sync", syncs.append)
     cuda = torch.device("cuda", 0)  # nothing touches a GPU: both CUDA calls are replaced
 
     def step_in_debug_mode():
         assert modes[-1] == "error"
+        steps.append(None)
     assert bench.host_sync_check(step_in_debug_mode, cuda) == "none"
-    assert modes == ["error", "default"] and syncs == [cuda, cuda]
+    assert modes == ["error", "default"] and syncs == [cuda, cuda] and len(steps) == 1
+    assert bench.host_sync_check(step_in_debug_mode, cuda, 25) == "none"  # time_project checks an epoch and a step
+    assert modes[-2:] == ["error", "default"] and len(steps) == 26
 
     def syncing_step():
         raise RuntimeError("called a synchronizing CUDA operation\n(Triggered internally)")

@@ -1030,7 +1030,8 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench.json", "bench_supcon.json", "log.txt", "results_eager.json", "summary.md"]
-    assert "benchmark: ok" in proc.stdout and "train_eager: ok" in proc.stdout and "bench_supcon: ok" in proc.stdout
+    for step in ("decode", "train_eager", "benchmark", "bench_supcon"):
+        assert f"{step}: ok" in proc.stdout, step
     assert "train_eager_resumed" not in proc.stdout  # a run that finished is not resumed
     log = (out / "log.txt").read_text()
     assert "torch " in log and "commit: " in log and "== train_eager" in log and "epoch 1/1" in log
@@ -1055,6 +1056,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 # the rest is real python.
 printf '%q ' "$@" >>"$FAKE_LOG"
 echo >>"$FAKE_LOG"
+echo "${TORCHINDUCTOR_CACHE_DIR##*/} $*" >>"$FAKE_LOG.inductor"
 case $1 in
   main.py)
     out="" resume=0
@@ -1068,6 +1070,8 @@ case $1 in
   scripts/benchmark.py)
     while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2"; shift; done
     exit 0 ;;
+  -c) [[ $2 == *load_cifar* ]] && exit 0  # the decode step (the data folder here is empty)
+    exec "$REAL_PYTHON" "$@" ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
 """
@@ -1092,12 +1096,25 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(data), "--out", str(out),
                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # a step was cut off
-    calls_made = [line.split() for line in calls.read_text().splitlines() if line.split()[0] != "-c"]
+    lines = calls.read_text().splitlines()
+    decode = [i for i, line in enumerate(lines) if "load_cifar" in line]
+    assert len(decode) == 1 and decode[0] < min(i for i, line in enumerate(lines) if line.startswith("main.py"))
+    assert "decode: ok" in proc.stdout
+    calls_made = [line.split() for line in lines if line.split()[0] != "-c"]
     mains = [args for args in calls_made if args[0] == "main.py"]
     assert "train_eager: CUT OFF" in proc.stdout
+    # Every step has an Inductor cache of its own, except that the compiled run shares bench_options' (the same
+    # step, compiled there from an empty cache).
+    caches = {}
+    for line in (tmp_path / "calls.log.inductor").read_text().splitlines():
+        cache, args = line.split(" ", 1)
+        caches.setdefault(cache, []).append(args)
     if not checkpoint:
         assert "train_eager_resumed" not in proc.stdout and "train_compile: CUT OFF" in proc.stdout
         assert len(mains) == 2 and "--compile" in mains[1] and "--resume" not in mains[1]
+        shared = caches["inductor_compile"]
+        assert len(shared) == 2 and "--compare_options" in shared[0] and "--compile" in shared[1].split()
+        assert len(caches["inductor_train_eager"]) == 1 and len(caches["inductor_benchmark"]) == 1
         return
     assert "train_eager_resumed: ok" in proc.stdout
     assert len(mains) == 2 and "--resume" not in mains[0] and mains[1] == mains[0] + ["--resume"]
@@ -1134,7 +1151,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     proc = subprocess.run([*script, "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
                            "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    for step in ("train_eager", "benchmark", "bench_supcon", "bench_options", "train_compile"):
+    for step in ("decode", "train_eager", "benchmark", "bench_supcon", "bench_options", "train_compile"):
         assert f"{step}: skipped" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["log.txt", "summary.md"]
     assert "nvidia-smi" in (tmp_path / "o" / "log.txt").read_text()

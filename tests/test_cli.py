@@ -81,6 +81,9 @@ def test_results_are_sane(finished_run):
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
     assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2
+    for e in res["history"]:  # the logged alpha is the one the loss used (epoch 1: the feature term alone)
+        assert e["train_loss"] == pytest.approx(e["alpha"] * e["feature_loss"] + (1 - e["alpha"]) * e["ce_loss"],
+                                                rel=1e-5)
     if loss == "ce":
         assert all(e["feature_loss"] == 0 for e in res["history"])
     else:
@@ -436,6 +439,24 @@ def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
     read = {"ce": ["--ce_sampler", "sqrt"], "sc": ["--temp", "0.5"], "psc": ["--psc_temp", "0.3"]}[loss]
     with pytest.raises(main.UserError, match=f"{read[0]} .* -> {read[1]}"):
         main.check_compatible(saved, main.parse_config(common + read), Path("last.pt"), 4)
+
+
+@pytest.mark.parametrize("argv, method, temperature, exclude_positive, base_temperature", [
+    (["--loss", "sc"], "sc", 0.1, True, None),
+    (["--loss", "sc", "--temp", "0.5", "--base_temp", "0.07"], "sc", 0.5, True, 0.07),
+    (["--loss", "psc"], "psc", 1.0, True, None),
+    (["--loss", "psc", "--dataset", "cifar100"], "psc", 0.1, True, None),
+    (["--loss", "psc", "--psc_temp", "0.3", "--psc_denominator", "all", "--temp", "0.5"], "psc", 0.3, False, None),
+    (["--loss", "ce"], "ce", 0.1, True, None),
+])
+def test_loss_flags_reach_the_criterion(argv, method, temperature, exclude_positive, base_temperature):
+    """The temperature, PSC denominator and base temperature the loss is built with (losses.HybridLoss, whose maths
+    test_losses.py pins per setting), not only what config.json records."""
+    train, _ = make_synthetic(num_classes=4, n_train_per_class=8, n_test_per_class=1)
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet20", "--batch_size", "8", *argv])
+    criterion = main.Trainer(cfg, train, 4, torch.device("cpu")).criterion
+    assert (criterion.method, criterion.temperature) == (method, temperature)
+    assert (criterion.exclude_positive, criterion.base_temperature) == (exclude_positive, base_temperature)
 
 
 def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):

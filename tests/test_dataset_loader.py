@@ -551,6 +551,26 @@ def test_stream_supcon_augments_only_the_views(small_train, monkeypatch):
         make_stream(small_train, 4, 16, sc_aug="simclr")
 
 
+def test_stream_supcon_views_are_two_views_of_the_labelled_image(monkeypatch):
+    """--sc_aug supcon: rows i and B + i of the views are augmented from the same training image, the one
+    sc_labels[i] labels; over an epoch of the instance sampler every image is a view pair once."""
+    train = id_split([30, 20, 14])  # 64 images
+    inputs = []
+
+    def recording(images, params, *args, _f=dl.apply_supcon_augment):
+        inputs.append(images[:, 0, 16, 16].long().numpy())  # uint8 images: the id is the pixel value
+        return _f(images, params, *args)
+    monkeypatch.setattr(dl, "apply_supcon_augment", recording)
+    stream = id_stream(train, 16, sc_aug="supcon", sc_sampler="instance", ce_sampler="class", seed=4)
+    seen = []
+    for batch in stream.epoch(0):
+        ids = inputs[-1]
+        assert len(ids) == 32 and np.array_equal(ids[:16], ids[16:])
+        assert np.array_equal(train.labels[ids[:16]], batch.sc_labels.numpy())
+        seen.extend(ids[:16])
+    assert len(inputs) == 4 and sorted(seen) == list(range(64))
+
+
 @pytest.mark.parametrize("sc_aug", dl.SC_AUGS)
 def test_ranks_slice_the_global_batch(small_train, sc_aug):
     for sc_sampler in ("instance", "reversed"):

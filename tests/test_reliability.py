@@ -80,16 +80,24 @@ def without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_stop_and_resume_equals_straight_through(sig, data_root, straight_run, tmp_path):
+@pytest.mark.parametrize("sig, line", [(signal.SIGINT, "epoch 1/3"), (signal.SIGTERM, "epoch 1/3"),
+                                       (signal.SIGTERM, "first step ")], ids=["SIGINT", "SIGTERM", "mid-epoch"])
+def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_run, tmp_path):
+    """Stopped after an epoch, or inside the first one (signalled on the line printed after its first step of
+    9), and resumed: the same weights, history and results as the run that was never stopped. Mid-epoch this
+    takes the epoch's loss sums, the stream's position and the learning rate from last.pt."""
     out = tmp_path / "run"
     argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
-    proc, stdout, stderr = start_and_signal_after("epoch 1/3", argv, sig)
+    proc, stdout, stderr = start_and_signal_after(line, argv, sig)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert "Resume with the same command plus --resume" in stderr and "Traceback" not in stderr
     assert not (out / "results.json").exists()
     stopped = util.load_checkpoint(out / "last.pt")["run"]
-    assert (stopped["epoch"], stopped["step"]) >= (1, 0) and stopped["epoch"] < 3
+    if line == "first step ":
+        assert stopped["epoch"] == 0 and 0 < stopped["step"] < 9, stopped
+        assert "of epoch 1; checkpoint" in stderr
+    else:
+        assert (stopped["epoch"], stopped["step"]) >= (1, 0) and stopped["epoch"] < 3
 
     resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

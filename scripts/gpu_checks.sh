@@ -216,8 +216,8 @@ if ((smoke)); then
   statuses+=("bench_options: not in --smoke")
   statuses+=("train_compile: not in --smoke")
 else
-  inductor_cache=compile run_step bench_options 150 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
-    --json "$out/bench_options.json"
+  inductor_cache=compile run_step bench_options 150 -- "${bench[@]}" --compare_options --no_reference \
+    --memory_batch_sizes "" --json "$out/bench_options.json"
   if ((eager_cut)); then
     statuses+=("train_compile: not run (the cut-off eager run was resumed instead)")
     note "== train_compile: not run, the cut-off eager run was resumed instead"

@@ -107,8 +107,10 @@ class Config:
     eval_only: bool = _opt(False, "evaluate --checkpoint on the test set and exit", "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
     device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
-    amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; --eval_only: as the run)", "run")
-    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)", "run")
+    amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; "
+                               "--eval_only: as the run)", "run")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
+                                         "run")
     compile: bool = _opt(False, "torch.compile the model (the first steps then include the compilation)", "run")
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")

@@ -585,16 +585,18 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
 
 
 def git_commit() -> Optional[str]:
+    """The checkout's commit (with "-dirty" for uncommitted changes to tracked files). Where the code is no git
+    checkout (a copy of the tree on another machine, or no git there), $GIT_COMMIT as the caller gave it, else None."""
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("GIT_COMMIT") or None
 
 
 def device_name(device: torch.device) -> str:

@@ -52,8 +52,9 @@ was skipped.
                  this script itself in seconds, on a CPU
   -h, --help     this message
 
-Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is written to log.txt (where the checkout has
-no .git). Run folders and the unpacked data go to a scratch folder removed at the end.
+Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is written to log.txt and, where the checkout has no
+.git, to the runs' results.json and the benchmark JSON as their git_commit. Run folders and the
+unpacked data go to a scratch folder removed at the end.
 EOF
 }
 
@@ -165,6 +166,8 @@ run_step() {
   echo "commit: $commit"
   echo "data: $data_root"
   "$python" -c 'import sys, torch, torchvision; print("python", sys.version.split()[0]); print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); torch.cuda.is_available() and print("gpu", torch.cuda.get_device_name(0))' 2>&1 || true
+  # What main.py and the benchmark import besides torch: a missing one shows here, before the first step fails on it.
+  "$python" -c 'import numpy, PIL, tqdm, tensorboard; print("numpy", numpy.__version__, "pillow", PIL.__version__, "tqdm", tqdm.__version__, "tensorboard", tensorboard.__version__)' 2>&1 || true
   echo "cpu cores: $(nproc 2>/dev/null || echo '?')"
   # The benchmark's reference passes batches from its DataLoader workers through /dev/shm.
   shm=$(df -hP /dev/shm 2>/dev/null | awk 'NR == 2 { print $2 " total, " $4 " free" }')
@@ -226,6 +229,8 @@ else
   fi
 fi
 
+# A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
+rm -f "$out"/.*.tmp
 summarised=0
 for results in "$out"/results_*.json; do
   [[ -f $results ]] || continue

@@ -398,6 +398,26 @@ def test_overwrite_removes_every_file_of_the_run_and_nothing_else(finished_run, 
         "12345", "12345/mine.tsv", "notes.txt", "plots"]
 
 
+def test_git_commit_outside_a_checkout_is_the_callers(tmp_path, monkeypatch):
+    """A copy of the tree without .git (as a lent GPU machine gets it) records $GIT_COMMIT, or None; inside a
+    checkout the checkout's own commit wins over the variable."""
+    for name in ("main.py", "losses.py", "dataset_loader.py", "util.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "networks", tmp_path / "networks", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_CEILING_DIRECTORIES"] = str(tmp_path.parent)  # no checkout above tmp_path is found either
+    code = "import main; print(main.git_commit())"
+    read = lambda extra: subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **extra},  # noqa: E731
+                                        capture_output=True, text=True, timeout=120).stdout.strip()
+    assert read({"GIT_COMMIT": "0123abc"}) == "0123abc"
+    assert read({}) == "None" and read({"GIT_COMMIT": ""}) == "None"
+    inside = main.git_commit()
+    if inside is None:
+        pytest.skip("the tests do not run from a git checkout")
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    assert main.git_commit() == inside != "0123abc"
+
+
 def test_readme_documents_every_flag():
     readme = (ROOT / "README.md").read_text()
     for action in main.get_args_parser()._actions:

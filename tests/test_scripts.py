@@ -1035,6 +1035,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert "train_eager_resumed" not in proc.stdout  # a run that finished is not resumed
     log = (out / "log.txt").read_text()
     assert "torch " in log and "commit: " in log and "== train_eager" in log and "epoch 1/1" in log
+    assert re.search(r"^numpy \S+ pillow \S+ tqdm \S+ tensorboard \S+$", log, re.M)  # main.py's other imports
     assert re.search(r"^/dev/shm: \S+ total, \S+ free$", log, re.M) and "first step " in log
     bench = json.loads((out / "bench.json").read_text())
     assert bench["complete"] is True and bench["reference"]["samples_per_s"] > 0
@@ -1068,7 +1069,8 @@ case $1 in
     if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
     exit 124 ;;
   scripts/benchmark.py)
-    while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2"; shift; done
+    # ... and leaves the temporary file of a write it was killed in (util.atomic_write's name for it).
+    while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2" && : >"${2%/*}/.${2##*/}.k1ll3d.tmp"; shift; done
     exit 0 ;;
   -c) [[ $2 == *load_cifar* ]] && exit 0  # the decode step (the data folder here is empty)
     exec "$REAL_PYTHON" "$@" ;;
@@ -1100,6 +1102,7 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
     decode = [i for i, line in enumerate(lines) if "load_cifar" in line]
     assert len(decode) == 1 and decode[0] < min(i for i, line in enumerate(lines) if line.startswith("main.py"))
     assert "decode: ok" in proc.stdout
+    assert (out / "bench.json").exists() and not list(out.glob(".*.tmp"))  # no stray temporary files come back
     calls_made = [line.split() for line in lines if line.split()[0] != "-c"]
     mains = [args for args in calls_made if args[0] == "main.py"]
     assert "train_eager: CUT OFF" in proc.stdout

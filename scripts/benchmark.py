@@ -276,8 +276,16 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
     alpha, global_step = first_epoch_alpha(cfg), itertools.count()
 
     def step() -> losses.LossTerms:
+        nonlocal batches
         i = next(global_step)
-        return trainer.step(next(batches), alpha, trainer.lr_at(i))
+        try:
+            batch = next(batches)
+        except StopIteration:
+            # endless never ends, so an error raised inside the stream closed it (a host sync that host_sync_check
+            # caught there): a fresh one for the steps that follow (the profile's).
+            batches = endless(trainer.stream.epoch)
+            batch = next(batches)
+        return trainer.step(batch, alpha, trainer.lr_at(i))
 
     timing, terms = time_steps(step, opts.warmup_steps, opts.steps, device)
     record = {"amp": trainer.amp, "channels_last": trainer.channels_last, "compile": cfg.compile,

@@ -156,6 +156,36 @@ def test_profile_breaks_the_first_project_row_down_by_operator(bench):
     assert "profile" not in plain["project"][0] and "spends its time" not in bench.format_report(plain)
 
 
+def test_a_host_sync_raised_in_the_stream_leaves_the_profile_its_steps(bench, monkeypatch):
+    """On CUDA, host_sync_check's error can come from inside the batch stream's generator, which closes it; the
+    profile that runs next on the same step still gets batches (a fresh stream) rather than StopIteration."""
+    import dataset_loader
+
+    original, armed = dataset_loader.TrainStream.epoch, []
+
+    def epoch(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            if armed:
+                armed.clear()
+                raise RuntimeError("called a synchronizing CUDA operation")
+            yield batch
+
+    def check(step, device, steps=1):  # stands in for the CUDA debug mode: the stream's next batch syncs
+        armed.append(True)
+        try:
+            step()
+        except RuntimeError as e:
+            return f"error: {e}"
+        return "none"
+
+    monkeypatch.setattr(dataset_loader.TrainStream, "epoch", epoch)
+    monkeypatch.setattr(bench, "host_sync_check", check)
+    argv = [*TINY, "--no_reference", "--memory_batch_sizes", "", "--profile"]
+    row = bench.run(*bench.parse_args(argv), argv)["project"][0]
+    assert row["host_sync"] == "error: called a synchronizing CUDA operation"
+    assert "error" not in row["profile"] and row["profile"]["steps"] == 2 and _positive(row["profile"]["ms_per_step"])
+
+
 def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings(bench, monkeypatch):
     """On CUDA the operators' self device time is their own kernels'; the kernels' rows would count them twice."""
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA

@@ -343,6 +343,32 @@ def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.
     return all_reduce_sum(counts, dist).cpu().numpy()
 
 
+
+@torch.no_grad()
+def embed(net: networks.HybridNet, images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor, amp: bool,
+          channels_last: bool = False, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features [N, 64] and projections [N, feat_dim], float32 on the images' device, of `net` (in eval
+    mode) on uint8 images [N, 3, 32, 32], unaugmented."""
+    fmt = memory_format(channels_last)
+    features, projections = [], []
+    for start in range(0, len(images), batch_size):
+        x = data.normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=fmt)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        features.append(out.features.float())
+        projections.append(out.projections)
+    return torch.cat(features), torch.cat(projections)
+
+
+def ncm_report(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+               test_labels: torch.Tensor, num_classes: int, shot_groups: dict[str, list[int]]) -> dict[str, Any]:
+    """accuracy_report of the nearest-class-mean classifier (util.nearest_class_mean) on backbone features: class
+    means of the long-tailed training images, predictions for the test images. Beside the classifier branch's
+    accuracy it tells whether the representation or the linear classifier on it holds a run back."""
+    preds = util.nearest_class_mean(train_features, train_labels, test_features, num_classes)  # [M]
+    return util.accuracy_report(util.confusion_matrix(preds, test_labels, num_classes).cpu().numpy(), shot_groups)
+
+
 class Trainer:
     """Owns the model, the optimiser, the batch stream and the training step (also what the benchmark times).
 
@@ -432,17 +458,14 @@ class Trainer:
         finally:
             self.net.train()
 
-    @torch.no_grad()
-    def projections(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Feature-branch projections [N, D] of the test images (for TensorBoard's projector), on the CPU."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [N, 64], projections [N, D]) of uint8 images in eval mode, on the device (see embed)."""
         self.net.eval()
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            x = data.normalize(images[start:start + batch_size], self.mean, self.std)
-            with self.autocast():
-                chunks.append(self.net(x).projections.float().cpu())
-        self.net.train()
-        return torch.cat(chunks)
+        try:
+            return embed(self.net, images, mean=self.mean, std=self.std, amp=self.amp,
+                         channels_last=self.channels_last)
+        finally:
+            self.net.train()
 
     def params_finite(self) -> bool:
         return bool(torch.stack([p.detach().isfinite().all() for p in self.net.parameters()]).all())
@@ -863,9 +886,14 @@ class Run:
             return
         step = cfg.epochs * trainer.steps_per_epoch
         self.write_figures(self.last_metrics, self.last_confusion, step, "last")
+        test_features, test_projections = trainer.embed(self.test_images)
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
-            self.writer.add_embedding(trainer.projections(self.test_images), metadata=self.test_labels.cpu().tolist(),
+            self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
                                       global_step=step, tag=PROJECTIONS_TAG)
+        train_features, _ = trainer.embed(trainer.stream.images)
+        ncm = ncm_report(train_features, trainer.stream.labels, test_features, self.test_labels, self.num_classes,
+                         trainer.shot_groups)
+        self.writer.add_scalar("test/ncm_top1", ncm["top1"], step)
         self.tick_wall_time()
         last = {**{k: self.last_metrics[k] for k in ("top1", "many", "medium", "few")}, "epoch": cfg.epochs}
         results = {
@@ -881,8 +909,10 @@ class Run:
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "amp": trainer.amp, "psc_temperature": cfg.psc_temperature, "config": dataclasses.asdict(cfg),
+            "ncm": ncm,
         }
         util.write_json(results, self.out / "results.json")
+        self.log(f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}")
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
                  f"results in {self.out / 'results.json'}")
 
@@ -892,12 +922,19 @@ class Run:
 
 
 def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
-    """--eval_only: the classifier branch of --checkpoint on the balanced test set."""
+    """--eval_only: the classifier branch of --checkpoint on the balanced test set, and the nearest class mean of
+    its backbone features over the long-tailed training set it was trained on."""
     path = Path(cfg.checkpoint)
     saved = util.load_checkpoint(path)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
-    _, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
+    train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
+    run_cfg = saved["config"]
+    train_lt, class_counts = data.long_tailed_subset(train, num_classes, run_cfg["imb_factor"], run_cfg["imb_type"],
+                                                     run_cfg["data_seed"])
+    if class_counts != list(saved["class_counts"]):
+        raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
+                        f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
     net = networks.build_model(cfg.model, num_classes, saved["config"]["feat_dim"],
                                use_prototypes=saved["config"]["loss"] == "psc")
     net.load_state_dict(saved["model"])
@@ -911,10 +948,17 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
                                channels_last=channels_last, dist=dist)
     if not dist.main:
         return 0
-    metrics = util.accuracy_report(confusion, data.shot_groups(saved["class_counts"]))
+    groups = data.shot_groups(class_counts)
+    metrics = util.accuracy_report(confusion, groups)
+    train_images, train_labels = data.to_device_images(train_lt, device)
+    numerics = dict(mean=mean, std=std, amp=amp, channels_last=channels_last)
+    ncm = ncm_report(embed(net, train_images, **numerics)[0], train_labels, embed(net, images, **numerics)[0], labels,
+                     num_classes, groups)
+    keys = ("top1", "many", "medium", "few", "per_class")
     print(f"{path}: {format_metrics(metrics)}")
     print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
-    print(json.dumps({k: metrics[k] for k in ("top1", "many", "medium", "few", "per_class")}))
+    print(f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}")
+    print(json.dumps({**{k: metrics[k] for k in keys}, "ncm": {k: ncm[k] for k in keys}}))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class UserError(Exception):
@@ -77,6 +78,23 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
     flat = targets * num_classes + preds  # [N]
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=flat.device)
     return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(num_classes, num_classes)
+
+
+def nearest_class_mean(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                       num_classes: int) -> torch.Tensor:
+    """Nearest-class-mean predictions on L2-normalised features: for each test feature, the class whose mean
+    training direction is closest by cosine.
+
+    train_features: [N, D], train_labels: [N] int64, test_features: [M, D] -> [M] int64 on the features' device,
+    no host sync. Features are normalised before the class means are taken and the means again after, so every
+    class weighs alike whatever its size: unlike a trained linear layer, this classifier has no bias towards the
+    head classes, and it shows what the representation alone separates. A class without training features is
+    never predicted."""
+    train = F.normalize(train_features.float(), dim=1)  # [N, D]
+    sums = torch.zeros(num_classes, train.shape[1], device=train.device).index_add_(0, train_labels, train)  # [C, D]
+    counts = torch.zeros(num_classes, device=train.device).index_add_(0, train_labels, torch.ones_like(train[:, 0]))
+    similarity = F.normalize(test_features.float(), dim=1) @ F.normalize(sums, dim=1).T  # [M, C]
+    return similarity.masked_fill(counts == 0, float("-inf")).argmax(dim=1)
 
 
 def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]) -> dict[str, Any]:

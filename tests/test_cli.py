@@ -89,6 +89,11 @@ def test_results_are_sane(finished_run):
     else:
         assert all(e["feature_loss"] != 0 for e in res["history"])
     assert "done: last top1" in proc.stdout
+    # The nearest class mean of the final backbone features, a classifier without the linear layer.
+    ncm = res["ncm"]
+    assert set(ncm) == {"top1", "many", "medium", "few", "per_class"} and len(ncm["per_class"]) == 10
+    assert ncm["many"] is None and ncm["top1"] == pytest.approx(sum(ncm["per_class"]) / 10)
+    assert f"nearest class mean on the backbone features (no classifier): {main.format_metrics(ncm)}" in proc.stdout
     # The first step's one-off costs are printed when measured (a run cut off later still shows them).
     [first] = [line for line in proc.stdout.splitlines() if line.startswith("first step ")]
     assert float(first.split()[2]) == pytest.approx(res["first_step_s"], abs=0.051)
@@ -120,6 +125,8 @@ def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
     res = json.loads((out / "results.json").read_text())
     assert printed["top1"] == res["last_top1"]
     assert printed["per_class"] == res["per_class"]
+    # The long-tailed training set is rebuilt from the checkpoint's settings, so the nearest class mean agrees too.
+    assert printed["ncm"] == res["ncm"]
 
 
 def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
@@ -325,7 +332,7 @@ def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
     assert snapshot(existing_run) == before
 
 
-@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "other_model", "other_classes"])
+@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "other_model", "other_classes", "other_data"])
 def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     ckpt = existing_run / "last.pt"
     argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet20"]
@@ -344,9 +351,14 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
         argv[argv.index("resnet20")] = "resnet32"
         argv += ["--checkpoint", str(ckpt)]
         needle = "resnet20 with 10 classes"
-    else:
+    elif problem == "other_classes":
         argv += ["--checkpoint", str(ckpt), "--dataset", "cifar100"]
         needle = "with 100"
+    else:  # 30 training images per class where the run had 40: another long-tailed set at the same ratio
+        write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, 30, N_TEST, seed=0))
+        argv[argv.index(str(cifar10_root))] = str(tmp_path / "other")
+        argv += ["--checkpoint", str(ckpt)]
+        needle = f"trained on {EXPECTED_COUNTS} images per class"
     before = snapshot(existing_run)
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)
@@ -370,7 +382,7 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
     for tag in ("loss/total", "loss/feature", "loss/ce", "train/alpha", "train/lr", "train/samples_per_s",
-                "test/top1", "test/medium", "test/few", "test_per_class/000", "test_per_class/009"):
+                "test/top1", "test/medium", "test/few", "test_per_class/000", "test_per_class/009", "test/ncm_top1"):
         assert tag in scalars, tag
     assert "test/many" not in scalars  # no many-shot class in this tiny set: nothing to log
     for tag in ("last/confusion_matrix", "last/per_class_accuracy_vs_class_size", "best/confusion_matrix",

@@ -30,6 +30,44 @@ def test_accuracy_report_by_hand():
     assert report["few"] is None
 
 
+
+def _ncm_by_loop(train, labels, test, num_classes):
+    """Nearest class mean in float64, one class and one test feature at a time."""
+    means = {}
+    for c in range(num_classes):
+        rows = [train[i] / np.linalg.norm(train[i]) for i in range(len(labels)) if labels[i] == c]
+        if rows:
+            mean = np.sum(rows, axis=0)
+            means[c] = mean / np.linalg.norm(mean)
+    preds = []
+    for x in test:
+        x = x / np.linalg.norm(x)
+        preds.append(max(means, key=lambda c: float(x @ means[c])))
+    return preds
+
+
+def test_nearest_class_mean_matches_a_loop():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 16))
+    labels = rng.integers(0, 5, 300)  # class 5 has no training feature: it is never predicted
+    train = centres[labels] + 1.5 * rng.normal(size=(300, 16))
+    test = centres[rng.integers(0, 6, 200)] * rng.uniform(0.1, 10, (200, 1)) + 1.5 * rng.normal(size=(200, 16))
+    expected = _ncm_by_loop(train, labels, test, 6)
+    got = util.nearest_class_mean(torch.tensor(train, dtype=torch.float32), torch.from_numpy(labels),
+                                  torch.tensor(test, dtype=torch.float32), 6)
+    assert got.dtype == torch.int64 and got.tolist() == expected
+    assert 5 not in got.tolist() and len(set(expected)) == 5
+
+
+def test_nearest_class_mean_weighs_classes_alike_whatever_their_size():
+    # Class 0 has 1,000 training features, class 1 one: the class means, not the counts, decide.
+    train = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(1000, 1), torch.tensor([[0.0, 1.0]])])
+    labels = torch.cat([torch.zeros(1000, dtype=torch.int64), torch.ones(1, dtype=torch.int64)])
+    test = torch.tensor([[1.0, 0.9], [0.9, 1.0], [5.0, 0.1]])  # the norm of a feature does not matter either
+    assert util.nearest_class_mean(train, labels, test, 2).tolist() == [0, 1, 0]
+    # A third class without training features loses even to negative similarities.
+    assert util.nearest_class_mean(train, labels, torch.tensor([[-1.0, -0.5]]), 3).tolist() == [1]
+
 def test_learning_rate_warm_up_and_decay():
     kw = dict(base_lr=0.5, steps_per_epoch=10, warm_epochs=2, decay_epochs=[5, 8], decay_rate=0.1)
     lrs = [util.learning_rate(s, **kw) for s in range(100)]

@@ -104,7 +104,8 @@ class Config:
                                             "step_ before r for --imb_type step)", "run")
     resume: bool = _opt(False, "continue the run in --output_dir from its last.pt", "run")
     overwrite: bool = _opt(False, "start again in an --output_dir that already holds a run", "run")
-    eval_only: bool = _opt(False, "evaluate --checkpoint on the test set and exit", "run")
+    eval_only: bool = _opt(False, "evaluate --checkpoint on the test set (classifier branch and nearest class "
+                                  "mean) and exit", "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
     device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
     amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; "

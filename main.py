@@ -344,7 +344,6 @@ def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.
     return all_reduce_sum(counts, dist).cpu().numpy()
 
 
-
 @torch.no_grad()
 def embed(net: networks.HybridNet, images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor, amp: bool,
           channels_last: bool = False, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -936,8 +935,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     if class_counts != list(saved["class_counts"]):
         raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
                         f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
-    net = networks.build_model(cfg.model, num_classes, saved["config"]["feat_dim"],
-                               use_prototypes=saved["config"]["loss"] == "psc")
+    net = networks.build_model(cfg.model, num_classes, run_cfg["feat_dim"], use_prototypes=run_cfg["loss"] == "psc")
     net.load_state_dict(saved["model"])
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))

@@ -30,7 +30,6 @@ def test_accuracy_report_by_hand():
     assert report["few"] is None
 
 
-
 def _ncm_by_loop(train, labels, test, num_classes):
     """Nearest class mean in float64, one class and one test feature at a time."""
     means = {}
@@ -67,6 +66,7 @@ def test_nearest_class_mean_weighs_classes_alike_whatever_their_size():
     assert util.nearest_class_mean(train, labels, test, 2).tolist() == [0, 1, 0]
     # A third class without training features loses even to negative similarities.
     assert util.nearest_class_mean(train, labels, torch.tensor([[-1.0, -0.5]]), 3).tolist() == [1]
+
 
 def test_learning_rate_warm_up_and_decay():
     kw = dict(base_lr=0.5, steps_per_epoch=10, warm_epochs=2, decay_epochs=[5, 8], decay_rate=0.1)

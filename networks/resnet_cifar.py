@@ -5,8 +5,11 @@ that subsample and zero-pad channels where the shape changes ('option A', as in 
 reference and the LDAM-DRW / BBN code), Kaiming-normal init. The final linear layer is left out:
 the hybrid network puts its own heads on the pooled 64-d feature.
 
+Also ResNet-8 (n = 1), the family's smallest member, as in knowledge-distillation work (e.g. CRD's resnet8): about
+a third of ResNet-20's arithmetic, for quick checks of the pipeline (the test suite uses it).
+
 Backbone parameter counts (no fc), checked in tests/test_networks.py:
-    resnet20 269,072 | resnet32 463,504 | resnet44 657,936 | resnet56 852,368 | resnet110 1,727,312
+    resnet8 74,640 | resnet20 269,072 | resnet32 463,504 | resnet44 657,936 | resnet56 852,368 | resnet110 1,727,312
 """
 from __future__ import annotations
 
@@ -104,5 +107,5 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet_models() -> dict[str, Callable[[], CifarResNet]]:
-    """Name -> backbone constructor for ResNet-20/32/44/56/110 (depth = 6n + 2)."""
-    return {f"resnet{6 * n + 2}": partial(CifarResNet, n) for n in (3, 5, 7, 9, 18)}
+    """Name -> backbone constructor for ResNet-8/20/32/44/56/110 (depth = 6n + 2)."""
+    return {f"resnet{6 * n + 2}": partial(CifarResNet, n) for n in (1, 3, 5, 7, 9, 18)}

@@ -48,7 +48,7 @@ was skipped.
   --device D     cuda (default) or cpu
   --budget_s S   seconds for everything, unpacking included (default: 560)
   --workers N    DataLoader workers per loader of the benchmark's reference (default: 6)
-  --smoke        tiny settings (1 epoch, resnet20, a few benchmark steps, no compile): checks
+  --smoke        tiny settings (1 epoch, resnet8, a few benchmark steps, no compile): checks
                  this script itself in seconds, on a CPU
   -h, --help     this message
 
@@ -176,8 +176,8 @@ run_step() {
 } >>"$log"
 
 if ((smoke)); then
-  run_args=(--model resnet20 --batch_size 16 --epochs 1 --lr_decay_epochs "" --imb_factor 0.1)
-  bench_args=(--model resnet20 --batch_size 16 --steps 2 --warmup_steps 1 --imb_factor 0.1)
+  run_args=(--model resnet8 --batch_size 16 --epochs 1 --lr_decay_epochs "" --imb_factor 0.1)
+  bench_args=(--model resnet8 --batch_size 16 --steps 2 --warmup_steps 1 --imb_factor 0.1)
   memory_args=(--memory_batch_sizes "")
 else
   run_args=()

@@ -19,7 +19,7 @@ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
-TINY = ["--device", "cpu", "--model", "resnet20", "--batch_size", "8", "--steps", "2", "--warmup_steps", "1"]
+TINY = ["--device", "cpu", "--model", "resnet8", "--batch_size", "8", "--steps", "2", "--warmup_steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_script_writes_json_with_every_measurement(tmp_path):
     assert result["torch_version"] == torch.__version__ and result["device"].startswith("cpu")
     assert result["data"] == {"source": "synthetic", "train_size": 12406,
                               "class_counts": [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]}
-    assert result["settings"]["model"] == "resnet20" and result["settings"]["batch_size"] == 8
+    assert result["settings"]["model"] == "resnet8" and result["settings"]["batch_size"] == 8
     [project] = result["project"]
     reference = result["reference"]
     for row in (project, reference):
@@ -148,8 +148,8 @@ def test_profile_breaks_the_first_project_row_down_by_operator(bench):
     assert math.isclose(sum(row["ms_per_step"] for row in prof["ops"]), prof["ms_per_step"], rel_tol=1e-9)
     shares = [row["share"] for row in prof["ops"][:-1]]
     assert shares == sorted(shares, reverse=True)
-    # resnet20 has 19 convolutions, and per-branch batch norm passes each branch through them apart.
-    assert ops["aten::convolution_backward"]["calls_per_step"] == 2 * 19
+    # resnet8 has 7 convolutions, and per-branch batch norm passes each branch through them apart.
+    assert ops["aten::convolution_backward"]["calls_per_step"] == 2 * 7
     assert "| aten::convolution_backward |" in bench.format_report(result)
     assert "spends its time (torch.profiler, 2 steps, cpu self time" in bench.format_report(result)
     plain = bench.run(*bench.parse_args(argv[:-1]), argv[:-1])

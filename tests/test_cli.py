@@ -20,7 +20,7 @@ N_TRAIN, N_TEST = 40, 10  # per class
 IMB_FACTOR = 0.1
 # LDAM-DRW counts for n_max 40 at imbalance ratio 10: int(40 * 0.1 ** (c / 9)).
 EXPECTED_COUNTS = [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
-TINY = ["--model", "resnet20", "--batch_size", "16", "--epochs", "2", "--lr_decay_epochs", "1",
+TINY = ["--model", "resnet8", "--batch_size", "16", "--epochs", "2", "--lr_decay_epochs", "1",
         "--learning_rate", "0.05", "--warm_epochs", "0", "--device", "cpu", "--imb_factor", str(IMB_FACTOR),
         "--print_freq", "3"]
 
@@ -102,7 +102,7 @@ def test_results_are_sane(finished_run):
 def test_config_and_checkpoint_contents(finished_run):
     loss, out, proc = finished_run
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["loss"] == loss and cfg["model"] == "resnet20" and cfg["batch_size"] == 16
+    assert cfg["loss"] == loss and cfg["model"] == "resnet8" and cfg["batch_size"] == 16
     assert cfg["train_size"] == sum(EXPECTED_COUNTS) and "git_commit" in cfg
     assert cfg["psc_temperature"] == 1.0  # the paper's PSC temperature on CIFAR-10
     assert (cfg["sc_sampler"], cfg["ce_sampler"]) == ("instance", "instance" if loss == "ce" else "class")
@@ -119,7 +119,7 @@ def test_config_and_checkpoint_contents(finished_run):
 def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
     loss, out, _ = finished_run
     proc = run_cli("--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(cifar10_root),
-                   "--model", "resnet20", "--device", "cpu")
+                   "--model", "resnet8", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     res = json.loads((out / "results.json").read_text())
@@ -151,7 +151,7 @@ def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
     write_pickled_cifar100(tmp_path / "data", *make_synthetic(100, 6, 2, seed=1))
     out = tmp_path / "run"
     proc = run_cli("--dataset", "cifar100", "--data_root", str(tmp_path / "data"), "--loss", "psc",
-                   "--output_dir", str(out), "--model", "resnet20", "--batch_size", "32", "--epochs", "1",
+                   "--output_dir", str(out), "--model", "resnet8", "--batch_size", "32", "--epochs", "1",
                    "--lr_decay_epochs", "", "--imb_factor", "0.5", "--device", "cpu", "--temp", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "note: --loss psc does not read --temp; it changes nothing in this run\n" in proc.stdout
@@ -335,7 +335,7 @@ def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
 @pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "other_model", "other_classes", "other_data"])
 def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     ckpt = existing_run / "last.pt"
-    argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet20"]
+    argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet8"]
     if problem == "missing":
         argv += ["--checkpoint", str(tmp_path / "nope.pt")]
         needle = "not found"
@@ -348,9 +348,9 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
         argv += ["--checkpoint", str(tmp_path / "half.pt")]
         needle = "cannot read"
     elif problem == "other_model":
-        argv[argv.index("resnet20")] = "resnet32"
+        argv[argv.index("resnet8")] = "resnet32"
         argv += ["--checkpoint", str(ckpt)]
-        needle = "resnet20 with 10 classes"
+        needle = "resnet8 with 10 classes"
     elif problem == "other_classes":
         argv += ["--checkpoint", str(ckpt), "--dataset", "cifar100"]
         needle = "with 100"
@@ -418,11 +418,14 @@ def test_git_commit_outside_a_checkout_is_the_callers(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "networks", tmp_path / "networks", ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env["GIT_CEILING_DIRECTORIES"] = str(tmp_path.parent)  # no checkout above tmp_path is found either
-    code = "import main; print(main.git_commit())"
-    read = lambda extra: subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **extra},  # noqa: E731
-                                        capture_output=True, text=True, timeout=120).stdout.strip()
-    assert read({"GIT_COMMIT": "0123abc"}) == "0123abc"
-    assert read({}) == "None" and read({"GIT_COMMIT": ""}) == "None"
+    # One process (importing torch is most of its time) reads the variable set, unset and empty in turn.
+    code = ("import os, main\n"
+            "for value in ('0123abc', None, ''):\n"
+            "    os.environ.pop('GIT_COMMIT', None) if value is None else os.environ.update(GIT_COMMIT=value)\n"
+            "    print(main.git_commit())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["0123abc", "None", "None"], proc.stderr[-2000:]
     inside = main.git_commit()
     if inside is None:
         pytest.skip("the tests do not run from a git checkout")
@@ -453,7 +456,7 @@ def test_settings_a_loss_does_not_read_leave_its_run_alone(loss, unused):
     assert sorted(main.unread_settings(main.parse_config(["--loss", loss, *unused]))) == sorted(f[2:] for f in unused[::2])
     assert main.unread_settings(main.parse_config(["--loss", loss])) == []
     train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
-    common = ["--device", "cpu", "--model", "resnet20", "--batch_size", "8", "--loss", loss, "--no-amp"]
+    common = ["--device", "cpu", "--model", "resnet8", "--batch_size", "8", "--loss", loss, "--no-amp"]
     cfg, other = main.parse_config(common), main.parse_config(common + unused)
     runs = []
     for c in (cfg, other):
@@ -482,7 +485,7 @@ def test_loss_flags_reach_the_criterion(argv, method, temperature, exclude_posit
     """The temperature, PSC denominator and base temperature the loss is built with (losses.HybridLoss, whose maths
     test_losses.py pins per setting), not only what config.json records."""
     train, _ = make_synthetic(num_classes=4, n_train_per_class=8, n_test_per_class=1)
-    cfg = main.parse_config(["--device", "cpu", "--model", "resnet20", "--batch_size", "8", *argv])
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
     criterion = main.Trainer(cfg, train, 4, torch.device("cpu")).criterion
     assert (criterion.method, criterion.temperature) == (method, temperature)
     assert (criterion.exclude_positive, criterion.base_temperature) == (exclude_positive, base_temperature)

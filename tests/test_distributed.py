@@ -42,7 +42,7 @@ ALPHA = 0.5  # both the feature loss and CE reach the gradients
 LOSS_ATOL = 1e-6
 GRAD_ATOL = 1e-5
 # main.Trainer on a tiny CIFAR-10 split, with the BN-free model patched in for networks.build_model.
-TRAINER_ARGS = ["--dataset", "cifar10", "--model", "resnet20", "--batch_size", str(GLOBAL_BATCH),
+TRAINER_ARGS = ["--dataset", "cifar10", "--model", "resnet8", "--batch_size", str(GLOBAL_BATCH),
                 "--feat_dim", str(FEAT_DIM), "--learning_rate", "0.1", "--warm_epochs", "0", "--epochs", "2",
                 "--lr_decay_epochs", "", "--device", "cpu", "--seed", "3",
                 "--no-amp", "--no-channels_last"]  # float32: bf16 rounding would hide a 1e-5 difference
@@ -246,7 +246,7 @@ def test_trainer_step_on_two_ranks_equals_one_process(case, two_ranks, one_proce
 # ----------------------------------------------------------------------------------------------- torchrun main.py
 
 
-TINY = ["--model", "resnet20", "--batch_size", "16", "--lr_decay_epochs", "", "--device", "cpu",
+TINY = ["--model", "resnet8", "--batch_size", "16", "--lr_decay_epochs", "", "--device", "cpu",
         "--imb_factor", "0.1"]
 TORCHRUN_TIMEOUT = 120  # a hang fails the test instead of the suite
 

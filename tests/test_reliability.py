@@ -33,7 +33,7 @@ import util
 from helpers import make_synthetic, write_pickled_cifar10
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "resnet20", "--batch_size", "16", "--epochs", "3", "--lr_decay_epochs", "2",
+TINY = ["--model", "resnet8", "--batch_size", "16", "--epochs", "3", "--lr_decay_epochs", "2",
         "--learning_rate", "0.05", "--warm_epochs", "0.5", "--device", "cpu", "--imb_factor", "0.1",
         "--print_freq", "4"]
 TIMING_KEYS = {"samples_per_s"}  # the only history entries that may differ between two runs

@@ -973,7 +973,7 @@ def test_sweep_real_cli(tmp_path, summarize):
     write_pickled_cifar10(tmp_path / "data", *make_synthetic(10, 24, 4, seed=2))
     runs = tmp_path / "runs"
     args = ["--dataset", "cifar10", "--imb_factors", "0.1 0.5", "--methods", "ce", "--runs_dir", str(runs), "--",
-            "--data_root", str(tmp_path / "data"), "--model", "resnet20", "--batch_size", "16", "--epochs", "1",
+            "--data_root", str(tmp_path / "data"), "--model", "resnet8", "--batch_size", "16", "--epochs", "1",
             "--lr_decay_epochs", "", "--device", "cpu"]
     env = {**os.environ, "PYTHON": sys.executable}
     first = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,

@@ -94,7 +94,7 @@ def train_split():
 
 
 def _trainer(train, *argv: str) -> main.Trainer:
-    cfg = main.parse_config(["--device", "cpu", "--model", "resnet20", "--batch_size", "8", *argv])
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
     return main.Trainer(cfg, train, 4, torch.device("cpu"))
 
 

@@ -11,7 +11,8 @@ class with its training images) of each class's top-1 at the last epoch, mean ov
 Reads every results.json under the given folders (recursively), groups the runs by
 (dataset, method, imb_type, imbalance ratio, schedule, recipe) and reports per group: the seeds, best and
 last top-1 as mean ± std over seeds, many / medium / few-shot accuracy (last epoch, mean), the
-schedule, the mean wall time, the paper's top-1 and our difference to it.
+nearest-class-mean top-1 on the backbone features (results.json's "ncm", mean; a column only when some
+run records it), the schedule, the mean wall time, the paper's top-1 and our difference to it.
 
 Choices, documented here and in the table's footnotes:
 - std is the sample std (ddof=1) over seeds; with one seed it is "n/a" (empty in CSV), since a
@@ -117,7 +118,7 @@ METHOD_ORDER = ("sc", "psc", "ce")
 CSV_COLUMNS = (
     "dataset", "method", "variant", "imb_type", "imbalance_ratio", "n_seeds", "seeds",
     "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
-    "many_mean", "medium_mean", "few_mean", "epochs", "lr_decay_epochs", "batch_size",
+    "many_mean", "medium_mean", "few_mean", "ncm_top1_mean", "epochs", "lr_decay_epochs", "batch_size",
     "paper_schedule", "wall_time_s_mean", "reference_top1", "reference_source", "diff_last_minus_reference",
 )
 
@@ -148,6 +149,7 @@ class RunResult:
     recipe: tuple[tuple[str, str], ...] = ()  # the other training settings of its config, as JSON
     per_class: tuple[float, ...] | None = None  # last-epoch top-1 per class; None when not recorded
     class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
+    ncm_top1: float | None = None  # the nearest-class-mean top-1 at the end; None when not recorded
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,9 @@ class GroupSummary:
     per_class_mean: tuple[float, ...] | None = None
     per_class_std: tuple[float | None, ...] | None = None
     class_counts: tuple[int, ...] | None = None
+    # Nearest-class-mean top-1, mean over seeds; None unless every run of the group records it (a mean over some
+    # of the seeds would not compare with the other columns).
+    ncm_top1: float | None = None
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -228,6 +233,17 @@ def _per_class(data: dict) -> tuple[tuple[float, ...] | None, tuple[int, ...] | 
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"'class_counts' must hold non-negative integers, got {n!r} for class {c}")
     return tuple(float(v) for v in per_class), tuple(counts)
+
+
+def _ncm_top1(data: dict) -> float | None:
+    """The "ncm" entry's top-1 (None when the run does not record one), checked."""
+    ncm = data.get("ncm")
+    if ncm is None:
+        return None
+    top1 = ncm.get("top1") if isinstance(ncm, dict) else None
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0.0 <= top1 <= 100.0:
+        raise ValueError(f"'ncm' must be an object whose 'top1' is a percentage in 0..100, got {ncm!r:.80}")
+    return float(top1)
 
 
 def parse_result(data: object, path: str) -> RunResult:
@@ -294,7 +310,7 @@ def parse_result(data: object, path: str) -> RunResult:
         many=_shot_accuracy(data, "many"), medium=_shot_accuracy(data, "medium"),
         few=_shot_accuracy(data, "few"),
         wall_time_s=_number(data, "wall_time_s", optional=True),
-        recipe=recipe, per_class=per_class, class_counts=class_counts,
+        recipe=recipe, per_class=per_class, class_counts=class_counts, ncm_top1=_ncm_top1(data),
     )
 
 
@@ -412,6 +428,8 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         reference_top1=None if reference is None else reference[0],
         reference_source=None if reference is None else reference[1],
         diff=diff, per_class_mean=per_class_mean, per_class_std=per_class_std, class_counts=counts,
+        ncm_top1=(None if any(run.ncm_top1 is None for run in runs)
+                  else float(np.mean([run.ncm_top1 for run in runs]))),
     )
 
 
@@ -500,9 +518,12 @@ def _opt(value: float | None) -> str:
 
 
 def format_markdown(rows: list[GroupSummary]) -> str:
-    """The markdown table with its footnotes."""
+    """The markdown table with its footnotes; the NCM column only where some row has the value (runs made before
+    results.json recorded it keep the table they had)."""
+    with_ncm = any(row.ncm_top1 is not None for row in rows)
     header = ("dataset", "method", "imb. ratio", "seeds", "best top-1", "last top-1",
-              "many", "medium", "few", "epochs", "wall time", "paper top-1", "diff")
+              "many", "medium", "few", *(("NCM top-1",) if with_ncm else ()), "epochs", "wall time", "paper top-1",
+              "diff")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     schedules = distinct_schedules(rows, lambda row: (row.key.dataset, _method_text(row.key), _ratio_text(row.key)))
     for row, schedule in zip(rows, schedules):
@@ -519,7 +540,7 @@ def format_markdown(rows: list[GroupSummary]) -> str:
             DATASET_LABELS.get(key.dataset, key.dataset), _method_text(key),
             _ratio_text(key), f"{len(row.seeds)} ({', '.join(str(s) for s in row.seeds)})",
             _pm(row.best_top1_mean, row.best_top1_std), _pm(row.last_top1_mean, row.last_top1_std),
-            _opt(row.many), _opt(row.medium), _opt(row.few),
+            _opt(row.many), _opt(row.medium), _opt(row.few), *((_opt(row.ncm_top1),) if with_ncm else ()),
             schedule, format_duration(row.wall_time_s), reference, diff,
         )
         lines.append("| " + " | ".join(cells) + " |")
@@ -528,6 +549,9 @@ def format_markdown(rows: list[GroupSummary]) -> str:
         "best epoch on the test set (optimistic), 'last' the final epoch. many / medium / few: last "
         "epoch, mean over seeds, classes with >100 / 20..100 / <20 training images; '—': no class "
         "in that group at this ratio. Wall time: mean per run.",
+        *(["- NCM top-1: the test set classified by the nearest class mean of the backbone features (no "
+            "classifier) at the end of each run, mean over seeds; '—' where a run of the row does not record it."]
+          if with_ncm else []),
         "- The paper (Wang et al., CVPR 2021, Table 1) reports a single top-1 per cell, without seeds "
         "or spread and without saying which epoch; 'diff' = our last top-1 mean − paper top-1.",
         f"- Paper schedule: {PAPER_EPOCHS} epochs, lr x0.1 at epochs "
@@ -636,6 +660,7 @@ def format_csv(rows: list[GroupSummary]) -> str:
          "best_top1_mean": _csv_number(row.best_top1_mean), "best_top1_std": _csv_number(row.best_top1_std),
          "last_top1_mean": _csv_number(row.last_top1_mean), "last_top1_std": _csv_number(row.last_top1_std),
          "many_mean": _csv_number(row.many), "medium_mean": _csv_number(row.medium), "few_mean": _csv_number(row.few),
+         "ncm_top1_mean": _csv_number(row.ncm_top1),
          "wall_time_s_mean": _csv_number(row.wall_time_s), "reference_top1": _csv_number(row.reference_top1),
          "reference_source": row.reference_source or "", "diff_last_minus_reference": _csv_number(row.diff)}
         for row in rows))

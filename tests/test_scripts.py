@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -48,10 +49,13 @@ CIFAR10_R100_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
-                wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=CIFAR10_R100_COUNTS):
-    """A results.json in the schema main.py writes (only what matters here varies)."""
+                wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=CIFAR10_R100_COUNTS,
+                ncm=None):
+    """A results.json in the schema main.py writes (only what matters here varies); "ncm" only when given, as in
+    runs made before main.py recorded it."""
     shots = {"top1": last, "many": many, "medium": medium, "few": few}
-    return {
+    extra = {} if ncm is None else {"ncm": {"top1": ncm, "many": None, "medium": None, "few": None, "per_class": []}}
+    return {**extra,
         "dataset": dataset, "method": method, "model": "resnet32", "imb_type": imb_type,
         "imb_factor": 1.0 / ratio, "imbalance_ratio": float(ratio), "seed": seed,
         "epochs": epochs, "lr_decay_epochs": list(decay), "batch_size": batch_size,
@@ -104,6 +108,29 @@ def test_mean_and_sample_std_over_seeds(summarize, tmp_path, capsys):
     assert row[11] == "81.40"
     assert row[12] == f"{last_mean - 81.40:+.2f}" == "-0.23"
     assert "ddof=1" in out and "last top-1 mean − paper top-1" in out
+
+
+def test_nearest_class_mean_column_holds_the_mean_over_seeds_of_runs_that_record_it(summarize, tmp_path, capsys):
+    for seed, ncm in enumerate([60.0, 63.0]):
+        write_result(tmp_path, f"sc_s{seed}", seed=seed, ncm=ncm)
+    write_result(tmp_path, "psc_s0", method="psc", ncm=55.5)
+    write_result(tmp_path, "psc_s1", method="psc", seed=1)  # made before runs recorded it: no mean of one seed
+    write_result(tmp_path, "ce", method="ce")
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == ""
+    header = [cell.strip() for cell in out.splitlines()[0].strip("|").split("|")]
+    assert header[8:11] == ["few", "NCM top-1", "epochs"]
+    sc, psc, ce = table_rows(out)
+    assert (sc[1], sc[9], sc[10]) == ("Hybrid-SC", "61.50", "200")
+    assert (psc[1], psc[9]) == ("Hybrid-PSC", "—") and (ce[1], ce[9]) == ("CE", "—")
+    assert "NCM top-1: the test set classified by the nearest class mean" in out
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [row["ncm_top1_mean"] for row in rows] == ["61.5", "", ""]
+    for name in ("sc_s0", "sc_s1", "psc_s0"):
+        shutil.rmtree(tmp_path / name)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert "NCM" not in out and len(table_rows(out)[0]) == 13  # no run records it: the table as before
 
 
 def test_single_seed_std_is_na_and_groups_split_by_config(summarize, tmp_path, capsys):
@@ -302,6 +329,8 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (json.dumps({**result_dict(), "per_class": [80.0] * 9}), "one value per class"),
     (json.dumps({**result_dict(), "per_class": [0.8] * 9 + [800.0]}), "percentages in 0..100, got 800.0 for class 9"),
     (json.dumps({**result_dict(), "class_counts": [5000] * 9 + [0.5]}), "non-negative integers, got 0.5 for class 9"),
+    (json.dumps({**result_dict(), "ncm": {"top1": "61"}}), "'ncm' must be an object whose 'top1' is a percentage"),
+    (json.dumps({**result_dict(), "ncm": 61.0}), "'ncm' must be an object whose 'top1' is a percentage"),
 ])
 def test_malformed_results_name_the_file(summarize, tmp_path, capsys, content, reason):
     write_result(tmp_path, "good")
@@ -998,6 +1027,13 @@ def test_sweep_real_cli(tmp_path, summarize):
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE |") == 2
+    # Each run's nearest-class-mean top-1 (main.py's "ncm") is its row's NCM column.
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                        for line in table.stdout.splitlines() if line.startswith("|")]
+    column = header.index("NCM top-1")
+    ncm = {json.loads((runs / name / "results.json").read_text())["ncm"]["top1"]
+           for name in ("cifar10_ce_r10_s0", "cifar10_ce_r2_s0")}
+    assert {row[column] for row in rows} == {f"{value:.2f}" for value in ncm}
     # The per-class tables from main.py's own results.json: one per ratio, a line per class.
     per_class = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs), "--per_class", "--csv"],
                                capture_output=True, text=True, timeout=60)

@@ -141,6 +141,22 @@ def test_subset_step_and_shuffled_source():
     np.testing.assert_array_equal(subset.images, ldam_reference_subset(shuffled, counts, seed=7))
 
 
+def test_subset_depends_only_on_the_order_within_each_class():
+    """LDAM-DRW's generator draws positions within each class, so a copy of CIFAR that keeps each class's image
+    order but not the global one (the JPEG archive's image folders) gives the same long-tailed images as LDAM-DRW's
+    code on the original files, where the classes are interleaved."""
+    grouped, _ = make_synthetic(10, 40, 1, seed=3)  # as read from image folders: class 0's images, then class 1's
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(grouped.labels)  # the original files' interleaving of the classes
+    images = np.empty_like(grouped.images)
+    for c in range(10):
+        images[labels == c] = grouped.images[grouped.labels == c]  # each class's images in their own order
+    original = ArraySplit(images, labels)
+    assert not np.array_equal(original.labels, grouped.labels)
+    subset, counts = dl.long_tailed_subset(grouped, 10, 0.1, "exp", seed=0)
+    np.testing.assert_array_equal(subset.images, ldam_reference_subset(original, counts, seed=0))
+
+
 def test_subset_rejects_empty_class():
     train, _ = make_synthetic(10, 20, 1)
     with pytest.raises(DataError, match="no images"):

@@ -116,6 +116,9 @@ class Config:
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
+    ncm_every: int = _opt(0, "also classify the test set by the nearest class mean of the backbone features every N "
+                          "epochs (each time it embeds the long-tailed training set too, about twice the work of an "
+                          "evaluation); 0: only after the last epoch", "run")
     print_freq: int = _opt(10, "steps between progress updates (each costs one host-device sync)", "run")
 
     def __post_init__(self) -> None:
@@ -213,6 +216,8 @@ def validate(cfg: Config) -> None:
     for name in ("feat_dim", "eval_every", "print_freq"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.ncm_every < 0:
+        raise UserError(f"--ncm_every must not be negative (got {cfg.ncm_every}; 0: only after the last epoch)")
     if cfg.eval_only and not cfg.checkpoint:
         raise UserError("--eval_only needs --checkpoint PATH")
     if cfg.resume and cfg.overwrite:
@@ -628,6 +633,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+SHOT_KEYS = ("top1", "many", "medium", "few")  # the accuracies a history entry, a summary and TensorBoard report
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     groups = " / ".join("-" if m[k] is None else f"{m[k]:.2f}" for k in ("many", "medium", "few"))
     return f"top1 {m['top1']:.2f} (many / medium / few {groups})"
@@ -675,6 +683,7 @@ class Run:
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
         self.last_confusion: Optional[np.ndarray] = None
+        self.last_ncm: Optional[tuple[int, dict[str, Any]]] = None  # (epoch, ncm_report) of the latest --ncm_every
 
     # -- checkpoints
     def checkpoint(self) -> dict[str, Any]:
@@ -847,15 +856,20 @@ class Run:
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             confusion = trainer.confusion(self.test_images, self.test_labels)
             metrics = util.accuracy_report(confusion, trainer.shot_groups)
-            entry.update({k: metrics[k] for k in ("top1", "many", "medium", "few")})
+            entry.update({k: metrics[k] for k in SHOT_KEYS})
             is_best = metrics["top1"] > state.best_top1
             if is_best:
                 state.best_top1, state.best_epoch = metrics["top1"], epoch + 1
-                state.best_metrics = {**{k: metrics[k] for k in ("top1", "many", "medium", "few")},
-                                      "epoch": epoch + 1}
+                state.best_metrics = {**{k: metrics[k] for k in SHOT_KEYS}, "epoch": epoch + 1}
             self.last_metrics, self.last_confusion = metrics, confusion
             line += f" | {format_metrics(metrics)} | best {state.best_top1:.2f} @ {state.best_epoch}"
             self.log_eval(epoch + 1, metrics, confusion, is_best)
+        if cfg.ncm_every and (epoch + 1) % cfg.ncm_every == 0 and self.dist.main:
+            ncm = self.nearest_class_mean()
+            self.last_ncm = (epoch + 1, ncm)
+            entry.update({f"ncm_{k}": ncm[k] for k in SHOT_KEYS})
+            line += f" | ncm top1 {ncm['top1']:.2f}"
+            self.log_ncm(epoch + 1, ncm)
         state.history.append(entry)
         self.log(line)
         if is_best:  # best.pt first: a kill between the two writes then never leaves best.pt behind last.pt
@@ -866,13 +880,30 @@ class Run:
         if self.writer is None:
             return
         step = epoch * self.trainer.steps_per_epoch
-        for k in ("top1", "many", "medium", "few"):
+        for k in SHOT_KEYS:
             if metrics[k] is not None:
                 self.writer.add_scalar(f"test/{k}", metrics[k], step)
         for c, acc in enumerate(metrics["per_class"]):
             self.writer.add_scalar(f"test_per_class/{c:03d}", acc, step)
         if is_best:  # the last epoch's figures are written by finish()
             self.write_figures(metrics, confusion, step, "best")
+
+    def nearest_class_mean(self, test_features: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """ncm_report of the current network: class means of the long-tailed training images' backbone features,
+        the test images classified by them (`test_features` when the caller already has them)."""
+        trainer = self.trainer
+        if test_features is None:
+            test_features, _ = trainer.embed(self.test_images)
+        train_features, _ = trainer.embed(trainer.stream.images)
+        return ncm_report(train_features, trainer.stream.labels, test_features, self.test_labels, self.num_classes,
+                          trainer.shot_groups)
+
+    def log_ncm(self, epoch: int, ncm: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k in SHOT_KEYS:
+            if ncm[k] is not None:
+                self.writer.add_scalar(f"test/ncm_{k}", ncm[k], epoch * self.trainer.steps_per_epoch)
 
     def write_figures(self, metrics: dict[str, Any], confusion: np.ndarray, step: int, tag: str) -> None:
         self.writer.add_image(f"{tag}/per_class_accuracy_vs_class_size",
@@ -890,12 +921,13 @@ class Run:
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
             self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
                                       global_step=step, tag=PROJECTIONS_TAG)
-        train_features, _ = trainer.embed(trainer.stream.images)
-        ncm = ncm_report(train_features, trainer.stream.labels, test_features, self.test_labels, self.num_classes,
-                         trainer.shot_groups)
-        self.writer.add_scalar("test/ncm_top1", ncm["top1"], step)
+        if self.last_ncm is not None and self.last_ncm[0] == cfg.epochs:  # --ncm_every took it after the last epoch
+            ncm = self.last_ncm[1]
+        else:
+            ncm = self.nearest_class_mean(test_features)
+            self.log_ncm(cfg.epochs, ncm)
         self.tick_wall_time()
-        last = {**{k: self.last_metrics[k] for k in ("top1", "many", "medium", "few")}, "epoch": cfg.epochs}
+        last = {**{k: self.last_metrics[k] for k in SHOT_KEYS}, "epoch": cfg.epochs}
         results = {
             "dataset": cfg.dataset, "method": cfg.loss, "model": cfg.model, "imb_type": cfg.imb_type,
             "imb_factor": cfg.imb_factor, "imbalance_ratio": cfg.imbalance_ratio, "seed": cfg.seed,
@@ -953,7 +985,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     numerics = dict(mean=mean, std=std, amp=amp, channels_last=channels_last)
     ncm = ncm_report(embed(net, train_images, **numerics)[0], train_labels, embed(net, images, **numerics)[0], labels,
                      num_classes, groups)
-    keys = ("top1", "many", "medium", "few", "per_class")
+    keys = (*SHOT_KEYS, "per_class")
     print(f"{path}: {format_metrics(metrics)}")
     print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
     print(f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}")

@@ -33,7 +33,7 @@ Choices, documented here and in the table's footnotes:
   setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
   the number of processes are separate rows, each labelled with the settings that tell them apart
   ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags (paths, device, logging, resume, compile,
-  channels_last, deterministic) never split a group. A setting that some runs do not record
+  channels_last, deterministic, ncm_every) never split a group. A setting that some runs do not record
   (made before the flag existed) splits nothing when the runs that record it agree; when they
   differ, the runs without it are a part of their own, labelled "name=?" (a flag whose earlier
   behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
@@ -80,7 +80,7 @@ PAPER_TOP1 = MappingProxyType({
 # and compile choices with the same maths), or that the group key already holds.
 NOT_RECIPE = frozenset({
     "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint",
-    "device", "compile", "channels_last", "deterministic", "print_freq",
+    "device", "compile", "channels_last", "deterministic", "print_freq", "ncm_every",
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })
 # Flags whose default main.py resolves at run time (by device, by dataset), and the top-level field

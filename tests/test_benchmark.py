@@ -332,6 +332,7 @@ BAD_FLAGS = [
     ["--memory_batch_sizes", "1"],
     ["--resume"],
     ["--output_dir", "runs/x"],
+    ["--ncm_every", "1"],
     ["--compare_options", "--amp"],
     ["--batch_size", "1"],
     ["--_memory_probe", "ce", "64"],

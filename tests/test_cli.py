@@ -252,6 +252,7 @@ BAD_INPUTS = [
     (["--data_seed", "-1"], "--data_seed"),
     (["--seed", str(2**64)], "--seed"),
     (["--feat_dim", "0"], "--feat_dim"),
+    (["--ncm_every", "-1"], "--ncm_every must not be negative"),
     (["--batch_size", "x"], "invalid int"),
     (["--sync_bn", "--device", "cpu"], "--sync_bn needs CUDA"),
     (["--eval_only"], "--checkpoint"),
@@ -491,20 +492,35 @@ def test_loss_flags_reach_the_criterion(argv, method, temperature, exclude_posit
     assert (criterion.exclude_positive, criterion.base_temperature) == (exclude_positive, base_temperature)
 
 
-def test_alpha_schedule_sets_each_epochs_weight(cifar10_root, tmp_path):
+def test_alpha_schedule_and_ncm_every_set_each_epochs_entry(cifar10_root, tmp_path):
     """--alpha_schedule linear: alpha = 1 - T / T_max per epoch (T from 0), recorded in the history and the
-    config; a resume under another schedule is refused."""
+    config; a resume under another schedule is refused. In the same run (one process start less), --ncm_every 2
+    adds the nearest-class-mean accuracies to epochs 2 and 4, evaluated or not, and epoch 4's is the run's "ncm",
+    logged once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
     at = TINY.index("--epochs")
     tiny = TINY[:at] + TINY[at + 2:] + ["--epochs", "4", "--eval_every", "4"]
-    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(out), "--alpha_schedule", "linear", *tiny)
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(out), "--alpha_schedule", "linear",
+                   "--ncm_every", "2", *tiny)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert [h["alpha"] for h in res["history"]] == [1.0, 0.75, 0.5, 0.25]
     assert res["config"]["alpha_schedule"] == "linear"
+    ncm_keys = {"ncm_top1", "ncm_many", "ncm_medium", "ncm_few"}
+    assert [sorted(ncm_keys & set(h)) for h in res["history"]] == [[], sorted(ncm_keys), [], sorted(ncm_keys)]
+    assert "top1" not in res["history"][1] and "top1" in res["history"][3]  # NCM without the evaluation
+    assert {k: res["history"][3][f"ncm_{k}"] for k in main.SHOT_KEYS} == {k: res["ncm"][k] for k in main.SHOT_KEYS}
+    assert [line.count("| ncm top1 ") for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [0, 1, 0, 1]
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = json.loads((out / "config.json").read_text())["train_size"] // 16  # per epoch, at --batch_size 16
+    assert [(e.step, e.value) for e in acc.Scalars("test/ncm_top1")] == pytest.approx(
+        [(2 * steps, res["history"][1]["ncm_top1"]), (4 * steps, res["ncm"]["top1"])])
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     linear = main.parse_config(["--data_root", str(cifar10_root), "--alpha_schedule", "linear", *tiny])
-    main.check_compatible(saved, linear, out / "last.pt", 10)  # no error
+    main.check_compatible(saved, linear, out / "last.pt", 10)  # no error: --ncm_every is not part of the recipe
     with pytest.raises(main.UserError, match=r"--alpha_schedule linear -> parabolic"):
         main.check_compatible(saved, main.parse_config(["--data_root", str(cifar10_root), *tiny]), out / "last.pt", 10)
 

@@ -281,7 +281,7 @@ def torchrun_sc(tmp_path_factory, cifar10_root):
     so a stray file from any rank would show)."""
     cwd = tmp_path_factory.mktemp("torchrun_sc")
     proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
-                    *TINY, cwd=cwd)
+                    "--ncm_every", "1", *TINY, cwd=cwd)
     return cwd, proc
 
 
@@ -301,6 +301,7 @@ def test_torchrun_trains_and_only_rank_0_writes(torchrun_sc):
     assert results["batch_size"] == 16 and results["method"] == "sc"  # the global batch, as given
     assert [h["epoch"] for h in results["history"]] == [1]
     assert 0 <= results["last_top1"] <= 100 and results["history"][0]["feature_loss"] > 0
+    assert results["history"][0]["ncm_top1"] == results["ncm"]["top1"]  # --ncm_every 1, on rank 0 alone
     # only rank 0 logs: each line once
     assert proc.stdout.count("done: last top1") == 1 and proc.stdout.count("epoch 1/1 |") == 1
     assert proc.stdout.count("first step ") == 1

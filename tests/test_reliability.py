@@ -33,9 +33,10 @@ import util
 from helpers import make_synthetic, write_pickled_cifar10
 
 ROOT = Path(__file__).resolve().parent.parent
+# --ncm_every 2: the history of a resumed run must also hold the same nearest-class-mean entries (epoch 2's).
 TINY = ["--model", "resnet8", "--batch_size", "16", "--epochs", "3", "--lr_decay_epochs", "2",
         "--learning_rate", "0.05", "--warm_epochs", "0.5", "--device", "cpu", "--imb_factor", "0.1",
-        "--print_freq", "4"]
+        "--print_freq", "4", "--ncm_every", "2"]
 TIMING_KEYS = {"samples_per_s"}  # the only history entries that may differ between two runs
 
 
@@ -108,7 +109,8 @@ def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_
     ra = json.loads((straight_run / "results.json").read_text())
     rb = json.loads((out / "results.json").read_text())
     assert without_timing(ra["history"]) == without_timing(rb["history"])
-    for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last"):
+    assert "ncm_top1" in ra["history"][1]
+    for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last", "ncm"):
         assert ra[key] == rb[key], key
 
 

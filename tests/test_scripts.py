@@ -1082,6 +1082,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert supcon["project"][0]["samples_per_s"] > 0 and supcon["reference"] is None
     res = json.loads((out / "results_eager.json").read_text())
     assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
+    assert res["config"]["ncm_every"] == 10  # the nearest class mean's course in the 200-epoch runs' history
     summary = (out / "summary.md").read_text()
     assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC |" in summary
     assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10, " in summary

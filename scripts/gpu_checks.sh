@@ -15,8 +15,9 @@ Runs these steps in order, each under its own cap and what is left of the time b
   decode          reads the data once (decoding JPEG files into the project's .npz cache), so that no
                   timed or capped step below spends its time there (cap 90 s)
   train_eager     the paper's 200-epoch Hybrid-SC on CIFAR-10-LT, imbalance ratio 100, main.py's
-                  defaults, plus --ncm_every 10 (the nearest class mean's course, in the history;
-                  a few seconds on a GPU, outside train_time_s) (cap 240 s) -> results_eager.json
+                  defaults, plus --ncm_every 10 (the nearest class mean's course, in the history:
+                  20 forward passes over 22,406 images, not measured yet, outside train_time_s)
+                  (cap 240 s) -> results_eager.json
   benchmark       scripts/benchmark.py at batch 512 on the data, main.py's CUDA defaults against the
                   PIL + DataLoader reference (--workers per loader), with the host-sync check, a
                   profile of the project's step by operator (--profile) and the feature losses' peak

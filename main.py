@@ -10,6 +10,7 @@ Every option lives in `Config`; `get_args_parser()` is built from it so other sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -455,20 +456,24 @@ class Trainer:
         if self.dist.enabled:  # batch-norm running statistics drift apart per process: evaluate rank 0's
             for buffer in self.net.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        self.net.eval()
-        try:
+        with self.eval_mode():
             return test_confusion(self.net, images, labels, mean=self.mean, std=self.std,
                                   num_classes=self.num_classes, amp=self.amp, channels_last=self.channels_last,
                                   dist=self.dist)
-        finally:
-            self.net.train()
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [N, 64], projections [N, D]) of uint8 images in eval mode, on the device (see embed)."""
-        self.net.eval()
-        try:
+        with self.eval_mode():
             return embed(self.net, images, mean=self.mean, std=self.std, amp=self.amp,
                          channels_last=self.channels_last)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """The network in eval mode (running batch-norm statistics) for the block, in training mode again after it,
+        also when the block raises: evaluations happen between training epochs."""
+        self.net.eval()
+        try:
+            yield
         finally:
             self.net.train()
 

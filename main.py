@@ -34,6 +34,10 @@ import networks
 import util
 from util import UserError
 
+# torch.compile's modes (--compile_mode). reduce-overhead adds CUDA graphs, which only CUDA has.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
 
@@ -114,6 +118,10 @@ class Config:
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
                                          "run")
     compile: bool = _opt(False, "torch.compile the model (the first steps then include the compilation)", "run")
+    compile_mode: str = _opt("default", "torch.compile mode for --compile: default, reduce-overhead (also "
+                             "replays the model's kernels as CUDA graphs), max-autotune-no-cudagraphs or "
+                             "max-autotune (both search kernels: compiling takes much longer)", "run",
+                             choices=COMPILE_MODES)
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
@@ -219,6 +227,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.ncm_every < 0:
         raise UserError(f"--ncm_every must not be negative (got {cfg.ncm_every}; 0: only after the last epoch)")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise UserError(f"--compile_mode {cfg.compile_mode} needs --compile")
     if cfg.eval_only and not cfg.checkpoint:
         raise UserError("--eval_only needs --checkpoint PATH")
     if cfg.resume and cfg.overwrite:
@@ -413,7 +423,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=cfg.compile_mode)
         self.criterion = losses.HybridLoss(
             cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
             exclude_positive=cfg.psc_denominator == "negatives",

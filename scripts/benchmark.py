@@ -162,8 +162,10 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     for name in RUN_ONLY_OPTIONS:
         if args[name] != parser.get_default(name):
             raise UserError(f"--{name} belongs to training runs; the benchmark times the step alone, drop it")
-    if args["compare_options"] and any(args[n] not in (None, False) for n in ("amp", "channels_last", "compile")):
-        raise UserError("--compare_options sets --amp, --channels_last and --compile itself; drop them")
+    if args["compare_options"] and (any(args[n] not in (None, False) for n in ("amp", "channels_last", "compile"))
+                                    or args["compile_mode"] != "default"):
+        raise UserError("--compare_options sets --amp, --channels_last, --compile and --compile_mode itself; "
+                        "drop them")
     data_root = args["data_root"]
     cfg = main.Config(**{k: v for k, v in args.items() if k in config_names and k != "data_root"},
                       data_root=data_root or "")
@@ -289,6 +291,7 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
 
     timing, terms = time_steps(step, opts.warmup_steps, opts.steps, device)
     record = {"amp": trainer.amp, "channels_last": trainer.channels_last, "compile": cfg.compile,
+              "compile_mode": cfg.compile_mode if cfg.compile else None,
               **timing_record(timing, cfg.batch_size), "final_loss": terms.total.item(),
               # A whole epoch and one step more: the check crosses an epoch start (the stream's new permutations).
               "host_sync": host_sync_check(step, device, trainer.steps_per_epoch + 1)}
@@ -461,7 +464,8 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
 
 def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> list[tuple[str, main.Config]]:
     """(label, config) of each project configuration to time: the one asked for, or with --compare_options
-    amp x channels_last on both settings (the device default first) and compile with the device defaults."""
+    amp x channels_last on both settings (the device default first) and compile with the device defaults (on
+    CUDA also compile's reduce-overhead mode, which adds CUDA graphs)."""
     if not compare:
         return [("as configured", cfg)]
     default = (main.fast_default(device), main.CHANNELS_LAST_DEFAULT)  # main.Trainer's defaults
@@ -472,7 +476,11 @@ def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> lis
         if (amp, channels_last) == default:
             label += " (device default)"
         configs.append((label, dataclasses.replace(cfg, amp=amp, channels_last=channels_last, compile=False)))
-    configs.append(("compile, device defaults", dataclasses.replace(cfg, amp=None, channels_last=None, compile=True)))
+    modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+    for mode in modes:
+        label = "compile, device defaults" if mode == "default" else f"compile {mode}, device defaults"
+        configs.append((label, dataclasses.replace(cfg, amp=None, channels_last=None, compile=True,
+                                                   compile_mode=mode)))
     return configs
 
 
@@ -612,6 +620,11 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def compile_cell(row: dict[str, Any]) -> str:
+    """A project row's compile column: off, or the torch.compile mode (on: a JSON from before modes were recorded)."""
+    return row.get("compile_mode") or "on" if row["compile"] else "off"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The markdown-ish tables printed at the end (everything in them is also in the JSON)."""
     s = result["settings"]
@@ -628,7 +641,7 @@ def format_report(result: dict[str, Any]) -> str:
                 lines.append(f"| project: {row['label']} | | | | failed: {row['error']} | | | | |")
                 continue
             lines.append(f"| project: {row['label']} | {onoff(row['amp'])} | {onoff(row['channels_last'])} | "
-                         f"{onoff(row['compile'])} | {row['samples_per_s']:.1f} | {row['step_ms']:.1f} | "
+                         f"{compile_cell(row)} | {row['samples_per_s']:.1f} | {row['step_ms']:.1f} | "
                          f"{_fmt(row['ratio_to_reference'], '.2f')} | {row['first_step_s']:.2f} | "
                          f"{_fmt(row['compile_s'], '.1f')} |")
         ref = result["reference"]

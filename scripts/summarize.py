@@ -80,7 +80,7 @@ PAPER_TOP1 = MappingProxyType({
 # and compile choices with the same maths), or that the group key already holds.
 NOT_RECIPE = frozenset({
     "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint",
-    "device", "compile", "channels_last", "deterministic", "print_freq", "ncm_every",
+    "device", "compile", "compile_mode", "channels_last", "deterministic", "print_freq", "ncm_every",
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })
 # Flags whose default main.py resolves at run time (by device, by dataset), and the top-level field

@@ -6,6 +6,7 @@ probe counts the loss's own buffers.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import subprocess
@@ -269,6 +270,16 @@ def test_compare_options_covers_amp_channels_last_and_compile(bench):
     assert settings[4] == (None, None, True)
     assert len({label for label, _ in configs}) == 5
     assert bench.option_configs(cfg, torch.device("cpu"), compare=False) == [("as configured", cfg)]
+    assert {c.compile_mode for _, c in configs} == {"default"}
+    # On CUDA also compile's reduce-overhead mode (CUDA graphs), after the default one.
+    cuda = bench.option_configs(cfg, torch.device("cuda"), compare=True)
+    assert [(c.amp, c.channels_last, c.compile, c.compile_mode) for _, c in cuda[4:]] == \
+        [(None, None, True, "default"), (None, None, True, "reduce-overhead")]
+    assert (cuda[0][1].amp, cuda[0][1].channels_last) == (True, True)  # bf16 + channels_last: CUDA's default
+    assert sorted((c.amp, c.channels_last) for _, c in cuda[:4]) == sorted(itertools.product((True, False), repeat=2))
+    assert len({label for label, _ in cuda}) == 6
+    with pytest.raises(bench.UserError, match="--compile_mode"):
+        bench.parse_args(["--compare_options", "--compile", "--compile_mode", "reduce-overhead"])
 
 
 def test_time_steps_runs_warmup_then_timed_steps(bench):
@@ -298,6 +309,22 @@ def test_host_sync_check_arms_cuda_debug_mode_around_its_steps(bench, monkeypatc
         "error: called a synchronizing CUDA operation (Triggered internally)"
     assert modes[-1] == "default"  # restored after the error too
     assert bench.host_sync_check(step_in_debug_mode, torch.device("cpu")) is None
+
+
+def test_report_names_the_compile_mode(bench):
+    """The compile column reads off, the torch.compile mode, or on for a row of an older JSON without a mode."""
+    row = {"amp": True, "channels_last": True, "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None,
+           "first_step_s": 1.0, "compile_s": None}
+    project = [{**row, "label": "eager", "compile": False, "compile_mode": None},
+               {**row, "label": "graphs", "compile": True, "compile_mode": "reduce-overhead"},
+               {**row, "label": "old", "compile": True}]
+    report = bench.format_report({
+        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
+        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
+        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None, "project": project})
+    assert "| project: eager | on | on | off |" in report
+    assert "| project: graphs | on | on | reduce-overhead |" in report
+    assert "| project: old | on | on | on |" in report
     report = bench.format_report({
         "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
         "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},

@@ -253,6 +253,8 @@ BAD_INPUTS = [
     (["--seed", str(2**64)], "--seed"),
     (["--feat_dim", "0"], "--feat_dim"),
     (["--ncm_every", "-1"], "--ncm_every must not be negative"),
+    (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
+    (["--compile", "--compile_mode", "fast"], "invalid choice"),
     (["--batch_size", "x"], "invalid int"),
     (["--sync_bn", "--device", "cpu"], "--sync_bn needs CUDA"),
     (["--eval_only"], "--checkpoint"),

@@ -247,3 +247,18 @@ def test_per_branch_bn_stats_normalise_each_branch_alone(train_split, loss):
         assert getattr(terms["per_branch"], name).item() == pytest.approx(getattr(expected["per_branch"], name).item(),
                                                                           rel=1e-5)
         assert getattr(terms["joint"], name).item() != pytest.approx(getattr(expected["joint"], name).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("argv, mode", [((), None), (("--compile",), "default"),
+                                        (("--compile", "--compile_mode", "reduce-overhead"), "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile(train_split, monkeypatch, argv, mode):
+    """--compile compiles the training model (not the bare network that evaluation uses) in --compile_mode."""
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    trainer = _trainer(train_split, *argv)
+    assert calls == ([] if mode is None else [{"mode": mode}])

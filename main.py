@@ -628,8 +628,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
 
 
 def git_commit() -> Optional[str]:
-    """The checkout's commit (with "-dirty" for uncommitted changes to tracked files). Where the code is no git
-    checkout (a copy of the tree on another machine, or no git there), $GIT_COMMIT as the caller gave it, else None."""
+    """$GIT_COMMIT when the caller sets it (a copy of the tree on another machine may carry no .git, or a stale
+    one: a lent GPU machine's copy once recorded the commit before the one it ran); else the checkout's commit
+    (with "-dirty" for uncommitted changes to tracked files); else None."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -639,7 +642,7 @@ def git_commit() -> Optional[str]:
             return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("GIT_COMMIT") or None
+    return None
 
 
 def device_name(device: torch.device) -> str:

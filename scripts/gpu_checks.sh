@@ -54,8 +54,8 @@ was skipped.
                  this script itself in seconds, on a CPU
   -h, --help     this message
 
-Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is written to log.txt and, where the checkout has no
-.git, to the runs' results.json and the benchmark JSON as their git_commit. Run folders and the
+Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is the commit written to log.txt and to the runs'
+results.json and the benchmark JSON as their git_commit (else the checkout's, if it is one). Run folders and the
 unpacked data go to a scratch folder removed at the end.
 EOF
 }
@@ -160,10 +160,12 @@ run_step() {
 {
   echo "== environment"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  if commit=$(git rev-parse HEAD 2>/dev/null); then
+  if [[ -n ${GIT_COMMIT:-} ]]; then
+    commit=$GIT_COMMIT
+  elif commit=$(git rev-parse HEAD 2>/dev/null); then
     git diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
   else
-    commit="${GIT_COMMIT:-unknown (no .git here; set GIT_COMMIT)}"
+    commit="unknown (no .git here; set GIT_COMMIT)"
   fi
   echo "commit: $commit"
   echo "data: $data_root"

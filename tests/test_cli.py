@@ -413,9 +413,9 @@ def test_overwrite_removes_every_file_of_the_run_and_nothing_else(finished_run, 
         "12345", "12345/mine.tsv", "notes.txt", "plots"]
 
 
-def test_git_commit_outside_a_checkout_is_the_callers(tmp_path, monkeypatch):
-    """A copy of the tree without .git (as a lent GPU machine gets it) records $GIT_COMMIT, or None; inside a
-    checkout the checkout's own commit wins over the variable."""
+def test_git_commit_is_the_callers_then_the_checkouts(tmp_path, monkeypatch):
+    """A copy of the tree without .git records $GIT_COMMIT, or None; inside a checkout $GIT_COMMIT, when set, wins
+    over the checkout's own commit (a copy's .git can be stale), and the checkout's commit is the fallback."""
     for name in ("main.py", "losses.py", "dataset_loader.py", "util.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "networks", tmp_path / "networks", ignore=shutil.ignore_patterns("__pycache__"))
@@ -433,7 +433,9 @@ def test_git_commit_outside_a_checkout_is_the_callers(tmp_path, monkeypatch):
     if inside is None:
         pytest.skip("the tests do not run from a git checkout")
     monkeypatch.setenv("GIT_COMMIT", "0123abc")
-    assert main.git_commit() == inside != "0123abc"
+    assert main.git_commit() == "0123abc" != inside
+    monkeypatch.setenv("GIT_COMMIT", "")
+    assert main.git_commit() == inside
 
 
 def test_readme_documents_every_flag():

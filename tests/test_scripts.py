@@ -379,9 +379,10 @@ def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summari
 def test_settings_only_some_runs_record_or_bookkeeping_do_not_split_a_group(summarize, tmp_path, capsys):
     # A run from before a flag existed groups with later ones; paths, devices and logging never split.
     write_result(tmp_path, "old", seed=0, config={"temp": 0.1, "print_freq": 10, "lr_decay_epochs": [120, 160],
-                                                  "ncm_every": 0})
+                                                  "ncm_every": 0, "compile_mode": "default"})
     write_result(tmp_path, "new", seed=1, config={"temp": 0.1, "new_flag": [1, 2], "print_freq": 50,
-                                                  "data_root": "/elsewhere", "compile": True, "ncm_every": 5})
+                                                  "data_root": "/elsewhere", "compile": True, "ncm_every": 5,
+                                                  "compile_mode": "reduce-overhead"})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
     [row] = table_rows(out)

@@ -659,6 +659,10 @@ def format_metrics(m: dict[str, Any]) -> str:
     return f"top1 {m['top1']:.2f} (many / medium / few {groups})"
 
 
+def ncm_line(ncm: dict[str, Any]) -> str:
+    return f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}"
+
+
 def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]], bool]:
     """The run's folder, the checked last.pt to continue from (None unless --resume) and whether that run has
     finished already (trained cfg.epochs and wrote results.json). Read before any data, so that checking a
@@ -935,11 +939,13 @@ class Run:
             return
         step = cfg.epochs * trainer.steps_per_epoch
         self.write_figures(self.last_metrics, self.last_confusion, step, "last")
-        test_features, test_projections = trainer.embed(self.test_images)
+        reuse_ncm = self.last_ncm is not None and self.last_ncm[0] == cfg.epochs  # --ncm_every took it already
+        test_features = None
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
+            test_features, test_projections = trainer.embed(self.test_images)
             self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
                                       global_step=step, tag=PROJECTIONS_TAG)
-        if self.last_ncm is not None and self.last_ncm[0] == cfg.epochs:  # --ncm_every took it after the last epoch
+        if reuse_ncm:
             ncm = self.last_ncm[1]
         else:
             ncm = self.nearest_class_mean(test_features)
@@ -962,7 +968,7 @@ class Run:
             "ncm": ncm,
         }
         util.write_json(results, self.out / "results.json")
-        self.log(f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}")
+        self.log(ncm_line(ncm))
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
                  f"results in {self.out / 'results.json'}")
 
@@ -1006,7 +1012,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     keys = (*SHOT_KEYS, "per_class")
     print(f"{path}: {format_metrics(metrics)}")
     print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
-    print(f"nearest class mean on the backbone features (no classifier): {format_metrics(ncm)}")
+    print(ncm_line(ncm))
     print(json.dumps({**{k: metrics[k] for k in keys}, "ncm": {k: ncm[k] for k in keys}}))
     return 0
 

@@ -529,6 +529,28 @@ def test_alpha_schedule_and_ncm_every_set_each_epochs_entry(cifar10_root, tmp_pa
         main.check_compatible(saved, main.parse_config(["--data_root", str(cifar10_root), *tiny]), out / "last.pt", 10)
 
 
+@pytest.mark.parametrize("loss, test_passes", [("ce", 1), ("sc", 2)])
+def test_finish_embeds_the_test_set_only_when_it_needs_it(cifar10_root, tmp_path, capsys, monkeypatch, loss,
+                                                           test_passes):
+    """With --ncm_every dividing --epochs, the run's NCM is the last epoch's: finish() embeds the test set again only
+    for the projector of a hybrid run, never for a CE run."""
+    passes = []
+    embed = main.Trainer.embed
+
+    def counting_embed(self, images):
+        passes.append(len(images))
+        return embed(self, images)
+
+    monkeypatch.setattr(main.Trainer, "embed", counting_embed)
+    at = TINY.index("--epochs")
+    argv = TINY[:at] + TINY[at + 2:] + ["--epochs", "1", "--lr_decay_epochs", ""]
+    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), "--loss", loss,
+                      "--ncm_every", "1", *argv])
+    assert code == 0, capsys.readouterr().err
+    n_train = json.loads((tmp_path / "run" / "config.json").read_text())["train_size"]
+    assert passes.count(n_train) == 1 and len(passes) == test_passes + 1  # the test set's passes + the training set
+
+
 def test_resume_of_a_checkpoint_without_training_state_is_one_line(tmp_path, capsys):
     """A last.pt with a model and config but no run state (not written by a run) is refused before any data."""
     import dataclasses

@@ -622,7 +622,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def compile_cell(row: dict[str, Any]) -> str:
     """A project row's compile column: off, or the torch.compile mode (on: a JSON from before modes were recorded)."""
-    return row.get("compile_mode") or "on" if row["compile"] else "off"
+    return (row.get("compile_mode") or "on") if row["compile"] else "off"
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import main
+from helpers import make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -65,7 +66,8 @@ def test_script_writes_json_with_every_measurement(tmp_path):
         assert row["samples_per_s"] == pytest.approx(2 * 8 / row["seconds"])
     assert project["host_sync"] is None  # checked on CUDA only; on the CPU tests/test_step_ops.py does it
     fast = main.fast_default(torch.device("cpu"))  # bf16 on CPUs with native bf16; channels_last everywhere
-    assert (project["amp"], project["channels_last"], project["compile"]) == (fast, True, False)
+    assert (project["amp"], project["channels_last"], project["compile"], project["compile_mode"]) == \
+        (fast, True, False, None)
     assert reference["workers"] == 1
     assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
     rows = result["memory"]["rows"]
@@ -278,8 +280,25 @@ def test_compare_options_covers_amp_channels_last_and_compile(bench):
     assert (cuda[0][1].amp, cuda[0][1].channels_last) == (True, True)  # bf16 + channels_last: CUDA's default
     assert sorted((c.amp, c.channels_last) for _, c in cuda[:4]) == sorted(itertools.product((True, False), repeat=2))
     assert len({label for label, _ in cuda}) == 6
-    with pytest.raises(bench.UserError, match="--compile_mode"):
-        bench.parse_args(["--compare_options", "--compile", "--compile_mode", "reduce-overhead"])
+    for argv in (["--compile", "--compile_mode", "reduce-overhead"], ["--compile_mode", "max-autotune"]):
+        with pytest.raises(bench.UserError, match="--compare_options sets .* and --compile_mode itself"):
+            bench.parse_args(["--compare_options", *argv])
+
+
+def test_time_project_records_the_compile_mode(bench, monkeypatch):
+    """A compiled row records its torch.compile mode (torch.compile is replaced: compiling on 2 CPU cores takes
+    minutes)."""
+    modes = []
+
+    def fake_compile(model, mode):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg, opts = bench.parse_args([*TINY, "--compile", "--compile_mode", "reduce-overhead"])
+    train, _ = make_synthetic(num_classes=10, n_train_per_class=8, n_test_per_class=1)
+    record, _ = bench.time_project(cfg, train, 10, torch.device("cpu"), opts)
+    assert modes == ["reduce-overhead"] and (record["compile"], record["compile_mode"]) == (True, "reduce-overhead")
 
 
 def test_time_steps_runs_warmup_then_timed_steps(bench):
@@ -309,6 +328,14 @@ def test_host_sync_check_arms_cuda_debug_mode_around_its_steps(bench, monkeypatc
         "error: called a synchronizing CUDA operation (Triggered internally)"
     assert modes[-1] == "default"  # restored after the error too
     assert bench.host_sync_check(step_in_debug_mode, torch.device("cpu")) is None
+    report = bench.format_report({
+        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
+        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
+        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
+        "project": [{"label": "as configured", "amp": True, "channels_last": True, "compile": False,
+                     "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None, "first_step_s": 1.0,
+                     "compile_s": None, "host_sync": "none"}]})
+    assert "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): as configured: none" in report
 
 
 def test_report_names_the_compile_mode(bench):
@@ -325,14 +352,6 @@ def test_report_names_the_compile_mode(bench):
     assert "| project: eager | on | on | off |" in report
     assert "| project: graphs | on | on | reduce-overhead |" in report
     assert "| project: old | on | on | on |" in report
-    report = bench.format_report({
-        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
-        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
-        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
-        "project": [{"label": "as configured", "amp": True, "channels_last": True, "compile": False,
-                     "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None, "first_step_s": 1.0,
-                     "compile_s": None, "host_sync": "none"}]})
-    assert "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): as configured: none" in report
 
 
 def test_add_growth(bench):

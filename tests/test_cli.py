@@ -429,6 +429,7 @@ def test_git_commit_is_the_callers_then_the_checkouts(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout.split() == ["0123abc", "None", "None"], proc.stderr[-2000:]
+    monkeypatch.delenv("GIT_COMMIT", raising=False)  # the caller's own, if any
     inside = main.git_commit()
     if inside is None:
         pytest.skip("the tests do not run from a git checkout")

@@ -46,7 +46,7 @@ equivalent is tests/test_step_ops.py. With --profile, once everything else is me
 PROFILE_MAX_STEPS more steps of the first project row's step run under torch.profiler, and each operator's self
 time per step and share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels
 each operator launched itself (not its children's, so no kernel counts twice; kernels launched outside any
-operator are left out of the total).
+operator, as a CUDA graph's replay launches them under --compile_mode reduce-overhead, are reported apart).
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -304,7 +304,8 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
     """Run `steps` steps under torch.profiler; per operator, its self time per step, its share of all operators'
     self time and its calls per step, the PROFILE_TOP largest first and the rest as one "other" row. On CUDA
     the time is the device time of the kernels each operator launched itself (the kernels' own rows are left
-    out, so nothing counts twice); elsewhere it is CPU time, which on the CPU is where the arithmetic runs."""
+    out, so nothing counts twice), and the kernels no operator launched (CUDA graph replays) are one figure
+    apart, outside_operators_ms_per_step; elsewhere it is CPU time, which on the CPU is where the arithmetic runs."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -315,11 +316,15 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
             step()
         sync(device)
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = [(event.key, getattr(event, field), event.count) for event in prof.key_averages()
+    averages = prof.key_averages()
+    ops = [(event.key, getattr(event, field), event.count) for event in averages
            if not cuda or event.device_type == torch.autograd.DeviceType.CPU]
     ops = sorted((op for op in ops if op[1] > 0), key=lambda op: -op[1])
     total_us = sum(op[1] for op in ops)
-    if total_us == 0:  # e.g. CUPTI unavailable: the profiler only warns, and every kernel time reads 0
+    # On CUDA, every kernel's own time, launched by an operator or not (a CUDA graph's replay is no operator).
+    kernels_us = sum(event.self_device_time_total for event in averages
+                     if event.device_type != torch.autograd.DeviceType.CPU) if cuda else 0
+    if total_us == 0 and kernels_us == 0:  # e.g. CUPTI unavailable: the profiler only warns, every time reads 0
         raise RuntimeError(f"the profiler recorded no {'kernel' if cuda else 'operator'} time")
     row = lambda name, us, calls: {"op": name, "ms_per_step": us / 1000 / steps,  # noqa: E731
                                    "share": us / total_us if total_us else 0.0, "calls_per_step": calls / steps}
@@ -327,8 +332,11 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
     rest = ops[PROFILE_TOP:]
     if rest:
         rows.append(row(f"other ({len(rest)} operators)", sum(op[1] for op in rest), sum(op[2] for op in rest)))
-    return {"steps": steps, "clock": "device (kernels)" if cuda else "cpu", "ms_per_step": total_us / 1000 / steps,
-            "ops": rows}
+    result = {"steps": steps, "clock": "device (kernels)" if cuda else "cpu", "ms_per_step": total_us / 1000 / steps,
+              "ops": rows}
+    if cuda:  # kernels that no operator launched, e.g. those of torch.compile's CUDA graphs (reduce-overhead)
+        result["outside_operators_ms_per_step"] = max(kernels_us - total_us, 0) / 1000 / steps
+    return result
 
 
 def host_sync_check(step: Callable[[], Any], device: torch.device, steps: int = 1) -> Optional[str]:
@@ -667,6 +675,9 @@ def format_report(result: dict[str, Any]) -> str:
                       "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
             lines += [f"| {op['op'][:80]} | {op['ms_per_step']:.2f} | {100 * op['share']:.1f} % | "
                       f"{op['calls_per_step']:g} |" for op in prof["ops"]]
+            if prof.get("outside_operators_ms_per_step"):
+                lines.append(f"plus {prof['outside_operators_ms_per_step']:.2f} ms/step of kernels that no operator "
+                             "launched (CUDA graph replays), not in the shares above")
     memory = result["memory"]
     if memory is not None:
         lines += ["", f"feature-loss peak memory, forward + backward, [B, {MEMORY_VIEWS}, {MEMORY_FEAT_DIM}] features, "

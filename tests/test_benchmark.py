@@ -196,7 +196,7 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
         "key": key, "self_device_time_total": us, "self_cpu_time_total": 1, "count": count, "device_type": kind})
     events = [event("aten::mm", 300, 4, cpu), event("sm90_gemm_kernel", 300, 4, cuda),
               event("aten::add_", 100, 8, cpu), event("elementwise_kernel", 100, 8, cuda),
-              event("aten::empty", 0, 9, cpu), event("aten::relu", 50, 2, cpu)]
+              event("aten::empty", 0, 9, cpu), event("aten::relu", 50, 2, cpu), event("relu_kernel", 50, 2, cuda)]
 
     class FakeProfile:
         def __init__(self, activities):
@@ -217,6 +217,22 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
     assert prof["ops"] == [
         {"op": "aten::mm", "ms_per_step": 0.15, "share": 300 / 450, "calls_per_step": 2.0},
         {"op": "other (2 operators)", "ms_per_step": 0.075, "share": 150 / 450, "calls_per_step": 5.0}]
+    assert prof["outside_operators_ms_per_step"] == 0
+    # Kernels that no operator launched (a CUDA graph's replay) are reported apart, not in the shares.
+    events.append(event("triton_poi_fused_relu_0", 200, 6, cuda))
+    prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))
+    assert prof["ms_per_step"] == 0.225 and prof["outside_operators_ms_per_step"] == 0.1
+    report = bench.format_report({
+        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
+        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
+        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
+        "project": [{"label": "graphs", "amp": True, "channels_last": True, "compile": True,
+                     "compile_mode": "reduce-overhead", "samples_per_s": 1.0, "step_ms": 1.0,
+                     "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0, "profile": prof}]})
+    assert "plus 0.10 ms/step of kernels that no operator launched (CUDA graph replays)" in report
+    events[:] = [event("aten::empty", 0, 9, cpu), event("triton_poi_fused_relu_0", 200, 6, cuda)]
+    prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))  # all in graphs: no operator time
+    assert prof["ops"] == [] and prof["outside_operators_ms_per_step"] == 0.1
     # Without CUPTI the profiler only warns and every kernel time reads 0: an error, not an empty table.
     events[:] = [event("aten::mm", 0, 4, cpu), event("aten::add_", 0, 8, cpu)]
     with pytest.raises(RuntimeError, match="recorded no kernel time"):

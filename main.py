@@ -891,7 +891,7 @@ class Run:
             self.last_ncm = (epoch + 1, ncm)
             entry.update({f"ncm_{k}": ncm[k] for k in SHOT_KEYS})
             line += f" | ncm top1 {ncm['top1']:.2f}"
-            self.log_ncm(epoch + 1, ncm)
+            self.log_shots(epoch + 1, ncm, "ncm_")
         state.history.append(entry)
         self.log(line)
         if is_best:  # best.pt first: a kill between the two writes then never leaves best.pt behind last.pt
@@ -902,9 +902,7 @@ class Run:
         if self.writer is None:
             return
         step = epoch * self.trainer.steps_per_epoch
-        for k in SHOT_KEYS:
-            if metrics[k] is not None:
-                self.writer.add_scalar(f"test/{k}", metrics[k], step)
+        self.log_shots(epoch, metrics)
         for c, acc in enumerate(metrics["per_class"]):
             self.writer.add_scalar(f"test_per_class/{c:03d}", acc, step)
         if is_best:  # the last epoch's figures are written by finish()
@@ -920,12 +918,14 @@ class Run:
         return ncm_report(train_features, trainer.stream.labels, test_features, self.test_labels, self.num_classes,
                           trainer.shot_groups)
 
-    def log_ncm(self, epoch: int, ncm: dict[str, Any]) -> None:
+    def log_shots(self, epoch: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        """TensorBoard scalars test/<prefix><top1|many|medium|few> at the end of `epoch` (a group with no class,
+        None, is left out)."""
         if self.writer is None:
             return
         for k in SHOT_KEYS:
-            if ncm[k] is not None:
-                self.writer.add_scalar(f"test/ncm_{k}", ncm[k], epoch * self.trainer.steps_per_epoch)
+            if metrics[k] is not None:
+                self.writer.add_scalar(f"test/{prefix}{k}", metrics[k], epoch * self.trainer.steps_per_epoch)
 
     def write_figures(self, metrics: dict[str, Any], confusion: np.ndarray, step: int, tag: str) -> None:
         self.writer.add_image(f"{tag}/per_class_accuracy_vs_class_size",
@@ -949,7 +949,7 @@ class Run:
             ncm = self.last_ncm[1]
         else:
             ncm = self.nearest_class_mean(test_features)
-            self.log_ncm(cfg.epochs, ncm)
+            self.log_shots(cfg.epochs, ncm, "ncm_")
         self.tick_wall_time()
         last = {**{k: self.last_metrics[k] for k in SHOT_KEYS}, "epoch": cfg.epochs}
         results = {

@@ -36,6 +36,14 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
+def cuda_report(bench, project: list[dict]) -> str:
+    """bench.format_report of a made-up CUDA result holding only these project rows."""
+    return bench.format_report({
+        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
+        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
+        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None, "project": project})
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -222,13 +230,10 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
     events.append(event("triton_poi_fused_relu_0", 200, 6, cuda))
     prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))
     assert prof["ms_per_step"] == 0.225 and prof["outside_operators_ms_per_step"] == 0.1
-    report = bench.format_report({
-        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
-        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
-        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
-        "project": [{"label": "graphs", "amp": True, "channels_last": True, "compile": True,
-                     "compile_mode": "reduce-overhead", "samples_per_s": 1.0, "step_ms": 1.0,
-                     "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0, "profile": prof}]})
+    report = cuda_report(bench, [{"label": "graphs", "amp": True, "channels_last": True, "compile": True,
+                                    "compile_mode": "reduce-overhead", "samples_per_s": 1.0, "step_ms": 1.0,
+                                    "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0,
+                                    "profile": prof}])
     assert "plus 0.10 ms/step of kernels that no operator launched (CUDA graph replays)" in report
     events[:] = [event("aten::empty", 0, 9, cpu), event("triton_poi_fused_relu_0", 200, 6, cuda)]
     prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))  # all in graphs: no operator time
@@ -344,13 +349,9 @@ def test_host_sync_check_arms_cuda_debug_mode_around_its_steps(bench, monkeypatc
         "error: called a synchronizing CUDA operation (Triggered internally)"
     assert modes[-1] == "default"  # restored after the error too
     assert bench.host_sync_check(step_in_debug_mode, torch.device("cpu")) is None
-    report = bench.format_report({
-        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
-        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
-        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None,
-        "project": [{"label": "as configured", "amp": True, "channels_last": True, "compile": False,
-                     "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None, "first_step_s": 1.0,
-                     "compile_s": None, "host_sync": "none"}]})
+    report = cuda_report(bench, [{"label": "as configured", "amp": True, "channels_last": True, "compile": False,
+                                    "samples_per_s": 1.0, "step_ms": 1.0, "ratio_to_reference": None,
+                                    "first_step_s": 1.0, "compile_s": None, "host_sync": "none"}])
     assert "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): as configured: none" in report
 
 
@@ -361,10 +362,7 @@ def test_report_names_the_compile_mode(bench):
     project = [{**row, "label": "eager", "compile": False, "compile_mode": None},
                {**row, "label": "graphs", "compile": True, "compile_mode": "reduce-overhead"},
                {**row, "label": "old", "compile": True}]
-    report = bench.format_report({
-        "device": "cuda:0 (test)", "torch_version": "x", "load_average_start": 0, "load_average_after_timing": 0,
-        "settings": {"model": "resnet32", "loss": "sc", "batch_size": 8, "steps": 1, "warmup_steps": 1},
-        "data": {"source": "synthetic", "train_size": 8}, "reference": None, "memory": None, "project": project})
+    report = cuda_report(bench, project)
     assert "| project: eager | on | on | off |" in report
     assert "| project: graphs | on | on | reduce-overhead |" in report
     assert "| project: old | on | on | on |" in report

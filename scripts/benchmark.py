@@ -162,8 +162,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     for name in RUN_ONLY_OPTIONS:
         if args[name] != parser.get_default(name):
             raise UserError(f"--{name} belongs to training runs; the benchmark times the step alone, drop it")
-    if args["compare_options"] and (any(args[n] not in (None, False) for n in ("amp", "channels_last", "compile"))
-                                    or args["compile_mode"] != "default"):
+    if args["compare_options"] and any(args[n] != parser.get_default(n)
+                                       for n in ("amp", "channels_last", "compile", "compile_mode")):
         raise UserError("--compare_options sets --amp, --channels_last, --compile and --compile_mode itself; "
                         "drop them")
     data_root = args["data_root"]

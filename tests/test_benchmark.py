@@ -301,7 +301,9 @@ def test_compare_options_covers_amp_channels_last_and_compile(bench):
     assert (cuda[0][1].amp, cuda[0][1].channels_last) == (True, True)  # bf16 + channels_last: CUDA's default
     assert sorted((c.amp, c.channels_last) for _, c in cuda[:4]) == sorted(itertools.product((True, False), repeat=2))
     assert len({label for label, _ in cuda}) == 6
-    for argv in (["--compile", "--compile_mode", "reduce-overhead"], ["--compile_mode", "max-autotune"]):
+    # Every explicit setting of the four is refused, an "off" one too (it would be silently overridden).
+    for argv in (["--compile", "--compile_mode", "reduce-overhead"], ["--compile_mode", "max-autotune"],
+                 ["--no-amp"], ["--no-channels_last"], ["--channels_last"], ["--compile"]):
         with pytest.raises(bench.UserError, match="--compare_options sets .* and --compile_mode itself"):
             bench.parse_args(["--compare_options", *argv])
 

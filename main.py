@@ -118,8 +118,9 @@ class Config:
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
                                          "run")
     compile: bool = _opt(False, "torch.compile the model (the first steps then include the compilation)", "run")
-    compile_mode: str = _opt("default", "torch.compile mode for --compile: default, reduce-overhead (also "
-                             "replays the model's kernels as CUDA graphs), max-autotune-no-cudagraphs or "
+    compile_mode: str = _opt("default", "torch.compile mode for --compile: default, reduce-overhead (on CUDA "
+                             "also replays the model's kernels as CUDA graphs; on the CPU as default), "
+                             "max-autotune-no-cudagraphs or "
                              "max-autotune (both search kernels: compiling takes much longer)", "run",
                              choices=COMPILE_MODES)
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")

@@ -53,8 +53,9 @@ was skipped.
   --device D     cuda (default) or cpu
   --budget_s S   seconds for everything, unpacking included (default: 560)
   --workers N    DataLoader workers per loader of the benchmark's reference (default: 6)
-  --smoke        tiny settings (1 epoch, resnet8, a few benchmark steps, no compile): checks
-                 this script itself in seconds, on a CPU
+  --smoke        tiny settings (1 epoch, resnet8, a few benchmark steps, no compile) on
+                 the data given: checks this script itself on a CPU, in seconds on a tiny
+                 archive (minutes on the whole of CIFAR-10-LT)
   -h, --help     this message
 
 Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is the commit written to log.txt and to the runs'

@@ -36,6 +36,9 @@ from util import UserError
 
 # torch.compile's modes (--compile_mode). reduce-overhead adds CUDA graphs, which only CUDA has.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+# Far above any projection head in use (the paper's is 128 wide), so that a mistyped --feat_dim fails as one line
+# instead of as an allocation failure.
+MAX_FEAT_DIM = 2**16
 
 
 def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
@@ -207,8 +210,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{f.name} must be a finite number (got {value})")
     if not 0 <= cfg.data_seed < 2**32:
         raise UserError(f"--data_seed must be in 0 .. 2**32 - 1 (got {cfg.data_seed})")
-    if not 0 <= cfg.seed < 2**63:
-        raise UserError(f"--seed must be in 0 .. 2**63 - 1 (got {cfg.seed})")
+    if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes no more
+        raise UserError(f"--seed must be in 0 .. 2**32 - 1 (got {cfg.seed})")
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
     if bad:
         raise UserError(f"--lr_decay_epochs {bad} outside the run (each must be in 1..{cfg.epochs - 1})")
@@ -226,12 +229,18 @@ def validate(cfg: Config) -> None:
     for name in ("feat_dim", "eval_every", "print_freq"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.feat_dim > MAX_FEAT_DIM:
+        raise UserError(f"--feat_dim must be at most {MAX_FEAT_DIM} (got {cfg.feat_dim})")
     if cfg.ncm_every < 0:
         raise UserError(f"--ncm_every must not be negative (got {cfg.ncm_every}; 0: only after the last epoch)")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise UserError(f"--compile_mode {cfg.compile_mode} needs --compile")
     if cfg.eval_only and not cfg.checkpoint:
         raise UserError("--eval_only needs --checkpoint PATH")
+    if cfg.checkpoint and not cfg.eval_only:
+        raise UserError("--checkpoint is read by --eval_only only; to continue a run in --output_dir, use --resume")
+    if cfg.eval_only and (cfg.resume or cfg.overwrite):
+        raise UserError(f"--eval_only writes no run: drop --{'resume' if cfg.resume else 'overwrite'}")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; choose one")
 
@@ -628,6 +637,24 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
                         f"(give these flags the checkpoint's values to use it)")
 
 
+def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path) -> None:
+    """A checkpoint continues or is evaluated only on the long-tailed training set it was trained on, as far as
+    its class sizes tell (a checkpoint without them is taken at its word)."""
+    if list(saved.get("class_counts", class_counts)) != list(class_counts):
+        raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
+                        f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
+
+
+# What a checkpoint that passed load_checkpoint and check_compatible raises on use when it is damaged or was
+# written by other code (a missing entry, an entry of another type, a tensor of another shape).
+FOREIGN_CHECKPOINT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, RuntimeError)
+
+
+def foreign_checkpoint(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} does not hold what this program's checkpoints hold (damaged, or written by other "
+                     f"code): {type(e).__name__}: {util.one_line(e)}")
+
+
 def git_commit() -> Optional[str]:
     """$GIT_COMMIT when the caller sets it (a copy of the tree on another machine may carry no .git, or a stale
     one: a lent GPU machine's copy once recorded the commit before the one it ran); else the checkout's commit
@@ -675,7 +702,7 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
         return out, None, False
     saved = util.load_checkpoint(out / "last.pt")
     check_compatible(saved, cfg, out / "last.pt", data.DATASETS[cfg.dataset])
-    if not isinstance(saved.get("run"), dict) or "epoch" not in saved["run"]:
+    if not isinstance(saved.get("run"), dict) or type(saved["run"].get("epoch")) is not int:
         raise UserError(f"{out / 'last.pt'} holds no training state ('run'): it cannot be resumed")
     return out, saved, saved["run"]["epoch"] >= cfg.epochs and (out / "results.json").exists()
 
@@ -717,10 +744,14 @@ class Run:
                 "rng": util.rng_states(), "torch_version": torch.__version__}
 
     def load(self, saved: dict[str, Any]) -> None:
-        self.trainer.net.load_state_dict(saved["model"])
-        self.trainer.optimizer.load_state_dict(saved["optimizer"])
-        self.state.load_state_dict(saved["run"], self.device)
-        util.set_rng_states(saved["rng"])
+        try:
+            check_same_data(saved, self.trainer.class_counts, self.out / "last.pt")
+            self.trainer.net.load_state_dict(saved["model"])
+            self.trainer.optimizer.load_state_dict(saved["optimizer"])
+            self.state.load_state_dict(saved["run"], self.device)
+            util.set_rng_states(saved["rng"])
+        except FOREIGN_CHECKPOINT_ERRORS as e:
+            raise foreign_checkpoint(self.out / "last.pt", e) from e
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -987,13 +1018,15 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     check_compatible(saved, cfg, path, num_classes, keys=())
     train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
     run_cfg = saved["config"]
-    train_lt, class_counts = data.long_tailed_subset(train, num_classes, run_cfg["imb_factor"], run_cfg["imb_type"],
-                                                     run_cfg["data_seed"])
-    if class_counts != list(saved["class_counts"]):
-        raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
-                        f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
-    net = networks.build_model(cfg.model, num_classes, run_cfg["feat_dim"], use_prototypes=run_cfg["loss"] == "psc")
-    net.load_state_dict(saved["model"])
+    try:
+        train_lt, class_counts = data.long_tailed_subset(train, num_classes, run_cfg["imb_factor"],
+                                                         run_cfg["imb_type"], run_cfg["data_seed"])
+        check_same_data(saved, class_counts, path)
+        net = networks.build_model(cfg.model, num_classes, run_cfg["feat_dim"],
+                                   use_prototypes=run_cfg["loss"] == "psc")
+        net.load_state_dict(saved["model"])
+    except FOREIGN_CHECKPOINT_ERRORS as e:
+        raise foreign_checkpoint(path, e) from e
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
     # Evaluate as the run did (its numerics), unless the flags say otherwise.

@@ -63,7 +63,8 @@ def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epoch
     epoch indices, as in LDAM-DRW: `--lr_decay_epochs 120,160` means epochs 121 and 161 counted from 1)."""
     epoch = step // steps_per_epoch
     lr = base_lr * decay_rate ** sum(epoch >= e for e in decay_epochs)
-    warm_steps = int(round(warm_epochs * steps_per_epoch))
+    warm_steps = warm_epochs * steps_per_epoch
+    warm_steps = round(warm_steps) if math.isfinite(warm_steps) else warm_steps  # inf for an absurd warm_epochs
     if step < warm_steps:
         lr *= (step + 1) / warm_steps
     return lr
@@ -165,6 +166,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
+    if not isinstance(state["model"], dict) or not isinstance(state["config"], dict):
+        raise UserError(f"{path} is not a checkpoint of this project ('model' and 'config' are not dicts)")
     return state
 
 

@@ -715,6 +715,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
     main.configure_backends(cfg)  # as main.py: cuDNN picks its fastest kernels (the reference gets them too)
     num_classes = data.DATASETS[cfg.dataset]
     train, source = training_split(cfg, opts.data_root)
+    if cfg.batch_size > len(train.labels):  # before anything is timed or written (each row would fail alike)
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(train.labels)} images)")
     result: dict[str, Any] = {
         "command": shlex.join(["python", "scripts/benchmark.py", *argv]), "git_commit": main.git_commit(),
         "torch_version": torch.__version__, "device": main.device_name(device), "platform": platform.platform(),
@@ -735,6 +737,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
             row, step = time_project(config, train, num_classes, device, opts)
             if opts.profile and i == 0:
                 profile_step = step
+        except UserError:  # bad input fails every option alike: one line, as without --compare_options
+            raise
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if not opts.compare_options:
                 raise

@@ -416,6 +416,15 @@ def test_missing_data_root_is_one_line(bench, tmp_path, capsys):
     assert "no cifar10 data" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("compare", [[], ["--compare_options"]])
+def test_batch_larger_than_the_data_is_one_line(bench, compare, capsys):
+    """Before any row is timed: under --compare_options each row failed alone, then the reference divided by 0."""
+    argv = [*TINY, "--batch_size", "20000", "--workers", "0", "--memory_batch_sizes", "", *compare]
+    assert bench.main_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --batch_size 20000 is larger than the training set (12406 images)\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(bench, capsys):
     assert bench.main_cli(["--device", "cuda", "--no_reference", "--memory_batch_sizes", ""]) == 2

@@ -251,13 +251,18 @@ BAD_INPUTS = [
     (["--lr_decay_epochs", "120,120"], "strictly increasing"),
     (["--data_seed", "-1"], "--data_seed"),
     (["--seed", str(2**64)], "--seed"),
+    (["--seed", str(2**32)], "--seed must be in 0 .. 2**32 - 1"),  # numpy's limit
     (["--feat_dim", "0"], "--feat_dim"),
+    (["--feat_dim", str(main.MAX_FEAT_DIM + 1)], "--feat_dim must be at most"),
     (["--ncm_every", "-1"], "--ncm_every must not be negative"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
     (["--compile", "--compile_mode", "fast"], "invalid choice"),
     (["--batch_size", "x"], "invalid int"),
     (["--sync_bn", "--device", "cpu"], "--sync_bn needs CUDA"),
     (["--eval_only"], "--checkpoint"),
+    (["--checkpoint", "best.pt"], "--checkpoint is read by --eval_only only"),  # not silently a fresh run
+    (["--eval_only", "--checkpoint", "best.pt", "--resume"], "drop --resume"),
+    (["--eval_only", "--checkpoint", "best.pt", "--overwrite"], "drop --overwrite"),
     (["--resume", "--overwrite"], "contradict"),
 ]
 
@@ -365,6 +370,57 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     before = snapshot(existing_run)
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)
+    assert snapshot(existing_run) == before
+
+
+DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damaged after that
+    "no_optimizer": lambda s: s.pop("optimizer"),
+    "no_rng": lambda s: s.pop("rng"),
+    "epoch_as_text": lambda s: s["run"].update(epoch="2"),
+    "config_as_text": lambda s: s.update(config="resnet8"),
+    "model_tensor_reshaped": lambda s: s["model"].update(
+        {k: torch.zeros(3, *v.shape) for k, v in list(s["model"].items())[:1]}),
+    "other_class_counts": lambda s: s.update(class_counts=[5] * 10),
+}
+
+
+# --eval_only reads neither the optimizer, the RNG states nor the training state.
+DAMAGE_CASES = [(d, "resume") for d in DAMAGED] + [(d, "eval_only") for d in DAMAGED
+                                                    if d not in ("no_optimizer", "no_rng", "epoch_as_text")]
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)  # the checks do not depend on the loss
+@pytest.mark.parametrize("damage, mode", DAMAGE_CASES, ids=[f"{d}-{m}" for d, m in DAMAGE_CASES])
+def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, cifar10_root):
+    """--resume and --eval_only of a checkpoint damaged (or written by other code) past the checks of its form:
+    one line and nothing on disk changed, never a traceback halfway through."""
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    DAMAGED[damage](saved)
+    torch.save(saved, ckpt)
+    (existing_run / "results.json").unlink()  # unfinished: --resume reads the whole checkpoint
+    if mode == "resume":
+        argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
+    else:
+        argv = ["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root), "--device", "cpu",
+                "--model", "resnet8"]
+    needle = {"config_as_text": "is not a checkpoint of this project", "other_class_counts": "not the data it was",
+              "epoch_as_text": "holds no training state"}.get(damage, "does not hold what this program's checkpoints")
+    before = snapshot(existing_run)
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, needle)
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_resume_on_other_data_is_refused(existing_run, tmp_path, capsys):
+    """The same flags, another --data_root (30 images per class where the run had 40): not the run to continue."""
+    write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, 30, N_TEST, seed=0))
+    (existing_run / "results.json").unlink()
+    before = snapshot(existing_run)
+    code, err = call_main(["--data_root", str(tmp_path / "other"), "--output_dir", str(existing_run), "--resume",
+                           *TINY], capsys)
+    assert_one_line_error(code, err, f"trained on {EXPECTED_COUNTS} images per class", "not the data it was")
     assert snapshot(existing_run) == before
 
 

@@ -76,6 +76,10 @@ def test_learning_rate_warm_up_and_decay():
     assert lrs[49] == 0.5 and lrs[50] == pytest.approx(0.05) and lrs[79] == pytest.approx(0.05)
     assert lrs[80] == pytest.approx(0.005) and lrs[99] == pytest.approx(0.005)
     assert util.learning_rate(3, **{**kw, "warm_epochs": 0}) == 0.5
+    # A warm-up too long for its step count to be a float (validate() admits any finite --warm_epochs) keeps the
+    # learning rate at (nearly) zero instead of failing mid-run; a long but representable one is unchanged.
+    assert util.learning_rate(3, **{**kw, "warm_epochs": 1e308}) == 0.0
+    assert util.learning_rate(3, **{**kw, "warm_epochs": 1e6}) == pytest.approx(0.5 * 4 / 1e7)
 
 
 def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):

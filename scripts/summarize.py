@@ -44,7 +44,12 @@ Choices, documented here and in the table's footnotes:
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
-  change the means. No results at all is an error too.
+  change the means. No results at all is an error too. A wall time that is not a finite number of
+  seconds >= 0 counts as not recorded ('—'): it is bookkeeping, not a result.
+- --out is written atomically (a temporary file beside it, then renamed over it): a failed write
+  (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
+  summary reads (a results.json, or the config.json beside one). Bad arguments and files that
+  cannot be written are one line on stderr and a non-zero exit.
 
 Only the standard library and numpy: it runs anywhere the run folders are copied to.
 """
@@ -55,7 +60,9 @@ import csv
 import io
 import json
 import math
+import os
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,7 +214,10 @@ def _number(data: dict, key: str, *, optional: bool = False) -> float | None:
         raise ValueError(f"missing key '{key}'" if key not in data else f"'{key}' is null")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"'{key}' must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: as unusable as 1e400, which parses as inf
+        return math.inf if value > 0 else -math.inf
 
 
 def _shot_accuracy(data: dict, key: str) -> float | None:
@@ -215,7 +225,18 @@ def _shot_accuracy(data: dict, key: str) -> float | None:
     if key not in data:
         raise ValueError(f"missing key '{key}'")
     value = _number(data, key, optional=True)
-    return None if value is None or math.isnan(value) else value
+    if value is None or math.isnan(value):
+        return None
+    if not 0.0 <= value <= 100.0:  # infinity too: it would print as 'inf' and make the mean inf
+        raise ValueError(f"'{key}' must be a percentage in 0..100, got {value!r}")
+    return value
+
+
+def _duration(data: dict, key: str) -> float | None:
+    """A wall time in seconds; None when missing, null or unusable (NaN, infinite, negative), since it is
+    bookkeeping and the run's accuracies are still good."""
+    value = _number(data, key, optional=True)
+    return value if value is not None and math.isfinite(value) and value >= 0.0 else None
 
 
 def _per_class(data: dict) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
@@ -309,7 +330,7 @@ def parse_result(data: object, path: str) -> RunResult:
         best_top1=best_top1, last_top1=last_top1,
         many=_shot_accuracy(data, "many"), medium=_shot_accuracy(data, "medium"),
         few=_shot_accuracy(data, "few"),
-        wall_time_s=_number(data, "wall_time_s", optional=True),
+        wall_time_s=_duration(data, "wall_time_s"),
         recipe=recipe, per_class=per_class, class_counts=class_counts, ncm_top1=_ncm_top1(data),
     )
 
@@ -451,8 +472,8 @@ def summarize(runs: list[RunResult]) -> list[GroupSummary]:
 # ---- formatting (pure) -----------------------------------------------------------------------
 
 def format_duration(seconds: float | None) -> str:
-    """Human-readable: '45s', '12m 05s', '3h 07m'; '—' when unknown."""
-    if seconds is None:
+    """Human-readable: '45s', '12m 05s', '3h 07m'; '—' when unknown or unusable (NaN, infinite, negative)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "—"
     total = int(round(seconds))
     hours, rest = divmod(total, 3600)
@@ -691,7 +712,7 @@ def with_resolved_defaults(data: object, config_file: Path) -> object:
         return data
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         return data  # no usable config.json: those settings stay unrecorded
     if not isinstance(config, dict):
         return data
@@ -704,14 +725,70 @@ def load_runs(files: list[Path]) -> list[RunResult]:
         try:
             data = with_resolved_defaults(json.loads(file.read_text()), file.parent / "config.json")
             runs.append(parse_result(data, str(file)))
-        except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        # JSONDecodeError is a ValueError; json.loads raises RecursionError on arrays or objects nested too deep.
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SummaryError(f"malformed results file {file}: {message}") from error
     return runs
 
 
+def _resolved(path: Path) -> Path:
+    """path.resolve(), or path itself where that fails (a symlink loop): such a path names no file we read."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
+
+
+def check_out(out: str, files: list[Path]) -> None:
+    """Refuse an --out that names a folder or a file the summary reads (a results.json, or the config.json
+    beside one): replacing a run's record with the table would lose it."""
+    target = _resolved(Path(out))
+    if target.is_dir():
+        raise SummaryError(f"--out {out} is a folder; give a file name")
+    for file in files:
+        for read in (file, file.parent / "config.json"):
+            if target == _resolved(read):
+                raise SummaryError(f"--out {out} would replace {read}, which this summary reads; "
+                                   "give another file")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file beside path, fsync it, then rename it over path: a reader sees the old
+    table or the new one, and a failed write (disk full) leaves the old one as it was. (util.atomic_write does
+    the same; this script stays standalone.)"""
+    try:
+        mode = path.stat().st_mode & 0o7777  # an existing table keeps its permissions, as with write_text
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # what open() would create; mkstemp makes the file private
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (plus exit 2), like every other bad input (as main.py's parser)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog="summarize.py",  # the name every other error line uses, also when main() is called in-process
         description="Summarise finished runs (every results.json under the given folders) as Table 1.")
     parser.add_argument("paths", nargs="+", metavar="DIR", help="run folders or their parents (searched recursively)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
@@ -727,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         files = find_result_files(args.paths)
         if not files:
             raise SummaryError(f"no results.json found under {' '.join(args.paths)}")
+        if args.out:
+            check_out(args.out, files)
         rows = summarize(load_runs(files))
     except SummaryError as error:
         print(f"summarize.py: error: {error}", file=sys.stderr)
@@ -742,7 +821,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_class:
             text += "\n" + format_per_class_markdown(rows)
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            write_atomic(_resolved(Path(args.out)), text)  # through a symlink, as write_text did, not over it
+        except OSError as error:  # no folder, not a folder, read-only, disk full: the old file is kept
+            reason = error.strerror or str(error) or type(error).__name__
+            print(f"summarize.py: error: cannot write {args.out}: {reason}", file=sys.stderr)
+            return 1
         what = f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class else f"{len(rows)} rows"
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:

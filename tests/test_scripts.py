@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import importlib.util
 import io
 import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -331,6 +334,10 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (json.dumps({**result_dict(), "class_counts": [5000] * 9 + [0.5]}), "non-negative integers, got 0.5 for class 9"),
     (json.dumps({**result_dict(), "ncm": {"top1": "61"}}), "'ncm' must be an object whose 'top1' is a percentage"),
     (json.dumps({**result_dict(), "ncm": 61.0}), "'ncm' must be an object whose 'top1' is a percentage"),
+    pytest.param("[" * 100000 + "]" * 100000, "maximum recursion depth exceeded", id="nested-too-deep"),
+    (json.dumps({**result_dict(), "many": float("inf")}), "'many' must be a percentage in 0..100, got inf"),
+    (json.dumps({**result_dict(), "few": -1.0}), "'few' must be a percentage in 0..100, got -1.0"),
+    (json.dumps({**result_dict(), "best_top1": 10 ** 400}), "'best_top1' must be a percentage in 0..100, got inf"),
 ])
 def test_malformed_results_name_the_file(summarize, tmp_path, capsys, content, reason):
     write_result(tmp_path, "good")
@@ -552,6 +559,33 @@ def test_processes_and_evaluation_interval_split_a_group(summarize, tmp_path, ca
 def test_format_duration(summarize):
     assert [summarize.format_duration(s) for s in (None, 4.6, 65, 3600 * 2 + 7 * 60 + 59)] == [
         "—", "5s", "1m 05s", "2h 07m"]
+    # Unusable durations show as unknown rather than crash (int(round(nan)) is a ValueError, of inf an OverflowError).
+    assert [summarize.format_duration(s) for s in (math.nan, math.inf, -math.inf, -5.0)] == ["—"] * 4
+
+
+def test_summarize_counts_an_unusable_wall_time_as_not_recorded(summarize, tmp_path, capsys):
+    """NaN, Infinity, a negative or an integer too large for a float: '—' (an empty CSV cell), and the row's mean
+    wall time is over the runs with a usable one; the accuracies are still reported."""
+    write_result(tmp_path, "nan", seed=0, wall_time_s=float("nan"))
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == "" and table_rows(out)[0][10] == "—"
+    for seed, wall_time in ((1, float("inf")), (2, -60.0), (3, 10 ** 400), (4, 65.0)):
+        write_result(tmp_path, f"s{seed}", seed=seed, wall_time_s=wall_time)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == ""
+    [row] = table_rows(out)
+    assert row[3] == "5 (0, 1, 2, 3, 4)" and row[10] == "1m 05s"
+    (tmp_path / "s4" / "results.json").unlink()
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
+    [line] = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and line["wall_time_s_mean"] == "" and line["n_seeds"] == "4"
+
+
+def test_summarize_ignores_a_config_json_nested_too_deep_like_an_unreadable_one(summarize, tmp_path, capsys):
+    path = write_result(tmp_path, "old", seed=0)  # records neither amp nor psc_temperature: reads config.json
+    (path.parent / "config.json").write_text("[" * 100000 + "]" * 100000)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == "" and table_rows(out)[0][3] == "1 (0)"
 
 
 def test_summarize_cli_runs_as_a_script(tmp_path):
@@ -559,6 +593,101 @@ def test_summarize_cli_runs_as_a_script(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "| CIFAR-10-LT | Hybrid-SC | 100 |" in result.stdout
+
+
+def summarize_script(*args, **kwargs) -> subprocess.CompletedProcess:
+    """scripts/summarize.py run as a script (what a user sees: exit status, stdout, stderr)."""
+    return subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), *[str(a) for a in args]],
+                          capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
+    assert result.returncode == code and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("summarize.py: error: ")
+    assert message in result.stderr, result.stderr
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for a folder): what a failed command must leave as it was."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "the following arguments are required: DIR (see --help)"),
+    (["runs", "--bogus"], "unrecognized arguments: --bogus (see --help)"),
+    (["runs", "--out"], "argument --out: expected one argument (see --help)"),
+])
+def test_summarize_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    write_result(tmp_path / "runs", "a")
+    assert_one_line_error(summarize_script(*args, cwd=tmp_path), message, code=2)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("folder", "--out folder is a folder"),
+    ("nofolder/table.md", "cannot write nofolder/table.md: No such file or directory"),
+    ("afile/table.md", "cannot write afile/table.md: Not a directory"),
+])
+def test_summarize_out_that_cannot_be_written_is_one_line(tmp_path, out, message):
+    write_result(tmp_path / "runs", "a")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("kept\n")
+    before = tree(tmp_path)
+    assert_one_line_error(summarize_script("runs", "--out", out, cwd=tmp_path), message)
+    assert tree(tmp_path) == before  # nothing written, no temporary file left
+
+
+def test_summarize_out_on_a_read_only_filesystem_is_one_line(summarize, tmp_path, capsys, monkeypatch):
+    """Root ignores permissions and a test cannot mount a read-only filesystem: creating the file fails as there."""
+    write_result(tmp_path, "a")
+    table = tmp_path / "table.md"
+    table.write_text("the old table\n")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(Path, "write_text", read_only)  # the same failure for a plain write
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--out", table)
+    assert code == 1 and out == "" and err == f"summarize.py: error: cannot write {table}: Read-only file system\n"
+    assert table.read_text() == "the old table\n"
+
+
+def test_summarize_out_is_replaced_atomically_and_kept_when_the_disk_fills(tmp_path):
+    """A file size limit makes the write fail with EFBIG part-way, as a full disk does with ENOSPC: the old
+    table stays byte-identical and no temporary file is left; a write that succeeds keeps the file's mode."""
+    write_result(tmp_path / "runs", "a")
+    table = tmp_path / "table.md"
+    table.write_bytes(b"the old table\n" * 8)
+    table.chmod(0o640)
+    before = tree(tmp_path)
+
+    def limit_file_size():  # Python ignores SIGXFSZ, so the write returns EFBIG instead of killing it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+    result = summarize_script("runs", "--out", table, cwd=tmp_path, preexec_fn=limit_file_size)
+    assert_one_line_error(result, f"cannot write {table}: File too large")
+    assert tree(tmp_path) == before
+    result = summarize_script("runs", "--out", table, cwd=tmp_path)
+    assert result.returncode == 0 and table.read_text().startswith("| dataset |")
+    assert table.stat().st_mode & 0o777 == 0o640 and sorted(os.listdir(tmp_path)) == ["runs", "table.md"]
+
+
+@pytest.mark.parametrize("args, out", [
+    (["runs"], "runs/a/results.json"),
+    (["runs"], "runs/b/../a/results.json"),  # the same file by another name
+    (["runs/a/results.json"], "runs/a/results.json"),  # given as a file
+    (["runs"], "link.json"),  # a symlink to it
+    (["runs"], "runs/a/config.json"),  # read too, for runs that do not record amp / psc_temperature
+])
+def test_summarize_out_may_not_replace_a_file_it_reads(summarize, tmp_path, capsys, monkeypatch, args, out):
+    write_result(tmp_path / "runs", "a")
+    write_result(tmp_path / "runs", "b", seed=1)
+    (tmp_path / "runs" / "a" / "config.json").write_text('{"seed": 0}')
+    (tmp_path / "link.json").symlink_to(tmp_path / "runs" / "a" / "results.json")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_summarize(summarize, capsys, *args, "--out", out)
+    assert code == 1 and stdout == "" and err.count("\n") == 1
+    assert err.startswith(f"summarize.py: error: --out {out} would replace ") and "which this summary reads" in err
+    assert tree(tmp_path) == before
 
 
 # ---- sweep.sh / table1.sh with a fake main.py ------------------------------------------------

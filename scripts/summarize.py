@@ -830,7 +830,12 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class else f"{len(rows)} rows"
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `summarize.py runs | head`: the reader stopped reading, no traceback for that
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
+            return 1  # as Python's own documentation of SIGPIPE advises
     return 0
 
 

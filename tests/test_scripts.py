@@ -622,6 +622,16 @@ def test_summarize_usage_errors_are_one_line_and_exit_2(tmp_path, args, message)
     assert_one_line_error(summarize_script(*args, cwd=tmp_path), message, code=2)
 
 
+def test_summarize_into_a_closed_pipe_is_quiet(tmp_path):
+    """`summarize.py runs | head`: a reader that stops early costs no traceback (exit 1, as for any EPIPE)."""
+    write_result(tmp_path / "runs", "a")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "summarize.py"), str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the script (still importing numpy) writes its table
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err == "", err
+
+
 @pytest.mark.parametrize("out, message", [
     ("folder", "--out folder is a folder"),
     ("nofolder/table.md", "cannot write nofolder/table.md: No such file or directory"),

@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -109,6 +109,13 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     )
 
 
+def _exception_text(exc: BaseException) -> str:
+    """``Type: message`` on one line (the type alone when the message is empty, as MemoryError's often is):
+    the type says what went wrong where a damaged file's message alone does not."""
+    text = one_line(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -137,9 +144,13 @@ def _read_pickled(dataset: str, folder: Path) -> tuple[ArraySplit, ArraySplit]:
     label_key = _LABEL_KEYS[dataset]
     num_classes = DATASETS[dataset]
     splits = []
-    for names in (train_files, test_files):
+    for split_name, names in (("training", train_files), ("test", test_files)):
         parts = [_read_pickled_batch(folder / name, label_key, num_classes) for name in names]
-        splits.append(ArraySplit(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])))
+        split = ArraySplit(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+        if not len(split.labels):
+            # Caught here rather than at the end of training, where evaluating an empty test set fails.
+            raise DataError(f"the {split_name} split in {folder} ({', '.join(names)}) holds no images")
+        splits.append(split)
     return splits[0], splits[1]
 
 
@@ -152,22 +163,41 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
     if not path.is_file():
         raise DataError(f"missing {path} in the pickled layout; delete the folder and use --download, or restore it")
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged file's numpy warnings would add lines before the one error
             raw = pickle.load(f, encoding="latin1")
-        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
-        data = np.asarray(entry["data"])
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {one_line(exc) or type(exc).__name__}") from exc
-    if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or len(labels) != len(data):
-        raise DataError(f"{path}: expected data [N, 3072] and N labels, got data {data.shape} and {len(labels)} labels")
+    except Exception as exc:  # a damaged pickle raises nearly anything: ImportError, LookupError, MemoryError, ...
+        raise DataError(f"cannot read {path}: {_exception_text(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} is not a CIFAR batch: expected a pickled dict, got {type(raw).__name__}")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    arrays = []
+    for key in ("data", label_key):
+        if key not in entry:
+            raise DataError(f"{path} has no {key!r} entry; is it a CIFAR batch of this dataset?")
+        try:
+            arrays.append(np.asarray(entry[key]))
+        except Exception as exc:  # the value is whatever object the file held, e.g. a ragged list
+            raise DataError(f"cannot read {path}: its {key!r} entry is not an array ({one_line(exc)})") from exc
+    data, labels = arrays
+    if labels.size == 0:
+        labels = labels.astype(np.int64)  # np.asarray([]) is float64; an empty batch is refused per split
+    if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"{path}: expected data [N, 3072] and N labels, got data {data.shape} and labels "
+                        f"{labels.shape}")
+    # Checked before any arithmetic: min() of an object or string array raises, and casting floats to
+    # uint8 or int64 would silently truncate them (NaN included).
+    if not np.issubdtype(data.dtype, np.integer):
+        raise DataError(f"{path}: pixel data must be integers in 0..255, got {data.dtype} values")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {label_key} must be integers in 0..{num_classes - 1}, got {labels.dtype} values")
     if data.dtype != np.uint8:
         if data.size and (data.min() < 0 or data.max() > 255):
             raise DataError(f"{path}: pixel values outside 0..255")
         data = data.astype(np.uint8)
     _check_labels(labels, num_classes, path)
     images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)  # [N, 32, 32, 3]
-    return ArraySplit(np.ascontiguousarray(images), labels)
+    return ArraySplit(np.ascontiguousarray(images), labels.astype(np.int64))
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
@@ -185,7 +215,7 @@ def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySpli
     if [name for name, _ in listing["train"]] != [name for name, _ in listing["test"]]:
         raise DataError(f"the class folders of {root}/train and {root}/test differ")
     key = _listing_key(listing)
-    cached = _read_cache(root, key)
+    cached = _read_cache(root, key, {split: _folder_labels(listing[split]) for split in ("train", "test")})
     if cached is not None:
         return cached
     splits = tuple(_decode_split(listing[split]) for split in ("train", "test"))
@@ -202,18 +232,30 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
 
     os.scandir rather than pathlib: one stat per file keeps listing 60,000 files well under a second.
     """
-    with os.scandir(split_dir) as entries:
-        class_dirs = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
-    if len(class_dirs) != num_classes:
-        raise DataError(f"{split_dir} has {len(class_dirs)} class folders; {dataset} needs {num_classes}")
-    listing = []
-    for class_dir in class_dirs:
-        with os.scandir(class_dir) as entries:
-            files = sorted((e.path, e.stat().st_size, e.stat().st_mtime_ns)
-                           for e in entries if e.is_file() and not e.name.startswith("."))
-        if not files:
-            raise DataError(f"class folder {class_dir} has no images")
-        listing.append((os.path.basename(class_dir), files))
+    # is_dir / is_file follow symbolic links: a link loop or an unreadable folder raises OSError, named
+    # here by its path; a dangling link would otherwise be skipped silently, leaving an image out.
+    try:
+        with os.scandir(split_dir) as entries:
+            class_dirs = sorted(e.path for e in entries if not e.name.startswith(".") and e.is_dir())
+        if len(class_dirs) != num_classes:
+            raise DataError(f"{split_dir} has {len(class_dirs)} class folders; {dataset} needs {num_classes}")
+        listing = []
+        for class_dir in class_dirs:
+            files = []
+            with os.scandir(class_dir) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_file():
+                        stat = e.stat()
+                        files.append((e.path, stat.st_size, stat.st_mtime_ns))
+                    elif e.is_symlink() and not os.path.exists(e.path):
+                        raise DataError(f"{e.path} is a broken symbolic link")
+            if not files:
+                raise DataError(f"class folder {class_dir} has no images")
+            listing.append((os.path.basename(class_dir), sorted(files)))
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename or split_dir}: {exc.strerror or one_line(exc)}") from exc
     return listing
 
 
@@ -227,9 +269,14 @@ def _listing_key(listing: dict[str, list[tuple[str, list[_FileEntry]]]]) -> str:
     return digest.hexdigest()[:24]
 
 
+def _folder_labels(classes: list[tuple[str, list[_FileEntry]]]) -> np.ndarray:
+    """int64 [N]: the label of each listed file, in listing order (class c is the c-th sorted folder)."""
+    return np.concatenate([np.full(len(files), c, dtype=np.int64) for c, (_, files) in enumerate(classes)])
+
+
 def _decode_split(classes: list[tuple[str, list[_FileEntry]]]) -> ArraySplit:
     paths = [Path(path) for _, files in classes for path, _, _ in files]
-    labels = np.concatenate([np.full(len(files), c, dtype=np.int64) for c, (_, files) in enumerate(classes)])
+    labels = _folder_labels(classes)
     images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
     def decode_range(start: int, stop: int) -> None:
@@ -248,15 +295,17 @@ def _decode_split(classes: list[tuple[str, list[_FileEntry]]]) -> ArraySplit:
 
 def _decode_image(path: Path) -> np.ndarray:
     """uint8 [32, 32, 3] RGB from any format Pillow reads."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {one_line(exc) or type(exc).__name__}") from exc
-    if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise DataError(f"image {path} is {rgb.shape[1]}x{rgb.shape[0]}; CIFAR images are 32x32")
+            width, height = image.size
+            if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: a header may claim any size
+                rgb = np.asarray(image.convert("RGB"))
+    except Exception as exc:  # a damaged file makes Pillow raise nearly anything: DecompressionBombError, struct.error
+        raise DataError(f"cannot read image {path}: {_exception_text(exc)}") from exc
+    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"image {path} is {width}x{height}; CIFAR images are 32x32")
     return rgb
 
 
@@ -270,17 +319,30 @@ def _root_tag(root: Path) -> str:
     return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
 
 
-def _read_cache(root: Path, key: str) -> tuple[ArraySplit, ArraySplit] | None:
+def _read_cache(root: Path, key: str, labels: dict[str, np.ndarray]) -> tuple[ArraySplit, ArraySplit] | None:
+    """The cached (train, test), or None when there is none or it does not hold what the folders list.
+
+    ``labels``: each split's labels from the listing, which the cache must match exactly; a damaged or
+    foreign cache is rebuilt, not fatal and not trusted (a wrong shape would only fail later, in training).
+    """
     for path in _cache_candidates(root, key):
         if not path.is_file():
             continue
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                return (ArraySplit(arrays["train_images"], arrays["train_labels"]),
-                        ArraySplit(arrays["test_images"], arrays["test_labels"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            continue  # a damaged cache is rebuilt, not fatal
+                splits = tuple(ArraySplit(arrays[f"{split}_images"], arrays[f"{split}_labels"])
+                               for split in ("train", "test"))
+        except Exception:  # a damaged zip or .npy header raises anything from zipfile, numpy or the disk
+            continue
+        if all(_cache_split_ok(split, labels[name]) for split, name in zip(splits, ("train", "test"))):
+            return splits
     return None
+
+
+def _cache_split_ok(split: ArraySplit, labels: np.ndarray) -> bool:
+    """Whether a cached split is the uint8 [N, 32, 32, 3] images + int64 [N] labels of the listed files."""
+    return (split.images.dtype == np.uint8 and split.images.shape == (len(labels), IMAGE_SIZE, IMAGE_SIZE, 3)
+            and split.labels.dtype == np.int64 and np.array_equal(split.labels, labels))
 
 
 def _write_cache(root: Path, key: str, splits: tuple[ArraySplit, ArraySplit]) -> None:
@@ -341,6 +403,8 @@ def long_tailed_subset(split: ArraySplit, num_classes: int, imb_factor: float, i
     _check_labels(labels, num_classes, "training labels")
     source_counts = np.bincount(labels, minlength=num_classes)
     n_max = int(source_counts.min())
+    if n_max == 0:  # no imb_factor helps here: say which class is missing, not which factor is too small
+        raise DataError(f"the training set has no images of class {int(source_counts.argmin())}")
     class_counts = long_tailed_counts(n_max, num_classes, imb_factor, imb_type)
     if min(class_counts) < 1:
         empty = class_counts.index(0)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import struct
 import sys
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from torch import Tensor
 
 import dataset_loader as dl
 from dataset_loader import ArraySplit, DataError
-from helpers import make_synthetic, write_image_folder, write_pickled_cifar10, write_pickled_cifar100
+from helpers import make_synthetic, snapshot, write_image_folder, write_pickled_cifar10, write_pickled_cifar100
 from util import UserError
 
 CIFAR10_MEAN, CIFAR10_STD = dl.dataset_stats("cifar10")
@@ -161,6 +163,12 @@ def test_subset_rejects_empty_class():
     train, _ = make_synthetic(10, 20, 1)
     with pytest.raises(DataError, match="no images"):
         dl.long_tailed_subset(train, 10, 0.01)  # int(20 * 0.01) == 0
+
+
+def test_subset_names_a_class_missing_from_the_training_set():
+    train = long_tailed_split([5, 5, 0, 5])
+    with pytest.raises(DataError, match="the training set has no images of class 2"):
+        dl.long_tailed_subset(train, 4, 1.0)  # no imb_factor helps: the message must not blame it
 
 
 def test_shot_groups_boundaries():
@@ -849,3 +857,151 @@ def test_missing_or_broken_pickled_batch(tmp_path, cifar10_like):
     (folder / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read .*data_batch_3"):
         dl.load_cifar("cifar10", tmp_path)
+
+
+def rewrite_batch(folder, name: str, edit) -> None:
+    """Load the pickled batch ``folder/name``, let ``edit(entry)`` change it in place, and write it back."""
+    with open(folder / name, "rb") as f:
+        entry = pickle.load(f)
+    edit(entry)
+    with open(folder / name, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def empty_batch(entry: dict) -> None:
+    entry[b"data"], entry[b"labels"] = entry[b"data"][:0], []
+
+
+@pytest.mark.parametrize("split, names", [("test", ["test_batch"]),
+                                          ("training", [f"data_batch_{i}" for i in range(1, 6)])])
+def test_empty_pickled_split_is_refused(tmp_path, cifar10_like, split, names):
+    """A valid pickle with 0 rows used to load, and the run crashed only when it evaluated at its end."""
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    rewrite_batch(folder, "data_batch_2", empty_batch)
+    train, _ = dl.load_cifar("cifar10", tmp_path)  # one empty batch of five is odd but harmless
+    assert len(train.labels) == len(cifar10_like[0].labels) - 12
+    for name in names:
+        rewrite_batch(folder, name, empty_batch)
+    with pytest.raises(DataError, match=f"the {split} split in .*{names[-1]}.* holds no images") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda raw: raw.replace(b"multiarray", b"mulXiarray"), "ModuleNotFoundError"),
+    (lambda raw: raw.replace(b"latin1", b"latNn1"), "LookupError"),  # protocol 2 stores bytes via codecs.encode
+    (lambda raw: b"\x80\x04\x95" + (2 ** 63 + 1).to_bytes(8, "little"), "OverflowError"),  # FRAME of 8 EiB
+    (lambda raw: b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little"), "MemoryError"),  # BINBYTES8 of 4 EiB
+], ids=["module", "encoding", "frame", "length"])
+def test_damaged_pickled_batch_is_named(tmp_path, cifar10_like, damage, error):
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    batch = folder / "data_batch_1"
+    batch.write_bytes(damage(batch.read_bytes()))
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=f"cannot read .*data_batch_1: {error}") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value) and snapshot(tmp_path) == before
+
+
+def object_pixels_with_none(entry: dict) -> None:
+    entry[b"data"] = entry[b"data"].astype(object)
+    entry[b"data"][0, 0] = None
+
+
+def nan_pixel(entry: dict) -> None:
+    entry[b"data"] = entry[b"data"].astype(np.float64)
+    entry[b"data"][0, 0] = np.nan
+
+
+PIXELS_NOT_INTEGERS = "pixel data must be integers in 0..255, got"
+BAD_ARRAYS = {  # case: (edit of the batch's entry, expected message after the file name)
+    "object pixels": (object_pixels_with_none, f"{PIXELS_NOT_INTEGERS} object"),
+    "string pixels": (lambda e: e.update({b"data": e[b"data"].astype(str)}), f"{PIXELS_NOT_INTEGERS} <U3"),
+    "float pixels": (lambda e: e.update({b"data": e[b"data"].astype(np.float64)}), f"{PIXELS_NOT_INTEGERS} float64"),
+    "nan pixel": (nan_pixel, f"{PIXELS_NOT_INTEGERS} float64"),
+    "bool pixels": (lambda e: e.update({b"data": e[b"data"] > 127}), f"{PIXELS_NOT_INTEGERS} bool"),
+    "huge label": (lambda e: e[b"labels"].__setitem__(0, 2 ** 70), "labels must be integers in 0..9, got object"),
+    "float labels": (lambda e: e.update({b"labels": [y + 0.5 for y in e[b"labels"]]}),
+                     "labels must be integers in 0..9, got float64"),
+    "2-d labels": (lambda e: e.update({b"labels": [[y] for y in e[b"labels"]]}),
+                   r"expected data \[N, 3072\] and N labels, got .* labels \(12, 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARRAYS)
+def test_bad_arrays_in_a_valid_pickle_are_named(tmp_path, cifar10_like, case):
+    """Checked before any arithmetic on them: no TypeError from min(), no silent float -> int truncation."""
+    edit, message = BAD_ARRAYS[case]
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    rewrite_batch(folder, "data_batch_4", edit)
+    with pytest.raises(DataError, match=f"data_batch_4: {message}") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def png_claiming_size(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height, with a few bytes of pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar10() -> tuple[ArraySplit, ArraySplit]:
+    return make_synthetic(10, 2, 1, seed=12)
+
+
+def test_decompression_bomb_header_is_named(tmp_path, tiny_cifar10):
+    write_image_folder(tmp_path, *tiny_cifar10)
+    png_claiming_size(tmp_path / "train" / "class_006" / "000013.png", 100000, 100000)
+    with pytest.raises(DataError, match=r"cannot read image .*000013\.png: DecompressionBombError") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["train/class_000/loop", "test/loop"])
+def test_symlink_loop_is_named(tmp_path, tiny_cifar10, where):
+    write_image_folder(tmp_path, *tiny_cifar10)
+    os.symlink("loop", tmp_path / where)
+    with pytest.raises(DataError, match=f"cannot read {tmp_path / where}: ") as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_broken_symlink_is_named_not_skipped(tmp_path, tiny_cifar10):
+    """A dangling link is no file, so it was left out silently: that class lost an image."""
+    write_image_folder(tmp_path, *tiny_cifar10)
+    os.symlink(tmp_path / "elsewhere.png", tmp_path / "train" / "class_003" / "000099.png")
+    with pytest.raises(DataError, match=r"000099\.png is a broken symbolic link"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+CACHE_DAMAGE = {
+    "8x8 train images": lambda a: {"train_images": np.zeros((8, 8), np.uint8)},
+    "truncated train labels": lambda a: {"train_labels": a["train_labels"][:5]},
+    "empty splits": lambda a: {name: array[:0] for name, array in a.items()},
+    "channels-first test images": lambda a: {"test_images": a["test_images"].transpose(0, 3, 1, 2).copy()},
+    "float train images": lambda a: {"train_images": a["train_images"].astype(np.float32)},
+    "test labels out of range": lambda a: {"test_labels": a["test_labels"] + 10},
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_cache_that_does_not_match_the_folders_is_rebuilt(tmp_path, monkeypatch, tiny_cifar10, damage):
+    """A cache under the right key but with the wrong content was used, and training failed later."""
+    write_image_folder(tmp_path, *tiny_cifar10)
+    dl.load_cifar("cifar10", tmp_path)
+    (cache,) = tmp_path.glob("hybrid-lt-cache-*.npz")
+    with np.load(cache) as stored:
+        arrays = dict(stored)
+    arrays.update(CACHE_DAMAGE[damage](arrays))
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), tiny_cifar10)
+    # Rebuilt in place: the next load reads it without decoding.
+    assert list(tmp_path.glob("hybrid-lt-cache-*.npz")) == [cache]
+    monkeypatch.setattr(dl, "_decode_image", lambda path: pytest.fail(f"decoded {path}"))
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), tiny_cifar10)

@@ -91,17 +91,21 @@ while (($#)); do
 done
 [[ -n $data ]] || die_usage "--data is required"
 [[ -n $out ]] || die_usage "--out is required"
+# A relative path that starts with '-' would read as an option to dirname, basename, ls, mkdir and cd below.
+[[ $data != -* ]] || data=./$data
+[[ $out != -* ]] || out=./$out
 [[ -e $data ]] || die_usage "--data '$data' does not exist"
 [[ $device == cuda || $device == cpu ]] || die_usage "--device must be cuda or cpu, got '$device'"
 [[ $budget_s =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--budget_s must be a whole number of seconds, got '$budget_s'"
 [[ $workers =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--workers must be a whole number, got '$workers'"
+[[ ! -e $out || -d $out ]] || die_usage "--out '$out' exists and is not a folder: give a new folder"
 if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then
   die_usage "--out '$out' is not empty: give a new folder (nothing there was touched)"
 fi
 
 python=${PYTHON:-python3}
 data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # before the cd below
-mkdir -p "$out"
+mkdir -p "$out" 2>/dev/null || die_usage "--out '$out' cannot be created"
 out=$(cd "$out" && pwd)
 log="$out/log.txt"
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
@@ -111,7 +115,11 @@ cd "$repo_root"
 if [[ -d $data ]]; then
   data_root=$data
 else
-  tar -xzf "$data" -C "$scratch" || { echo "$prog: error: cannot unpack '$data'" >&2; exit 2; }
+  # tar and gzip say why in several lines (and a "Child returned status" one): keep the first, on our one line.
+  if ! tar_error=$(tar -xzf "$data" -C "$scratch" 2>&1); then
+    echo "$prog: error: cannot unpack '$data' ($(grep -m 1 . <<<"$tar_error" || true))" >&2
+    exit 2
+  fi
   # The folder that holds train/ (the image-folder layout) or cifar-10-batches-py/.
   marker=$(find "$scratch" -maxdepth 3 -type d \( -name train -o -name cifar-10-batches-py \) -print -quit)
   [[ -n $marker ]] || { echo "$prog: error: '$data' holds no CIFAR-10 layout" >&2; exit 2; }

@@ -35,7 +35,8 @@ with --imb_type step.
                      two runs at once. Default: runs one after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
-                     --seed --output_dir --resume --overwrite) are refused here.
+                     --seed --output_dir --resume --overwrite), and any start of them that main.py would take for
+                     them (--see, --output), are refused here.
   -h, --help         this message
 
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
@@ -99,6 +100,10 @@ read -r -a gpu_list <<<"$gpus"
 ((${#method_list[@]})) || die_usage "--methods is empty"
 ((${#seed_list[@]})) || die_usage "--seeds is empty"
 [[ -n $runs_dir ]] || die_usage "--runs_dir is empty"
+# A relative path that starts with '-' would read as an option, to mkdir and to main.py's --output_dir.
+[[ $runs_dir != -* ]] || runs_dir=./$runs_dir
+# Else every run would fail on its own, each with main.py's line about its --output_dir.
+[[ ! -e $runs_dir || -d $runs_dir ]] || die_usage "--runs_dir '$runs_dir' exists and is not a folder"
 
 # ratio = round(1/imb_factor), only for the folder name; main.py gets imb_factor as written.
 declare -A ratio_of=()
@@ -113,21 +118,32 @@ for method in "${method_list[@]}"; do
   case $method in sc | psc | ce) ;; *) die_usage "--methods: '$method' is not one of sc psc ce" ;; esac
 done
 for seed in "${seed_list[@]}"; do
-  [[ $seed =~ ^[0-9]+$ ]] || die_usage "--seeds: '$seed' is not a non-negative integer"
+  # No leading zeros: "0" and "00" are one seed to main.py but two folders (two identical runs, which
+  # summarize.py then refuses as a repeated seed). main.py takes seeds below 2**32 (numpy's limit).
+  [[ $seed =~ ^(0|[1-9][0-9]{0,9})$ ]] && ((seed < 4294967296)) ||
+    die_usage "--seeds: '$seed' is not an integer in 0 .. 4294967295 (without leading zeros)"
 done
 # argparse keeps the last occurrence of a flag, so an extra --seed etc. would silently
-# disagree with the folder name: refuse it.
+# disagree with the folder name: refuse it. argparse also takes any unambiguous start of a flag for
+# the flag (--see for --seed, --output for --output_dir: every run in one folder, where another
+# run's --overwrite would then clear it), so refuse those starts too.
+sweep_flags=(--dataset --imb_type --imb_factor --loss --seed --output_dir --resume --overwrite)
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
-  case $arg in
-    --dataset | --dataset=* | --imb_type | --imb_type=* | --imb_factor | --imb_factor=* | \
-      --loss | --loss=* | --seed | --seed=* | \
-      --output_dir | --output_dir=* | --resume | --overwrite)
-      die_usage "'${arg%%=*}' is set by the sweep for each run; remove it after --" ;;
-  esac
+  flag=${arg%%=*}
+  [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
+  for sweep_flag in "${sweep_flags[@]}"; do
+    if [[ $flag == "$sweep_flag" ]]; then
+      die_usage "'$flag' is set by the sweep for each run; remove it after --"
+    elif [[ $sweep_flag == "$flag"* ]]; then
+      die_usage "'$flag' can stand for '$sweep_flag' to main.py, which the sweep sets for each run; spell main.py's flags in full after --"
+    fi
+  done
 done
 
 read -r -a python_cmd <<<"${PYTHON:-python}"
 ((${#python_cmd[@]})) || die_usage "PYTHON is set but empty"
+# Else every run would fail on its own with the shell's "not found".
+command -v -- "${python_cmd[0]}" >/dev/null || die_usage "PYTHON: '${python_cmd[0]}' is not a command"
 
 # ---- the list of runs ------------------------------------------------------------------------
 # Seeds outermost: a whole table for the first seed is ready before the second seed starts.

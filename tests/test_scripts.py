@@ -1099,10 +1099,19 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0.00999"], "share the folder"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc ldam"], "'ldam'"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "a"], "'a'"),
+    # "00" is seed 0 to main.py but a folder of its own; main.py refuses seeds from 2**32 on, each run on its own.
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0 00"], "--seeds: '00'"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "4294967296"], "'4294967296'"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--seed", "3"], "'--seed' is set by"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--resume"], "'--resume' is set by"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--imb_type=step"], "'--imb_type' is set"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--imb_type", "linear"], "exp or step"),
+    # main.py's argparse takes an unambiguous start of a flag for the flag.
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--see", "3"], "'--see' can stand for '--seed'"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--output=elsewhere"],
+     "'--output' can stand for '--output_dir'"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--overw"], "'--overw' can stand for"),
+    ("table1.sh", ["--dataset", "cifar10", "--", "--los", "ce"], "'--los' can stand for '--loss'"),
     ("sweep.sh", ["--dataset"], "--dataset needs a value"),
     ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors'"),
     ("table1.sh", ["--ce"], "--dataset is required"),
@@ -1113,6 +1122,35 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(fake, script, args, messag
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert read_log() == []
+
+
+def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_command(fake, tmp_path):
+    """Else every run fails on its own, each with its own lines, instead of one line before any run."""
+    env, read_log = fake
+    (tmp_path / "a file").write_text("kept")
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01"]
+    for script, extra, environ, message in (
+        ("sweep.sh", ["--runs_dir", str(tmp_path / "a file")], env, "exists and is not a folder"),
+        ("table1.sh", ["--runs_dir", str(tmp_path / "a file")], env, "exists and is not a folder"),
+        ("sweep.sh", [], {**env, "PYTHON": str(tmp_path / "no_python")}, "is not a command"),
+    ):
+        result = run_script(script, [*(args if script == "sweep.sh" else args[:2]), *extra], environ)
+        assert result.returncode == 2 and result.stdout == "", (extra, result.stdout + result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert read_log() == [] and (tmp_path / "a file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("gpus", ["", "0"])
+def test_sweep_runs_dir_that_starts_with_a_dash(fake, tmp_path, gpus):
+    """A relative --runs_dir such as '-x' is a path, not an option: to mkdir (--gpus logs) nor to main.py's argparse,
+    which refuses '--output_dir -x/...' as a missing value."""
+    env, read_log = fake
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc",
+                                     "--runs_dir", "-x", "--gpus", gpus], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [call] = read_log()
+    assert call["args"][call["args"].index("--output_dir") + 1] == "./-x/cifar10_sc_r100_s0"
+    assert (tmp_path / "-x" / "cifar10_sc_r100_s0" / "results.json").is_file()
 
 
 def test_help_equals_form_and_ratio_rounding(fake, tmp_path):
@@ -1321,6 +1359,9 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(occupied)], "is not empty"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--budget_s", "1.5"], "whole number"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--device", "tpu"], "cuda or cpu"),
+        (["--data", str(data), "--out", str(occupied / "keep.txt")], "exists and is not a folder"),
+        (["--data", str(data), "--out", str(occupied / "keep.txt" / "o")], "cannot be created"),
+        (["--data", str(occupied / "keep.txt"), "--out", str(tmp_path / "o")], "cannot unpack"),  # not a .tar.gz
     ):
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
@@ -1337,3 +1378,14 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["log.txt", "summary.md"]
     assert "nvidia-smi" in (tmp_path / "o" / "log.txt").read_text()
     assert (tmp_path / "o" / "summary.md").read_text() == "no run finished: see log.txt\n"
+
+
+def test_gpu_checks_takes_relative_paths_that_start_with_a_dash(tmp_path):
+    """'--data -d --out -o' are folders, not options to dirname, mkdir or cd."""
+    (tmp_path / "-data").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", "-data", "--out", "-out", "--device", "cpu",
+                           "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr  # 1: no time for any step
+    assert sorted(p.name for p in (tmp_path / "-out").iterdir()) == ["log.txt", "summary.md"]
+    assert f"data: {tmp_path / '-data'}\n" in (tmp_path / "-out" / "log.txt").read_text()

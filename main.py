@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -558,6 +559,20 @@ class RunState:
         return d
 
     def load_state_dict(self, d: dict[str, Any], device: torch.device) -> None:
+        """Raises TypeError naming the entry when one is not of the kind a run writes (a damaged or foreign
+        checkpoint), before anything is set; entries a checkpoint lacks keep their start values."""
+        fresh = vars(RunState())
+        for k, v in d.items():
+            start = fresh.get(k)
+            if k == "epoch_sums":
+                ok = v is None or (isinstance(v, torch.Tensor) and tuple(v.shape) == (4,))
+            elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
+                kind = numbers.Integral if isinstance(start, int) else numbers.Real
+                ok = isinstance(v, kind) and not isinstance(v, bool)
+            else:
+                ok = start is None or isinstance(v, type(start))
+            if not ok:
+                raise TypeError(f"its run entry {k!r} is a {type(v).__name__}")
         for k, v in d.items():
             setattr(self, k, v)
         if self.epoch_sums is not None:
@@ -750,6 +765,8 @@ class Run:
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
             self.state.load_state_dict(saved["run"], self.device)
             util.set_rng_states(saved["rng"])
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but the device's fault, not the checkpoint's
+            raise
         except FOREIGN_CHECKPOINT_ERRORS as e:
             raise foreign_checkpoint(self.out / "last.pt", e) from e
 
@@ -1025,6 +1042,9 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
         net = networks.build_model(cfg.model, num_classes, run_cfg["feat_dim"],
                                    use_prototypes=run_cfg["loss"] == "psc")
         net.load_state_dict(saved["model"])
+        for key in ("amp", "channels_last"):  # how the run ran, which evaluation follows
+            if not isinstance(saved.get(key, False), bool):
+                raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
     except FOREIGN_CHECKPOINT_ERRORS as e:
         raise foreign_checkpoint(path, e) from e
     images, labels = data.to_device_images(test, device)

@@ -105,7 +105,7 @@ fi
 
 python=${PYTHON:-python3}
 data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # before the cd below
-mkdir -p "$out" 2>/dev/null || die_usage "--out '$out' cannot be created"
+mkdir_error=$(mkdir -p "$out" 2>&1) || die_usage "--out '$out' cannot be created (${mkdir_error##*: })"
 out=$(cd "$out" && pwd)
 log="$out/log.txt"
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")

@@ -35,8 +35,8 @@ with --imb_type step.
                      two runs at once. Default: runs one after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
-                     --seed --output_dir --resume --overwrite), and any start of them that main.py would take for
-                     them (--see, --output), are refused here.
+                     --seed --output_dir --resume --overwrite), and any start of them (--see, --output:
+                     main.py takes an unambiguous start of a flag for the flag), are refused here.
   -h, --help         this message
 
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
@@ -135,7 +135,7 @@ for arg in ${extra_args[@]+"${extra_args[@]}"}; do
     if [[ $flag == "$sweep_flag" ]]; then
       die_usage "'$flag' is set by the sweep for each run; remove it after --"
     elif [[ $sweep_flag == "$flag"* ]]; then
-      die_usage "'$flag' can stand for '$sweep_flag' to main.py, which the sweep sets for each run; spell main.py's flags in full after --"
+      die_usage "'$flag' is the start of '$sweep_flag', which the sweep sets for each run (main.py takes an unambiguous start for the flag); spell main.py's flags in full after --"
     fi
   done
 done

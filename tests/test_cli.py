@@ -381,12 +381,19 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "model_tensor_reshaped": lambda s: s["model"].update(
         {k: torch.zeros(3, *v.shape) for k, v in list(s["model"].items())[:1]}),
     "other_class_counts": lambda s: s.update(class_counts=[5] * 10),
+    "best_top1_as_text": lambda s: s["run"].update(best_top1="x"),
+    "history_as_none": lambda s: s["run"].update(history=None),
+    "epoch_sums_of_another_shape": lambda s: s["run"].update(epoch_sums=torch.zeros(2)),
+    "amp_as_text": lambda s: s.update(amp="yes"),
 }
 
 
-# --eval_only reads neither the optimizer, the RNG states nor the training state.
-DAMAGE_CASES = [(d, "resume") for d in DAMAGED] + [(d, "eval_only") for d in DAMAGED
-                                                    if d not in ("no_optimizer", "no_rng", "epoch_as_text")]
+# --eval_only reads neither the optimizer, the RNG states nor the training state; --resume does not read "amp"
+# (the flags and the device decide how a resumed run runs).
+RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text", "history_as_none",
+                   "epoch_sums_of_another_shape")
+DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
+                + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)  # the checks do not depend on the loss
@@ -410,6 +417,18 @@ def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, ci
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)
     assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_out_of_memory_while_resuming_is_not_blamed_on_the_checkpoint(existing_run, cifar10_root, monkeypatch):
+    """A RuntimeError, as a damaged checkpoint's tensors raise, but the device's: it keeps its own traceback."""
+    def out_of_memory(self, state_dict):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", out_of_memory)
+    (existing_run / "results.json").unlink()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY])
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from util import UserError, atomic_write, one_line
+from util import UserError, atomic_write, exception_text, one_line
 
 
 class DataError(UserError):
@@ -109,13 +109,6 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     )
 
 
-def _exception_text(exc: BaseException) -> str:
-    """``Type: message`` on one line (the type alone when the message is empty, as MemoryError's often is):
-    the type says what went wrong where a damaged file's message alone does not."""
-    text = one_line(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -167,7 +160,7 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
             warnings.simplefilter("ignore")  # a damaged file's numpy warnings would add lines before the one error
             raw = pickle.load(f, encoding="latin1")
     except Exception as exc:  # a damaged pickle raises nearly anything: ImportError, LookupError, MemoryError, ...
-        raise DataError(f"cannot read {path}: {_exception_text(exc)}") from exc
+        raise DataError(f"cannot read {path}: {exception_text(exc)}") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{path} is not a CIFAR batch: expected a pickled dict, got {type(raw).__name__}")
     entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -303,7 +296,7 @@ def _decode_image(path: Path) -> np.ndarray:
             if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: a header may claim any size
                 rgb = np.asarray(image.convert("RGB"))
     except Exception as exc:  # a damaged file makes Pillow raise nearly anything: DecompressionBombError, struct.error
-        raise DataError(f"cannot read image {path}: {_exception_text(exc)}") from exc
+        raise DataError(f"cannot read image {path}: {exception_text(exc)}") from exc
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"image {path} is {width}x{height}; CIFAR images are 32x32")
     return rgb

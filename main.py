@@ -667,7 +667,7 @@ FOREIGN_CHECKPOINT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, Ru
 
 def foreign_checkpoint(path: Path, e: Exception) -> UserError:
     return UserError(f"{path} does not hold what this program's checkpoints hold (damaged, or written by other "
-                     f"code): {type(e).__name__}: {util.one_line(e)}")
+                     f"code): {util.exception_text(e)}")
 
 
 def git_commit() -> Optional[str]:

@@ -124,6 +124,13 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def exception_text(exc: BaseException) -> str:
+    """``Type: message`` on one line (the type alone when the message is empty, as MemoryError's often is):
+    the type says what went wrong where a damaged file's message alone does not."""
+    text = one_line(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(file_object)` to a temporary file beside `path`, fsync it, then rename it over
     `path`: a reader (or a resume after `kill -9`) sees the old complete file or the new complete one, never
@@ -163,7 +170,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
+        raise UserError(f"cannot read checkpoint {path}: {exception_text(e)}") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     if not isinstance(state["model"], dict) or not isinstance(state["config"], dict):

@@ -696,7 +696,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def error_text(e: BaseException) -> str:
     """An exception as the one-line 'error' of a row that failed."""
-    return f"{type(e).__name__}: {util.one_line(e)}"[:300]
+    return util.exception_text(e)[:300]
 
 
 def load_average() -> Optional[list[float]]:

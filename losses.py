@@ -192,7 +192,7 @@ class HybridLoss(nn.Module):
         sc_labels: Tensor | None,
         logits: Tensor,
         ce_labels: Tensor,
-        alpha: float,
+        alpha: float | Tensor,
         prototypes: Tensor | None = None,
     ) -> LossTerms:
         """Shape:

@@ -121,9 +121,11 @@ class Config:
                                "--eval_only: as the run)", "run")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
                                          "run")
-    compile: bool = _opt(False, "torch.compile the model (the first steps then include the compilation)", "run")
+    compile: bool = _opt(False, "torch.compile the training step's forward: the model and the hybrid loss as one "
+                         "graph (under torchrun the model alone); the first step then includes the compilation",
+                         "run")
     compile_mode: str = _opt("default", "torch.compile mode for --compile: default, reduce-overhead (on CUDA "
-                             "also replays the model's kernels as CUDA graphs; on the CPU as default), "
+                             "also replays the compiled kernels as CUDA graphs; on the CPU as default), "
                              "max-autotune-no-cudagraphs or "
                              "max-autotune (both search kernels: compiling takes much longer)", "run",
                              choices=COMPILE_MODES)
@@ -433,8 +435,15 @@ class Trainer:
         if dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None)
+        # alpha reaches the step as a 0-d tensor on the device, refilled when it changes (once an epoch), so that a
+        # compiled step takes each epoch's value as an input instead of compiling again for it.
+        self.alpha, self._alpha_value = torch.zeros((), device=device), 0.0
+        self.forward_loss = self._forward_loss
         if cfg.compile:
-            self.model = torch.compile(self.model, mode=cfg.compile_mode)
+            if dist.enabled:  # DDP's bucketed all-reduce and SC's all-gather stay outside: the model alone
+                self.model = torch.compile(self.model, mode=cfg.compile_mode)
+            else:  # the model and the loss as one graph (under reduce-overhead, one CUDA graph for both)
+                self.forward_loss = torch.compile(self._forward_loss, mode=cfg.compile_mode)
         self.criterion = losses.HybridLoss(
             cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
             exclude_positive=cfg.psc_denominator == "negatives",
@@ -457,21 +466,29 @@ class Trainer:
         """One SGD step on one batch of both branches. Returns the detached loss terms (still on the device)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        fmt = self.memory_format
+        if alpha != self._alpha_value:
+            self.alpha.fill_(alpha)  # a kernel with the value as its argument: no copy from the host to wait for
+            self._alpha_value = alpha
         with self.autocast():
-            if self.feature_branch:
-                n_views = batch.sc_views.shape[0]  # 2B
-                out = self.model(torch.cat([batch.sc_views, batch.ce_images]).contiguous(memory_format=fmt),
-                                 split=self.cfg.bn_split(n_views))
-                projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B, D], [B, C]
-            else:
-                projections, logits = None, self.model(batch.ce_images.contiguous(memory_format=fmt)).logits
-            terms = self.criterion(projections, batch.sc_labels, logits, batch.ce_labels, alpha,
-                                   prototypes=self.net.prototypes)
+            terms = self.forward_loss(batch.sc_views, batch.sc_labels, batch.ce_images, batch.ce_labels, self.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
         return losses.LossTerms(*(t.detach() for t in terms))
+
+    def _forward_loss(self, sc_views: Optional[torch.Tensor], sc_labels: Optional[torch.Tensor],
+                      ce_images: torch.Tensor, ce_labels: torch.Tensor, alpha: torch.Tensor) -> losses.LossTerms:
+        """The step's forward: both branches through the model, then the hybrid loss (compiled whole by --compile
+        on one process)."""
+        fmt = self.memory_format
+        if self.feature_branch:
+            n_views = sc_views.shape[0]  # 2B
+            out = self.model(torch.cat([sc_views, ce_images]).contiguous(memory_format=fmt),
+                             split=self.cfg.bn_split(n_views))
+            projections, logits = out.projections[:n_views], out.logits[n_views:]  # [2B, D], [B, C]
+        else:
+            projections, logits = None, self.model(ce_images.contiguous(memory_format=fmt)).logits
+        return self.criterion(projections, sc_labels, logits, ce_labels, alpha, prototypes=self.net.prototypes)
 
     def confusion(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         if self.dist.enabled:  # batch-norm running statistics drift apart per process: evaluate rank 0's

@@ -252,13 +252,64 @@ def test_per_branch_bn_stats_normalise_each_branch_alone(train_split, loss):
 @pytest.mark.parametrize("argv, mode", [((), None), (("--compile",), "default"),
                                         (("--compile", "--compile_mode", "reduce-overhead"), "reduce-overhead")])
 def test_compile_mode_reaches_torch_compile(train_split, monkeypatch, argv, mode):
-    """--compile compiles the training model (not the bare network that evaluation uses) in --compile_mode."""
-    calls = []
+    """--compile on one process compiles the step's forward, the model and the hybrid loss together (not the bare
+    network that evaluation uses), in --compile_mode, and the step runs through the compiled function."""
+    calls, runs = [], []
 
-    def fake_compile(model, **kwargs):
-        calls.append(kwargs)
-        return model
+    def fake_compile(fn, **kwargs):
+        calls.append((fn, kwargs))
+
+        def compiled(*args):
+            runs.append(len(args))
+            return fn(*args)
+        return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     trainer = _trainer(train_split, *argv)
-    assert calls == ([] if mode is None else [{"mode": mode}])
+    assert [kwargs for _, kwargs in calls] == ([] if mode is None else [{"mode": mode}])
+    if mode is not None:
+        assert calls[0][0] == trainer._forward_loss and trainer.model is trainer.net
+    trainer.step(next(trainer.stream.epoch(0)), alpha=0.5, lr=0.1)
+    assert runs == ([] if mode is None else [5])
+
+
+def test_compile_under_ddp_compiles_the_model_alone(train_split, monkeypatch):
+    """Under torchrun the DDP-wrapped model is what --compile compiles (DDP's all-reduce hooks and SC's all-gather
+    stay outside the graph); the loss runs eagerly. DDP itself is replaced: it needs a process group."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda net, **kwargs: ("ddp", net))
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", "--compile"])
+    trainer = main.Trainer(cfg, train_split, 4, torch.device("cpu"), main.Dist(rank=0, world_size=2))
+    assert compiled == [("ddp", trainer.net)] and trainer.forward_loss == trainer._forward_loss
+
+
+def test_compiled_step_equals_the_eager_step(train_split):
+    """The real torch.compile (Inductor, on the CPU here; about 20 s cold): three steps with alpha changing between
+    them, as it does between epochs, give the eager steps' loss terms and weights, from one graph (no graph break)
+    compiled once (a recompilation for a new alpha would raise)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    results = {}
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for argv in ((), ("--compile",)):
+                trainer = _trainer(train_split, "--no-amp", "--loss", "sc", *argv)  # float32: a close comparison
+                terms = [trainer.step(batch, alpha=1.0 - 0.25 * i, lr=0.1)
+                         for i, batch in zip(range(3), trainer.stream.epoch(0))]
+                results[argv] = terms, [p.detach().clone() for p in trainer.net.parameters()]
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    (eager_terms, eager_params), (compiled_terms, compiled_params) = results.values()
+    for i, (eager, compiled) in enumerate(zip(eager_terms, compiled_terms)):
+        torch.testing.assert_close(torch.stack(list(compiled)), torch.stack(list(eager)), rtol=1e-5, atol=1e-6)
+        alpha = 1.0 - 0.25 * i  # this step's, not the first step's: the compiled graph takes alpha as an input
+        assert compiled.total.item() == pytest.approx(alpha * compiled.feature.item() + (1 - alpha) * compiled.ce.item(),
+                                                      rel=1e-6)
+    assert not torch.equal(eager_params[0], _trainer(train_split).net.parameters().__next__())  # the steps moved it
+    for eager, compiled in zip(eager_params, compiled_params):
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)  # 3 steps of float32 drift

@@ -9,7 +9,8 @@ start=$SECONDS
 
 usage() {
   cat <<EOF
-Usage: $prog --data ARCHIVE_OR_FOLDER --out DIR [--device cuda] [--budget_s 560] [--workers 6] [--smoke]
+Usage: $prog --data ARCHIVE_OR_FOLDER --out DIR [--device cuda] [--budget_s 560] [--workers 6]
+       [--only STEP,...] [--smoke]
 
 Runs these steps in order, each under its own cap and what is left of the time budget:
   decode          reads the data once (decoding JPEG files into the project's .npz cache), so that no
@@ -26,25 +27,29 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   views; no reference, no memory), with the host-sync check (cap 60 s) -> bench_supcon.json
   train_eager_resumed
                   only when train_eager was cut off by its cap: the same run continued with --resume
-                  (what is left; its 200-epoch result matters more than the two steps below, which
+                  (what is left; its 200-epoch result matters more than the steps below, which
                   then get what remains, train_compile nothing) -> results_eager.json
+  bench_graphs    the benchmark's step compiled with --compile --compile_mode reduce-overhead (the
+                  fastest on a GPU: CUDA graphs) against the reference, with the host-sync check and
+                  the profile (whose kernels outside any operator are the graph replays; no memory;
+                  cap 180 s, a cold compilation of about 50 s included) -> bench_graphs.json
   bench_options   the same step with each amp x channels_last combination and torch.compile in its
                   default and reduce-overhead (CUDA graphs) modes (--compare_options, no reference, no
                   memory; cap 210 s: two cold compilations took 47 and 52 s on an H200) ->
                   bench_options.json; the compile rows' compile_s are cold compilations (an empty
                   Inductor cache)
   train_compile   train_eager with --compile --compile_mode reduce-overhead (what is left; it trained in
-                  71 s against eager's 110 s on an H200), sharing bench_options' Inductor cache
-                  (the same step, so it compiles from a warm cache, as a sweep's later runs do);
-                  results.json's first_step_s holds that compilation, train_time_s the training
-                  -> results_compile.json
+                  71 s against eager's 110 s on an H200), sharing bench_graphs' Inductor cache
+                  (the same step, so it compiles from a warm cache, as a sweep's later runs do, when
+                  bench_graphs ran); results.json's first_step_s holds that compilation, train_time_s
+                  the training -> results_compile.json
 Then summary.md (scripts/summarize.py --per_class per run) and log.txt: the environment (nvidia-smi, torch,
-the commit) and every step's output and status. At most 7 files, all directly in --out.
+the commit) and every step's output and status. At most 8 files, all directly in --out.
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
 than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile compiles into
 its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
-was skipped.
+was skipped (a step that --only leaves out is not skipped).
 
   --data P       CIFAR-10 as a train/<class>/ + test/<class>/ folder (or a folder holding
                  cifar-10-batches-py/), or a .tar.gz of one (e.g. cifar10-jpeg.tar.gz),
@@ -53,6 +58,8 @@ was skipped.
   --device D     cuda (default) or cpu
   --budget_s S   seconds for everything, unpacking included (default: 560)
   --workers N    DataLoader workers per loader of the benchmark's reference (default: 6)
+  --only LIST    run only these steps, comma-separated, in the order above (decode always runs first;
+                 e.g. --only bench_graphs,train_compile)
   --smoke        tiny settings (1 epoch, resnet8, a few benchmark steps, no compile) on
                  the data given: checks this script itself on a CPU, in seconds on a tiny
                  archive (minutes on the whole of CIFAR-10-LT)
@@ -69,14 +76,15 @@ die_usage() {
   exit 2
 }
 
-data="" out="" device="cuda" budget_s=560 workers=6 smoke=0
+data="" out="" device="cuda" budget_s=560 workers=6 smoke=0 only="" only_given=0
+all_steps="train_eager benchmark bench_supcon bench_graphs bench_options train_compile"
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --smoke) smoke=1; shift ;;
-    --data=* | --out=* | --device=* | --budget_s=* | --workers=*)
+    --data=* | --out=* | --device=* | --budget_s=* | --workers=* | --only=*)
       name=${1%%=*}; set -- "$name" "${1#*=}" "${@:2}"; continue ;;
-    --data | --out | --device | --budget_s | --workers)
+    --data | --out | --device | --budget_s | --workers | --only)
       (($# >= 2)) || die_usage "$1 needs a value"
       case $1 in
         --data) data=$2 ;;
@@ -84,6 +92,7 @@ while (($#)); do
         --device) device=$2 ;;
         --budget_s) budget_s=$2 ;;
         --workers) workers=$2 ;;
+        --only) only=$2 only_given=1 ;;
       esac
       shift 2 ;;
     *) die_usage "unknown argument '$1'" ;;
@@ -98,6 +107,13 @@ done
 [[ $device == cuda || $device == cpu ]] || die_usage "--device must be cuda or cpu, got '$device'"
 [[ $budget_s =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--budget_s must be a whole number of seconds, got '$budget_s'"
 [[ $workers =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--workers must be a whole number, got '$workers'"
+if ((only_given)); then
+  IFS=, read -ra only_steps <<<"$only,"  # the trailing comma keeps an empty last entry ("a,") in the list
+  for step in "${only_steps[@]}"; do
+    [[ " $all_steps " == *" $step "* && -n $step ]] ||
+      die_usage "--only: no step '$step' (the steps: ${all_steps// /, })"
+  done
+fi
 [[ ! -e $out || -d $out ]] || die_usage "--out '$out' exists and is not a folder: give a new folder"
 if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then
   die_usage "--out '$out' is not empty: give a new folder (nothing there was touched)"
@@ -218,32 +234,57 @@ train() {
 # JPEG files are decoded once into the .npz cache beside them (in the scratch folder), outside the steps below.
 run_step decode 90 -- "$python" -c 'import sys, dataset_loader; dataset_loader.load_cifar("cifar10", sys.argv[1])' \
   "$data_root"
-train train_eager eager 240
-# Cut off by its cap, main.py saved last.pt on the TERM: resumed after the benchmarks. (A TERM during the last
-# epoch's evaluation or results can still let the run finish: results.json says so.)
+# chosen STEP: whether --only (if given) names STEP. leave_out STEP WHY: a step not run, said so (not a failure).
+chosen() {
+  ((!only_given)) || [[ ",$only," == *",$1,"* ]]
+}
+leave_out() {
+  statuses+=("$1: $2")
+  note "== $1: $2"
+}
+
 eager_dir="$scratch/runs/sc_eager" eager_cut=0
-if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
-  eager_cut=1
+if chosen train_eager; then
+  train train_eager eager 240
+  # Cut off by its cap, main.py saved last.pt on the TERM: resumed after the benchmarks. (A TERM during the last
+  # epoch's evaluation or results can still let the run finish: results.json says so.)
+  if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
+    eager_cut=1
+  fi
+else
+  leave_out train_eager "not chosen (--only)"
 fi
-run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
-run_step bench_supcon 60 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
-  --json "$out/bench_supcon.json"
+if chosen benchmark; then
+  run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
+else
+  leave_out benchmark "not chosen (--only)"
+fi
+if chosen bench_supcon; then
+  run_step bench_supcon 60 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
+    --json "$out/bench_supcon.json"
+else
+  leave_out bench_supcon "not chosen (--only)"
+fi
 if ((eager_cut)); then
   train train_eager_resumed eager "$budget_s" --resume
 fi
-if ((smoke)); then
-  statuses+=("bench_options: not in --smoke")
-  statuses+=("train_compile: not in --smoke")
-else
-  inductor_cache=compile run_step bench_options 210 -- "${bench[@]}" --compare_options --no_reference \
-    --memory_batch_sizes "" --json "$out/bench_options.json"
-  if ((eager_cut)); then
-    statuses+=("train_compile: not run (the cut-off eager run was resumed instead)")
-    note "== train_compile: not run, the cut-off eager run was resumed instead"
+for step in bench_graphs bench_options train_compile; do
+  if ! chosen $step; then
+    leave_out $step "not chosen (--only)"
+  elif ((smoke)); then
+    leave_out $step "not in --smoke"
+  elif [[ $step == bench_graphs ]]; then
+    inductor_cache=compile run_step bench_graphs 180 -- "${bench[@]}" --workers "$workers" --compile \
+      --compile_mode reduce-overhead --profile --memory_batch_sizes "" --json "$out/bench_graphs.json"
+  elif [[ $step == bench_options ]]; then
+    run_step bench_options 210 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
+      --json "$out/bench_options.json"
+  elif ((eager_cut)); then
+    leave_out train_compile "not run (the cut-off eager run was resumed instead)"
   else
     inductor_cache=compile train train_compile compile "$budget_s" --compile --compile_mode reduce-overhead
   fi
-fi
+done
 
 # A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
 rm -f "$out"/.*.tmp

@@ -1322,7 +1322,7 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
     calls_made = [line.split() for line in lines if line.split()[0] != "-c"]
     mains = [args for args in calls_made if args[0] == "main.py"]
     assert "train_eager: CUT OFF" in proc.stdout
-    # Every step has an Inductor cache of its own, except that the compiled run shares bench_options' (the same
+    # Every step has an Inductor cache of its own, except that the compiled run shares bench_graphs' (the same
     # step, compiled there from an empty cache).
     caches = {}
     for line in (tmp_path / "calls.log.inductor").read_text().splitlines():
@@ -1332,18 +1332,56 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
         assert "train_eager_resumed" not in proc.stdout and "train_compile: CUT OFF" in proc.stdout
         assert len(mains) == 2 and "--compile" in mains[1] and "--resume" not in mains[1]
         shared = caches["inductor_compile"]
-        assert len(shared) == 2 and "--compare_options" in shared[0] and "--compile" in shared[1].split()
-        assert len(caches["inductor_train_eager"]) == 1 and len(caches["inductor_benchmark"]) == 1
+        assert len(shared) == 2 and shared[0].startswith("scripts/benchmark.py") and shared[1].startswith("main.py")
+        assert all("--compile --compile_mode reduce-overhead" in args for args in shared)
+        assert "--profile" in shared[0] and "--no_reference" not in shared[0]  # against the reference
+        assert [len(caches[f"inductor_{step}"]) for step in ("train_eager", "benchmark", "bench_options")] == [1, 1, 1]
+        assert "--compare_options" in caches["inductor_bench_options"][0]
         return
     assert "train_eager_resumed: ok" in proc.stdout
     assert len(mains) == 2 and "--resume" not in mains[0] and mains[1] == mains[0] + ["--resume"]
     assert [args[0] for args in calls_made] == ["main.py", "scripts/benchmark.py", "scripts/benchmark.py", "main.py",
-                                                "scripts/benchmark.py", "scripts/summarize.py"]
-    assert "--compare_options" in calls_made[4]  # bench_options after the resumed run
+                                                "scripts/benchmark.py", "scripts/benchmark.py", "scripts/summarize.py"]
+    assert "reduce-overhead" in calls_made[4] and "--compare_options" in calls_made[5]  # after the resumed run
     assert "train_compile: not run (the cut-off eager run was resumed instead)" in proc.stdout
     assert json.loads((out / "results_eager.json").read_text())["epochs"] == 200
     assert "| CIFAR-10-LT | Hybrid-SC | 100 |" in (out / "summary.md").read_text()
     assert not (out / "results_compile.json").exists()
+
+
+def test_gpu_checks_only_runs_the_steps_named(tmp_path):
+    """--only bench_graphs,train_compile: the data is decoded, then those two steps run in the script's order
+    (whatever the order named) and share one Inductor cache; the others are reported as not chosen, which is not
+    a failure."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    results = tmp_path / "template.json"
+    results.write_text(json.dumps(result_dict(epochs=200)))
+    (tmp_path / "data").mkdir()
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
+           "FAKE_RESULTS": str(results), "FAKE_CHECKPOINT": "0"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only=train_compile,bench_graphs"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the fake main.py is always cut off
+    lines = calls.read_text().splitlines()
+    steps = [line.split() for line in lines if not line.startswith("-c") or "load_cifar" in line]  # not the environment's
+    assert [args[0] for args in steps] == ["-c", "scripts/benchmark.py", "main.py"]  # decode first
+    assert "reduce-overhead" in steps[1] and "--compile" in steps[2]
+    caches = [line.split(" ", 2)[:2] for line in (tmp_path / "calls.log.inductor").read_text().splitlines()]
+    assert [cache for cache, program in caches if program != "-c"] == ["inductor_compile", "inductor_compile"]
+    for step in ("train_eager", "benchmark", "bench_supcon", "bench_options"):
+        assert f"{step}: not chosen (--only)" in proc.stdout
+    assert "decode: ok" in proc.stdout and "bench_graphs: ok" in proc.stdout and "train_compile: CUT OFF" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_graphs.json", "log.txt", "summary.md"]
+    # All chosen steps that run and pass: exit 0.
+    (tmp_path / "out").rename(tmp_path / "out_1")
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "bench_options"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "bench_options: ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
@@ -1362,6 +1400,11 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(occupied / "keep.txt")], "exists and is not a folder"),
         (["--data", str(data), "--out", str(occupied / "keep.txt" / "o")], "cannot be created (Not a directory)"),
         (["--data", str(occupied / "keep.txt"), "--out", str(tmp_path / "o")], "cannot unpack"),  # not a .tar.gz
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "bench"], "--only: no step 'bench'"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark,,train_compile"], "no step ''"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark,"], "no step ''"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", ""], "no step ''"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only"], "--only needs a value"),
     ):
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
@@ -1373,7 +1416,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     proc = subprocess.run([*script, "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
                            "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    for step in ("decode", "train_eager", "benchmark", "bench_supcon", "bench_options", "train_compile"):
+    for step in ("decode", "train_eager", "benchmark", "bench_supcon", "bench_graphs", "bench_options", "train_compile"):
         assert f"{step}: skipped" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["log.txt", "summary.md"]
     assert "nvidia-smi" in (tmp_path / "o" / "log.txt").read_text()

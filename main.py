@@ -669,12 +669,16 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
                         f"(give these flags the checkpoint's values to use it)")
 
 
-def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path) -> None:
+def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, digest: Optional[str] = None) -> None:
     """A checkpoint continues or is evaluated only on the long-tailed training set it was trained on, as far as
-    its class sizes tell (a checkpoint without them is taken at its word)."""
+    its class sizes tell, and with `digest` (to resume) as far as its images' digest tells (ArraySplit.digest;
+    a checkpoint without them, from before they were saved, is taken at its word)."""
     if list(saved.get("class_counts", class_counts)) != list(class_counts):
         raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
                         f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
+    if digest is not None and saved.get("train_digest", digest) != digest:
+        raise UserError(f"{path} was trained on other images than those --data_root gives (the same class sizes, "
+                        f"other pixels or labels: another copy of the dataset?): not the data it was trained on")
 
 
 # What a checkpoint that passed load_checkpoint and check_compatible raises on use when it is damaged or was
@@ -755,6 +759,7 @@ class Run:
             download = False
         train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=download)
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
+        self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist)
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
@@ -772,12 +777,12 @@ class Run:
         return {"model": self.trainer.net.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
                 "run": self.state.state_dict(), "config": dataclasses.asdict(self.cfg),
                 "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
-                "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
+                "train_digest": self.train_digest, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "rng": util.rng_states(), "torch_version": torch.__version__}
 
     def load(self, saved: dict[str, Any]) -> None:
         try:
-            check_same_data(saved, self.trainer.class_counts, self.out / "last.pt")
+            check_same_data(saved, self.trainer.class_counts, self.out / "last.pt", self.train_digest)
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
             self.state.load_state_dict(saved["run"], self.device)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main
+from dataset_loader import ArraySplit
 from helpers import make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -441,6 +442,37 @@ def test_resume_on_other_data_is_refused(existing_run, tmp_path, capsys):
                            *TINY], capsys)
     assert_one_line_error(code, err, f"trained on {EXPECTED_COUNTS} images per class", "not the data it was")
     assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_resume_on_another_copy_with_the_same_class_sizes_is_refused(existing_run, cifar10_root, tmp_path, capsys):
+    """Other pixels, the same class sizes (as the JPEG copy of CIFAR-10 against the original): the images' digest
+    in last.pt tells them apart. A last.pt from before the digest was saved is taken at its word."""
+    write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, N_TRAIN, N_TEST, seed=1))
+    (existing_run / "results.json").unlink()
+    before = snapshot(existing_run)
+    code, err = call_main(["--data_root", str(tmp_path / "other"), "--output_dir", str(existing_run), "--resume",
+                           *TINY], capsys)
+    assert_one_line_error(code, err, "last.pt was trained on other images than those --data_root gives",
+                          "the same class sizes")
+    assert snapshot(existing_run) == before
+    saved = torch.load(existing_run / "last.pt", weights_only=False)
+    assert len(saved["train_digest"]) == 64
+    del saved["train_digest"]
+    torch.save(saved, existing_run / "last.pt")
+    code, err = call_main(["--data_root", str(tmp_path / "other"), "--output_dir", str(existing_run), "--resume",
+                           *TINY], capsys)
+    assert code == 0, err
+    assert (existing_run / "results.json").is_file()
+    # The digest itself: order, pixels and labels all count.
+    train, _ = make_synthetic(3, 4, 1, seed=0)
+    flipped = train.images.copy()
+    flipped[0, 0, 0, 0] ^= 1
+    relabelled = train.labels.copy()
+    relabelled[[0, -1]] = relabelled[[-1, 0]]
+    digests = {train.digest(), ArraySplit(flipped, train.labels).digest(), ArraySplit(train.images, relabelled).digest(),
+               ArraySplit(train.images[::-1], train.labels[::-1]).digest()}
+    assert len(digests) == 4 and train.digest() == ArraySplit(train.images.copy(), train.labels.copy()).digest()
 
 
 def test_real_cli_bad_input_has_no_traceback(tmp_path, cifar10_root):

@@ -32,7 +32,9 @@ with --imb_type step.
   --runs_dir DIR     parent folder of the run folders (default: runs/sweep)
   --gpus G..         GPU ids for CUDA_VISIBLE_DEVICES; one run per listed id at a time, each
                      run's output appended to DIR/logs/<run>.log. List an id twice to give it
-                     two runs at once. Default: runs one after another, output to the terminal.
+                     two runs at once. An entry is a device index, a GPU-/MIG- UUID or a comma
+                     list of them (with PYTHON="torchrun --nproc_per_node 2"). Default: runs one
+                     after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
                      --seed --output_dir --resume --overwrite), and any start of them (--see, --output:
@@ -122,6 +124,13 @@ for seed in "${seed_list[@]}"; do
   # summarize.py then refuses as a repeated seed). main.py takes seeds below 2**32 (numpy's limit).
   [[ $seed =~ ^(0|[1-9][0-9]{0,9})$ ]] && ((seed < 4294967296)) ||
     die_usage "--seeds: '$seed' is not an integer in 0 .. 4294967295 (without leading zeros)"
+done
+# Each --gpus entry becomes a run's CUDA_VISIBLE_DEVICES: device indices, GPU-/MIG- UUIDs, or a comma list of them
+# (a torchrun job on several GPUs). CUDA ignores an entry it cannot read (a typo like O for 0) and shows no
+# device, and main.py's --device auto would then train on the CPU without a word.
+for gpu in ${gpu_list[@]+"${gpu_list[@]}"}; do
+  [[ $gpu =~ ^([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)(,([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+))*$ ]] ||
+    die_usage "--gpus: '$gpu' is not a device index, a GPU-/MIG- UUID or a comma list of them"
 done
 # argparse keeps the last occurrence of a flag, so an extra --seed etc. would silently
 # disagree with the folder name: refuse it. argparse also takes any unambiguous start of a flag for

@@ -930,6 +930,17 @@ def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):
     assert set(summary_statuses(result.stdout).values()) == {"done"}
 
 
+def test_sweep_takes_every_form_of_cuda_visible_devices(fake, tmp_path):
+    """--gpus entries may be comma lists (a torchrun job over several GPUs) and GPU-/MIG- UUIDs, as CUDA reads them."""
+    env, read_log = fake
+    env["FAKE_SLEEP"] = "0.3"
+    entries = ["2,3", "GPU-5e3b2a10-1234-4c1d-9a7e-1234567890ab", "MIG-GPU-5e3b2a10-1234-4c1d-9a7e-1234567890ab/1/0"]
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc psc ce",
+                                     "--runs_dir", str(tmp_path / "runs"), "--gpus", " ".join(entries)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(c["gpu"] for c in read_log("start")) == sorted(entries)
+
+
 def session_cpu_ticks(session: int, exclude: int) -> int:
     """User + system CPU time, in clock ticks, of the live processes in `session` other than `exclude`."""
     ticks = 0
@@ -1102,6 +1113,10 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     # "00" is seed 0 to main.py but a folder of its own; main.py refuses seeds from 2**32 on, each run on its own.
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0 00"], "--seeds: '00'"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "4294967296"], "'4294967296'"),
+    # A --gpus entry CUDA cannot read would hide every GPU, and --device auto would quietly train on the CPU.
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--gpus", "0 O"], "--gpus: 'O' is not a device"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--gpus", "0,,1"], "--gpus: '0,,1'"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--gpus", "cuda:0"], "--gpus: 'cuda:0'"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--seed", "3"], "'--seed' is set by"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--resume"], "'--resume' is set by"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--imb_type=step"], "'--imb_type' is set"),

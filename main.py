@@ -116,7 +116,8 @@ class Config:
     eval_only: bool = _opt(False, "evaluate --checkpoint on the test set (classifier branch and nearest class "
                                   "mean) and exit", "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
-    device: str = _opt("auto", "auto (cuda when available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "auto (cuda when available; the CPU with a note when CUDA_VISIBLE_DEVICES names GPUs "
+                       "but none is available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
     amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; "
                                "--eval_only: as the run)", "run")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
@@ -281,6 +282,16 @@ def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -
                         f"visible GPU(s): start at most {gpus} per machine, or use --device cpu")
     torch.cuda.set_device(local_rank % gpus)
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def hidden_gpu_note(choice: str, device: torch.device) -> Optional[str]:
+    """--device auto fell back to the CPU although CUDA_VISIBLE_DEVICES names GPUs (a typo there hides them all,
+    as does a broken driver): said at the start of the run, which still trains."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if choice != "auto" or device.type != "cpu" or not visible:
+        return None
+    return (f"note: CUDA_VISIBLE_DEVICES={visible} but no CUDA device is available: training on the CPU "
+            f"(--device cuda would stop instead)")
 
 
 def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
@@ -817,6 +828,9 @@ class Run:
             util.write_json(config, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
+        hidden = hidden_gpu_note(cfg.device, self.device)
+        if hidden:
+            self.log(hidden)
         unread = unread_settings(cfg)
         if unread:  # not an error: a sweep passes one set of flags to every method
             self.log(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "

@@ -475,6 +475,25 @@ def test_resume_on_another_copy_with_the_same_class_sizes_is_refused(existing_ru
     assert len(digests) == 4 and train.digest() == ArraySplit(train.images.copy(), train.labels.copy()).digest()
 
 
+def test_auto_device_on_the_cpu_despite_cuda_visible_devices_says_so(cifar10_root, tmp_path, capsys, monkeypatch):
+    """A CUDA_VISIBLE_DEVICES that names GPUs while none is available (a typo hides them all): --device auto trains
+    on the CPU, and says so at the start; not when the variable is empty or unset, nor for --device cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "O")
+    # The last --device wins (argparse), over TINY's cpu.
+    args = ["--data_root", str(cifar10_root), *TINY, "--device", "auto", "--output_dir", str(tmp_path / "a")]
+    assert main.main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: CUDA_VISIBLE_DEVICES=O but no CUDA device is available: training on the CPU" in out
+    assert main.hidden_gpu_note("cpu", torch.device("cpu")) is None
+    assert main.hidden_gpu_note("auto", torch.device("cuda", 0)) is None
+    for value in ("", " "):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        assert main.hidden_gpu_note("auto", torch.device("cpu")) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert main.hidden_gpu_note("auto", torch.device("cpu")) is None
+
+
 def test_real_cli_bad_input_has_no_traceback(tmp_path, cifar10_root):
     proc = run_cli("--data_root", str(cifar10_root), "--imb_factor", "2", "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2

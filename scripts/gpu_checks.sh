@@ -105,7 +105,7 @@ done
 [[ $out != -* ]] || out=./$out
 [[ -e $data ]] || die_usage "--data '$data' does not exist"
 [[ $device == cuda || $device == cpu ]] || die_usage "--device must be cuda or cpu, got '$device'"
-[[ $budget_s =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--budget_s must be a whole number of seconds, got '$budget_s'"
+[[ $budget_s =~ ^(0|[1-9][0-9]{0,8})$ ]] || die_usage "--budget_s must be a whole number of seconds below 10**9, got '$budget_s'"
 [[ $workers =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--workers must be a whole number, got '$workers'"
 if ((only_given)); then
   IFS=, read -ra only_steps <<<"$only,"  # the trailing comma keeps an empty last entry ("a,") in the list

@@ -1411,6 +1411,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
         (["--data", str(data), "--out", str(occupied)], "is not empty"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--budget_s", "1.5"], "whole number"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--budget_s", "99999999999999999999"], "below 10**9"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--device", "tpu"], "cuda or cpu"),
         (["--data", str(data), "--out", str(occupied / "keep.txt")], "exists and is not a folder"),
         (["--data", str(data), "--out", str(occupied / "keep.txt" / "o")], "cannot be created (Not a directory)"),

@@ -474,7 +474,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def step(self, batch: data.Batch, alpha: float, lr: float) -> losses.LossTerms:
-        """One SGD step on one batch of both branches. Returns the detached loss terms (still on the device)."""
+        """One SGD step on one batch of both branches. Returns the loss terms, detached copies still on the device
+        (copies: under --compile_mode reduce-overhead the compiled graph's outputs are overwritten by the next step)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if alpha != self._alpha_value:
@@ -485,7 +486,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
-        return losses.LossTerms(*(t.detach() for t in terms))
+        return losses.LossTerms(*(t.detach().clone() for t in terms))
 
     def _forward_loss(self, sc_views: Optional[torch.Tensor], sc_labels: Optional[torch.Tensor],
                       ce_images: torch.Tensor, ce_labels: torch.Tensor, alpha: torch.Tensor) -> losses.LossTerms:
@@ -689,7 +690,8 @@ def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, 
                         f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
     if digest is not None and saved.get("train_digest", digest) != digest:
         raise UserError(f"{path} was trained on other images than those --data_root gives (the same class sizes, "
-                        f"other pixels or labels: another copy of the dataset?): not the data it was trained on")
+                        f"other pixels or labels: another copy of the dataset, or JPEG files decoded by another "
+                        f"libjpeg?): not the data it was trained on")
 
 
 # What a checkpoint that passed load_checkpoint and check_compatible raises on use when it is damaged or was

@@ -31,8 +31,11 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   then get what remains, train_compile nothing) -> results_eager.json
   bench_graphs    the benchmark's step compiled with --compile --compile_mode reduce-overhead (the
                   fastest on a GPU: CUDA graphs) against the reference, with the host-sync check and
-                  the profile (whose kernels outside any operator are the graph replays; no memory;
-                  cap 180 s, a cold compilation of about 50 s included) -> bench_graphs.json
+                  the profile (the graph replays' kernels show as a row of their own or as the time
+                  outside any operator; no memory; cap 180 s, a cold compilation of about 50 s
+                  included) -> bench_graphs.json. In the default budget the steps after it may not
+                  get their time; --only bench_graphs,train_compile runs the fastest step's ratio and
+                  its 200-epoch run alone
   bench_options   the same step with each amp x channels_last combination and torch.compile in its
                   default and reduce-overhead (CUDA graphs) modes (--compare_options, no reference, no
                   memory; cap 210 s: two cold compilations took 47 and 52 s on an H200) ->
@@ -108,10 +111,13 @@ done
 [[ $budget_s =~ ^(0|[1-9][0-9]{0,8})$ ]] || die_usage "--budget_s must be a whole number of seconds below 10**9, got '$budget_s'"
 [[ $workers =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--workers must be a whole number, got '$workers'"
 if ((only_given)); then
+  # Commas only: an entry with a space or a line break in it would match no step and run nothing.
+  [[ $only != *[[:space:]]* ]] || die_usage "--only: the steps are separated by commas, without spaces"
   IFS=, read -ra only_steps <<<"$only,"  # the trailing comma keeps an empty last entry ("a,") in the list
   for step in "${only_steps[@]}"; do
-    [[ " $all_steps " == *" $step "* && -n $step ]] ||
-      die_usage "--only: no step '$step' (the steps: ${all_steps// /, })"
+    known=0
+    for name in $all_steps; do [[ $step == "$name" ]] && known=1; done
+    ((known)) || die_usage "--only: no step '$step' (the steps: ${all_steps// /, })"
   done
 fi
 [[ ! -e $out || -d $out ]] || die_usage "--out '$out' exists and is not a folder: give a new folder"

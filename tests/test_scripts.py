@@ -1421,6 +1421,9 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark,"], "no step ''"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", ""], "no step ''"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only"], "--only needs a value"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark bench_supcon"], "without spaces"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark\nbench_supcon"], "without spaces"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "bench*"], "no step 'bench*'"),
     ):
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

@@ -157,6 +157,7 @@ class RunResult:
     per_class: tuple[float, ...] | None = None  # last-epoch top-1 per class; None when not recorded
     class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
     ncm_top1: float | None = None  # the nearest-class-mean top-1 at the end; None when not recorded
+    train_digest: str | None = None  # SHA-256 of the training images and labels; None when not recorded
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,9 @@ class GroupSummary:
     # Nearest-class-mean top-1, mean over seeds; None unless every run of the group records it (a mean over some
     # of the seeds would not compare with the other columns).
     ncm_top1: float | None = None
+    # How many different training sets (train_digest) the seeds that record one were trained on: more than one
+    # means seeds run on different copies of the data, whose mean mixes them.
+    train_sets: int = 1
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -265,6 +269,14 @@ def _ncm_top1(data: dict) -> float | None:
     if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0.0 <= top1 <= 100.0:
         raise ValueError(f"'ncm' must be an object whose 'top1' is a percentage in 0..100, got {ncm!r:.80}")
     return float(top1)
+
+
+def _train_digest(data: dict) -> str | None:
+    """The "train_digest" entry (None when the run does not record one), checked."""
+    digest = data.get("train_digest")
+    if digest is not None and not (isinstance(digest, str) and digest):
+        raise ValueError(f"'train_digest' must be a non-empty string, got {digest!r:.80}")
+    return digest
 
 
 def parse_result(data: object, path: str) -> RunResult:
@@ -332,6 +344,7 @@ def parse_result(data: object, path: str) -> RunResult:
         few=_shot_accuracy(data, "few"),
         wall_time_s=_duration(data, "wall_time_s"),
         recipe=recipe, per_class=per_class, class_counts=class_counts, ncm_top1=_ncm_top1(data),
+        train_digest=_train_digest(data),
     )
 
 
@@ -451,6 +464,7 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         diff=diff, per_class_mean=per_class_mean, per_class_std=per_class_std, class_counts=counts,
         ncm_top1=(None if any(run.ncm_top1 is None for run in runs)
                   else float(np.mean([run.ncm_top1 for run in runs]))),
+        train_sets=max(len({run.train_digest for run in runs if run.train_digest is not None}), 1),
     )
 
 
@@ -590,6 +604,14 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "than parabolic, sc_aug other than paper, for Hybrid-PSC psc_denominator other than "
                      "negatives) or, for CE, with a ce_sampler other than instance has no reference value "
                      "('—').")
+    mixed = [row for row in rows if row.train_sets > 1]
+    if mixed:
+        labels = "; ".join(f"{DATASET_LABELS.get(row.key.dataset, row.key.dataset)} {_method_text(row.key)} at ratio "
+                           f"{_ratio_text(row.key)}, seeds {', '.join(str(s) for s in row.seeds)} ({row.train_sets} "
+                           f"sets)" for row in mixed)
+        notes.append(f"- Seeds trained on different images, averaged together: {labels}. Their results.json hold "
+                     "different train_digest values (the training images and labels): other copies of the data "
+                     "(such as a JPEG copy and the original).")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

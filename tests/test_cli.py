@@ -59,6 +59,9 @@ def test_results_are_sane(finished_run):
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == loss and res["dataset"] == "cifar10" and res["epochs"] == 2
     assert res["class_counts"] == EXPECTED_COUNTS
+    # Which images trained it: the digest of the long-tailed training split, as last.pt holds it.
+    assert len(res["train_digest"]) == 64 and set(res["train_digest"]) <= set("0123456789abcdef")
+    assert res["train_digest"] == torch.load(out / "last.pt", weights_only=False)["train_digest"]
     assert res["imbalance_ratio"] == pytest.approx(10)
     assert len(res["history"]) == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
     for key in ("best_top1", "last_top1", "many", "medium", "few"):

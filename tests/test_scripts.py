@@ -53,11 +53,13 @@ CIFAR10_R100_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
                 wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=CIFAR10_R100_COUNTS,
-                ncm=None):
-    """A results.json in the schema main.py writes (only what matters here varies); "ncm" only when given, as in
-    runs made before main.py recorded it."""
+                ncm=None, train_digest=None):
+    """A results.json in the schema main.py writes (only what matters here varies); "ncm" and "train_digest" only
+    when given, as in runs made before main.py recorded them."""
     shots = {"top1": last, "many": many, "medium": medium, "few": few}
     extra = {} if ncm is None else {"ncm": {"top1": ncm, "many": None, "medium": None, "few": None, "per_class": []}}
+    if train_digest is not None:
+        extra["train_digest"] = train_digest
     return {**extra,
         "dataset": dataset, "method": method, "model": "resnet32", "imb_type": imb_type,
         "imb_factor": 1.0 / ratio, "imbalance_ratio": float(ratio), "seed": seed,
@@ -134,6 +136,29 @@ def test_nearest_class_mean_column_holds_the_mean_over_seeds_of_runs_that_record
         shutil.rmtree(tmp_path / name)
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert "NCM" not in out and len(table_rows(out)[0]) == 13  # no run records it: the table as before
+
+
+def test_seeds_trained_on_different_images_are_named_under_the_table(summarize, tmp_path, capsys):
+    """Seeds whose results.json hold different train_digest values (other copies of the data, same class sizes) are
+    still one row, and a note under the table names it; seeds that agree, or do not record it, give no note."""
+    for seed, digest in enumerate(["a" * 64, "a" * 64, "b" * 64]):
+        write_result(tmp_path, f"sc_s{seed}", seed=seed, train_digest=digest)
+    for seed, digest in enumerate(["c" * 64, None]):
+        write_result(tmp_path, f"psc_s{seed}", method="psc", seed=seed, train_digest=digest)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == ""
+    assert [row[:4] for row in table_rows(out)] == [["CIFAR-10-LT", "Hybrid-SC", "100", "3 (0, 1, 2)"],
+                                                   ["CIFAR-10-LT", "Hybrid-PSC", "100", "2 (0, 1)"]]
+    notes = [line for line in out.splitlines() if line.startswith("- Seeds trained on different images")]
+    assert notes == ["- Seeds trained on different images, averaged together: CIFAR-10-LT Hybrid-SC at ratio 100, "
+                     "seeds 0, 1, 2 (2 sets). Their results.json hold different train_digest values (the training "
+                     "images and labels): other copies of the data (such as a JPEG copy and the original)."]
+    shutil.rmtree(tmp_path / "sc_s2")
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and "different images" not in out
+    write_result(tmp_path, "sc_s2", seed=2, train_digest=7)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code != 0 and "'train_digest' must be a non-empty string" in err
 
 
 def test_single_seed_std_is_na_and_groups_split_by_config(summarize, tmp_path, capsys):

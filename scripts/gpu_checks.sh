@@ -240,13 +240,25 @@ train() {
 # JPEG files are decoded once into the .npz cache beside them (in the scratch folder), outside the steps below.
 run_step decode 90 -- "$python" -c 'import sys, dataset_loader; dataset_loader.load_cifar("cifar10", sys.argv[1])' \
   "$data_root"
-# chosen STEP: whether --only (if given) names STEP. leave_out STEP WHY: a step not run, said so (not a failure).
-chosen() {
-  ((!only_given)) || [[ ",$only," == *",$1,"* ]]
-}
+# leave_out STEP WHY: a step not run, said so (not a failure). chosen STEP: whether --only (if given) names STEP;
+# one it leaves out is said so. compiled STEP: chosen, and not under --smoke, whose tiny settings compile nothing.
 leave_out() {
   statuses+=("$1: $2")
   note "== $1: $2"
+}
+chosen() {
+  if ((!only_given)) || [[ ",$only," == *",$1,"* ]]; then
+    return 0
+  fi
+  leave_out "$1" "not chosen (--only)"
+  return 1
+}
+compiled() {
+  chosen "$1" || return 1
+  if ((smoke)); then
+    leave_out "$1" "not in --smoke"
+    return 1
+  fi
 }
 
 eager_dir="$scratch/runs/sc_eager" eager_cut=0
@@ -257,40 +269,32 @@ if chosen train_eager; then
   if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
     eager_cut=1
   fi
-else
-  leave_out train_eager "not chosen (--only)"
 fi
 if chosen benchmark; then
   run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
-else
-  leave_out benchmark "not chosen (--only)"
 fi
 if chosen bench_supcon; then
   run_step bench_supcon 60 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \
     --json "$out/bench_supcon.json"
-else
-  leave_out bench_supcon "not chosen (--only)"
 fi
 if ((eager_cut)); then
   train train_eager_resumed eager "$budget_s" --resume
 fi
-for step in bench_graphs bench_options train_compile; do
-  if ! chosen $step; then
-    leave_out $step "not chosen (--only)"
-  elif ((smoke)); then
-    leave_out $step "not in --smoke"
-  elif [[ $step == bench_graphs ]]; then
-    inductor_cache=compile run_step bench_graphs 180 -- "${bench[@]}" --workers "$workers" --compile \
-      --compile_mode reduce-overhead --profile --memory_batch_sizes "" --json "$out/bench_graphs.json"
-  elif [[ $step == bench_options ]]; then
-    run_step bench_options 210 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
-      --json "$out/bench_options.json"
-  elif ((eager_cut)); then
+if compiled bench_graphs; then
+  inductor_cache=compile run_step bench_graphs 180 -- "${bench[@]}" --workers "$workers" --compile \
+    --compile_mode reduce-overhead --profile --memory_batch_sizes "" --json "$out/bench_graphs.json"
+fi
+if compiled bench_options; then
+  run_step bench_options 210 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \
+    --json "$out/bench_options.json"
+fi
+if compiled train_compile; then
+  if ((eager_cut)); then
     leave_out train_compile "not run (the cut-off eager run was resumed instead)"
   else
     inductor_cache=compile train train_compile compile "$budget_s" --compile --compile_mode reduce-overhead
   fi
-done
+fi
 
 # A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
 rm -f "$out"/.*.tmp

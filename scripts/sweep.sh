@@ -128,8 +128,9 @@ done
 # Each --gpus entry becomes a run's CUDA_VISIBLE_DEVICES: device indices, GPU-/MIG- UUIDs, or a comma list of them
 # (a torchrun job on several GPUs). CUDA ignores an entry it cannot read (a typo like O for 0) and shows no
 # device, and main.py's --device auto would then train on the CPU without a word.
+device_id='([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)'
 for gpu in ${gpu_list[@]+"${gpu_list[@]}"}; do
-  [[ $gpu =~ ^([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)(,([0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+))*$ ]] ||
+  [[ $gpu =~ ^$device_id(,$device_id)*$ ]] ||
     die_usage "--gpus: '$gpu' is not a device index, a GPU-/MIG- UUID or a comma list of them"
 done
 # argparse keeps the last occurrence of a flag, so an extra --seed etc. would silently

@@ -216,10 +216,11 @@ def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySpli
     if [name for name, _ in listing["train"]] != [name for name, _ in listing["test"]]:
         raise DataError(f"the class folders of {root}/train and {root}/test differ")
     key = _listing_key(listing)
-    cached = _read_cache(root, key, {split: _folder_labels(listing[split]) for split in ("train", "test")})
+    labels = {split: _folder_labels(listing[split]) for split in ("train", "test")}
+    cached = _read_cache(root, key, labels)
     if cached is not None:
         return cached
-    splits = tuple(_decode_split(listing[split]) for split in ("train", "test"))
+    splits = tuple(_decode_split(listing[split], labels[split]) for split in ("train", "test"))
     _write_cache(root, key, splits)
     return splits
 
@@ -275,9 +276,9 @@ def _folder_labels(classes: list[tuple[str, list[_FileEntry]]]) -> np.ndarray:
     return np.concatenate([np.full(len(files), c, dtype=np.int64) for c, (_, files) in enumerate(classes)])
 
 
-def _decode_split(classes: list[tuple[str, list[_FileEntry]]]) -> ArraySplit:
+def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarray) -> ArraySplit:
+    """The listed files decoded, with `labels` (_folder_labels of the same listing)."""
     paths = [Path(path) for _, files in classes for path, _, _ in files]
-    labels = _folder_labels(classes)
     images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
     def decode_range(start: int, stop: int) -> None:

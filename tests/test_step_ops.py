@@ -314,6 +314,6 @@ def test_compiled_step_equals_the_eager_step(train_split):
         alpha = 1.0 - 0.25 * i  # this step's, not the first step's: the compiled graph takes alpha as an input
         assert compiled.total.item() == pytest.approx(alpha * compiled.feature.item() + (1 - alpha) * compiled.ce.item(),
                                                       rel=1e-6)
-    assert not torch.equal(eager_params[0], _trainer(train_split).net.parameters().__next__())  # the steps moved it
+    assert not torch.equal(eager_params[0], next(_trainer(train_split).net.parameters()))  # the steps moved it
     for eager, compiled in zip(eager_params, compiled_params):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)  # 3 steps of float32 drift

@@ -39,7 +39,10 @@ Three measurements, each skippable:
 Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
 with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
-views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. On CUDA one further epoch and
+views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to
+run (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the
+reference N times each, alternately (the project's step continuing its run, the reference built afresh each time),
+and reports each pair's ratio and their median; "ratio" stays the first pair's. On CUDA one further epoch and
 one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
 "host_sync" records whether anything in them waited for the device ("none", or the first error); the CPU
 equivalent is tests/test_step_ops.py. With --profile, once everything else is measured and saved, up to
@@ -63,6 +66,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +116,7 @@ class BenchOptions:
     json_path: Optional[str]
     data_root: Optional[str]  # None: synthetic images
     profile: bool = False
+    repeats: int = 1  # pairs of (first project row, reference) timed alternately
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -128,6 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=None,
                        help="DataLoader workers of the reference pipeline (None: min(4, CPU count))")
     bench.add_argument("--no_reference", action="store_true", help="skip the reference pipeline")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="time the first project row and the reference this many times each, alternately, and "
+                            "report every ratio and their median (the rates of both vary from run to run)")
     bench.add_argument("--memory_batch_sizes", default=DEFAULT_MEMORY_BATCH_SIZES,
                        help="batch sizes of the feature-loss memory table, comma-separated ('' skips it)")
     bench.add_argument("--compare_options", action="store_true",
@@ -175,6 +183,11 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     if args["warmup_steps"] < 1:
         raise UserError(f"--warmup_steps must be at least 1: the first step carries one-time costs "
                         f"(got {args['warmup_steps']})")
+    if args["repeats"] < 1:
+        raise UserError(f"--repeats must be at least 1 (got {args['repeats']})")
+    if args["repeats"] > 1 and args["no_reference"]:
+        raise UserError("--repeats alternates the project with the reference pipeline; drop --no_reference or "
+                        "--repeats")
     workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]
     if workers < 0:
         raise UserError(f"--workers must not be negative (got {workers})")
@@ -182,7 +195,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
                         reference=not args["no_reference"],
                         memory_batch_sizes=parse_memory_batch_sizes(args["memory_batch_sizes"]),
                         compare_options=args["compare_options"], json_path=args["json"], data_root=data_root,
-                        profile=args["profile"])
+                        profile=args["profile"], repeats=args["repeats"])
     return cfg, opts
 
 
@@ -470,6 +483,35 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
             "compile": False, **timing_record(timing, cfg.batch_size), "final_loss": last_loss}
 
 
+def repeat_pairs(step: Callable[[], Any], cfg: main.Config, train: data.ArraySplit, num_classes: int,
+                 device: torch.device, opts: BenchOptions, result: dict[str, Any],
+                 save: Callable[[dict[str, Any]], None]) -> None:
+    """result["repeats"]: the first project row against the reference as timed above, then (--repeats) that row
+    again (its step continues the same run: no new compilation or CUDA-graph recording) and the reference again
+    (built afresh: its workers start in its untimed first step), alternately, opts.repeats pairs in all; each
+    pair's rates and ratio, and result["ratio_median"]. A reference that fails ends the repeats with its error."""
+    pairs = [{"project_samples_per_s": result["project"][0]["samples_per_s"],
+              "reference_samples_per_s": result["reference"]["samples_per_s"], "ratio": result["ratio"]}]
+    result["repeats"], result["ratio_median"] = pairs, result["ratio"]
+    for i in range(2, opts.repeats + 1):
+        print(f"repeat {i} of {opts.repeats}: project, then reference ...", file=sys.stderr, flush=True)
+        timing, _ = time_steps(step, opts.warmup_steps, opts.steps, device)
+        project = timing_record(timing, cfg.batch_size)["samples_per_s"]
+        try:
+            reference = time_reference(cfg, train, num_classes, device, opts)["samples_per_s"]
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as the first reference's failure: recorded, exit status 1
+            pairs.append({"project_samples_per_s": project, "reference_samples_per_s": None, "ratio": None,
+                          "error": error_text(e)})
+            save(result)
+            return
+        pairs.append({"project_samples_per_s": project, "reference_samples_per_s": reference,
+                      "ratio": project / reference})
+        result["ratio_median"] = statistics.median(pair["ratio"] for pair in pairs if pair["ratio"] is not None)
+        save(result)
+
+
 def option_configs(cfg: main.Config, device: torch.device, compare: bool) -> list[tuple[str, main.Config]]:
     """(label, config) of each project configuration to time: the one asked for, or with --compare_options
     amp x channels_last on both settings (the device default first) and compile with the device defaults (on
@@ -659,6 +701,12 @@ def format_report(result: dict[str, Any]) -> str:
         elif ref is not None:
             lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers), fp32 eager | off | off | off | "
                          f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
+        pairs = result.get("repeats") or []
+        if len(pairs) > 1:
+            lines += ["", f"x reference over {len(pairs)} alternating timings of the first project row and the "
+                          "reference: " + ", ".join("failed: " + pair["error"] if pair["ratio"] is None
+                                                    else f"{pair['ratio']:.2f}" for pair in pairs) +
+                      f"; median {result['ratio_median']:.2f}"]
         checked = [row for row in result["project"] if row.get("host_sync") is not None]
         if checked:
             lines += ["", "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): " +
@@ -724,19 +772,21 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         # Other processes on the same cores slow both pipelines unevenly; the load average shows whether they ran.
         "load_average_start": load_average(),
         "settings": {**dataclasses.asdict(cfg), "steps": opts.steps, "warmup_steps": opts.warmup_steps,
-                     "workers": opts.workers, "compare_options": opts.compare_options, "profile": opts.profile},
+                     "workers": opts.workers, "repeats": opts.repeats, "compare_options": opts.compare_options,
+                     "profile": opts.profile},
         "data": {"source": source, "train_size": len(train.labels),
                  "class_counts": np.bincount(train.labels, minlength=num_classes).tolist()},
-        "project": [], "reference": None, "ratio": None, "memory": None, "complete": False,
+        "project": [], "reference": None, "ratio": None, "repeats": None, "ratio_median": None, "memory": None,
+        "complete": False,
     }
     save(result)  # an unwritable --json path fails here, not after the timing
-    profile_step = None  # the first project row's step, kept for --profile at the end
+    first_step = None  # the first project row's step, kept for --repeats and --profile
     for i, (label, config) in enumerate(option_configs(cfg, device, opts.compare_options)):
         print(f"timing project: {label} ...", file=sys.stderr, flush=True)
         try:
             row, step = time_project(config, train, num_classes, device, opts)
-            if opts.profile and i == 0:
-                profile_step = step
+            if i == 0:
+                first_step = step
         except UserError:  # bad input fails every option alike: one line, as without --compare_options
             raise
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
@@ -759,6 +809,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
                 if "samples_per_s" in row:
                     row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
             result["ratio"] = result["project"][0].get("ratio_to_reference")
+            if first_step is not None:
+                repeat_pairs(first_step, cfg, train, num_classes, device, opts, result, save)
     for row in result["project"]:
         row.setdefault("ratio_to_reference", None)
     result["load_average_after_timing"] = load_average()
@@ -766,10 +818,10 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
     if opts.memory_batch_sizes:
         result["memory"] = memory_table(opts.memory_batch_sizes, device)
         save(result)
-    if profile_step is not None:  # last, so that a slow profiler under a time limit costs nothing else
+    if opts.profile and first_step is not None:  # last, so that a slow profiler under a time limit costs nothing else
         print("profiling project: " + result["project"][0]["label"] + " ...", file=sys.stderr, flush=True)
         try:
-            result["project"][0]["profile"] = profile_steps(profile_step, min(opts.steps, PROFILE_MAX_STEPS), device)
+            result["project"][0]["profile"] = profile_steps(first_step, min(opts.steps, PROFILE_MAX_STEPS), device)
         except Exception as e:  # noqa: BLE001 - a profiler that cannot run costs its table, not the timings
             result["project"][0]["profile"] = {"error": error_text(e)}
     result["complete"] = True
@@ -805,6 +857,11 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
         reference = result["reference"]
         if reference is not None and "error" in reference:
             print(f"error: the reference pipeline failed: {reference['error']}", file=sys.stderr, flush=True)
+            return 1
+        failed = [pair for pair in result["repeats"] or [] if "error" in pair]
+        if failed:
+            print(f"error: the reference pipeline failed in a repeat: {failed[0]['error']}", file=sys.stderr,
+                  flush=True)
             return 1
         return 0
     except UserError as e:

@@ -30,8 +30,9 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   (what is left; its 200-epoch result matters more than the steps below, which
                   then get what remains, train_compile nothing) -> results_eager.json
   bench_graphs    the benchmark's step compiled with --compile --compile_mode reduce-overhead (the
-                  fastest on a GPU: CUDA graphs) against the reference, with the host-sync check and
-                  the profile (the graph replays' kernels show as a row of their own or as the time
+                  fastest on a GPU: CUDA graphs) against the reference, three times each in turn
+                  (--repeats 3: each ratio and their median), with the host-sync check and the
+                  profile (the graph replays' kernels show as a row of their own or as the time
                   outside any operator; no memory; cap 180 s, a cold compilation of about 50 s
                   included) -> bench_graphs.json. In the default budget the steps after it may not
                   get their time; --only bench_graphs,train_compile runs the fastest step's ratio and
@@ -282,7 +283,7 @@ if ((eager_cut)); then
 fi
 if compiled bench_graphs; then
   inductor_cache=compile run_step bench_graphs 180 -- "${bench[@]}" --workers "$workers" --compile \
-    --compile_mode reduce-overhead --profile --memory_batch_sizes "" --json "$out/bench_graphs.json"
+    --compile_mode reduce-overhead --repeats 3 --profile --memory_batch_sizes "" --json "$out/bench_graphs.json"
 fi
 if compiled bench_options; then
   run_step bench_options 210 -- "${bench[@]}" --compare_options --no_reference --memory_batch_sizes "" \

@@ -78,6 +78,9 @@ def test_script_writes_json_with_every_measurement(tmp_path):
         (fast, True, False, None)
     assert reference["workers"] == 1
     assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
+    assert result["repeats"] == [{"project_samples_per_s": project["samples_per_s"],
+                                  "reference_samples_per_s": reference["samples_per_s"], "ratio": result["ratio"]}]
+    assert result["ratio_median"] == result["ratio"] and "alternating" not in done.stdout  # one pair: no line
     rows = result["memory"]["rows"]
     assert [(r["loss"], r["batch_size"]) for r in rows] == [("sc", 512), ("sc", 1024), ("psc", 512), ("psc", 1024)]
     assert all(_positive(r["peak_bytes"]) for r in rows)
@@ -282,6 +285,71 @@ def test_json_is_saved_after_each_row_and_a_failed_reference_keeps_the_rest(benc
     assert result["reference"]["error"].startswith("RuntimeError: DataLoader worker (pid 123) is killed")
 
 
+def fake_reference_record(samples_per_s: float) -> dict:
+    return {"workers": 0, "pin_memory": False, "amp": False, "channels_last": False, "compile": False, "steps": 2,
+            "seconds": 1.0, "samples_per_s": samples_per_s, "step_ms": 1.0, "first_step_s": 1.0, "warmup_s": 1.0,
+            "final_loss": 1.0}
+
+
+def test_repeats_alternate_the_first_row_with_the_reference(bench, monkeypatch, tmp_path, capsys):
+    """--repeats 3: the first project row (its step continuing the same run, the trainer built once) and the
+    reference three times each, in turn; every pair's ratio and their median; "ratio" stays the first pair's."""
+    calls, trainers = [], []
+    real_time_steps, real_trainer = bench.time_steps, bench.main.Trainer
+
+    def time_steps(step, warmup_steps, steps, device):  # the project's timings: 2 steps of batch 4 in 1 s, 8/s
+        calls.append("project")
+        timing, result = real_time_steps(step, warmup_steps, steps, device)
+        return bench.Timing(timing.first_step_s, timing.warmup_s, 1.0, steps), result
+
+    rates = iter([4.0, 2.0, 16.0])
+
+    def time_reference(*args):
+        calls.append("reference")
+        return fake_reference_record(next(rates))
+
+    def trainer(*args, **kwargs):
+        trainers.append(real_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    monkeypatch.setattr(bench, "time_reference", time_reference)
+    monkeypatch.setattr(bench.main, "Trainer", trainer)
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--batch_size", "4", "--memory_batch_sizes", "", "--repeats", "3", "--json", str(out)]
+    assert bench.main_cli(argv) == 0
+    assert calls == ["project", "reference"] * 3 and len(trainers) == 1
+    result = json.loads(out.read_text())
+    assert [(p["project_samples_per_s"], p["reference_samples_per_s"], p["ratio"]) for p in result["repeats"]] == \
+        [(8.0, 4.0, 2.0), (8.0, 2.0, 4.0), (8.0, 16.0, 0.5)]
+    assert result["ratio"] == 2.0 and result["ratio_median"] == 2.0 and result["settings"]["repeats"] == 3
+    assert ("x reference over 3 alternating timings of the first project row and the reference: 2.00, 4.00, 0.50; "
+            "median 2.00") in capsys.readouterr().out
+
+
+def test_a_reference_failing_in_a_repeat_ends_the_repeats_and_exits_1(bench, monkeypatch, tmp_path, capsys):
+    outcomes = iter([fake_reference_record(4.0), RuntimeError("DataLoader worker (pid 7) is killed by signal")])
+
+    def time_reference(*args):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(bench, "time_reference", time_reference)
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--batch_size", "4", "--memory_batch_sizes", "", "--repeats", "5", "--json", str(out)]
+    assert bench.main_cli(argv) == 1
+    result = json.loads(out.read_text())
+    assert result["complete"] and [pair["ratio"] is None for pair in result["repeats"]] == [False, True]
+    assert result["repeats"][1]["error"] == "RuntimeError: DataLoader worker (pid 7) is killed by signal"
+    assert result["ratio_median"] == result["ratio"]  # of the pairs that have one
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == \
+        "error: the reference pipeline failed in a repeat: RuntimeError: DataLoader worker (pid 7) is killed by signal"
+    assert "; median " in captured.out and "failed: RuntimeError: DataLoader worker" in captured.out
+
+
 def test_compare_options_covers_amp_channels_last_and_compile(bench):
     cfg, _ = bench.parse_args(["--compare_options"])
     configs = bench.option_configs(cfg, torch.device("cpu"), compare=True)
@@ -399,6 +467,8 @@ BAD_FLAGS = [
     ["--batch_size", "1"],
     ["--_memory_probe", "ce", "64"],
     ["--_memory_probe", "sc", "many"],
+    ["--repeats", "0"],
+    ["--repeats", "2", "--no_reference"],
 ]
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -31,18 +32,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
 
 
-@pytest.fixture(scope="module")
-def summarize():
-    """scripts/summarize.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("summarize", SCRIPTS / "summarize.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     # dataclasses resolve string annotations through sys.modules, so register it while loading.
-    sys.modules["summarize"] = module
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     finally:
-        del sys.modules["summarize"]
+        del sys.modules[name]
     return module
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    return load_script("summarize")
 
 
 # ---- summarize.py ----------------------------------------------------------------------------
@@ -1369,6 +1374,14 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
         cache, args = line.split(" ", 1)
         caches.setdefault(cache, []).append(args)
     if not checkpoint:
+        # Every step's flags are ones the real programs take (a misspelt flag would fail only on the GPU).
+        bench = load_script("benchmark")
+        for args in (shlex.split(line) for line in lines):
+            if args[0] == "scripts/benchmark.py":
+                bench.parse_args(args[1:])
+            elif args[0] == "main.py":
+                bench.main.parse_config(args[1:])
+        assert "--repeats 3" in caches["inductor_compile"][0]  # the compiled step's ratio, three times in turn
         assert "train_eager_resumed" not in proc.stdout and "train_compile: CUT OFF" in proc.stdout
         assert len(mains) == 2 and "--compile" in mains[1] and "--resume" not in mains[1]
         shared = caches["inductor_compile"]

@@ -171,6 +171,8 @@ for seed in "${seed_list[@]}"; do
   done
 done
 n_runs=${#run_names[@]}
+runs_word=runs
+((n_runs != 1)) || runs_word=run
 
 # Per-sweep scratch: the queue counter, each run's status and the pid of each running run.
 state_dir=$(mktemp -d "${TMPDIR:-/tmp}/sweep.XXXXXX")
@@ -310,21 +312,21 @@ trap on_interrupt INT TERM
 set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
 
 if ((${#gpu_list[@]})); then
-  echo "$prog: $n_runs runs in $runs_dir, queue over GPUs: ${gpu_list[*]}"
+  echo "$prog: $n_runs $runs_word in $runs_dir, queue over GPUs: ${gpu_list[*]}"
   for gpu in "${gpu_list[@]}"; do
     run_queue "$gpu" &
   done
   # wait returns early (>128) when a trapped signal arrives; keep waiting for the workers.
   until wait; do :; done
 else
-  echo "$prog: $n_runs runs in $runs_dir, one after another"
+  echo "$prog: $n_runs $runs_word in $runs_dir, one after another"
   run_queue ""
 fi
 
 # ---- summary ---------------------------------------------------------------------------------
 n_bad=0
 echo
-echo "$prog: summary ($n_runs runs)"
+echo "$prog: summary ($n_runs $runs_word)"
 for ((idx = 0; idx < n_runs; idx++)); do
   status="not started"
   [[ ! -e $state_dir/status.$idx ]] || status=$(<"$state_dir/status.$idx")
@@ -336,6 +338,6 @@ if [[ -e $state_dir/stop ]]; then
   echo "$prog: interrupted" >&2
   exit 130
 elif ((n_bad)); then
-  echo "$prog: $n_bad of $n_runs runs FAILED" >&2
+  echo "$prog: $n_bad of $n_runs $runs_word FAILED" >&2
   exit 1
 fi

@@ -114,7 +114,8 @@ class Config:
     resume: bool = _opt(False, "continue the run in --output_dir from its last.pt", "run")
     overwrite: bool = _opt(False, "start again in an --output_dir that already holds a run", "run")
     eval_only: bool = _opt(False, "evaluate --checkpoint on the test set (classifier branch and nearest class "
-                                  "mean) and exit", "run")
+                                  "mean) and exit; the dataset, model and long-tailed split are the checkpoint's",
+                           "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
     device: str = _opt("auto", "auto (cuda when available; the CPU with a note when CUDA_VISIBLE_DEVICES names GPUs "
                        "but none is available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
@@ -218,7 +219,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--seed must be in 0 .. 2**32 - 1 (got {cfg.seed})")
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
     if bad:
-        raise UserError(f"--lr_decay_epochs {bad} outside the run (each must be in 1..{cfg.epochs - 1})")
+        within = f"each must be in 1..{cfg.epochs - 1}" if cfg.epochs > 1 else "a 1-epoch run has no decay: pass ''"
+        raise UserError(f"--lr_decay_epochs {bad} outside the run of {cfg.epochs} epochs ({within})")
     if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
         raise UserError(f"--lr_decay_epochs must be strictly increasing (got {cfg.lr_decay_epochs})")
     for name in ("momentum", "weight_decay", "warm_epochs"):
@@ -235,6 +237,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.feat_dim > MAX_FEAT_DIM:
         raise UserError(f"--feat_dim must be at most {MAX_FEAT_DIM} (got {cfg.feat_dim})")
+    if cfg.output_dir == "":
+        raise UserError("--output_dir is empty (leave it out for the default runs/<dataset>_<loss>_r<ratio>_s<seed>)")
     if cfg.ncm_every < 0:
         raise UserError(f"--ncm_every must not be negative (got {cfg.ncm_every}; 0: only after the last epoch)")
     if cfg.compile_mode != "default" and not cfg.compile:
@@ -624,8 +628,14 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
     if cfg.resume:
         if not (out / "last.pt").is_file():
+            if holds_run:  # say, a run that diverged or was killed before its first checkpoint
+                raise UserError(f"--resume: {out} holds a run that saved no checkpoint (last.pt) to resume from; "
+                                f"pass --overwrite instead of --resume to start it again")
             raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
     elif holds_run and not cfg.overwrite:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"{out} already holds a run that saved no checkpoint (last.pt) to resume from; pass "
+                            f"--overwrite to start again")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
 
 
@@ -668,10 +678,9 @@ def unread_settings(cfg: Config) -> list[str]:
 
 
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
-    """A checkpoint must come from the same model and class count (and, to resume, the same recipe)."""
-    if saved.get("num_classes") != num_classes or saved["config"].get("model") != cfg.model:
-        raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
-                        f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
+    """A checkpoint must come from the same model and class count (and, to resume, the same recipe). Every recipe
+    flag that differs is named in one message (--model and --dataset among them), before the model check, which
+    then catches only a class count that its config's dataset does not explain (a checkpoint of other code)."""
     now = dataclasses.asdict(cfg)
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
@@ -679,6 +688,9 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")
+    if saved.get("num_classes") != num_classes or saved["config"].get("model") != cfg.model:
+        raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
+                        f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
 
 
 def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, digest: Optional[str] = None) -> None:
@@ -725,7 +737,8 @@ def git_commit() -> Optional[str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
 
 
 SHOT_KEYS = ("top1", "many", "medium", "few")  # the accuracies a history entry, a summary and TensorBoard report
@@ -835,8 +848,13 @@ class Run:
             self.log(hidden)
         unread = unread_settings(cfg)
         if unread:  # not an error: a sweep passes one set of flags to every method
+            hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
             self.log(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
-                     f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run")
+                     f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
+        if cfg.warm_epochs >= cfg.epochs:  # legal (a short test run), but rarely meant
+            self.log(f"note: --warm_epochs {cfg.warm_epochs:g} covers the whole run of {cfg.epochs} epoch"
+                     f"{'s' if cfg.epochs != 1 else ''}: the lr "
+                     f"never reaches --learning_rate {cfg.learning_rate:g}")
         self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
                  f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
                  f"steps/epoch, device {device_name(self.device)}, output {self.out}")
@@ -1065,21 +1083,43 @@ class Run:
             print(message, flush=True)
 
 
+# What --eval_only takes from the checkpoint's config: the data and the network it was trained as.
+EVALUATED_AS_TRAINED = ("dataset", "model", "imb_type", "imb_factor", "data_seed", "loss", "feat_dim")
+
+
+def as_trained(saved: dict[str, Any], cfg: Config, path: Path) -> Config:
+    """cfg with the checkpoint's EVALUATED_AS_TRAINED settings, so that --eval_only --checkpoint needs no recipe
+    flags. A flag given a value other than its default that disagrees with the checkpoint is refused: it cannot
+    apply to these weights, and leaving it unsaid would look as if it had. (A config without one of these, from
+    other code, keeps the flag's value; check_compatible and the loading then judge it.)"""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    then = {k: saved["config"][k] for k in EVALUATED_AS_TRAINED if k in saved["config"]}
+    if "dataset" in then and then["dataset"] not in data.DATASETS:
+        raise UserError(f"{path} names dataset {then['dataset']!r}, not one of {', '.join(data.DATASETS)}: "
+                        f"not a checkpoint of this program")
+    clash = [f"--{k} {getattr(cfg, k)} (the checkpoint's: {v})" for k, v in then.items()
+             if getattr(cfg, k) != defaults[k] and getattr(cfg, k) != v]
+    if clash:
+        raise UserError(f"--eval_only evaluates {path} as it was trained, and these flags disagree with it: "
+                        f"{', '.join(clash)}; drop them")
+    return dataclasses.replace(cfg, **then)
+
+
 def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
     """--eval_only: the classifier branch of --checkpoint on the balanced test set, and the nearest class mean of
-    its backbone features over the long-tailed training set it was trained on."""
+    its backbone features over the long-tailed training set it was trained on (dataset, model and long-tailed
+    split from the checkpoint's config)."""
     path = Path(cfg.checkpoint)
     saved = util.load_checkpoint(path)
+    cfg = as_trained(saved, cfg, path)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
     train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
-    run_cfg = saved["config"]
     try:
-        train_lt, class_counts = data.long_tailed_subset(train, num_classes, run_cfg["imb_factor"],
-                                                         run_cfg["imb_type"], run_cfg["data_seed"])
+        train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
+                                                         cfg.data_seed)
         check_same_data(saved, class_counts, path)
-        net = networks.build_model(cfg.model, num_classes, run_cfg["feat_dim"],
-                                   use_prototypes=run_cfg["loss"] == "psc")
+        net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
         net.load_state_dict(saved["model"])
         for key in ("amp", "channels_last"):  # how the run ran, which evaluation follows
             if not isinstance(saved.get(key, False), bool):

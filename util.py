@@ -165,6 +165,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint onto the CPU, as a UserError when it is missing or unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder: name the file in it (a run leaves last.pt and best.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

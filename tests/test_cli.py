@@ -121,9 +121,10 @@ def test_config_and_checkpoint_contents(finished_run):
 
 
 def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
+    """The checkpoint alone says what to evaluate: no --model resnet8, --loss or imbalance flags are needed."""
     loss, out, _ = finished_run
     proc = run_cli("--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(cifar10_root),
-                   "--model", "resnet8", "--device", "cpu")
+                   "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     res = json.loads((out / "results.json").read_text())
@@ -158,7 +159,11 @@ def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
                    "--output_dir", str(out), "--model", "resnet8", "--batch_size", "32", "--epochs", "1",
                    "--lr_decay_epochs", "", "--imb_factor", "0.5", "--device", "cpu", "--temp", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "note: --loss psc does not read --temp; it changes nothing in this run\n" in proc.stdout
+    assert ("note: --loss psc does not read --temp; it changes nothing in this run; PSC's temperature is "
+            "--psc_temp\n") in proc.stdout
+    # --warm_epochs keeps its default, 5: longer than this 1-epoch run.
+    assert "note: --warm_epochs 5 covers the whole run of 1 epoch: the lr never reaches --learning_rate 0.5\n" in \
+        proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["psc_temperature"] == 0.1 and cfg["num_classes"] == 100
     res = json.loads((out / "results.json").read_text())
@@ -239,7 +244,9 @@ BAD_INPUTS = [
     (["--learning_rate", "0"], "--learning_rate"),
     (["--learning_rate", "-0.1"], "--learning_rate"),
     (["--epochs", "0"], "--epochs"),
-    (["--epochs", "100", "--lr_decay_epochs", "120,160"], "--lr_decay_epochs"),
+    (["--epochs", "100", "--lr_decay_epochs", "120,160"], "outside the run of 100 epochs (each must be in 1..99)"),
+    (["--epochs", "1", "--lr_decay_epochs", "300"], "(a 1-epoch run has no decay: pass '')"),
+    (["--output_dir", ""], "--output_dir is empty"),
     (["--lr_decay_epochs", "160,120"], "strictly increasing"),
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
@@ -328,6 +335,29 @@ def test_existing_run_is_not_overwritten(existing_run, capsys, cifar10_root):
     assert snapshot(existing_run) == before
 
 
+def test_a_run_without_checkpoint_is_started_again_with_overwrite(existing_run, capsys, cifar10_root):
+    """A run that stopped before its first checkpoint (say, it diverged in epoch 1) left config.json and its
+    TensorBoard files: both messages name --overwrite, not a --resume that cannot work."""
+    for name in ("last.pt", "best.pt", "results.json"):
+        (existing_run / name).unlink()
+    before = snapshot(existing_run)
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, "already holds a run that saved no checkpoint (last.pt) to resume from; pass "
+                                     "--overwrite to start again")
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert_one_line_error(code, err, "holds a run that saved no checkpoint (last.pt) to resume from; pass "
+                                     "--overwrite instead of --resume to start it again")
+    assert snapshot(existing_run) == before
+
+
+def test_device_name_counts_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert main.device_name(torch.device("cpu")) == "cpu (1 thread)"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert main.device_name(torch.device("cpu")) == "cpu (2 threads)"
+
+
 def test_resume_without_checkpoint(tmp_path, capsys, cifar10_root):
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "o"), "--resume"],
                           capsys)
@@ -341,16 +371,24 @@ def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
     argv[argv.index("--batch_size") + 1] = "8"
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, "--batch_size 16 -> 8")
+    # Another model too (the command without its --model): every difference in one message, not one per try.
+    argv[argv.index("--model") + 1] = "resnet32"
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, "--model resnet8 -> resnet32, --batch_size 16 -> 8 (give")
     assert snapshot(existing_run) == before
 
 
-@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "other_model", "other_classes", "other_data"])
+@pytest.mark.parametrize("problem", ["missing", "folder", "garbage", "truncated", "other_model", "other_classes",
+                                     "other_imbalance", "foreign_classes", "other_data"])
 def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     ckpt = existing_run / "last.pt"
     argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet8"]
     if problem == "missing":
         argv += ["--checkpoint", str(tmp_path / "nope.pt")]
         needle = "not found"
+    elif problem == "folder":  # the run's folder instead of a file in it
+        argv += ["--checkpoint", str(existing_run)]
+        needle = "is a folder: name the file in it (a run leaves last.pt and best.pt)"
     elif problem == "garbage":
         (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
         argv += ["--checkpoint", str(tmp_path / "garbage.pt")]
@@ -359,13 +397,22 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
         (tmp_path / "half.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
         argv += ["--checkpoint", str(tmp_path / "half.pt")]
         needle = "cannot read"
-    elif problem == "other_model":
-        argv[argv.index("resnet8")] = "resnet32"
+    elif problem == "other_model":  # the checkpoint's model is evaluated; a flag asking for another is refused
+        argv[argv.index("resnet8")] = "resnet20"
         argv += ["--checkpoint", str(ckpt)]
-        needle = "resnet8 with 10 classes"
+        needle = "these flags disagree with it: --model resnet20 (the checkpoint's: resnet8); drop them"
     elif problem == "other_classes":
         argv += ["--checkpoint", str(ckpt), "--dataset", "cifar100"]
-        needle = "with 100"
+        needle = "--dataset cifar100 (the checkpoint's: cifar10)"
+    elif problem == "other_imbalance":  # not silently evaluated (and its NCM built) at the checkpoint's ratio
+        argv += ["--checkpoint", str(ckpt), "--imb_factor", "0.5", "--feat_dim", "64"]
+        needle = f"--imb_factor 0.5 (the checkpoint's: {IMB_FACTOR}), --feat_dim 64 (the checkpoint's: 128)"
+    elif problem == "foreign_classes":  # written by other code: its config's dataset and its class count disagree
+        saved = torch.load(ckpt, weights_only=False)
+        saved["num_classes"] = 100
+        torch.save(saved, tmp_path / "foreign.pt")
+        argv += ["--checkpoint", str(tmp_path / "foreign.pt")]
+        needle = "is a resnet8 with 100 classes; this run is a resnet8 with 10"
     else:  # 30 training images per class where the run had 40: another long-tailed set at the same ratio
         write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, 30, N_TEST, seed=0))
         argv[argv.index(str(cifar10_root))] = str(tmp_path / "other")

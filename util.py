@@ -172,7 +172,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
-        raise UserError(f"cannot read checkpoint {path}: {exception_text(e)}") from e
+        raise UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
+                        f"{exception_text(e)}") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     if not isinstance(state["model"], dict) or not isinstance(state["config"], dict):

@@ -197,6 +197,19 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
     return cfg
 
 
+def given_flags(argv: Optional[list[str]] = None) -> set[str]:
+    """The Config fields that argv sets itself (whatever the value, a default's included), for the checks that must
+    tell a flag the user gave from one left at its default. argv must have passed parse_config."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data; everything here fails before anything is read or written."""
     if cfg.batch_size < 2:
@@ -220,7 +233,7 @@ def validate(cfg: Config) -> None:
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
     if bad:
         within = f"each must be in 1..{cfg.epochs - 1}" if cfg.epochs > 1 else "a 1-epoch run has no decay: pass ''"
-        raise UserError(f"--lr_decay_epochs {bad} outside the run of {cfg.epochs} epochs ({within})")
+        raise UserError(f"--lr_decay_epochs {bad} outside the run of {plural(cfg.epochs, 'epoch')} ({within})")
     if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
         raise UserError(f"--lr_decay_epochs must be strictly increasing (got {cfg.lr_decay_epochs})")
     for name in ("momentum", "weight_decay", "warm_epochs"):
@@ -626,14 +639,17 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
     holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+    # A run that left no checkpoint and no results (it diverged or was killed before its first checkpoint): only
+    # --overwrite can start it again. (One whose last.pt alone was deleted, say a finished run, is not this.)
+    nothing_saved = holds_run and not any((out / f).exists() for f in ("last.pt", "best.pt", "results.json"))
     if cfg.resume:
         if not (out / "last.pt").is_file():
-            if holds_run:  # say, a run that diverged or was killed before its first checkpoint
+            if nothing_saved:
                 raise UserError(f"--resume: {out} holds a run that saved no checkpoint (last.pt) to resume from; "
                                 f"pass --overwrite instead of --resume to start it again")
             raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
     elif holds_run and not cfg.overwrite:
-        if not (out / "last.pt").is_file():
+        if nothing_saved:
             raise UserError(f"{out} already holds a run that saved no checkpoint (last.pt) to resume from; pass "
                             f"--overwrite to start again")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
@@ -769,6 +785,12 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     return out, saved, saved["run"]["epoch"] >= cfg.epochs and (out / "results.json").exists()
 
 
+def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
+    """Whether the lr warm-up is still below --learning_rate at the run's last step."""
+    return util.learning_rate(cfg.epochs * steps_per_epoch - 1, base_lr=1.0, steps_per_epoch=steps_per_epoch,
+                              warm_epochs=cfg.warm_epochs, decay_epochs=(), decay_rate=1.0) < 1.0
+
+
 class Run:
     """One training run: data, trainer, logging, evaluation, checkpoints and results."""
 
@@ -851,10 +873,9 @@ class Run:
             hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
             self.log(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
                      f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
-        if cfg.warm_epochs >= cfg.epochs:  # legal (a short test run), but rarely meant
-            self.log(f"note: --warm_epochs {cfg.warm_epochs:g} covers the whole run of {cfg.epochs} epoch"
-                     f"{'s' if cfg.epochs != 1 else ''}: the lr "
-                     f"never reaches --learning_rate {cfg.learning_rate:g}")
+        if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
+            self.log(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
+                     f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
         self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
                  f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
                  f"steps/epoch, device {device_name(self.device)}, output {self.out}")
@@ -1087,31 +1108,31 @@ class Run:
 EVALUATED_AS_TRAINED = ("dataset", "model", "imb_type", "imb_factor", "data_seed", "loss", "feat_dim")
 
 
-def as_trained(saved: dict[str, Any], cfg: Config, path: Path) -> Config:
+def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) -> Config:
     """cfg with the checkpoint's EVALUATED_AS_TRAINED settings, so that --eval_only --checkpoint needs no recipe
-    flags. A flag given a value other than its default that disagrees with the checkpoint is refused: it cannot
-    apply to these weights, and leaving it unsaid would look as if it had. (A config without one of these, from
-    other code, keeps the flag's value; check_compatible and the loading then judge it.)"""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    flags. One of them given (`given`, see given_flags) with another value than the checkpoint's is refused: it
+    cannot apply to these weights, and leaving it unsaid would look as if it had. (A config without one of these,
+    from other code, keeps the flag's value; check_compatible and the loading then judge it.)"""
     then = {k: saved["config"][k] for k in EVALUATED_AS_TRAINED if k in saved["config"]}
-    if "dataset" in then and then["dataset"] not in data.DATASETS:
-        raise UserError(f"{path} names dataset {then['dataset']!r}, not one of {', '.join(data.DATASETS)}: "
-                        f"not a checkpoint of this program")
+    for key, known in (("dataset", data.DATASETS), ("model", networks.MODELS)):
+        if key in then and not (isinstance(then[key], str) and then[key] in known):
+            raise UserError(f"{path} names {key} {then[key]!r}, not one of {', '.join(known)}: not a checkpoint "
+                            f"of this program")
     clash = [f"--{k} {getattr(cfg, k)} (the checkpoint's: {v})" for k, v in then.items()
-             if getattr(cfg, k) != defaults[k] and getattr(cfg, k) != v]
+             if k in given and getattr(cfg, k) != v]
     if clash:
         raise UserError(f"--eval_only evaluates {path} as it was trained, and these flags disagree with it: "
                         f"{', '.join(clash)}; drop them")
     return dataclasses.replace(cfg, **then)
 
 
-def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device) -> int:
+def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: set[str]) -> int:
     """--eval_only: the classifier branch of --checkpoint on the balanced test set, and the nearest class mean of
     its backbone features over the long-tailed training set it was trained on (dataset, model and long-tailed
     split from the checkpoint's config)."""
     path = Path(cfg.checkpoint)
     saved = util.load_checkpoint(path)
-    cfg = as_trained(saved, cfg, path)
+    cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
     train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
@@ -1167,7 +1188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         dist, device = setup_distributed(cfg)
         configure_backends(cfg)
         if cfg.eval_only:
-            return evaluate_checkpoint(cfg, dist, device)
+            return evaluate_checkpoint(cfg, dist, device, given_flags(argv))
         out, saved, finished = resume_point(cfg, dist)
         if finished:
             if dist.main:

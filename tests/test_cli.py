@@ -162,7 +162,7 @@ def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
     assert ("note: --loss psc does not read --temp; it changes nothing in this run; PSC's temperature is "
             "--psc_temp\n") in proc.stdout
     # --warm_epochs keeps its default, 5: longer than this 1-epoch run.
-    assert "note: --warm_epochs 5 covers the whole run of 1 epoch: the lr never reaches --learning_rate 0.5\n" in \
+    assert "note: --warm_epochs 5 is longer than the run of 1 epoch: the lr never reaches --learning_rate 0.5\n" in \
         proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["psc_temperature"] == 0.1 and cfg["num_classes"] == 100
@@ -335,6 +335,17 @@ def test_existing_run_is_not_overwritten(existing_run, capsys, cifar10_root):
     assert snapshot(existing_run) == before
 
 
+def test_a_finished_run_without_last_pt_is_not_sent_to_overwrite(existing_run, capsys, cifar10_root):
+    """results.json and best.pt still there (a sweep's finished run whose last.pt was deleted): the usual messages,
+    not the advice to --overwrite a run that saved nothing."""
+    (existing_run / "last.pt").unlink()
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, "already holds a run; pass --resume to continue it or --overwrite")
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume: no checkpoint")
+
+
 def test_a_run_without_checkpoint_is_started_again_with_overwrite(existing_run, capsys, cifar10_root):
     """A run that stopped before its first checkpoint (say, it diverged in epoch 1) left config.json and its
     TensorBoard files: both messages name --overwrite, not a --resume that cannot work."""
@@ -348,6 +359,32 @@ def test_a_run_without_checkpoint_is_started_again_with_overwrite(existing_run, 
     code, err = call_main([*argv, "--resume"], capsys)
     assert_one_line_error(code, err, "holds a run that saved no checkpoint (last.pt) to resume from; pass "
                                      "--overwrite instead of --resume to start it again")
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("epochs, warm_epochs, outlasts", [(1, 5, True), (1, 1, False), (2, 1.5, False),
+                                                          (3, 2.99, False), (3, 3.2, True), (4, 0, False)])
+def test_warmup_outlasts_run(epochs, warm_epochs, outlasts):
+    """The note's test: the warm-up ends at the run's last step or before (lr = --learning_rate there), or not."""
+    cfg = main.parse_config(["--epochs", str(epochs), "--warm_epochs", str(warm_epochs), "--lr_decay_epochs", ""])
+    assert main.warmup_outlasts_run(cfg, steps_per_epoch=10) == outlasts
+
+
+def test_given_flags_tells_a_given_default_from_an_unset_flag():
+    assert main.given_flags(["--model", "resnet32", "--imb_f", "0.01", "--no-amp"]) == {"model", "imb_factor", "amp"}
+    assert main.given_flags([]) == set()
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+@pytest.mark.parametrize("key, value", [("dataset", ["cifar10"]), ("dataset", "imagenet"), ("model", 8)])
+def test_eval_only_of_a_config_naming_no_known_dataset_or_model(key, value, existing_run, capsys, cifar10_root):
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    saved["config"][key] = value
+    torch.save(saved, ckpt)
+    before = snapshot(existing_run)
+    code, err = call_main(["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root)], capsys)
+    assert_one_line_error(code, err, f"names {key} {value!r}, not one of", "not a checkpoint of this program")
     assert snapshot(existing_run) == before
 
 
@@ -397,16 +434,16 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
         (tmp_path / "half.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
         argv += ["--checkpoint", str(tmp_path / "half.pt")]
         needle = "cannot read"
-    elif problem == "other_model":  # the checkpoint's model is evaluated; a flag asking for another is refused
-        argv[argv.index("resnet8")] = "resnet20"
+    elif problem == "other_model":  # the checkpoint's model is evaluated; a flag asking for another is refused,
+        argv[argv.index("resnet8")] = "resnet32"  # also when it is the flag's default
         argv += ["--checkpoint", str(ckpt)]
-        needle = "these flags disagree with it: --model resnet20 (the checkpoint's: resnet8); drop them"
+        needle = "these flags disagree with it: --model resnet32 (the checkpoint's: resnet8); drop them"
     elif problem == "other_classes":
         argv += ["--checkpoint", str(ckpt), "--dataset", "cifar100"]
         needle = "--dataset cifar100 (the checkpoint's: cifar10)"
     elif problem == "other_imbalance":  # not silently evaluated (and its NCM built) at the checkpoint's ratio
-        argv += ["--checkpoint", str(ckpt), "--imb_factor", "0.5", "--feat_dim", "64"]
-        needle = f"--imb_factor 0.5 (the checkpoint's: {IMB_FACTOR}), --feat_dim 64 (the checkpoint's: 128)"
+        argv += ["--checkpoint", str(ckpt), "--imb_factor", "0.01", "--feat_dim", "64"]  # 0.01: the default
+        needle = f"--imb_factor 0.01 (the checkpoint's: {IMB_FACTOR}), --feat_dim 64 (the checkpoint's: 128)"
     elif problem == "foreign_classes":  # written by other code: its config's dataset and its class count disagree
         saved = torch.load(ckpt, weights_only=False)
         saved["num_classes"] = 100

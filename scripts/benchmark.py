@@ -483,27 +483,33 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
             "compile": False, **timing_record(timing, cfg.batch_size), "final_loss": last_loss}
 
 
-def repeat_pairs(step: Callable[[], Any], cfg: main.Config, train: data.ArraySplit, num_classes: int,
+def repeat_pairs(step: Optional[Callable[[], Any]], cfg: main.Config, train: data.ArraySplit, num_classes: int,
                  device: torch.device, opts: BenchOptions, result: dict[str, Any],
                  save: Callable[[dict[str, Any]], None]) -> None:
     """result["repeats"]: the first project row against the reference as timed above, then (--repeats) that row
     again (its step continues the same run: no new compilation or CUDA-graph recording) and the reference again
     (built afresh: its workers start in its untimed first step), alternately, opts.repeats pairs in all; each
-    pair's rates and ratio, and result["ratio_median"]. A reference that fails ends the repeats with its error."""
+    pair's rates and ratio, and result["ratio_median"]. A pipeline that fails ends the repeats with its error.
+    step is None only when there is nothing to repeat (opts.repeats 1)."""
     pairs = [{"project_samples_per_s": result["project"][0]["samples_per_s"],
               "reference_samples_per_s": result["reference"]["samples_per_s"], "ratio": result["ratio"]}]
     result["repeats"], result["ratio_median"] = pairs, result["ratio"]
+    save(result)
+    if step is None:
+        return
     for i in range(2, opts.repeats + 1):
         print(f"repeat {i} of {opts.repeats}: project, then reference ...", file=sys.stderr, flush=True)
-        timing, _ = time_steps(step, opts.warmup_steps, opts.steps, device)
-        project = timing_record(timing, cfg.batch_size)["samples_per_s"]
+        project = None
         try:
+            timing, _ = time_steps(step, opts.warmup_steps, opts.steps, device)
+            project = timing_record(timing, cfg.batch_size)["samples_per_s"]
             reference = time_reference(cfg, train, num_classes, device, opts)["samples_per_s"]
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - as the first reference's failure: recorded, exit status 1
+            which = "project" if project is None else "reference"
             pairs.append({"project_samples_per_s": project, "reference_samples_per_s": None, "ratio": None,
-                          "error": error_text(e)})
+                          "error": f"{which}: {error_text(e)}"})
             save(result)
             return
         pairs.append({"project_samples_per_s": project, "reference_samples_per_s": reference,
@@ -785,7 +791,7 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         print(f"timing project: {label} ...", file=sys.stderr, flush=True)
         try:
             row, step = time_project(config, train, num_classes, device, opts)
-            if i == 0:
+            if i == 0 and (opts.repeats > 1 or opts.profile):  # else not kept: its trainer's memory goes
                 first_step = step
         except UserError:  # bad input fails every option alike: one line, as without --compare_options
             raise
@@ -809,8 +815,10 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
                 if "samples_per_s" in row:
                     row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
             result["ratio"] = result["project"][0].get("ratio_to_reference")
-            if first_step is not None:
+            if result["ratio"] is not None:
                 repeat_pairs(first_step, cfg, train, num_classes, device, opts, result, save)
+            elif opts.repeats > 1:
+                print("note: no --repeats: the first project row failed", file=sys.stderr, flush=True)
     for row in result["project"]:
         row.setdefault("ratio_to_reference", None)
     result["load_average_after_timing"] = load_average()
@@ -860,8 +868,7 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
             return 1
         failed = [pair for pair in result["repeats"] or [] if "error" in pair]
         if failed:
-            print(f"error: the reference pipeline failed in a repeat: {failed[0]['error']}", file=sys.stderr,
-                  flush=True)
+            print(f"error: a repeat failed: {failed[0]['error']}", file=sys.stderr, flush=True)
             return 1
         return 0
     except UserError as e:

@@ -342,12 +342,37 @@ def test_a_reference_failing_in_a_repeat_ends_the_repeats_and_exits_1(bench, mon
     assert bench.main_cli(argv) == 1
     result = json.loads(out.read_text())
     assert result["complete"] and [pair["ratio"] is None for pair in result["repeats"]] == [False, True]
-    assert result["repeats"][1]["error"] == "RuntimeError: DataLoader worker (pid 7) is killed by signal"
+    assert result["repeats"][1]["error"] == "reference: RuntimeError: DataLoader worker (pid 7) is killed by signal"
     assert result["ratio_median"] == result["ratio"]  # of the pairs that have one
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines()[-1] == \
-        "error: the reference pipeline failed in a repeat: RuntimeError: DataLoader worker (pid 7) is killed by signal"
-    assert "; median " in captured.out and "failed: RuntimeError: DataLoader worker" in captured.out
+        "error: a repeat failed: reference: RuntimeError: DataLoader worker (pid 7) is killed by signal"
+    assert "; median " in captured.out and "failed: reference: RuntimeError: DataLoader worker" in captured.out
+
+
+def test_a_project_step_failing_in_a_repeat_keeps_the_rest(bench, monkeypatch, tmp_path, capsys):
+    """The project's step failing in a repeat (say, out of memory) is recorded as the reference's would be; the JSON
+    is complete and the profile still runs."""
+    calls = itertools.count()
+    real_time_steps = bench.time_steps
+
+    def time_steps(step, warmup_steps, steps, device):
+        if next(calls) == 2:  # project, reference, then the first repeat's project
+            raise RuntimeError("CUDA out of memory (test)")
+        return real_time_steps(step, warmup_steps, steps, device)
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--batch_size", "4", "--workers", "0", "--memory_batch_sizes", "", "--repeats", "3", "--profile",
+            "--json", str(out)]
+    assert bench.main_cli(argv) == 1
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["repeats"][1] == {
+        "project_samples_per_s": None, "reference_samples_per_s": None, "ratio": None,
+        "error": "project: RuntimeError: CUDA out of memory (test)"}
+    assert len(result["repeats"]) == 2 and "ops" in result["project"][0]["profile"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: a repeat failed: project: RuntimeError: CUDA out of memory (test)"
 
 
 def test_compare_options_covers_amp_channels_last_and_compile(bench):

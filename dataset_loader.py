@@ -110,11 +110,30 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     if download:
         _download(dataset, root)
         return _read_pickled(dataset, pickled_dir)
+    hint = _data_root_hint(dataset, root)
     raise DataError(
         f"no {dataset} data in {root}: looked for {pickled_dir}/ (torchvision's pickled layout) and "
-        f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); pass --download to fetch "
-        f"it there, or put the images in that image-folder layout"
+        f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); {hint + '; ' if hint else ''}pass "
+        f"--download to fetch it there, or put the images in that image-folder layout"
     )
+
+
+def _data_root_hint(dataset: str, root: Path) -> str:
+    """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
+    folder itself, the other dataset, or a folder one level down that holds the data."""
+    if root.name == _PICKLED_DIRS[dataset] and root.is_dir():
+        return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}"
+    others = [name for name in DATASETS if name != dataset and (root / _PICKLED_DIRS[name]).is_dir()]
+    if others:
+        return f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data: --dataset {others[0]}?"
+    try:
+        below = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:  # not a folder, or unreadable: the message above says enough
+        return ""
+    for sub in below:
+        if (sub / _PICKLED_DIRS[dataset]).is_dir() or ((sub / "train").is_dir() and (sub / "test").is_dir()):
+            return f"{sub} holds it: --data_root {sub}"
+    return ""
 
 
 def _check_dataset(dataset: str) -> None:

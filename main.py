@@ -594,7 +594,9 @@ class RunState:
         self.best_epoch = 0
         self.best_metrics: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        self.epoch_sums = None  # [4] tensor: total, feature, ce, steps of the current epoch (mid-epoch resume)
+        # [4] tensor: this process's total, feature, ce, steps of the current epoch (mid-epoch resume). A checkpoint
+        # holds every process's, [world_size, 4] (Run.every_rank_sums; [4] in those written before).
+        self.epoch_sums = None
         self.train_time = 0.0
         self.train_samples = 0
         self.wall_time = 0.0
@@ -604,14 +606,19 @@ class RunState:
         d["epoch_sums"] = None if self.epoch_sums is None else self.epoch_sums.cpu()
         return d
 
-    def load_state_dict(self, d: dict[str, Any], device: torch.device) -> None:
+    def load_state_dict(self, d: dict[str, Any], device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         """Raises TypeError naming the entry when one is not of the kind a run writes (a damaged or foreign
-        checkpoint), before anything is set; entries a checkpoint lacks keep their start values."""
+        checkpoint), before anything is set; entries a checkpoint lacks keep their start values. Of the epoch
+        sums, this process (`rank` of `world_size`) takes its own row when the checkpoint has one per process;
+        saved by another number of processes, rank 0 takes their total and the others start at zero, so the
+        epoch's mean loss is still that of all its steps (not bitwise: summed in another order)."""
         fresh = vars(RunState())
         for k, v in d.items():
             start = fresh.get(k)
             if k == "epoch_sums":
-                ok = v is None or (isinstance(v, torch.Tensor) and tuple(v.shape) == (4,))
+                ok = v is None or (isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                                   and (tuple(v.shape) == (4,) or (v.dim() == 2 and v.shape[0] >= 1
+                                                                   and v.shape[1] == 4)))
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
                 kind = numbers.Integral if isinstance(start, int) else numbers.Real
                 ok = isinstance(v, kind) and not isinstance(v, bool)
@@ -621,8 +628,13 @@ class RunState:
                 raise TypeError(f"its run entry {k!r} is a {type(v).__name__}")
         for k, v in d.items():
             setattr(self, k, v)
-        if self.epoch_sums is not None:
-            self.epoch_sums = self.epoch_sums.to(device)
+        sums = self.epoch_sums
+        if sums is not None:
+            if sums.dim() == 2 and sums.shape[0] == world_size:
+                sums = sums[rank]
+            else:
+                sums = sums.reshape(-1, 4).sum(0) if rank == 0 else torch.zeros(4, dtype=sums.dtype)
+            self.epoch_sums = sums.to(device)
 
 
 def resolve_output_dir(cfg: Config) -> Path:
@@ -714,8 +726,15 @@ def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, 
     its class sizes tell, and with `digest` (to resume) as far as its images' digest tells (ArraySplit.digest;
     a checkpoint without them, from before they were saved, is taken at its word)."""
     if list(saved.get("class_counts", class_counts)) != list(class_counts):
-        raise UserError(f"{path} was trained on {saved['class_counts']} images per class, but the data under "
-                        f"--data_root gives {class_counts} at its imbalance settings: not the data it was trained on")
+        then, now = list(saved["class_counts"]), list(class_counts)
+        if max(len(then), len(now)) <= 10:  # CIFAR-10's sizes read well in full
+            then_text, now_text = f"{then} images per class", str(now)
+        else:  # CIFAR-100's would be two lines of 100 numbers
+            def sizes(counts: list[int]) -> str:
+                return f"{sum(counts):,} images in {len(counts)} classes ({counts[0]} down to {counts[-1]})"
+            then_text, now_text = sizes(then), sizes(now)
+        raise UserError(f"{path} was trained on {then_text}, but the data under --data_root gives {now_text} at "
+                        f"its imbalance settings: not the data it was trained on")
     if digest is not None and saved.get("train_digest", digest) != digest:
         raise UserError(f"{path} was trained on other images than those --data_root gives (the same class sizes, "
                         f"other pixels or labels: another copy of the dataset, or JPEG files decoded by another "
@@ -774,7 +793,7 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     finished already (trained cfg.epochs and wrote results.json). Read before any data, so that checking a
     finished run's settings takes a moment (a sweep checks every finished run this way)."""
     out = resolve_output_dir(cfg)
-    if dist.main:
+    if dist.main or cfg.resume:  # every process reads last.pt to resume: each says why it cannot, in one voice
         check_output_dir(cfg, out)
     if not cfg.resume:
         return out, None, False
@@ -821,9 +840,12 @@ class Run:
         self.last_ncm: Optional[tuple[int, dict[str, Any]]] = None  # (epoch, ncm_report) of the latest --ncm_every
 
     # -- checkpoints
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self, epoch_sums: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        run = self.state.state_dict()
+        if epoch_sums is not None:
+            run["epoch_sums"] = epoch_sums.cpu()
         return {"model": self.trainer.net.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
-                "run": self.state.state_dict(), "config": dataclasses.asdict(self.cfg),
+                "run": run, "config": dataclasses.asdict(self.cfg),
                 "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
                 "train_digest": self.train_digest, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "rng": util.rng_states(), "torch_version": torch.__version__}
@@ -833,7 +855,7 @@ class Run:
             check_same_data(saved, self.trainer.class_counts, self.out / "last.pt", self.train_digest)
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
-            self.state.load_state_dict(saved["run"], self.device)
+            self.state.load_state_dict(saved["run"], self.device, self.dist.rank, self.dist.world_size)
             util.set_rng_states(saved["rng"])
         except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but the device's fault, not the checkpoint's
             raise
@@ -845,10 +867,21 @@ class Run:
         self.state.wall_time += now - self.wall_mark
         self.wall_mark = now
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, epoch_sums: Optional[torch.Tensor] = None) -> None:
+        """Rank 0 writes the checkpoint; `epoch_sums` (every_rank_sums()) replaces this process's own."""
         self.tick_wall_time()
         if self.dist.main:
-            util.save_checkpoint(self.checkpoint(), self.out / name)
+            util.save_checkpoint(self.checkpoint(epoch_sums), self.out / name)
+
+    def every_rank_sums(self) -> torch.Tensor:
+        """The current epoch's loss sums of every process, [world_size, 4] (a collective under torchrun): each
+        process sums its own part of the batch, and a mid-epoch checkpoint must give each its own back."""
+        mine = self.state.epoch_sums
+        if not self.dist.enabled:
+            return mine[None]
+        every = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(every, mine)
+        return torch.stack(every)
 
     # -- the loop
     def run(self) -> int:
@@ -885,8 +918,9 @@ class Run:
             while state.epoch < cfg.epochs:
                 self.train_epoch()
                 self.end_epoch()
-                if state.epoch < cfg.epochs:
-                    self.check_stop(state.epoch - 1)
+                signum = self.agreed_signal() if state.epoch < cfg.epochs else 0
+                if signum:
+                    self.stop(signum, state.epoch - 1)
             if self.last_metrics is None:  # trained to the end earlier, stopped before results.json was written
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
@@ -932,7 +966,14 @@ class Run:
             state.step = step + 1
             bar.update(1)
             at_log = state.step % cfg.print_freq == 0 or state.step == steps
-            if not at_log and not (self.signals.signum and not dist.enabled):
+            # A signal is acted on at the next step where it is polled: every step on one process and on CPUs
+            # (under torchrun an all-reduce of one number, which costs a CPU nothing, while torchrun allows its
+            # workers only 30 s after a SIGTERM before it kills them), at the logging intervals on CUDA with
+            # several processes (reading the agreed flag waits for the device). The epoch's last step is not
+            # polled: end_epoch() saves that one, then run() polls.
+            polled = state.step < steps and (at_log or not dist.enabled or self.device.type != "cuda")
+            signum = self.agreed_signal() if polled else 0
+            if not at_log and not signum:
                 continue
             # ---- the logging interval: the only host-device sync of the loop
             sums = all_reduce_sum(since_log.clone(), dist) / dist.world_size
@@ -948,8 +989,8 @@ class Run:
                 for tag, value in (("loss/total", total / n), ("loss/feature", feat / n), ("loss/ce", ce / n),
                                    ("train/alpha", alpha), ("train/lr", lr), ("train/samples_per_s", rate)):
                     self.writer.add_scalar(tag, value, global_step + 1)
-            if state.step < steps:  # a signal in the epoch's last step is handled after end_epoch() saved it
-                self.check_stop(epoch, step)
+            if signum:
+                self.stop(signum, epoch, step)
         bar.close()
         self.sync()
         elapsed = time.perf_counter() - t_epoch
@@ -958,22 +999,25 @@ class Run:
         self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9)
         self.epoch_alpha, self.epoch_lr = alpha, lr
 
-    def check_stop(self, epoch: int, step: Optional[int] = None) -> None:
-        """Stop (checkpoint, message, exit 128 + signal) when any process got SIGINT / SIGTERM. Mid-epoch
-        (`step` given) the checkpoint is written here; at an epoch's end end_epoch() has just written it."""
+    def agreed_signal(self) -> int:
+        """The SIGINT / SIGTERM this process got, or under torchrun the one any process got (0: none): every
+        process must take the same decision at the same step."""
         signum = self.signals.signum
-        if self.dist.enabled:  # every process must take the same decision at the same step
+        if self.dist.enabled:
             flag = torch.tensor([signum], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             signum = int(flag.item())
-        if not signum:
-            return
+        return signum
+
+    def stop(self, signum: int, epoch: int, step: Optional[int] = None) -> None:
+        """Stop (checkpoint, message, exit 128 + signal) on `signum` from agreed_signal(). Mid-epoch (`step`
+        given) the checkpoint is written here; at an epoch's end end_epoch() has just written it."""
         if step is None:
             where = f"after epoch {epoch + 1}"
         else:
             if not self.trainer.params_finite():
                 self.diverged(epoch, step)
-            self.save("last.pt")
+            self.save("last.pt", epoch_sums=self.every_rank_sums())
             where = f"after step {step + 1} of epoch {epoch + 1}"
         raise Stop(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {self.out / 'last.pt'}. "
                    f"Resume with the same command plus --resume", 128 + signum)

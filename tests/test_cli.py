@@ -531,6 +531,17 @@ def test_resume_on_other_data_is_refused(existing_run, tmp_path, capsys):
     assert snapshot(existing_run) == before
 
 
+def test_other_class_sizes_of_a_hundred_classes_are_summed_up():
+    """CIFAR-100's 100 class sizes, twice, would make a line of some 900 characters: totals and ends instead."""
+    then, now = [120 - c for c in range(100)], [20 - c // 10 for c in range(100)]
+    with pytest.raises(main.UserError) as caught:
+        main.check_same_data({"class_counts": then}, now, Path("run/last.pt"))
+    assert str(caught.value) == ("run/last.pt was trained on 7,050 images in 100 classes (120 down to 21), but the "
+                                 "data under --data_root gives 1,550 images in 100 classes (20 down to 11) at its "
+                                 "imbalance settings: not the data it was trained on")
+    main.check_same_data({"class_counts": then}, then, Path("run/last.pt"))  # the same sizes pass
+
+
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_resume_on_another_copy_with_the_same_class_sizes_is_refused(existing_run, cifar10_root, tmp_path, capsys):
     """Other pixels, the same class sizes (as the JPEG copy of CIFAR-10 against the original): the images' digest
@@ -734,8 +745,9 @@ def test_alpha_schedule_and_ncm_every_set_each_epochs_entry(cifar10_root, tmp_pa
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     steps = json.loads((out / "config.json").read_text())["train_size"] // 16  # per epoch, at --batch_size 16
-    assert [(e.step, e.value) for e in acc.Scalars("test/ncm_top1")] == pytest.approx(
-        [(2 * steps, res["history"][1]["ncm_top1"]), (4 * steps, res["ncm"]["top1"])])
+    scalars = acc.Scalars("test/ncm_top1")
+    assert [e.step for e in scalars] == [2 * steps, 4 * steps]
+    assert [e.value for e in scalars] == pytest.approx([res["history"][1]["ncm_top1"], res["ncm"]["top1"]])
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     linear = main.parse_config(["--data_root", str(cifar10_root), "--alpha_schedule", "linear", *tiny])
     main.check_compatible(saved, linear, out / "last.pt", 10)  # no error: --ncm_every is not part of the recipe

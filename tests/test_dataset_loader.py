@@ -489,6 +489,29 @@ def test_normalize_and_device_images():
     assert torch.equal(dl.apply_augment(images, identity, mean, std), normalised)
 
 
+def test_a_data_root_without_the_data_says_what_it_holds(tmp_path):
+    """The usual slips: the pickled folder itself, the other dataset's data, the data one folder down."""
+    write_pickled_cifar10(tmp_path / "c10", *make_synthetic(10, 2, 1))
+    write_pickled_cifar100(tmp_path / "nested" / "c100", *make_synthetic(100, 1, 1))
+    cases = {
+        ("cifar10", tmp_path / "c10" / "cifar-10-batches-py"):
+            f"{tmp_path / 'c10' / 'cifar-10-batches-py'} is the pickled folder itself: pass its parent, "
+            f"--data_root {tmp_path / 'c10'}; pass --download",
+        ("cifar100", tmp_path / "c10"): "it holds cifar-10-batches-py/, cifar10's data: --dataset cifar10?; pass",
+        ("cifar100", tmp_path / "nested"): f"{tmp_path / 'nested' / 'c100'} holds it: --data_root "
+                                           f"{tmp_path / 'nested' / 'c100'}; pass",
+    }
+    for (dataset, root), hint in cases.items():
+        with pytest.raises(DataError) as caught:
+            dl.load_cifar(dataset, root)
+        assert hint in str(caught.value) and "\n" not in str(caught.value), (dataset, root)
+    for root in (tmp_path / "missing", tmp_path / "c10" / "cifar-10-batches-py" / "test_batch", tmp_path / "nested"):
+        with pytest.raises(DataError) as caught:  # nothing to point at (a file, no folder): the plain message
+            dl.load_cifar("cifar10", root)
+        assert f"no cifar10 data in {root}: looked for" in str(caught.value)
+        assert "(image folders); pass --download" in str(caught.value)
+
+
 def test_dataset_stats():
     assert dl.dataset_stats("cifar100") == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
     assert CIFAR10_MEAN == (0.4914, 0.4822, 0.4465)

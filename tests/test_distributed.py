@@ -331,37 +331,80 @@ def test_failure_on_one_rank_stops_every_rank(torchrun_sc, cifar10_root):
     assert snapshot(cwd) == before
 
 
-def test_interrupted_torchrun_resumes_to_the_end(tmp_path, cifar10_root):
-    """SIGINT to torchrun after epoch 1 of 3: it forwards the signal, the ranks agree to stop at the next step and
-    rank 0 saves last.pt; a second torchrun with --resume finishes the run."""
-    args = ["--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "3",
-            "--print_freq", "1", *TINY]
+def test_interrupted_torchrun_resumes_to_the_end_as_if_never_stopped(tmp_path):
+    """SIGINT to torchrun once epoch 1 of 2 is saved: it forwards the signal, the ranks agree to stop at the next
+    step (on the CPU every step is polled, not only the logging intervals: torchrun kills its workers 30 s after
+    a SIGTERM) and rank 0 saves last.pt, with every rank's share of the epoch's loss sums; a second torchrun with
+    --resume finishes the run, and its history and weights are bitwise those of a run never stopped (each rank's
+    CE sums differ, so rank 0's alone would not add up)."""
+    root = tmp_path / "data"
+    # 100 images per class at ratio 10: 403 training images, 50 steps of 8 an epoch, a second or more of them.
+    write_pickled_cifar10(root, *make_synthetic(10, 100, 2, seed=1))
+    args = ["--data_root", str(root), "--loss", "sc", *TINY, "--batch_size", "8", "--epochs", "2",
+            "--print_freq", "1000", "--eval_every", "2"]
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
         # Files, not pipes: nothing blocks on a full pipe, and the test polls stdout for the epoch line.
-        proc = subprocess.Popen(torchrun_command(*args), stdout=out_file, stderr=err_file, cwd=tmp_path,
-                                env=torchrun_env())
+        proc = subprocess.Popen(torchrun_command(*args, "--output_dir", "run"), stdout=out_file, stderr=err_file,
+                                cwd=tmp_path, env=torchrun_env())
         try:
             deadline = time.monotonic() + TORCHRUN_TIMEOUT
-            while "epoch 1/3 |" not in stdout.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert "epoch 1/3 |" in stdout.read_text(), stderr.read_text()[-3000:]
+            # last.pt appears once epoch 1 is saved; the ranks poll for a signal right after that, then at each
+            # step of epoch 2: a signal now lands in epoch 2.
+            while not (tmp_path / "run" / "last.pt").exists() and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "epoch 1/2 |" in stdout.read_text(), stderr.read_text()[-3000:]
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=TORCHRUN_TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert "SIGINT: stopped after" in stderr.read_text(), stderr.read_text()[-3000:]  # a step, or an epoch
+    assert "SIGINT: stopped after step" in stderr.read_text(), stderr.read_text()[-3000:]
     saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["run"]
-    assert (1, 0) <= (saved["epoch"], saved["step"]) < (3, 0)
+    assert saved["epoch"] == 1 and 0 < saved["step"] < 50  # mid-epoch, far from a logging interval
+    assert tuple(saved["epoch_sums"].shape) == (WORLD_SIZE, 4)
+    assert saved["epoch_sums"][:, 3].tolist() == [saved["step"]] * WORLD_SIZE  # each rank's steps
     assert not (tmp_path / "run" / "results.json").exists()
 
-    proc = torchrun(*args, "--resume", cwd=tmp_path)
+    proc = torchrun(*args, "--output_dir", "run", "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    never_stopped = torchrun(*args, "--output_dir", "whole", cwd=tmp_path)
+    assert never_stopped.returncode == 0, never_stopped.stderr[-3000:]
+    results, whole = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("run", "whole"))
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert results["world_size"] == WORLD_SIZE
+
+    def kept(history):  # everything but the timings
+        return [{k: v for k, v in h.items() if k != "samples_per_s"} for h in history]
+
+    assert kept(results["history"]) == kept(whole["history"])
+    assert results["per_class"] == whole["per_class"] and results["last_top1"] == whole["last_top1"]
+    weights, whole_weights = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=False)["model"]
+                              for name in ("run", "whole"))
+    for key, tensor in whole_weights.items():
+        assert torch.equal(weights[key], tensor), key
+
+
+PER_RANK = torch.tensor([[1.5, 0.5, 1.0, 3.0], [2.5, 0.5, 2.0, 3.0]])  # two ranks' sums: total, feature, ce, steps
+
+
+@pytest.mark.parametrize("saved, world_size, expected", [
+    (PER_RANK, 2, [PER_RANK[0], PER_RANK[1]]),  # the same processes: each its own row
+    (PER_RANK, 1, [PER_RANK.sum(0)]),  # resumed on one process: their total
+    (PER_RANK, 4, [PER_RANK.sum(0), torch.zeros(4), torch.zeros(4), torch.zeros(4)]),
+    (PER_RANK[1], 2, [PER_RANK[1], torch.zeros(4)]),  # one process's [4] (a run on one, or an older checkpoint)
+    (PER_RANK[1], 1, [PER_RANK[1]]),
+])
+def test_mid_epoch_loss_sums_are_shared_out_on_resume(saved, world_size, expected):
+    """Whatever the number of processes before and after, the ranks' sums add up to the saved ones (so the epoch's
+    mean loss is that of all its steps); with the same number each rank gets its own back."""
+    for rank in range(world_size):
+        state = main.RunState()
+        state.load_state_dict({"epoch": 1, "step": 3, "epoch_sums": saved.clone()}, torch.device("cpu"), rank,
+                              world_size)
+        assert torch.equal(state.epoch_sums, expected[rank]), rank
 
 
 @pytest.mark.parametrize("world_size", ["2", None])

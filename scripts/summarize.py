@@ -28,7 +28,10 @@ Choices, documented here and in the table's footnotes:
   cross-entropy: a CE run with another --ce_sampler is always labelled with it
   ("CE [ce_sampler=class]", the hybrid's classifier branch alone) and gets no literature value.
   Likewise a hybrid run in another form than the paper's (--alpha_schedule other than parabolic,
-  --sc_aug supcon, for PSC --psc_denominator all) is always labelled with it and gets no paper value.
+  --sc_aug supcon, for PSC --psc_denominator all), and any run with another --model than resnet32 (the
+  backbone of every reference value), is always labelled with it and gets no paper value. So does a
+  row trained on another split than the full dataset's long-tailed one (recorded class sizes whose
+  largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
   setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
   the number of processes are separate rows, each labelled with the settings that tell them apart
@@ -44,7 +47,8 @@ Choices, documented here and in the table's footnotes:
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
-  change the means. No results at all is an error too. A wall time that is not a finite number of
+  change the means. No results at all is an error too. Run folders with a config.json but no
+  results.json (running, stopped or failed) are left out and named in one note on stderr. A wall time that is not a finite number of
   seconds >= 0 counts as not recorded ('—'): it is bookkeeping, not a result.
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
@@ -110,12 +114,17 @@ LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 # for the literature's CE. A run with another value is another method (class-balanced CE is the hybrid's
 # classifier branch alone): its label always says so, also with no other run to tell it from, and it gets
 # no reference value.
-_PAPER_FORM = {"alpha_schedule": "parabolic", "sc_aug": "paper"}
+# All of them were measured with ResNet-32.
+_PAPER_FORM = {"model": "resnet32", "alpha_schedule": "parabolic", "sc_aug": "paper"}
 REFERENCE_RECIPE = MappingProxyType({
     "sc": MappingProxyType(_PAPER_FORM),
     "psc": MappingProxyType({**_PAPER_FORM, "psc_denominator": "negatives"}),
-    "ce": MappingProxyType({"ce_sampler": "instance"}),
+    "ce": MappingProxyType({"model": "resnet32", "ce_sampler": "instance"}),
 })
+# The reference values' training sets: the full datasets' classes, each of this many images before the long-tailed
+# cut (whose largest class keeps them all). A run whose recorded class sizes start elsewhere (a subset, synthetic
+# data) was trained on another split and gets no reference value.
+FULL_SPLIT = MappingProxyType({"cifar10": (10, 5000), "cifar100": (100, 500)})  # classes, images per class
 
 DATASET_LABELS = MappingProxyType({"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"})
 METHOD_LABELS = MappingProxyType({"sc": "Hybrid-SC", "psc": "Hybrid-PSC", "ce": "CE"})
@@ -128,6 +137,9 @@ CSV_COLUMNS = (
     "many_mean", "medium_mean", "few_mean", "ncm_top1_mean", "epochs", "lr_decay_epochs", "batch_size",
     "paper_schedule", "wall_time_s_mean", "reference_top1", "reference_source", "diff_last_minus_reference",
 )
+
+
+UNFINISHED_NAMED = 5  # run folders without results.json named in the note; the rest are counted
 
 
 class SummaryError(Exception):
@@ -158,6 +170,15 @@ class RunResult:
     class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
     ncm_top1: float | None = None  # the nearest-class-mean top-1 at the end; None when not recorded
     train_digest: str | None = None  # SHA-256 of the training images and labels; None when not recorded
+
+    @property
+    def full_split(self) -> bool:
+        """Whether the run was trained on the long-tailed split of the full dataset, as the reference values were
+        (True when its class sizes are not recorded, or the dataset is not one of the paper's)."""
+        if self.class_counts is None or self.dataset not in FULL_SPLIT:
+            return True
+        classes, n_max = FULL_SPLIT[self.dataset]
+        return len(self.class_counts) == classes and self.class_counts[0] == n_max
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,8 @@ class GroupSummary:
     # How many different training sets (train_digest) the seeds that record one were trained on: more than one
     # means seeds run on different copies of the data, whose mean mixes them.
     train_sets: int = 1
+    # False when a run of the row was trained on another split than the full dataset's (RunResult.full_split).
+    full_split: bool = True
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -441,7 +464,8 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
     best_mean, best_std = mean_std([run.best_top1 for run in runs])
     last_mean, last_std = mean_std([run.last_top1 for run in runs])
     paper_schedule = is_paper_schedule(key)
-    reference = reference_top1(key) if paper_schedule else None
+    full_split = all(run.full_split for run in runs)
+    reference = reference_top1(key) if paper_schedule and full_split else None
     diff = None
     if reference is not None and reference[1] == "paper":
         diff = last_mean - reference[0]
@@ -465,6 +489,7 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         ncm_top1=(None if any(run.ncm_top1 is None for run in runs)
                   else float(np.mean([run.ncm_top1 for run in runs]))),
         train_sets=max(len({run.train_digest for run in runs if run.train_digest is not None}), 1),
+        full_split=full_split,
     )
 
 
@@ -600,10 +625,17 @@ def format_markdown(rows: list[GroupSummary]) -> str:
         notes.append("- [name=value]: runs with the same method, ratio and schedule that differ in these "
                      "training settings of their saved config (or in world_size, the number of "
                      "processes) are reported apart; '?': the run does not record the setting. At the paper's "
-                     "schedule, a row in another form of the method than the paper's (alpha_schedule other "
-                     "than parabolic, sc_aug other than paper, for Hybrid-PSC psc_denominator other than "
-                     "negatives) or, for CE, with a ce_sampler other than instance has no reference value "
-                     "('—').")
+                     "schedule, a row with another model than resnet32 or in another form of the method than the "
+                     "paper's (alpha_schedule other than parabolic, sc_aug other than paper, for Hybrid-PSC "
+                     "psc_denominator other than negatives) or, for CE, with a ce_sampler other than instance has "
+                     "no reference value ('—').")
+    other_split = [row for row in rows if row.paper_schedule and not row.full_split]
+    if other_split:
+        labels = "; ".join(f"{DATASET_LABELS.get(row.key.dataset, row.key.dataset)} {_method_text(row.key)} at ratio "
+                           f"{_ratio_text(row.key)}" for row in other_split)
+        notes.append(f"- Trained on another split than the full dataset's long-tailed one (the largest class not "
+                     f"{' / '.join(f'{n:,}' for _, n in FULL_SPLIT.values())} images: a subset, or synthetic "
+                     f"data), so no reference value ('—'): {labels}.")
     mixed = [row for row in rows if row.train_sets > 1]
     if mixed:
         labels = "; ".join(f"{DATASET_LABELS.get(row.key.dataset, row.key.dataset)} {_method_text(row.key)} at ratio "
@@ -727,6 +759,19 @@ def find_result_files(paths: list[str]) -> list[Path]:
     return list(found.values())
 
 
+def find_unfinished(paths: list[str]) -> list[Path]:
+    """Run folders under the given folders that main.py started (config.json) but that hold no results.json: runs
+    still going, stopped or failed, which the summary leaves out."""
+    found: dict[Path, Path] = {}
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for config in sorted(path.rglob("config.json")):
+                if not (config.parent / "results.json").exists():
+                    found.setdefault(_resolved(config.parent), config.parent)
+    return list(found.values())
+
+
 def with_resolved_defaults(data: object, config_file: Path) -> object:
     """results.json made before it recorded RESOLVED's fields: those fields from the config.json that
     main.py writes beside it (which has always held them), where that file is there and readable."""
@@ -832,6 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as error:
         print(f"summarize.py: error: {error}", file=sys.stderr)
         return 1
+    unfinished = find_unfinished(args.paths)
+    if unfinished:  # a seed missing from a row changes its mean: say so, on stderr beside any table
+        named = ", ".join(str(folder) for folder in unfinished[:UNFINISHED_NAMED])
+        more = f" and {len(unfinished) - UNFINISHED_NAMED} more" if len(unfinished) > UNFINISHED_NAMED else ""
+        print(f"summarize.py: note: left out {len(unfinished)} run folder{'s' if len(unfinished) != 1 else ''} "
+              f"without results.json (running, stopped or failed): {named}{more}", file=sys.stderr)
     if args.csv:
         text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
         left_out = sum(row.per_class_mean is None for row in rows) if args.per_class else 0

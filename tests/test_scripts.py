@@ -215,6 +215,50 @@ def test_ce_literature_reference_is_marked(summarize, tmp_path, capsys):
     assert "(lit.)" in out.split("\n\n", 1)[1]  # explained in the footnotes
 
 
+def test_a_reference_value_needs_resnet32_and_the_full_datasets_split(summarize, tmp_path, capsys):
+    """The paper's and the literature's numbers are ResNet-32's on the long-tailed split of the full dataset: a run
+    with another model (labelled with it, even alone) or trained on a smaller set (a subset, synthetic data; its
+    largest class is not 5,000 images) gets none, and the footnote names the row."""
+    write_result(tmp_path, "r8", config={"model": "resnet8"})
+    write_result(tmp_path, "ce_r8", method="ce", config={"model": "resnet8"})
+    small = [int(120 * 0.01 ** (c / 9)) for c in range(10)]
+    write_result(tmp_path, "psc_small", method="psc", class_counts=small, config={"model": "resnet32"})
+    write_result(tmp_path, "psc_full", method="psc", ratio=50, config={"model": "resnet32"},
+                 class_counts=[int(5000 * 0.02 ** (c / 9)) for c in range(10)])
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == ""
+    rows = {(row[1], row[2]): row for row in table_rows(out)}
+    assert rows[("Hybrid-SC [model=resnet8]", "100")][11:] == ["—", "—"]
+    assert rows[("CE [model=resnet8]", "100")][11:] == ["—", "—"]
+    assert rows[("Hybrid-PSC", "100")][11:] == ["—", "—"]
+    assert rows[("Hybrid-PSC", "50")][11:] == ["83.86", f"{81.0 - 83.86:+.2f}"]
+    assert "- Trained on another split than the full dataset's long-tailed one (the largest class not 5,000 / 500 " \
+           "images: a subset, or synthetic data), so no reference value ('—'): CIFAR-10-LT Hybrid-PSC at ratio 100." \
+           in out
+    assert "a row with another model than resnet32" in out
+    code, out, _ = run_summarize(summarize, capsys, tmp_path / "psc_small")  # alone, too
+    assert code == 0 and table_rows(out)[0][11:] == ["—", "—"]
+
+
+def test_run_folders_without_results_are_named_on_stderr(summarize, tmp_path, capsys):
+    """A sweep's stopped or failed runs (config.json, no results.json) are left out of the rows; the summary says
+    which, on stderr, so that neither the markdown nor the CSV changes."""
+    write_result(tmp_path, "sc_s0")
+    for i in range(7):
+        (tmp_path / f"sc_s{i + 1}").mkdir()
+        (tmp_path / f"sc_s{i + 1}" / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()  # a folder that is not a run: not named
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and len(table_rows(out)) == 1
+    named = ", ".join(str(tmp_path / f"sc_s{i}") for i in range(1, 6))
+    assert err == (f"summarize.py: note: left out 7 run folders without results.json (running, stopped or failed): "
+                   f"{named} and 2 more\n")
+    code, out, err = run_summarize(summarize, capsys, tmp_path / "sc_s0", tmp_path / "sc_s1", "--csv")
+    assert code == 0 and out.count("\n") == 2
+    assert err == f"summarize.py: note: left out 1 run folder without results.json (running, stopped or failed): " \
+                  f"{tmp_path / 'sc_s1'}\n"
+
+
 def test_class_balanced_ce_is_labelled_and_not_set_beside_plain_ce(summarize, tmp_path, capsys):
     # The literature's 70.36 is plain (instance-sampled) CE; class-balanced CE is another method,
     # labelled as such even when no other run tells it apart.

@@ -1020,7 +1020,8 @@ class Run:
             self.save("last.pt", epoch_sums=self.every_rank_sums())
             where = f"after step {step + 1} of epoch {epoch + 1}"
         raise Stop(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {self.out / 'last.pt'}. "
-                   f"Resume with the same command plus --resume", 128 + signum)
+                   f"Resume with the same command plus --resume (a run of a sweep: the sweep's command again)",
+                   128 + signum)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

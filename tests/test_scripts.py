@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+import dataset_loader as dl
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
 
@@ -57,10 +59,14 @@ CIFAR10_R100_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
-                wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=CIFAR10_R100_COUNTS,
+                wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=None,
                 ncm=None, train_digest=None):
     """A results.json in the schema main.py writes (only what matters here varies); "ncm" and "train_digest" only
-    when given, as in runs made before main.py recorded them."""
+    when given, as in runs made before main.py recorded them. class_counts: by default the full dataset's
+    long-tailed split at this ratio, as dataset_loader draws it."""
+    if class_counts is None:
+        classes, n_max = {"cifar10": (10, 5000), "cifar100": (100, 500)}[dataset]
+        class_counts = dl.long_tailed_counts(n_max, classes, 1.0 / ratio, imb_type)
     shots = {"top1": last, "many": many, "medium": medium, "few": few}
     extra = {} if ncm is None else {"ncm": {"top1": ncm, "many": None, "medium": None, "few": None, "per_class": []}}
     if train_digest is not None:
@@ -72,7 +78,7 @@ def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, la
         "best_top1": best, "best_epoch": epochs - 1, "last_top1": last,
         "many": many, "medium": medium, "few": few,
         "best": {**shots, "top1": best, "epoch": epochs - 1}, "last": {**shots, "epoch": epochs},
-        "per_class": [last] * 10 if per_class is None else per_class, "class_counts": class_counts, "history": [],
+        "per_class": [last] * len(class_counts) if per_class is None else per_class, "class_counts": class_counts, "history": [],
         "samples_per_s": 1000.0, "wall_time_s": wall_time_s, "torch_version": "2.14.1",
         "device": "cpu", "config": {"epochs": epochs, **(config or {})},
     }
@@ -1294,7 +1300,7 @@ def test_sweep_real_cli(tmp_path, summarize):
     table = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs)], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr
-    assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE |") == 2
+    assert "short schedule: 1 epoch |" in table.stdout and table.stdout.count("| CIFAR-10-LT | CE [model=resnet8] |") == 2
     # Each run's nearest-class-mean top-1 (main.py's "ncm") is its row's NCM column.
     header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
                         for line in table.stdout.splitlines() if line.startswith("|")]
@@ -1351,7 +1357,7 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert res["epochs"] == 1 and res["method"] == "sc" and res["config"]["imb_factor"] == 0.1
     assert res["config"]["ncm_every"] == 10  # the nearest class mean's course in the 200-epoch runs' history
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC |" in summary
+    assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC [model=resnet8] |" in summary
     assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10, " in summary
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
 

@@ -773,7 +773,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     threads = torch.get_num_threads()
-    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    return f"cpu ({plural(threads, 'thread')})"
 
 
 SHOT_KEYS = ("top1", "many", "medium", "few")  # the accuracies a history entry, a summary and TensorBoard report

@@ -48,8 +48,9 @@ Choices, documented here and in the table's footnotes:
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too. Run folders with a config.json but no
-  results.json (running, stopped or failed) are left out and named in one note on stderr. A wall time that is not a finite number of
-  seconds >= 0 counts as not recorded ('—'): it is bookkeeping, not a result.
+  results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
+  time that is not a finite number of seconds >= 0 counts as not recorded ('—'): it is
+  bookkeeping, not a result.
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
   summary reads (a results.json, or the config.json beside one). Bad arguments and files that
@@ -537,7 +538,7 @@ def schedule_text(key: GroupKey, paper_schedule: bool, detailed: bool = False) -
     decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
     batch = "?" if key.batch_size is None else str(key.batch_size)
     if key.epochs < PAPER_EPOCHS:
-        short = f"short schedule: {key.epochs} epoch{'s' if key.epochs != 1 else ''}"
+        short = f"short schedule: {_plural(key.epochs, 'epoch')}"
         return f"{short}, lr decay at {decay}, batch {batch}" if detailed else short
     return f"other schedule: {key.epochs} epochs, lr decay at {decay}, batch {batch}"
 
@@ -575,6 +576,16 @@ def _pm(mean: float, std: float | None) -> str:
 
 def _opt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _row_place(row: GroupSummary) -> str:
+    """A row named in a footnote: "CIFAR-10-LT Hybrid-SC at ratio 100"."""
+    key = row.key
+    return f"{DATASET_LABELS.get(key.dataset, key.dataset)} {_method_text(key)} at ratio {_ratio_text(key)}"
 
 
 def format_markdown(rows: list[GroupSummary]) -> str:
@@ -631,15 +642,13 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "no reference value ('—').")
     other_split = [row for row in rows if row.paper_schedule and not row.full_split]
     if other_split:
-        labels = "; ".join(f"{DATASET_LABELS.get(row.key.dataset, row.key.dataset)} {_method_text(row.key)} at ratio "
-                           f"{_ratio_text(row.key)}" for row in other_split)
+        labels = "; ".join(_row_place(row) for row in other_split)
         notes.append(f"- Trained on another split than the full dataset's long-tailed one (the largest class not "
                      f"{' / '.join(f'{n:,}' for _, n in FULL_SPLIT.values())} images: a subset, or synthetic "
                      f"data), so no reference value ('—'): {labels}.")
     mixed = [row for row in rows if row.train_sets > 1]
     if mixed:
-        labels = "; ".join(f"{DATASET_LABELS.get(row.key.dataset, row.key.dataset)} {_method_text(row.key)} at ratio "
-                           f"{_ratio_text(row.key)}, seeds {', '.join(str(s) for s in row.seeds)} ({row.train_sets} "
+        labels = "; ".join(f"{_row_place(row)}, seeds {', '.join(str(s) for s in row.seeds)} ({row.train_sets} "
                            f"sets)" for row in mixed)
         notes.append(f"- Seeds trained on different images, averaged together: {labels}. Their results.json hold "
                      "different train_digest values (the training images and labels): other copies of the data "
@@ -651,7 +660,7 @@ def _row_labels(rows: list[GroupSummary]) -> list[str]:
     """Per-class column headings: each row's method and variant, its schedule unless the paper's (in full where
     two rows would otherwise look alike), and its seeds."""
     schedules = distinct_schedules(rows, lambda row: (_method_text(row.key),))
-    seeds = [f"{len(row.seeds)} seed{'s' if len(row.seeds) != 1 else ''}" for row in rows]
+    seeds = [_plural(len(row.seeds), "seed") for row in rows]
     return [f"{_method_text(row.key)}{'' if row.paper_schedule else ', ' + schedule} ({n})"
             for row, schedule, n in zip(rows, schedules, seeds)]
 
@@ -881,8 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     if unfinished:  # a seed missing from a row changes its mean: say so, on stderr beside any table
         named = ", ".join(str(folder) for folder in unfinished[:UNFINISHED_NAMED])
         more = f" and {len(unfinished) - UNFINISHED_NAMED} more" if len(unfinished) > UNFINISHED_NAMED else ""
-        print(f"summarize.py: note: left out {len(unfinished)} run folder{'s' if len(unfinished) != 1 else ''} "
-              f"without results.json (running, stopped or failed): {named}{more}", file=sys.stderr)
+        print(f"summarize.py: note: left out {_plural(len(unfinished), 'run folder')} without results.json "
+              f"(running, stopped or failed): {named}{more}", file=sys.stderr)
     if args.csv:
         text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
         left_out = sum(row.per_class_mean is None for row in rows) if args.per_class else 0

@@ -117,6 +117,11 @@ class Config:
                                   "mean) and exit; the dataset, model and long-tailed split are the checkpoint's",
                            "run")
     checkpoint: Optional[str] = _opt(None, "checkpoint for --eval_only", "run")
+    dry_run: bool = _opt(False, "do all a run does before its first step (check the flags, the device, the output "
+                                "folder and with --resume its checkpoint; read the data, draw the long-tailed split, "
+                                "build the model), print the run's settings as config.json would hold them and "
+                                "what it would do, and exit, creating and changing nothing in the output folder",
+                       "run")
     device: str = _opt("auto", "auto (cuda when available; the CPU with a note when CUDA_VISIBLE_DEVICES names GPUs "
                        "but none is available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
     amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; "
@@ -264,6 +269,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--eval_only writes no run: drop --{'resume' if cfg.resume else 'overwrite'}")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; choose one")
+    if cfg.dry_run and cfg.eval_only:
+        raise UserError("--dry_run checks a training run; --eval_only trains nothing: drop one of them")
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -884,34 +891,68 @@ class Run:
         return torch.stack(every)
 
     # -- the loop
+    def config_record(self) -> dict[str, Any]:
+        """config.json: the flags with what the run resolved from them (device, data, numerics)."""
+        cfg, trainer = self.cfg, self.trainer
+        return {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": torch.__version__,
+                "device": device_name(self.device), "world_size": self.dist.world_size,
+                "num_classes": self.num_classes, "class_counts": trainer.class_counts,
+                "train_size": sum(trainer.class_counts), "amp": trainer.amp,
+                "channels_last": trainer.channels_last, "psc_temperature": cfg.psc_temperature}
+
+    def start_lines(self) -> list[str]:
+        """What the run says before its first step: notes on flags that are legal but rarely meant, then the data,
+        the device and the folder."""
+        cfg, trainer = self.cfg, self.trainer
+        lines = []
+        hidden = hidden_gpu_note(cfg.device, self.device)
+        if hidden:
+            lines.append(hidden)
+        unread = unread_settings(cfg)
+        if unread:  # not an error: a sweep passes one set of flags to every method
+            hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
+            lines.append(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
+                         f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
+        if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
+            lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
+                         f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
+        lines.append(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
+                     f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
+                     f"steps/epoch, device {device_name(self.device)}, output {self.out}")
+        return lines
+
+    def dry_run(self) -> int:
+        """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
+        state, out = self.state, self.out
+        if self.dist.main:
+            print(json.dumps(self.config_record(), indent=2), flush=True)
+        for line in self.start_lines():
+            self.log(line)
+        if self.cfg.resume and state.epoch >= self.cfg.epochs:  # stopped after its last step, before results.json
+            what = f"evaluate the trained run in {out} and write its results.json"
+        elif self.cfg.resume:
+            steps = self.trainer.steps_per_epoch
+            what = (f"resume {out} after step {state.step} of epoch {state.epoch + 1} ({steps} steps per epoch)"
+                    if state.step else f"resume {out} after epoch {state.epoch}")
+        elif out.is_dir() and any((out / f).exists() for f in RUN_FILES):  # --overwrite, else check_output_dir refused
+            what = f"start again in {out}, deleting the run there"
+        else:
+            what = f"start a run in {out}"
+        self.log(f"dry run: would {what}; nothing written")
+        return 0
+
     def run(self) -> int:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
         if dist.main:
             prepare_output_dir(self.out, cfg.overwrite)
-            config = {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": torch.__version__,
-                      "device": device_name(self.device), "world_size": dist.world_size,
-                      "num_classes": self.num_classes, "class_counts": trainer.class_counts,
-                      "train_size": sum(trainer.class_counts), "amp": trainer.amp,
-                      "channels_last": trainer.channels_last, "psc_temperature": cfg.psc_temperature}
+            config = self.config_record()
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
-        hidden = hidden_gpu_note(cfg.device, self.device)
-        if hidden:
-            self.log(hidden)
-        unread = unread_settings(cfg)
-        if unread:  # not an error: a sweep passes one set of flags to every method
-            hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
-            self.log(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
-                     f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
-        if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
-            self.log(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
-                     f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
-        self.log(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
-                 f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
-                 f"steps/epoch, device {device_name(self.device)}, output {self.out}")
+        for line in self.start_lines():
+            self.log(line)
         self.signals.install()
         self.wall_mark = time.perf_counter()
         try:
@@ -1239,7 +1280,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if dist.main:
                 print(f"{out} already finished {cfg.epochs} epochs; nothing to do", flush=True)
             return 0
-        return Run(cfg, dist, device, out, saved).run()
+        run = Run(cfg, dist, device, out, saved)
+        return run.dry_run() if cfg.dry_run else run.run()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code

@@ -100,8 +100,8 @@ PROBE_WARMUP_BATCH = 256
 PROFILE_TOP = 15  # operators listed by --profile; the rest are one "other" line
 PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
-RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "eval_every", "ncm_every",
-                    "print_freq", "sync_bn", "deterministic")
+RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run", "eval_every",
+                    "ncm_every", "print_freq", "sync_bn", "deterministic")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ PAPER_TOP1 = MappingProxyType({
 # Saved-config entries that do not define the training recipe (paths, devices, logging, layout
 # and compile choices with the same maths), or that the group key already holds.
 NOT_RECIPE = frozenset({
-    "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint",
+    "seed", "output_dir", "data_root", "download", "resume", "overwrite", "eval_only", "checkpoint", "dry_run",
     "device", "compile", "compile_mode", "channels_last", "deterministic", "print_freq", "ncm_every",
     "dataset", "imb_type", "imb_factor", "loss", "epochs", "lr_decay_epochs", "batch_size",
 })

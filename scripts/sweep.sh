@@ -41,6 +41,9 @@ with --imb_type step.
                      main.py takes an unambiguous start of a flag for the flag), are refused here.
   -h, --help         this message
 
+Before the first run, one main.py --dry_run as the first run with training left (in a scratch folder)
+checks the flags, the device and the data: if it fails, its line is the sweep's error (exit 2) and no
+run starts. Skipped when every run has finished.
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
 that it was made with the recipe given now: the data, model, loss and optimisation settings that
 a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
@@ -308,6 +311,30 @@ sigint_ignored="^trap -- '' (SIG)?INT\$" # bash's POSIX mode prints INT, not SIG
 if [[ $(trap -p INT) =~ $sigint_ignored ]]; then
   echo "$prog: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill $$' (SIGTERM) can" >&2
 fi
+
+# One dry run first, as the first run that has training left (flags, device, data): a typo after -- or a wrong
+# --data_root then says so once, instead of once per run (with --gpus, in every run's log) after a queue of failures.
+# It writes nothing (its --output_dir is a scratch name that is never created) and takes seconds once the data is
+# decoded. Skipped when every run has finished: checking them reads no data.
+for ((idx = 0; idx < n_runs; idx++)); do
+  [[ -e $runs_dir/${run_names[idx]}/results.json ]] && continue
+  echo "$prog: checking the flags, the device and the data (main.py --dry_run as ${run_names[idx]})"
+  rc=0
+  (
+    ((${#gpu_list[@]} == 0)) || export CUDA_VISIBLE_DEVICES=${gpu_list[0]}
+    exec "${python_cmd[@]}" "$repo_root/main.py" --dataset "$dataset" --imb_type "$imb_type" \
+      --imb_factor "${run_factors[idx]}" --loss "${run_methods[idx]}" --seed "${run_seeds[idx]}" \
+      --output_dir "$state_dir/dry_run" ${extra_args[@]+"${extra_args[@]}"} --dry_run </dev/null >/dev/null
+  ) || rc=$?
+  if ((rc == 130)); then
+    echo "$prog: interrupted" >&2
+    exit 130
+  elif ((rc)); then
+    echo "$prog: error: main.py --dry_run failed (exit $rc; its message is above) with the flags every run gets: no run started" >&2
+    exit 2
+  fi
+  break
+done
 trap on_interrupt INT TERM
 set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
 

@@ -275,6 +275,7 @@ BAD_INPUTS = [
     (["--eval_only", "--checkpoint", "best.pt", "--resume"], "drop --resume"),
     (["--eval_only", "--checkpoint", "best.pt", "--overwrite"], "drop --overwrite"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--dry_run", "--eval_only", "--checkpoint", "best.pt"], "--dry_run checks a training run"),
 ]
 
 
@@ -393,6 +394,66 @@ def test_device_name_counts_threads(monkeypatch):
     assert main.device_name(torch.device("cpu")) == "cpu (1 thread)"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert main.device_name(torch.device("cpu")) == "cpu (2 threads)"
+
+
+def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(finished_run, tmp_path, capsys,
+                                                                               cifar10_root):
+    """--dry_run passes or fails as the run would up to its first step, says what it would do, and leaves every
+    folder as it was: a fresh one uncreated, an existing run unchanged, whatever --resume / --overwrite say."""
+    loss, finished, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    argv = ["--data_root", str(cifar10_root), "--loss", loss, *TINY, "--dry_run"]
+
+    def dry_run(*extra: str) -> tuple[int, str, str]:
+        before = snapshot(run)
+        try:
+            code = main.main([*argv, *extra])
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        assert snapshot(run) == before
+        return code, captured.out, captured.err
+
+    fresh = tmp_path / "fresh"
+    code, out, err = dry_run("--output_dir", str(fresh), "--alpha_schedule", "linear")
+    assert code == 0 and err == "" and not fresh.exists()
+    config = json.loads(out[:out.index("\n}\n") + 2])  # the settings, as config.json would hold them
+    saved = json.loads((finished / "config.json").read_text())
+    assert config["class_counts"] == EXPECTED_COUNTS and config["dry_run"] is True
+    assert {k: v for k, v in config.items() if k not in ("dry_run", "output_dir", "alpha_schedule")} == \
+        {k: v for k, v in saved.items() if k not in ("dry_run", "output_dir", "alpha_schedule")}
+    lines = out[out.index("\n}\n") + 3:].splitlines()
+    if loss == "ce":  # the notes a run prints come too
+        assert lines.pop(0).startswith("note: --loss ce does not read --alpha_schedule")
+    assert lines == [f"training {sum(EXPECTED_COUNTS)} images in 10 classes (counts 40 .. 4), 9 steps/epoch, device "
+                     f"{main.device_name(torch.device('cpu'))}, output {fresh}",
+                     f"dry run: would start a run in {fresh}; nothing written"]
+
+    code, out, err = dry_run("--output_dir", str(run))
+    assert_one_line_error(code, err, "already holds a run; pass --resume to continue it or --overwrite")
+    code, out, _ = dry_run("--output_dir", str(run), "--overwrite")
+    assert code == 0 and out.endswith(f"dry run: would start again in {run}, deleting the run there; nothing written\n")
+    code, out, _ = dry_run("--output_dir", str(run), "--resume")
+    assert code == 0 and out == f"{run} already finished 2 epochs; nothing to do\n"
+    code, out, err = dry_run("--output_dir", str(run), "--resume", "--batch_size", "8")
+    assert_one_line_error(code, err, "--batch_size 16 -> 8")
+    (run / "results.json").unlink()  # trained to the end, stopped before its results were written
+    code, out, _ = dry_run("--output_dir", str(run), "--resume")
+    assert code == 0 and out.endswith(f"dry run: would evaluate the trained run in {run} and write its results.json; "
+                                      f"nothing written\n")
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    for (epoch, step), where in (((1, 0), "after epoch 1"), ((1, 3), "after step 3 of epoch 2 (9 steps per epoch)")):
+        ckpt["run"].update(epoch=epoch, step=step)
+        torch.save(ckpt, run / "last.pt")
+        code, out, _ = dry_run("--output_dir", str(run), "--resume")
+        assert code == 0 and out.endswith(f"dry run: would resume {run} {where}; nothing written\n")
+    # The data is read and split as the run would: no data, or too few images for the batch, fail alike.
+    code, _, err = dry_run("--output_dir", str(fresh), "--data_root", str(tmp_path / "nothing"))
+    assert_one_line_error(code, err, "cifar-10-batches-py")
+    code, _, err = dry_run("--output_dir", str(fresh), "--batch_size", "4096")
+    assert_one_line_error(code, err, "4096")
+    assert not fresh.exists()
 
 
 def test_resume_without_checkpoint(tmp_path, capsys, cifar10_root):

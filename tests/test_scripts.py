@@ -810,6 +810,14 @@ def finish():
     log("end")
 
 
+if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes nothing
+    log("dry_run")
+    if os.environ.get("FAKE_DRY_RUN_FAIL"):
+        sys.exit("error: " + os.environ["FAKE_DRY_RUN_FAIL"])
+    print("dry run: would start a run in", out)
+    sys.exit(0)
+
+
 # Like main.py: a signal asks the run to stop after the current step (a second one would mean
 # "stop now"); the signals received are logged so a test can see that exactly one arrived. The
 # handlers go in before "start" is logged, so a test that signals on seeing "start" never meets
@@ -867,8 +875,8 @@ def fake(tmp_path):
     script.chmod(0o755)
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST",
-                                                         "FAKE_CHECK_SLEEP")}
+           if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST", "FAKE_CHECK_SLEEP",
+                        "FAKE_DRY_RUN_FAIL")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
     def read_log(event="start"):
@@ -914,6 +922,12 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
                      "--epochs", "3", "--batch_size", "8"]
         assert f"[{name}] " in result.stdout and "--output_dir" in result.stdout  # command printed
     assert summary_statuses(result.stdout) == {name: "done" for name in expected}
+    # One dry run before any run, as the first run but in a scratch folder that is never created.
+    [dry] = read_log("dry_run")
+    scratch = dry["args"][dry["args"].index("--output_dir") + 1]
+    assert dry["time"] < calls[0]["time"] and not Path(scratch).parent.exists() and runs not in Path(scratch).parents
+    assert dry["args"] == [*calls[0]["args"][:11], scratch, *calls[0]["args"][12:], "--dry_run"]
+    assert "checking the flags, the device and the data (main.py --dry_run as cifar10_sc_r100_s0)" in result.stdout
 
     again = run_script("sweep.sh", args, env)
     assert again.returncode == 0
@@ -940,6 +954,7 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
     assert pruned.returncode == 0 and summary_statuses(pruned.stdout)[name] == "skipped"
     assert f"[{name}] finished already (no last.pt to check its settings against): skipped" in pruned.stdout
     assert name not in [c["name"] for c in read_log("checked")[len(expected):]]
+    assert len(read_log("dry_run")) == 1  # every run had finished in the later calls: checking them reads no data
 
     code, out, _ = run_summarize(summarize, capsys, runs)
     assert code == 0 and [r[3] for r in table_rows(out)] == ["2 (0, 1)"] * 4
@@ -983,6 +998,10 @@ def test_table1_keeps_going_after_a_failure(fake, tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     [retry] = [c for c in read_log()[len(expected):] if "--resume" not in c["args"]]  # the others: checked
     assert retry["name"] == "cifar10_psc_r50_s0" and "--overwrite" in retry["args"]
+    # The dry run goes as the first run with training left (without --overwrite: its folder is a scratch one).
+    dry = read_log("dry_run")[-1]["args"]
+    assert dry[dry.index("--imb_factor") + 1] == "0.02" and dry[dry.index("--loss") + 1] == "psc"
+    assert "--overwrite" not in dry and "--resume" not in dry
     assert sorted(c["name"] for c in read_log("checked")) == sorted(expected - {"cifar10_psc_r50_s0"})
 
 
@@ -1235,6 +1254,28 @@ def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_comma
     assert read_log() == [] and (tmp_path / "a file").read_text() == "kept"
 
 
+@pytest.mark.parametrize("gpus", ["", "1 0"])
+def test_sweep_stops_before_any_run_when_the_dry_run_fails(fake, tmp_path, gpus):
+    """Flags every run gets that main.py refuses (a bad value after --, a --data_root without data): one error
+    line from the dry run, and no run is started, rather than the same failure once per run (with --gpus, in
+    each run's log)."""
+    env, read_log = fake
+    env["FAKE_DRY_RUN_FAIL"] = "--learning_rate must be positive (got -1.0)"
+    runs = tmp_path / "runs"
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0.1", "--methods", "sc psc",
+                                     "--runs_dir", str(runs), "--gpus", gpus, "--", "--learning_rate", "-1"], env)
+    assert result.returncode == 2
+    assert result.stdout == "sweep.sh: checking the flags, the device and the data (main.py --dry_run as " \
+                            "cifar10_sc_r100_s0)\n"
+    assert result.stderr.splitlines() == [
+        "error: --learning_rate must be positive (got -1.0)",
+        "sweep.sh: error: main.py --dry_run failed (exit 1; its message is above) with the flags every run gets: "
+        "no run started"]
+    [dry] = read_log("dry_run")
+    assert dry["gpu"] == (gpus.split()[0] if gpus else None)  # on the first run's GPU, as that run would be
+    assert read_log() == [] and not runs.exists()
+
+
 @pytest.mark.parametrize("gpus", ["", "0"])
 def test_sweep_runs_dir_that_starts_with_a_dash(fake, tmp_path, gpus):
     """A relative --runs_dir such as '-x' is a path, not an option: to mkdir (--gpus logs) nor to main.py's argparse,
@@ -1279,6 +1320,14 @@ def test_sweep_real_cli(tmp_path, summarize):
             "--data_root", str(tmp_path / "data"), "--model", "resnet8", "--batch_size", "16", "--epochs", "1",
             "--lr_decay_epochs", "", "--device", "cpu"]
     env = {**os.environ, "PYTHON": sys.executable}
+    # The real main.py's dry run: a --data_root without data stops the sweep before its first run, in one line.
+    missing = [a if a != str(tmp_path / "data") else str(tmp_path / "no_data") for a in args]
+    refused = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *missing], env=env, capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2 and not runs.exists()
+    [error, sweep_error] = refused.stderr.splitlines()
+    assert error.startswith(f"error: no cifar10 data in {tmp_path / 'no_data'}: looked for"), error
+    assert sweep_error.startswith("sweep.sh: error: main.py --dry_run failed (exit 2;")
     first = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]

@@ -653,21 +653,25 @@ RUN_FILES = ("config.json", "last.pt", "best.pt", "results.json")
 PROJECTOR_CONFIG, PROJECTIONS_TAG = "projector_config.pbtxt", "test_projections"
 
 
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+
+
 def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+    has_run = holds_run(out)
     # A run that left no checkpoint and no results (it diverged or was killed before its first checkpoint): only
     # --overwrite can start it again. (One whose last.pt alone was deleted, say a finished run, is not this.)
-    nothing_saved = holds_run and not any((out / f).exists() for f in ("last.pt", "best.pt", "results.json"))
+    nothing_saved = has_run and not any((out / f).exists() for f in ("last.pt", "best.pt", "results.json"))
     if cfg.resume:
         if not (out / "last.pt").is_file():
             if nothing_saved:
                 raise UserError(f"--resume: {out} holds a run that saved no checkpoint (last.pt) to resume from; "
                                 f"pass --overwrite instead of --resume to start it again")
             raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
-    elif holds_run and not cfg.overwrite:
+    elif has_run and not cfg.overwrite:
         if nothing_saved:
             raise UserError(f"{out} already holds a run that saved no checkpoint (last.pt) to resume from; pass "
                             f"--overwrite to start again")
@@ -934,7 +938,7 @@ class Run:
             steps = self.trainer.steps_per_epoch
             what = (f"resume {out} after step {state.step} of epoch {state.epoch + 1} ({steps} steps per epoch)"
                     if state.step else f"resume {out} after epoch {state.epoch}")
-        elif out.is_dir() and any((out / f).exists() for f in RUN_FILES):  # --overwrite, else check_output_dir refused
+        elif holds_run(out):  # with --overwrite, else check_output_dir refused it
             what = f"start again in {out}, deleting the run there"
         else:
             what = f"start a run in {out}"

@@ -37,13 +37,14 @@ with --imb_type step.
                      after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
-                     --seed --output_dir --resume --overwrite), and any start of them (--see, --output:
+                     --seed --output_dir --resume --overwrite), those that make main.py train nothing
+                     (--dry_run --eval_only --checkpoint), and any start of them (--see, --output:
                      main.py takes an unambiguous start of a flag for the flag), are refused here.
   -h, --help         this message
 
-Before the first run, one main.py --dry_run as the first run with training left (in a scratch folder)
-checks the flags, the device and the data: if it fails, its line is the sweep's error (exit 2) and no
-run starts. Skipped when every run has finished.
+Before the first run, main.py --dry_run once per imb_factor with training left (as its first such run,
+in a scratch folder) checks the flags, the device, the data and the split: if one fails, its line is
+the sweep's error (exit 2) and no run starts. None when every run has finished.
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
 that it was made with the recipe given now: the data, model, loss and optimisation settings that
 a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
@@ -140,15 +141,19 @@ done
 # disagree with the folder name: refuse it. argparse also takes any unambiguous start of a flag for
 # the flag (--see for --seed, --output for --output_dir: every run in one folder, where another
 # run's --overwrite would then clear it), so refuse those starts too.
+# Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too.
 sweep_flags=(--dataset --imb_type --imb_factor --loss --seed --output_dir --resume --overwrite)
+not_training=(--dry_run --eval_only --checkpoint)
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
   flag=${arg%%=*}
   [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
-  for sweep_flag in "${sweep_flags[@]}"; do
+  for sweep_flag in "${sweep_flags[@]}" "${not_training[@]}"; do
+    why="the sweep sets for each run"
+    [[ " ${not_training[*]} " != *" $sweep_flag "* ]] || why="makes main.py train nothing, and a sweep trains its runs"
     if [[ $flag == "$sweep_flag" ]]; then
-      die_usage "'$flag' is set by the sweep for each run; remove it after --"
+      die_usage "'$flag' ${why/#the sweep sets/is set by the sweep}; remove it after --"
     elif [[ $sweep_flag == "$flag"* ]]; then
-      die_usage "'$flag' is the start of '$sweep_flag', which the sweep sets for each run (main.py takes an unambiguous start for the flag); spell main.py's flags in full after --"
+      die_usage "'$flag' is the start of '$sweep_flag', which $why (main.py takes an unambiguous start for the flag); spell main.py's flags in full after --"
     fi
   done
 done
@@ -193,6 +198,13 @@ claim_next_run() {
   ((next < n_runs)) && echo "$next"
 }
 
+# main.py and the flags the sweep sets for run $1, with --output_dir $2, into the array cmd (the caller's own, if
+# it declares one local).
+run_command() {
+  cmd=("${python_cmd[@]}" "$repo_root/main.py" --dataset "$dataset" --imb_type "$imb_type"
+    --imb_factor "${run_factors[$1]}" --loss "${run_methods[$1]}" --seed "${run_seeds[$1]}" --output_dir "$2")
+}
+
 # Runs (or skips) run $1 on GPU $2 ("" = no CUDA_VISIBLE_DEVICES, output to the terminal);
 # writes its status to $state_dir/status.$1.
 run_one() {
@@ -212,9 +224,9 @@ run_one() {
   elif [[ -e $run_dir ]]; then
     state_flag=(--overwrite)
   fi
-  local cmd=("${python_cmd[@]}" "$repo_root/main.py" --dataset "$dataset" --imb_type "$imb_type"
-    --imb_factor "${run_factors[idx]}" --loss "${run_methods[idx]}" --seed "${run_seeds[idx]}"
-    --output_dir "$run_dir" ${state_flag[@]+"${state_flag[@]}"} ${extra_args[@]+"${extra_args[@]}"})
+  local cmd
+  run_command "$idx" "$run_dir"
+  cmd+=(${state_flag[@]+"${state_flag[@]}"} ${extra_args[@]+"${extra_args[@]}"})
 
   local rc=0 prefix="" log=""
   [[ -z $gpu ]] || prefix="CUDA_VISIBLE_DEVICES=$(printf '%q' "$gpu") "
@@ -312,31 +324,32 @@ if [[ $(trap -p INT) =~ $sigint_ignored ]]; then
   echo "$prog: note: SIGINT was ignored when this sweep started, so Ctrl-C cannot stop it; 'kill $$' (SIGTERM) can" >&2
 fi
 
-# One dry run first, as the first run that has training left (flags, device, data): a typo after -- or a wrong
-# --data_root then says so once, instead of once per run (with --gpus, in every run's log) after a queue of failures.
-# It writes nothing (its --output_dir is a scratch name that is never created) and takes seconds once the data is
-# decoded. Skipped when every run has finished: checking them reads no data.
+trap on_interrupt INT TERM
+set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
+
+# Dry runs first (main.py --dry_run: the flags, the device, the data and its long-tailed split), one per imb_factor
+# that has training left, as its first such run but in a scratch folder that is never created: a typo after --, a
+# wrong --data_root or a factor that leaves a class without images then says so once, before any run starts,
+# instead of failing run after run (with --gpus, each in its own log). Seconds each once the data is decoded; none
+# when every run has finished (checking finished runs reads no data).
+declare -A dry_run_factor=()
 for ((idx = 0; idx < n_runs; idx++)); do
-  [[ -e $runs_dir/${run_names[idx]}/results.json ]] && continue
-  echo "$prog: checking the flags, the device and the data (main.py --dry_run as ${run_names[idx]})"
+  [[ -e $runs_dir/${run_names[idx]}/results.json || -n ${dry_run_factor[${run_factors[idx]}]+x} ]] && continue
+  dry_run_factor[${run_factors[idx]}]=1
+  echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}"
+  run_command "$idx" "$state_dir/dry_run"
   rc=0
-  (
-    ((${#gpu_list[@]} == 0)) || export CUDA_VISIBLE_DEVICES=${gpu_list[0]}
-    exec "${python_cmd[@]}" "$repo_root/main.py" --dataset "$dataset" --imb_type "$imb_type" \
-      --imb_factor "${run_factors[idx]}" --loss "${run_methods[idx]}" --seed "${run_seeds[idx]}" \
-      --output_dir "$state_dir/dry_run" ${extra_args[@]+"${extra_args[@]}"} --dry_run </dev/null >/dev/null
-  ) || rc=$?
-  if ((rc == 130)); then
+  launch_and_wait dry "${gpu_list[0]-}" "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"} --dry_run >/dev/null || rc=$?
+  if [[ -e $state_dir/stop ]]; then
     echo "$prog: interrupted" >&2
     exit 130
   elif ((rc)); then
-    echo "$prog: error: main.py --dry_run failed (exit $rc; its message is above) with the flags every run gets: no run started" >&2
+    why="exit $rc; its message is above"
+    ((rc < 128)) || why="killed by signal $((rc - 128))"
+    echo "$prog: error: main.py --dry_run as ${run_names[idx]} failed ($why): no run started" >&2
     exit 2
   fi
-  break
 done
-trap on_interrupt INT TERM
-set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
 
 if ((${#gpu_list[@]})); then
   echo "$prog: $n_runs $runs_word in $runs_dir, queue over GPUs: ${gpu_list[*]}"

@@ -810,9 +810,11 @@ def finish():
     log("end")
 
 
-if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes nothing
+if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes nothing, has no signal handler
     log("dry_run")
-    if os.environ.get("FAKE_DRY_RUN_FAIL"):
+    time.sleep(float(os.environ.get("FAKE_DRY_RUN_SLEEP", "0")))
+    if os.environ.get("FAKE_DRY_RUN_FAIL") and os.environ.get("FAKE_DRY_RUN_FAIL_FACTOR",
+                                                              value("--imb_factor")) in ("", value("--imb_factor")):
         sys.exit("error: " + os.environ["FAKE_DRY_RUN_FAIL"])
     print("dry run: would start a run in", out)
     sys.exit(0)
@@ -876,7 +878,7 @@ def fake(tmp_path):
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
            if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST", "FAKE_CHECK_SLEEP",
-                        "FAKE_DRY_RUN_FAIL")}
+                        "FAKE_DRY_RUN_FAIL", "FAKE_DRY_RUN_FAIL_FACTOR", "FAKE_DRY_RUN_SLEEP")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
     def read_log(event="start"):
@@ -922,12 +924,14 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
                      "--epochs", "3", "--batch_size", "8"]
         assert f"[{name}] " in result.stdout and "--output_dir" in result.stdout  # command printed
     assert summary_statuses(result.stdout) == {name: "done" for name in expected}
-    # One dry run before any run, as the first run but in a scratch folder that is never created.
-    [dry] = read_log("dry_run")
-    scratch = dry["args"][dry["args"].index("--output_dir") + 1]
-    assert dry["time"] < calls[0]["time"] and not Path(scratch).parent.exists() and runs not in Path(scratch).parents
-    assert dry["args"] == [*calls[0]["args"][:11], scratch, *calls[0]["args"][12:], "--dry_run"]
-    assert "checking the flags, the device and the data (main.py --dry_run as cifar10_sc_r100_s0)" in result.stdout
+    # Before any run, a dry run per imb_factor, as its first run but in a scratch folder that is never created.
+    dry_runs = read_log("dry_run")
+    assert [d["name"] for d in dry_runs] == ["dry_run", "dry_run"] and dry_runs[-1]["time"] < calls[0]["time"]
+    for dry, call in zip(dry_runs, (calls[0], calls[2])):  # cifar10_sc_r100_s0, cifar10_sc_r200_s0
+        scratch = dry["args"][dry["args"].index("--output_dir") + 1]
+        assert not Path(scratch).parent.exists() and runs not in Path(scratch).parents
+        assert dry["args"] == [*call["args"][:11], scratch, *call["args"][12:], "--dry_run"]
+        assert f"checking the flags, the device and the data: main.py --dry_run as {call['name']}\n" in result.stdout
 
     again = run_script("sweep.sh", args, env)
     assert again.returncode == 0
@@ -954,7 +958,7 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
     assert pruned.returncode == 0 and summary_statuses(pruned.stdout)[name] == "skipped"
     assert f"[{name}] finished already (no last.pt to check its settings against): skipped" in pruned.stdout
     assert name not in [c["name"] for c in read_log("checked")[len(expected):]]
-    assert len(read_log("dry_run")) == 1  # every run had finished in the later calls: checking them reads no data
+    assert len(read_log("dry_run")) == 2  # every run had finished in the later calls: checking them reads no data
 
     code, out, _ = run_summarize(summarize, capsys, runs)
     assert code == 0 and [r[3] for r in table_rows(out)] == ["2 (0, 1)"] * 4
@@ -1226,6 +1230,12 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
      "'--output' is the start of '--output_dir'"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--overw"], "'--overw' is the start of"),
     ("table1.sh", ["--dataset", "cifar10", "--", "--los", "ce"], "'--los' is the start of '--loss'"),
+    # Flags that make main.py train nothing would leave every run a failure without results.json.
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--dry_run"],
+     "'--dry_run' makes main.py train nothing, and a sweep trains its runs"),
+    ("table1.sh", ["--dataset", "cifar10", "--", "--eval_only", "--checkpoint", "x.pt"], "'--eval_only' makes main.py"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--checkp=x.pt"],
+     "'--checkp' is the start of '--checkpoint', which makes main.py train nothing"),
     ("sweep.sh", ["--dataset"], "--dataset needs a value"),
     ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors'"),
     ("table1.sh", ["--ce"], "--dataset is required"),
@@ -1254,26 +1264,45 @@ def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_comma
     assert read_log() == [] and (tmp_path / "a file").read_text() == "kept"
 
 
-@pytest.mark.parametrize("gpus", ["", "1 0"])
-def test_sweep_stops_before_any_run_when_the_dry_run_fails(fake, tmp_path, gpus):
-    """Flags every run gets that main.py refuses (a bad value after --, a --data_root without data): one error
-    line from the dry run, and no run is started, rather than the same failure once per run (with --gpus, in
-    each run's log)."""
+@pytest.mark.parametrize("gpus, fail_factor", [("", ""), ("1 0", ""), ("", "0.1")])
+def test_sweep_stops_before_any_run_when_a_dry_run_fails(fake, tmp_path, gpus, fail_factor):
+    """Flags every run gets that main.py refuses (a bad value after --, a --data_root without data), or an
+    imb_factor whose split main.py refuses: one error line from a dry run, and no run is started, rather than the
+    same failure once per run (with --gpus, in each run's log)."""
     env, read_log = fake
-    env["FAKE_DRY_RUN_FAIL"] = "--learning_rate must be positive (got -1.0)"
+    env.update(FAKE_DRY_RUN_FAIL="--learning_rate must be positive (got -1.0)", FAKE_DRY_RUN_FAIL_FACTOR=fail_factor)
     runs = tmp_path / "runs"
     result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0.1", "--methods", "sc psc",
                                      "--runs_dir", str(runs), "--gpus", gpus, "--", "--learning_rate", "-1"], env)
     assert result.returncode == 2
-    assert result.stdout == "sweep.sh: checking the flags, the device and the data (main.py --dry_run as " \
-                            "cifar10_sc_r100_s0)\n"
+    failed = "cifar10_sc_r10_s0" if fail_factor else "cifar10_sc_r100_s0"
+    checked = ["cifar10_sc_r100_s0", "cifar10_sc_r10_s0"] if fail_factor else ["cifar10_sc_r100_s0"]
+    assert result.stdout.splitlines() == [
+        f"sweep.sh: checking the flags, the device and the data: main.py --dry_run as {name}" for name in checked]
     assert result.stderr.splitlines() == [
         "error: --learning_rate must be positive (got -1.0)",
-        "sweep.sh: error: main.py --dry_run failed (exit 1; its message is above) with the flags every run gets: "
-        "no run started"]
-    [dry] = read_log("dry_run")
-    assert dry["gpu"] == (gpus.split()[0] if gpus else None)  # on the first run's GPU, as that run would be
+        f"sweep.sh: error: main.py --dry_run as {failed} failed (exit 1; its message is above): no run started"]
+    dry_runs = read_log("dry_run")
+    assert len(dry_runs) == len(checked)
+    assert {d["gpu"] for d in dry_runs} == {gpus.split()[0] if gpus else None}  # the first run's GPU
     assert read_log() == [] and not runs.exists()
+
+
+@pytest.mark.parametrize("send", ["SIGINT to the group", "SIGTERM to the sweep"])
+def test_sweep_interrupted_during_a_dry_run_starts_no_run_and_exits_130(fake, tmp_path, send):
+    """The dry run, like a run, gets one SIGTERM from the sweep (Ctrl-C reaches the sweep alone) and then nothing
+    is started; without a handler main.py --dry_run ends at once."""
+    env, read_log = fake
+    env["FAKE_DRY_RUN_SLEEP"] = "30"
+    runs = tmp_path / "runs"
+    signals = {"SIGINT to the group": lambda process: os.killpg(process.pid, signal.SIGINT),
+               "SIGTERM to the sweep": lambda process: process.send_signal(signal.SIGTERM)}
+    process, stdout, stderr = interrupt_sweep(
+        WITH_DEFAULT_SIGINT, ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)], env,
+        lambda: read_log("dry_run"), tmp_path, signals[send])
+    assert process.returncode == 130, stdout + stderr
+    assert stderr.splitlines()[-1] == "sweep.sh: interrupted" and "summary" not in stdout
+    assert len(read_log("dry_run")) == 1 and read_log() == [] and not runs.exists()
 
 
 @pytest.mark.parametrize("gpus", ["", "0"])
@@ -1327,7 +1356,8 @@ def test_sweep_real_cli(tmp_path, summarize):
     assert refused.returncode == 2 and not runs.exists()
     [error, sweep_error] = refused.stderr.splitlines()
     assert error.startswith(f"error: no cifar10 data in {tmp_path / 'no_data'}: looked for"), error
-    assert sweep_error.startswith("sweep.sh: error: main.py --dry_run failed (exit 2;")
+    assert sweep_error == "sweep.sh: error: main.py --dry_run as cifar10_ce_r10_s0 failed (exit 2; its message is above): " \
+                          "no run started"
     first = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]

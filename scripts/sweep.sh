@@ -148,12 +148,15 @@ for arg in ${extra_args[@]+"${extra_args[@]}"}; do
   flag=${arg%%=*}
   [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
   for sweep_flag in "${sweep_flags[@]}" "${not_training[@]}"; do
-    why="the sweep sets for each run"
-    [[ " ${not_training[*]} " != *" $sweep_flag "* ]] || why="makes main.py train nothing, and a sweep trains its runs"
+    if [[ " ${not_training[*]} " == *" $sweep_flag "* ]]; then
+      is="makes main.py train nothing, and a sweep trains its runs" which=$is
+    else
+      is="is set by the sweep for each run" which="the sweep sets for each run"
+    fi
     if [[ $flag == "$sweep_flag" ]]; then
-      die_usage "'$flag' ${why/#the sweep sets/is set by the sweep}; remove it after --"
+      die_usage "'$flag' $is; remove it after --"
     elif [[ $sweep_flag == "$flag"* ]]; then
-      die_usage "'$flag' is the start of '$sweep_flag', which $why (main.py takes an unambiguous start for the flag); spell main.py's flags in full after --"
+      die_usage "'$flag' is the start of '$sweep_flag', which $which (main.py takes an unambiguous start for the flag); spell main.py's flags in full after --"
     fi
   done
 done

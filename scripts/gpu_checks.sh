@@ -47,12 +47,22 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   (the same step, so it compiles from a warm cache, as a sweep's later runs do, when
                   bench_graphs ran); results.json's first_step_s holds that compilation, train_time_s
                   the training -> results_compile.json
-Then summary.md (scripts/summarize.py --per_class per run) and log.txt: the environment (nvidia-smi, torch,
-the commit) and every step's output and status. At most 8 files, all directly in --out.
+  table1          only when --only names it (the default budget leaves it no time): the paper's Table 1
+                  on CIFAR-10-LT at the two ratios without a 200-epoch run on a GPU yet, Hybrid-SC and
+                  Hybrid-PSC at imbalance ratios 50 and 10 (main.py's defaults, seed 0), through
+                  scripts/sweep.sh, one run after another (SC r50, PSC r50, SC r10, PSC r10), with
+                  --compile --compile_mode reduce-overhead (sharing bench_graphs' Inductor cache: Hybrid-SC
+                  compiles from a warm cache when bench_graphs ran, Hybrid-PSC once from a cold one) and
+                  --eval_every 5; gets what is left of the budget (about 2 minutes a run expected on an
+                  H200) -> table1_runs.tar.gz (each run's folder with its config.json and results.json,
+                  or its last.pt if it was cut off, to continue it with --resume)
+Then summary.md (scripts/summarize.py --per_class per run, and over the table1 runs) and log.txt: the
+environment (nvidia-smi, torch, the commit) and every step's output and status. At most 8 files, all
+directly in --out (so --only cannot name all seven steps: they would leave 9).
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
-than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile compiles into
-its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
+than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile and table1
+compiles into its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
 was skipped (a step that --only leaves out is not skipped).
 
   --data P       CIFAR-10 as a train/<class>/ + test/<class>/ folder (or a folder holding
@@ -81,7 +91,7 @@ die_usage() {
 }
 
 data="" out="" device="cuda" budget_s=560 workers=6 smoke=0 only="" only_given=0
-all_steps="train_eager benchmark bench_supcon bench_graphs bench_options train_compile"
+all_steps="train_eager benchmark bench_supcon bench_graphs bench_options train_compile table1"
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -120,6 +130,10 @@ if ((only_given)); then
     for name in $all_steps; do [[ $step == "$name" ]] && known=1; done
     ((known)) || die_usage "--only: no step '$step' (the steps: ${all_steps// /, })"
   done
+  # One file each, besides log.txt and summary.md: all seven would leave 9, one more than a lent machine returns.
+  n_chosen=0
+  for name in $all_steps; do [[ ",$only," != *",$name,"* ]] || n_chosen=$((n_chosen + 1)); done
+  ((n_chosen < 7)) || die_usage "--only: all seven steps would leave 9 files in --out, one more than a lent machine returns (8); leave one out"
 fi
 [[ ! -e $out || -d $out ]] || die_usage "--out '$out' exists and is not a folder: give a new folder"
 if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then
@@ -297,6 +311,35 @@ if compiled train_compile; then
   fi
 fi
 
+table1_dir="$scratch/table1"
+if ((!only_given)); then
+  leave_out table1 "not run (only when --only names it)"
+elif chosen table1; then
+  if ((smoke)); then
+    table1_args=(--model resnet8 --batch_size 16 --epochs 1 --lr_decay_epochs "")
+  else
+    table1_args=(--compile --compile_mode reduce-overhead)
+  fi
+  inductor_cache=compile run_step table1 "$budget_s" -- env PYTHON="$python" bash scripts/sweep.sh --dataset cifar10 \
+    --imb_factors "0.02 0.1" --methods "sc psc" --runs_dir "$table1_dir" -- --data_root "$data_root" \
+    --device "$device" --print_freq 24 --eval_every 5 "${table1_args[@]}"
+  # Each run's config.json and results.json, or the last.pt of one that was cut off (about 4 MB), in one file.
+  table1_files=()
+  for run_dir in "$table1_dir"/*/; do
+    [[ -f $run_dir/config.json ]] || continue
+    run=$(basename "$run_dir")
+    table1_files+=("$run/config.json")
+    if [[ -f $run_dir/results.json ]]; then
+      table1_files+=("$run/results.json")
+    elif [[ -f $run_dir/last.pt ]]; then
+      table1_files+=("$run/last.pt")
+    fi
+  done
+  if ((${#table1_files[@]})); then
+    tar -czf "$out/table1_runs.tar.gz" -C "$table1_dir" "${table1_files[@]}"
+  fi
+fi
+
 # A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
 rm -f "$out"/.*.tmp
 summarised=0
@@ -312,6 +355,16 @@ for results in "$out"/results_*.json; do
   } >>"$out/summary.md"
   summarised=1
 done
+if compgen -G "$table1_dir/*/results.json" >/dev/null; then
+  {
+    echo "## table1"
+    echo
+    # Its stderr names the runs without a results.json (cut off or failed).
+    "$python" scripts/summarize.py "$table1_dir" --per_class 2>&1 || echo "(summarize failed on the table1 runs)"
+    echo
+  } >>"$out/summary.md"
+  summarised=1
+fi
 ((summarised)) || echo "no run finished: see log.txt" >"$out/summary.md"
 
 note "== done in $((SECONDS - start))s; files in $out:"

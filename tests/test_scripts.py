@@ -1442,20 +1442,22 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
 
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Stands in for python in gpu_checks.sh: main.py is "cut off" (exit 124, as timeout reports it, after saving
-# last.pt when FAKE_CHECKPOINT is 1) unless given --resume, which finishes it; the benchmark writes its JSON;
-# the rest is real python.
+# Stands in for python in gpu_checks.sh: main.py is "cut off" (exit 124, as timeout reports it, after writing
+# config.json and, when FAKE_CHECKPOINT is 1, last.pt) unless given --resume, which finishes it, or --dry_run,
+# which writes nothing; the benchmark writes its JSON; the rest is real python.
 printf '%q ' "$@" >>"$FAKE_LOG"
 echo >>"$FAKE_LOG"
 echo "${TORCHINDUCTOR_CACHE_DIR##*/} $*" >>"$FAKE_LOG.inductor"
 case $1 in
-  main.py)
-    out="" resume=0
+  main.py | */main.py)  # gpu_checks.sh calls main.py, sweep.sh (its table1 step) the repository's path to it
+    out="" resume=0 dry_run=0
     while (($#)); do
-      case $1 in --output_dir) out=$2; shift 2 ;; --resume) resume=1; shift ;; *) shift ;; esac
+      case $1 in --output_dir) out=$2; shift 2 ;; --resume) resume=1; shift ;; --dry_run) dry_run=1; shift ;; *) shift ;; esac
     done
+    if ((dry_run)); then exit 0; fi  # writes nothing
     mkdir -p "$out"
     if ((resume)); then cp "$FAKE_RESULTS" "$out/results.json"; exit 0; fi
+    echo '{}' >"$out/config.json"
     if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
     exit 124 ;;
   scripts/benchmark.py)
@@ -1566,6 +1568,83 @@ def test_gpu_checks_only_runs_the_steps_named(tmp_path):
     assert proc.returncode == 0 and "bench_options: ok" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_gpu_checks_table1_runs_the_missing_ratios_through_sweep_on_cpu(tmp_path):
+    """--only table1 --smoke: the real sweep.sh and main.py train Hybrid-SC and Hybrid-PSC at ratios 50 and 10, one
+    after another, and each run's config.json and results.json come back in one archive, with their summary."""
+    import tarfile
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from helpers import make_synthetic, write_image_folder
+
+    # 60 images in the largest class: ratio 50 leaves the smallest one image.
+    write_image_folder(tmp_path / "data", *make_synthetic(10, 60, 4, seed=3), fmt="png")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--smoke"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "table1: ok" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt", "summary.md", "table1_runs.tar.gz"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    order = [m.group(1) for m in re.finditer(r"^\[(cifar10_\w+)\] \S+ \S+/main\.py ", log, re.M)]
+    assert order == ["cifar10_sc_r50_s0", "cifar10_psc_r50_s0", "cifar10_sc_r10_s0", "cifar10_psc_r10_s0"]
+    with tarfile.open(tmp_path / "out" / "table1_runs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(f"{run}/{f}" for run in order for f in ("config.json", "results.json"))
+        tar.extractall(tmp_path / "table1")
+    for run in order:
+        res = json.loads((tmp_path / "table1" / run / "results.json").read_text())
+        method, ratio = run.split("_")[1], int(run.split("_")[2][1:])
+        assert (res["method"], res["imbalance_ratio"], res["epochs"]) == (method, ratio, 1)
+        assert res["config"]["eval_every"] == 5 and res["config"]["compile"] is False  # no compilation in --smoke
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("## table1")
+    for method in ("Hybrid-SC", "Hybrid-PSC"):
+        for ratio in (50, 10):
+            assert f"| CIFAR-10-LT | {method} [model=resnet8] | {ratio} |" in summary, (method, ratio)
+
+
+def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_path):
+    """On the GPU (here a fake python) table1's runs are compiled with CUDA graphs from bench_graphs' Inductor cache;
+    a run cut off comes back as its config.json and last.pt. table1 runs only when --only names it."""
+    import tarfile
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
+           "FAKE_RESULTS": str(tmp_path / "unused.json"), "FAKE_CHECKPOINT": "1"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1,bench_graphs"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the fake main.py is always cut off: the sweep fails
+    assert "bench_graphs: ok" in proc.stdout and "table1: FAILED, exit 1" in proc.stdout
+    caches = [line.split(" ", 2) for line in (tmp_path / "calls.log.inductor").read_text().splitlines()]
+    steps = [(cache, program, args) for cache, program, args in caches if program != "-c"]
+    assert [program for _, program, _ in steps] == ["scripts/benchmark.py"] + [str(REPO_ROOT / "main.py")] * 6
+    assert {cache for cache, _, _ in steps} == {"inductor_compile"}  # bench_graphs' cache, shared
+    bench = load_script("benchmark")
+    mains = [shlex.split(args) for _, program, args in steps[1:]]
+    assert ["--dry_run" in args for args in mains] == [True, True] + [False] * 4  # one per ratio, first
+    for args in mains:
+        cfg = bench.main.parse_config(args)  # flags the real main.py takes
+        assert (cfg.compile, cfg.compile_mode, cfg.eval_every, cfg.device) == (True, "reduce-overhead", 5, "cpu")
+    assert [(cfg.loss, cfg.imb_factor) for cfg in map(bench.main.parse_config, mains) if not cfg.dry_run] == [
+        ("sc", 0.02), ("psc", 0.02), ("sc", 0.1), ("psc", 0.1)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "bench_graphs.json", "log.txt", "summary.md", "table1_runs.tar.gz"]
+    with tarfile.open(tmp_path / "out" / "table1_runs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(f"cifar10_{m}_r{r}_s0/{f}" for m in ("sc", "psc") for r in (50, 10)
+                                                for f in ("config.json", "last.pt"))
+    assert (tmp_path / "out" / "summary.md").read_text() == "no run finished: see log.txt\n"
+    # Without --only it is left out, not skipped: the default budget leaves it no time.
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out_2"), "--device", "cpu", "--budget_s", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert "table1: not run (only when --only names it)" in proc.stdout and "table1: skipped" not in proc.stdout
+
+
 def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     script = ["bash", str(SCRIPTS / "gpu_checks.sh")]
     occupied = tmp_path / "occupied"
@@ -1591,6 +1670,8 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark bench_supcon"], "without spaces"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark\nbench_supcon"], "without spaces"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "bench*"], "no step 'bench*'"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
+          "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,table1"], "leave one out"),
     ):
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

@@ -26,6 +26,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Optional
 
+
+def _interrupted_while_importing(signum, frame) -> None:
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+# Ctrl-C in the seconds that importing torch takes ends the program as it does later (main's "interrupted", exit
+# 130), not with a traceback from inside the import; main() puts Python's own handler back. Not where SIGINT was
+# ignored at the start (a run started with '&' from a script), which stays so.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+
 import numpy as np
 import torch
 
@@ -1272,6 +1284,8 @@ def configure_backends(cfg: Config) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     dist = Dist()
     try:
         cfg = parse_config(argv)

@@ -81,6 +81,42 @@ def without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
 
 
+# Stands in for numpy on PYTHONPATH: main.py's first import that takes time (torch's comes next) says it started,
+# then blocks, so that a signal lands inside the imports.
+SLOW_IMPORT = """import os, pathlib, time
+pathlib.Path(os.environ["IMPORT_STARTED"]).touch()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_ctrl_c_while_importing_is_one_line_and_130(tmp_path, sigint):
+    """Ctrl-C before main() starts (importing torch takes seconds) ends the program as it does later: 'interrupted'
+    and exit 130, no traceback. Where SIGINT was ignored at the start ('&' in a script), it stays ignored."""
+    (tmp_path / "numpy").mkdir()
+    (tmp_path / "numpy" / "__init__.py").write_text(SLOW_IMPORT)
+    started = tmp_path / "import_started"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORT_STARTED": str(started)}
+    disposition = signal.SIG_DFL if sigint == "default" else signal.SIG_IGN
+    proc = subprocess.Popen(cli("--device", "cpu"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        if sigint == "ignored":
+            time.sleep(1.0)
+            assert proc.poll() is None  # still importing
+            return
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (130, "", "interrupted\n")
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize("sig, line", [(signal.SIGTERM, "epoch 1/3"), (signal.SIGINT, "first step ")],
                          ids=["SIGTERM after an epoch", "SIGINT mid-epoch"])
 def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_run, tmp_path):

@@ -1284,10 +1284,10 @@ def configure_backends(cfg: Config) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     dist = Dist()
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         cfg = parse_config(argv)
         dist, device = setup_distributed(cfg)
         configure_backends(cfg)

@@ -53,9 +53,11 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   scripts/sweep.sh, one run after another (SC r50, PSC r50, SC r10, PSC r10), with
                   --compile --compile_mode reduce-overhead (sharing bench_graphs' Inductor cache: Hybrid-SC
                   compiles from a warm cache when bench_graphs ran, Hybrid-PSC once from a cold one) and
-                  --eval_every 5; gets what is left of the budget (about 2 minutes a run expected on an
-                  H200) -> table1_runs.tar.gz (each run's folder with its config.json and results.json,
-                  or its last.pt if it was cut off, to continue it with --resume)
+                  --eval_every 5; gets what is left of the budget (about 2.5 minutes a run expected on an
+                  H200: alone, --only table1, three of the four in the default budget) ->
+                  table1_runs.tar.gz (each run's folder with its config.json and results.json, or its
+                  last.pt if it was cut off, to continue it with --resume; a run still in its step 10 s
+                  after the cap's SIGTERM, such as a first step compiling, is killed)
 Then summary.md (scripts/summarize.py --per_class per run, and over the table1 runs) and log.txt: the
 environment (nvidia-smi, torch, the commit) and every step's output and status. At most 8 files, all
 directly in --out (so --only cannot name all seven steps: they would leave 9).
@@ -320,9 +322,24 @@ elif chosen table1; then
   else
     table1_args=(--compile --compile_mode reduce-overhead)
   fi
-  inductor_cache=compile run_step table1 "$budget_s" -- env PYTHON="$python" bash scripts/sweep.sh --dataset cifar10 \
-    --imb_factors "0.02 0.1" --methods "sc psc" --runs_dir "$table1_dir" -- --data_root "$data_root" \
+  # The sweep's own scratch (its TMPDIR) holds a pid file per running run (sweep.sh's launch_and_wait).
+  sweep_tmp="$scratch/table1_sweep"
+  mkdir -p "$sweep_tmp"
+  inductor_cache=compile run_step table1 "$budget_s" -- env PYTHON="$python" TMPDIR="$sweep_tmp" bash scripts/sweep.sh \
+    --dataset cifar10 --imb_factors "0.02 0.1" --methods "sc psc" --runs_dir "$table1_dir" -- --data_root "$data_root" \
     --device "$device" --print_freq 24 --eval_every 5 "${table1_args[@]}"
+  # At its cap the sweep passed its TERM on to the running main.py, which stops after the current step; the KILL
+  # 10 s later reaches the sweep alone (each run has a process group of its own). A run still in a step that long
+  # (the first one, compiling) is killed here, before the packing below and the removal of the scratch folder; its
+  # folder keeps the last.pt of its last epoch, if any (written atomically).
+  for pid_file in "$sweep_tmp"/sweep.*/pid.*; do
+    [[ -f $pid_file ]] || continue
+    pid=$(<"$pid_file") || continue
+    if [[ $pid =~ ^[0-9]+$ ]] && kill -KILL "$pid" 2>/dev/null; then
+      note "   table1: killed a run that was still in a step 10 s after its SIGTERM (pid $pid)"
+      for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+  done
   # Each run's config.json and results.json, or the last.pt of one that was cut off (about 4 MB), in one file.
   table1_files=()
   for run_dir in "$table1_dir"/*/; do
@@ -336,7 +353,8 @@ elif chosen table1; then
     fi
   done
   if ((${#table1_files[@]})); then
-    tar -czf "$out/table1_runs.tar.gz" -C "$table1_dir" "${table1_files[@]}"
+    tar -czf "$out/table1_runs.tar.gz" -C "$table1_dir" "${table1_files[@]}" 2>>"$log" ||
+      note "   table1: packing the runs failed (exit $?; see log.txt)"
   fi
 fi
 
@@ -355,7 +373,11 @@ for results in "$out"/results_*.json; do
   } >>"$out/summary.md"
   summarised=1
 done
-if compgen -G "$table1_dir/*/results.json" >/dev/null; then
+table1_finished=0
+for results in "$table1_dir"/*/results.json; do
+  [[ ! -f $results ]] || table1_finished=1
+done
+if ((table1_finished)); then
   {
     echo "## table1"
     echo

@@ -1458,6 +1458,11 @@ case $1 in
     mkdir -p "$out"
     if ((resume)); then cp "$FAKE_RESULTS" "$out/results.json"; exit 0; fi
     echo '{}' >"$out/config.json"
+    if ((${FAKE_RUN_UNTIL_TERM:-0})); then  # trains until a SIGTERM, then takes FAKE_STEP_S to finish its step
+      echo $$ >>"$FAKE_LOG.pids"
+      trap 'sleep "$FAKE_STEP_S"; echo checkpoint >"$out/last.pt"; exit 130' TERM
+      while :; do sleep 0.1; done
+    fi
     if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
     exit 124 ;;
   scripts/benchmark.py)
@@ -1643,6 +1648,32 @@ def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_
                            str(tmp_path / "out_2"), "--device", "cpu", "--budget_s", "0"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert "table1: not run (only when --only names it)" in proc.stdout and "table1: skipped" not in proc.stdout
+
+
+def test_gpu_checks_table1_kills_a_run_still_in_its_step_when_the_cap_comes(tmp_path):
+    """The cap's SIGTERM reaches the running main.py through the sweep, the KILL 10 s later only the sweep (each run
+    has a process group of its own): a run still in its step then (a first step compiling takes about 50 s) is
+    killed before its folder is packed and the scratch folder removed, not left running on the GPU."""
+    import tarfile
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
+           "FAKE_RESULTS": str(tmp_path / "unused.json"), "FAKE_CHECKPOINT": "0", "FAKE_RUN_UNTIL_TERM": "1",
+           "FAKE_STEP_S": "120"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "55"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "table1: CUT OFF" in proc.stdout, proc.stdout + proc.stderr
+    (pid,) = map(int, Path(f"{calls}.pids").read_text().split())  # the first run, stopped in its step
+    assert "table1: killed a run that was still in a step 10 s after its SIGTERM" in proc.stdout
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
+    with tarfile.open(tmp_path / "out" / "table1_runs.tar.gz") as tar:
+        assert tar.getnames() == ["cifar10_sc_r50_s0/config.json"]  # no last.pt: killed before it wrote one
 
 
 def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):

@@ -361,32 +361,28 @@ fi
 # A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
 rm -f "$out"/.*.tmp
 summarised=0
+# summarise TITLE PATH: a section of summary.md, scripts/summarize.py --per_class on PATH (a results.json, or a runs
+# folder, whose runs without a results.json, cut off or failed, its stderr names).
+summarise() {
+  {
+    echo "## $1"
+    echo
+    "$python" scripts/summarize.py "$2" --per_class 2>&1 || echo "(summarize failed on $2)"
+    echo
+  } >>"$out/summary.md"
+  summarised=1
+}
 for results in "$out"/results_*.json; do
   [[ -f $results ]] || continue
   variant=${results##*/results_}
-  variant=${variant%.json}
-  {
-    echo "## $variant"
-    echo
-    "$python" scripts/summarize.py "$results" --per_class 2>&1 || echo "(summarize failed on $results)"
-    echo
-  } >>"$out/summary.md"
-  summarised=1
+  summarise "${variant%.json}" "$results"
 done
-table1_finished=0
 for results in "$table1_dir"/*/results.json; do
-  [[ ! -f $results ]] || table1_finished=1
+  if [[ -f $results ]]; then
+    summarise table1 "$table1_dir"
+    break
+  fi
 done
-if ((table1_finished)); then
-  {
-    echo "## table1"
-    echo
-    # Its stderr names the runs without a results.json (cut off or failed).
-    "$python" scripts/summarize.py "$table1_dir" --per_class 2>&1 || echo "(summarize failed on the table1 runs)"
-    echo
-  } >>"$out/summary.md"
-  summarised=1
-fi
 ((summarised)) || echo "no run finished: see log.txt" >"$out/summary.md"
 
 note "== done in $((SECONDS - start))s; files in $out:"

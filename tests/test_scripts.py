@@ -1476,21 +1476,26 @@ esac
 """
 
 
+def fake_python_env(tmp_path: Path, **fake: str) -> dict[str, str]:
+    """The environment that makes gpu_checks.sh use FAKE_PYTHON (its calls logged to tmp_path/calls.log), with an
+    empty tmp_path/data for --data and the FAKE_* settings given."""
+    python = tmp_path / "fake_python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    return {**os.environ, "PYTHON": str(python), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(tmp_path / "calls.log"),
+            **{f"FAKE_{name.upper()}": value for name, value in fake.items()}}
+
+
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["last.pt saved", "no checkpoint"])
 def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkpoint):
     """A 200-epoch run that its cap cut off is continued with --resume after the benchmarks, in the same folder,
     and its results.json still comes back; the compiled twin is not started then. Without a last.pt to resume
     from, the steps run as usual."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
     results = tmp_path / "template.json"
     results.write_text(json.dumps(result_dict(epochs=200)))
-    data = tmp_path / "data"
-    data.mkdir()
-    calls = tmp_path / "calls.log"
-    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
-           "FAKE_RESULTS": str(results), "FAKE_CHECKPOINT": "1" if checkpoint else "0"}
+    env = fake_python_env(tmp_path, results=str(results), checkpoint="1" if checkpoint else "0")
+    data, calls = tmp_path / "data", tmp_path / "calls.log"
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(data), "--out", str(out),
                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
@@ -1542,15 +1547,10 @@ def test_gpu_checks_only_runs_the_steps_named(tmp_path):
     """--only bench_graphs,train_compile: the data is decoded, then those two steps run in the script's order
     (whatever the order named) and share one Inductor cache; the others are reported as not chosen, which is not
     a failure."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
     results = tmp_path / "template.json"
     results.write_text(json.dumps(result_dict(epochs=200)))
-    (tmp_path / "data").mkdir()
+    env = fake_python_env(tmp_path, results=str(results), checkpoint="0")
     calls = tmp_path / "calls.log"
-    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
-           "FAKE_RESULTS": str(results), "FAKE_CHECKPOINT": "0"}
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
                            str(tmp_path / "out"), "--device", "cpu", "--only=train_compile,bench_graphs"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -1613,13 +1613,7 @@ def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_
     a run cut off comes back as its config.json and last.pt. table1 runs only when --only names it."""
     import tarfile
 
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    (tmp_path / "data").mkdir()
-    calls = tmp_path / "calls.log"
-    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
-           "FAKE_RESULTS": str(tmp_path / "unused.json"), "FAKE_CHECKPOINT": "1"}
+    env = fake_python_env(tmp_path, checkpoint="1")
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
                            str(tmp_path / "out"), "--device", "cpu", "--only", "table1,bench_graphs"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -1656,14 +1650,8 @@ def test_gpu_checks_table1_kills_a_run_still_in_its_step_when_the_cap_comes(tmp_
     killed before its folder is packed and the scratch folder removed, not left running on the GPU."""
     import tarfile
 
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    (tmp_path / "data").mkdir()
+    env = fake_python_env(tmp_path, checkpoint="0", run_until_term="1", step_s="120")
     calls = tmp_path / "calls.log"
-    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(calls),
-           "FAKE_RESULTS": str(tmp_path / "unused.json"), "FAKE_CHECKPOINT": "0", "FAKE_RUN_UNTIL_TERM": "1",
-           "FAKE_STEP_S": "120"}
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
                            str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "55"],
                           env=env, capture_output=True, text=True, timeout=120)

@@ -44,7 +44,8 @@ with --imb_type step.
 
 Before the first run, main.py --dry_run once per imb_factor with training left (as its first such run,
 in a scratch folder) checks the flags, the device, the data and the split: if one fails, its line is
-the sweep's error (exit 2) and no run starts. None when every run has finished.
+the sweep's error (exit 2) and no run starts; its notes (main.py's "note:" lines) are printed before
+the runs start. None when every run has finished.
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
 that it was made with the recipe given now: the data, model, loss and optimisation settings that
 a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
@@ -342,7 +343,8 @@ for ((idx = 0; idx < n_runs; idx++)); do
   echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}"
   run_command "$idx" "$state_dir/dry_run"
   rc=0
-  launch_and_wait dry "${gpu_list[0]-}" "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"} --dry_run >/dev/null || rc=$?
+  launch_and_wait dry "${gpu_list[0]-}" "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"} --dry_run \
+    >"$state_dir/dry_run.out" || rc=$?
   if [[ -e $state_dir/stop ]]; then
     echo "$prog: interrupted" >&2
     exit 130
@@ -352,6 +354,11 @@ for ((idx = 0; idx < n_runs; idx++)); do
     echo "$prog: error: main.py --dry_run as ${run_names[idx]} failed ($why): no run started" >&2
     exit 2
   fi
+  # Its notes (flags that are legal but rarely meant, a CUDA_VISIBLE_DEVICES that hides every GPU) said here
+  # once, where they are seen before the runs start: with --gpus each run's own copy goes to its log only.
+  while IFS= read -r line; do
+    [[ $line != note:* ]] || echo "$prog: main.py --dry_run as ${run_names[idx]}: $line"
+  done <"$state_dir/dry_run.out"
 done
 
 if ((${#gpu_list[@]})); then

@@ -816,6 +816,8 @@ if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes
     if os.environ.get("FAKE_DRY_RUN_FAIL") and os.environ.get("FAKE_DRY_RUN_FAIL_FACTOR",
                                                               value("--imb_factor")) in ("", value("--imb_factor")):
         sys.exit("error: " + os.environ["FAKE_DRY_RUN_FAIL"])
+    if os.environ.get("FAKE_DRY_RUN_NOTE"):  # like main.py's notes on flags that are legal but rarely meant
+        print("note:", os.environ["FAKE_DRY_RUN_NOTE"], "(imb_factor", value("--imb_factor") + ")")
     print("dry run: would start a run in", out)
     sys.exit(0)
 
@@ -1286,6 +1288,25 @@ def test_sweep_stops_before_any_run_when_a_dry_run_fails(fake, tmp_path, gpus, f
     assert len(dry_runs) == len(checked)
     assert {d["gpu"] for d in dry_runs} == {gpus.split()[0] if gpus else None}  # the first run's GPU
     assert read_log() == [] and not runs.exists()
+
+
+@pytest.mark.parametrize("gpus", ["", "0"])
+def test_sweep_prints_the_dry_runs_notes_before_the_runs(fake, tmp_path, gpus):
+    """main.py's notes (a flag the loss does not read, a CUDA_VISIBLE_DEVICES hiding every GPU) reach the terminal
+    from the dry run, once per imb_factor and before any run starts: with --gpus the runs' own copies go to their
+    logs only. The dry run's other output (its settings, what it would do) stays out."""
+    env, read_log = fake
+    env["FAKE_DRY_RUN_NOTE"] = "--loss ce does not read --alpha_schedule"
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0.1", "--methods", "ce",
+                                     "--runs_dir", str(tmp_path / "runs"), "--gpus", gpus], env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    notes = [line for line in lines if "note:" in line]
+    assert notes == [f"sweep.sh: main.py --dry_run as cifar10_ce_r{r}_s0: note: --loss ce does not read "
+                     f"--alpha_schedule (imb_factor {f})" for r, f in ((100, "0.01"), (10, "0.1"))]
+    first_run = next(i for i, line in enumerate(lines) if " runs in " in line)
+    assert lines.index(notes[-1]) < first_run and "dry run: would" not in result.stdout
+    assert len(read_log("end")) == 2
 
 
 @pytest.mark.parametrize("send", ["SIGINT to the group", "SIGTERM to the sweep"])

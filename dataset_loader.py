@@ -18,7 +18,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -248,8 +248,19 @@ def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySpli
 _FileEntry = tuple[str, int, int]
 
 
+def _by_name(items: list, path_of: Callable[[Any], str] = lambda item: item) -> list:
+    """`items` sorted by the base names of their paths, as whole numbers when every name's stem is one (class
+    folders 0 .. 99, files 1.png .. 5000.png keep their numeric order, where text order would put 10 before 2);
+    else as text."""
+    names = [os.path.basename(path_of(item)) for item in items]
+    stems = [os.path.splitext(name)[0] for name in names]
+    numeric = bool(stems) and all(stem.isdigit() and stem.isascii() for stem in stems)
+    keys = [(int(stem) if numeric else 0, name) for stem, name in zip(stems, names)]
+    return [item for _, item in sorted(zip(keys, items), key=lambda pair: pair[0])]
+
+
 def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list[tuple[str, list[_FileEntry]]]:
-    """[(class name, files sorted by name)] with classes sorted by name; hidden entries are skipped.
+    """[(class name, files sorted by name)] with classes sorted by name (_by_name); hidden entries are skipped.
 
     os.scandir rather than pathlib: one stat per file keeps listing 60,000 files well under a second.
     """
@@ -257,7 +268,7 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
     # here by its path; a dangling link would otherwise be skipped silently, leaving an image out.
     try:
         with os.scandir(split_dir) as entries:
-            class_dirs = sorted(e.path for e in entries if not e.name.startswith(".") and e.is_dir())
+            class_dirs = _by_name([e.path for e in entries if not e.name.startswith(".") and e.is_dir()])
         if len(class_dirs) != num_classes:
             raise DataError(f"{split_dir} has {len(class_dirs)} class folders; {dataset} needs {num_classes}")
         listing = []
@@ -274,7 +285,7 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
                         raise DataError(f"{e.path} is a broken symbolic link")
             if not files:
                 raise DataError(f"class folder {class_dir} has no images")
-            listing.append((os.path.basename(class_dir), sorted(files)))
+            listing.append((os.path.basename(class_dir), _by_name(files, lambda entry: entry[0])))
     except OSError as exc:
         raise DataError(f"cannot read {exc.filename or split_dir}: {exc.strerror or one_line(exc)}") from exc
     return listing

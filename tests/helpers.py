@@ -88,12 +88,12 @@ def write_pickled_cifar100(root: str | os.PathLike, train: ArraySplit, test: Arr
 
 
 def write_image_folder(root: str | os.PathLike, train: ArraySplit, test: ArraySplit, fmt: str = "png",
-                       class_names: Sequence[str] | None = None) -> Path:
+                       class_names: Sequence[str] | None = None, digits: int = 6) -> Path:
     """Write root/train/<class>/NNNNNN.<fmt> and root/test/<class>/NNNNNN.<fmt>.
 
-    Files are numbered by their index in the split, so a class-grouped split reads back in the same
-    order. Default class names (class_000, class_001, ...) sort in label order; PNG is lossless, so the
-    arrays round-trip exactly.
+    Files are numbered by their index in the split (zero-padded to `digits`; 0: not padded), so a
+    class-grouped split reads back in the same order. Default class names (class_000, class_001, ...)
+    sort in label order; PNG is lossless, so the arrays round-trip exactly.
     """
     from PIL import Image
 
@@ -103,7 +103,7 @@ def write_image_folder(root: str | os.PathLike, train: ArraySplit, test: ArraySp
         for name in names:
             (Path(root) / split_name / name).mkdir(parents=True, exist_ok=True)
         for i, (image, label) in enumerate(zip(split.images, split.labels)):
-            Image.fromarray(image).save(Path(root) / split_name / names[label] / f"{i:06d}.{fmt}")
+            Image.fromarray(image).save(Path(root) / split_name / names[label] / f"{i:0{digits}d}.{fmt}")
     return Path(root)
 
 

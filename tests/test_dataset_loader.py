@@ -774,6 +774,15 @@ def test_jpeg_folder_with_named_classes_sorts_labels(tmp_path):
     assert np.abs(loaded_train.images.astype(int) - train.images.astype(int)).mean() < 20
 
 
+def test_image_folders_named_by_unpadded_numbers_keep_numeric_order(tmp_path):
+    """Class folders 0 .. 99 are labels 0 .. 99 and files 0.png, 1.png, .., 10.png keep that order (as text, 10
+    would come before 2: labels and the long-tailed subset drawn per class would silently differ)."""
+    train, test = make_synthetic(100, 11, 1, seed=12)
+    write_image_folder(tmp_path, train, test, class_names=[str(c) for c in range(100)], digits=0)
+    assert (tmp_path / "train" / "0" / "10.png").is_file() and (tmp_path / "train" / "99" / "1099.png").is_file()
+    assert_splits_equal(dl.load_cifar("cifar100", tmp_path), (train, test))
+
+
 def test_pickled_layout_wins_over_image_folders(tmp_path, cifar10_like):
     write_pickled_cifar10(tmp_path, *cifar10_like)
     write_image_folder(tmp_path, *make_synthetic(10, 1, 1, seed=11))

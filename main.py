@@ -629,8 +629,9 @@ class RunState:
         """Raises TypeError naming the entry when one is not of the kind a run writes (a damaged or foreign
         checkpoint), before anything is set; entries a checkpoint lacks keep their start values. Of the epoch
         sums, this process (`rank` of `world_size`) takes its own row when the checkpoint has one per process;
-        saved by another number of processes, rank 0 takes their total and the others start at zero, so the
-        epoch's mean loss is still that of all its steps (not bitwise: summed in another order)."""
+        saved by another number of processes, rank 0 takes their total scaled by world_size / (the saved number)
+        and the others start at zero: every process counts each step it runs, so a saved step then weighs as much
+        in the epoch's mean loss as one run after the resume (not bitwise: summed in another order)."""
         fresh = vars(RunState())
         for k, v in d.items():
             start = fresh.get(k)
@@ -652,7 +653,9 @@ class RunState:
             if sums.dim() == 2 and sums.shape[0] == world_size:
                 sums = sums[rank]
             else:
-                sums = sums.reshape(-1, 4).sum(0) if rank == 0 else torch.zeros(4, dtype=sums.dtype)
+                saved_by = sums.shape[0] if sums.dim() == 2 else 1
+                sums = (sums.reshape(-1, 4).sum(0) * (world_size / saved_by) if rank == 0
+                        else torch.zeros(4, dtype=sums.dtype))
             self.epoch_sums = sums.to(device)
 
 

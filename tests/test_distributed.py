@@ -392,19 +392,25 @@ PER_RANK = torch.tensor([[1.5, 0.5, 1.0, 3.0], [2.5, 0.5, 2.0, 3.0]])  # two ran
 
 @pytest.mark.parametrize("saved, world_size, expected", [
     (PER_RANK, 2, [PER_RANK[0], PER_RANK[1]]),  # the same processes: each its own row
-    (PER_RANK, 1, [PER_RANK.sum(0)]),  # resumed on one process: their total
-    (PER_RANK, 4, [PER_RANK.sum(0), torch.zeros(4), torch.zeros(4), torch.zeros(4)]),
-    (PER_RANK[1], 2, [PER_RANK[1], torch.zeros(4)]),  # one process's [4] (a run on one, or an older checkpoint)
+    (PER_RANK, 1, [PER_RANK.sum(0) / 2]),  # resumed on one process: their total, a step counted once
+    (PER_RANK, 4, [PER_RANK.sum(0) * 2, torch.zeros(4), torch.zeros(4), torch.zeros(4)]),
+    (PER_RANK[1], 2, [PER_RANK[1] * 2, torch.zeros(4)]),  # one process's [4] (a run on one, or an older checkpoint)
     (PER_RANK[1], 1, [PER_RANK[1]]),
 ])
 def test_mid_epoch_loss_sums_are_shared_out_on_resume(saved, world_size, expected):
-    """Whatever the number of processes before and after, the ranks' sums add up to the saved ones (so the epoch's
-    mean loss is that of all its steps); with the same number each rank gets its own back."""
+    """With the same number of processes each rank gets its own sums back. With another, rank 0 takes the saved
+    total with each saved step counted world_size times, as each step after the resume is (once per process):
+    the mean of the saved steps is kept, and they weigh as much in the epoch's mean loss as the steps to come."""
+    ranks = []
     for rank in range(world_size):
         state = main.RunState()
         state.load_state_dict({"epoch": 1, "step": 3, "epoch_sums": saved.clone()}, torch.device("cpu"), rank,
                               world_size)
         assert torch.equal(state.epoch_sums, expected[rank]), rank
+        ranks.append(state.epoch_sums)
+    total, saved_total = torch.stack(ranks).sum(0), saved.reshape(-1, 4).sum(0)
+    assert total[3] == 3 * world_size  # 3 steps saved, each counted once per process of the resumed run
+    assert torch.equal(total[:3] / total[3], saved_total[:3] / saved_total[3])  # their mean losses kept
 
 
 @pytest.mark.parametrize("world_size", ["2", None])

@@ -157,6 +157,7 @@ class Config:
     print_freq: int = _opt(10, "steps between progress updates (each costs one host-device sync)", "run")
 
     def __post_init__(self) -> None:
+        self.lr_decay_epochs = list(self.lr_decay_epochs)  # the default is a tuple; checkpoints compare lists
         if self.ce_sampler is None:  # the hybrid's classifier branch is class-balanced; the CE baseline is plain CE
             self.ce_sampler = "instance" if self.loss == "ce" else "class"
 

@@ -192,6 +192,7 @@ def test_defaults_are_the_paper_recipe():
     assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
     assert cfg.bn_stats == "per_branch"  # not stated in the paper: each branch's own batch statistics (README)
     assert cfg.sc_aug == "paper"  # the paper's augmentation for both branches; SupContrast's is an option
+    assert main.Config() == cfg  # built in code (the benchmark, a notebook), the same values and types
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -15,8 +15,10 @@ Three measurements, each skippable:
    Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip,
    RandomGrayscale(--gray_prob), ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the
    instance-sampled feature-branch loader (with --sc_aug supcon, SupContrast's RandomResizedCrop(32, scale 0.2-1),
-   RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8), RandomGrayscale there instead), a second loader with a class-balanced WeightedRandomSampler for the
-   classifier branch, float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
+   RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8), RandomGrayscale there instead), a
+   second loader with a class-balanced WeightedRandomSampler for the classifier branch (each loader draws as the
+   project's --sc_sampler / --ce_sampler: a shuffle for `instance`, so `--loss ce` has the instance-sampled
+   classifier loader of plain CE), float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
    temperature, SGD with the same hyper-parameters and learning rates, and `loss.item()` every step for logging (a
    host sync). Like the project, it forwards both branches' images in one module call with the same
    Config.bn_split (per branch by default, one pass with --bn_stats joint), so batch-norm statistics (the
@@ -421,17 +423,27 @@ def reference_loaders(cfg: main.Config, train: data.ArraySplit, device: torch.de
         ])
     loader_kwargs = dict(batch_size=cfg.batch_size, drop_last=True, num_workers=workers,
                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    class_counts = np.bincount(train.labels, minlength=data.DATASETS[cfg.dataset])
     feature_loader = None
     if cfg.loss != "ce":
         feature_loader = torch.utils.data.DataLoader(
-            PilImages(train.images, train.labels, TwoCropTransform(view_augment)), shuffle=True, **loader_kwargs)
-    class_counts = np.bincount(train.labels, minlength=data.DATASETS[cfg.dataset])
-    # Class-balanced: each image weighs 1 / (its class size), so every class is drawn equally often.
-    sample_weights = torch.as_tensor(1.0 / class_counts[train.labels], dtype=torch.double)
-    sampler = torch.utils.data.WeightedRandomSampler(sample_weights, num_samples=len(train.labels), replacement=True)
-    ce_loader = torch.utils.data.DataLoader(PilImages(train.images, train.labels, augment), sampler=sampler,
+            PilImages(train.images, train.labels, TwoCropTransform(view_augment)),
+            **reference_sampling(cfg.sc_sampler, train.labels, class_counts), **loader_kwargs)
+    ce_loader = torch.utils.data.DataLoader(PilImages(train.images, train.labels, augment),
+                                            **reference_sampling(cfg.ce_sampler, train.labels, class_counts),
                                             **loader_kwargs)
     return feature_loader, ce_loader
+
+
+def reference_sampling(sampler: str, labels: np.ndarray, class_counts: np.ndarray) -> dict[str, Any]:
+    """DataLoader arguments that draw as the project's `sampler` does: `instance` a shuffle of the images each
+    epoch, the others a WeightedRandomSampler in which an image of class c weighs p_c / n_c (the sampler's class
+    probability spread over the class's images: class-balanced for `class`)."""
+    probs = data.sampler_class_probs(sampler, class_counts)
+    if probs is None:
+        return {"shuffle": True}
+    weights = torch.as_tensor(probs[labels] / class_counts[labels], dtype=torch.double)
+    return {"sampler": torch.utils.data.WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)}
 
 
 def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, device: torch.device,

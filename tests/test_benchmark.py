@@ -129,7 +129,7 @@ def test_supcon_views_in_both_pipelines(bench):
             "supcon"]
     cfg, opts = bench.parse_args(argv)
     assert cfg.sc_aug == "supcon"
-    train = bench.data.ArraySplit(np.zeros((8, 32, 32, 3), np.uint8), np.arange(8) % 2)
+    train = bench.data.ArraySplit(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10))
     feature_loader, ce_loader = bench.reference_loaders(cfg, train, torch.device("cpu"), 0)
     view_steps = [type(t) for t in feature_loader.dataset.transform.transform.transforms]
     assert view_steps[:3] == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.RandomApply]
@@ -137,6 +137,32 @@ def test_supcon_views_in_both_pipelines(bench):
     result = bench.run(cfg, opts, argv)
     for row in (result["project"][0], result["reference"]):
         assert _positive(row["samples_per_s"]) and math.isfinite(row["final_loss"])
+
+
+@pytest.mark.parametrize("argv, feature, ce", [
+    ([], "instance", "class"),  # the hybrid's defaults
+    (["--loss", "ce"], None, "instance"),  # plain CE: one instance-sampled loader
+    (["--sc_sampler", "sqrt", "--ce_sampler", "reversed"], "sqrt", "reversed"),
+])
+def test_reference_loaders_draw_as_the_projects_samplers(bench, argv, feature, ce):
+    """Each reference loader draws images as the project's sampler of its branch does: a shuffle for `instance`,
+    else each image weighing its class's probability spread over the class's images."""
+    cfg, _ = bench.parse_args([*TINY, *argv])
+    labels = np.repeat(np.arange(10), [40, 20, 10, 8, 5, 4, 3, 2, 2, 1])
+    train = bench.data.ArraySplit(np.zeros((len(labels), 32, 32, 3), np.uint8), labels)
+    loaders = bench.reference_loaders(cfg, train, torch.device("cpu"), 0)
+    counts = np.bincount(labels).astype(np.float64)
+    for loader, sampler in zip(loaders, (feature, ce)):
+        if sampler is None:
+            assert loader is None
+        elif sampler == "instance":
+            assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and loader.drop_last
+        else:
+            assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler) and loader.drop_last
+            per_class = {"class": np.ones(10), "sqrt": np.sqrt(counts), "reversed": counts.max() / counts}[sampler]
+            class_share = np.bincount(labels, weights=loader.sampler.weights.numpy())  # each class's total weight
+            np.testing.assert_allclose(class_share / class_share.sum(), per_class / per_class.sum(), rtol=1e-12)
+            assert len(set(loader.sampler.weights[labels == 0].tolist())) == 1  # uniform within a class
 
 
 def test_no_reference_and_no_memory(bench):

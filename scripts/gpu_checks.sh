@@ -168,7 +168,7 @@ fi
 
 statuses=()
 any_failed=0
-last_rc=""  # the exit status of the last step run_step ran ("skipped" when it did not run)
+last_cut=0  # 1 when the last step run_step ran was cut off by its cap
 reserve=15  # seconds kept for the summary at the end
 
 # note TEXT: to the terminal and to log.txt.
@@ -182,7 +182,7 @@ run_step() {
   shift 3
   local left=$((budget_s - reserve - (SECONDS - start)))
   local limit=$((cap < left ? cap : left))
-  last_rc=skipped
+  last_cut=0
   if ((limit < 30)); then
     statuses+=("$name: skipped (${left}s of the budget left)")
     any_failed=1
@@ -196,10 +196,14 @@ run_step() {
   PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_${inductor_cache:-$name}" \
     timeout --signal=TERM --kill-after=10 $((limit - 10)) "$@" >>"$log" 2>&1 || rc=$?
   local took=$((SECONDS - t0))
-  last_rc=$rc
+  # 124: the TERM ended it; 137: the KILL did, or something else's SIGKILL (the kernel's out-of-memory killer)
+  # did, which before the TERM's time is a failure, not the cap.
+  if ((rc == 124 || (rc == 137 && took >= limit - 10))); then
+    last_cut=1
+  fi
   if ((rc == 0)); then
     statuses+=("$name: ok (${took}s)")
-  elif ((rc == 124 || rc == 137)); then
+  elif ((last_cut)); then
     statuses+=("$name: CUT OFF after ${took}s (limit ${limit}s)")
     any_failed=1
   else
@@ -249,7 +253,7 @@ train() {
   shift 3
   local run_dir="$scratch/runs/sc_$variant"
   run_step "$step" "$cap" -- "$python" main.py --data_root "$data_root" --device "$device" --loss sc \
-    --output_dir "$run_dir" --print_freq 24 --ncm_every 10 "${run_args[@]}" "$@"
+    --output_dir "$run_dir" --print_freq 24 --ncm_every 10 ${run_args[@]+"${run_args[@]}"} "$@"
   if [[ -f $run_dir/results.json ]]; then
     cp "$run_dir/results.json" "$out/results_$variant.json"
   fi
@@ -284,12 +288,12 @@ if chosen train_eager; then
   train train_eager eager 240
   # Cut off by its cap, main.py saved last.pt on the TERM: resumed after the benchmarks. (A TERM during the last
   # epoch's evaluation or results can still let the run finish: results.json says so.)
-  if [[ $last_rc == 124 || $last_rc == 137 ]] && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
+  if ((last_cut)) && [[ -f $eager_dir/last.pt && ! -f $eager_dir/results.json ]]; then
     eager_cut=1
   fi
 fi
 if chosen benchmark; then
-  run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" "${memory_args[@]}"
+  run_step benchmark 90 -- "${bench[@]}" --workers "$workers" --profile --json "$out/bench.json" ${memory_args[@]+"${memory_args[@]}"}
 fi
 if chosen bench_supcon; then
   run_step bench_supcon 60 -- "${bench[@]}" --sc_aug supcon --no_reference --memory_batch_sizes "" \

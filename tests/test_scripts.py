@@ -1485,7 +1485,7 @@ case $1 in
       while :; do sleep 0.1; done
     fi
     if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
-    exit 124 ;;
+    exit "${FAKE_MAIN_EXIT:-124}" ;;  # 137 at once: killed by something else (the out-of-memory killer)
   scripts/benchmark.py)
     # ... and leaves the temporary file of a write it was killed in (util.atomic_write's name for it).
     while (($#)); do [[ $1 == --json ]] && echo '{"complete": true}' >"$2" && : >"${2%/*}/.${2##*/}.k1ll3d.tmp"; shift; done
@@ -1506,6 +1506,19 @@ def fake_python_env(tmp_path: Path, **fake: str) -> dict[str, str]:
     (tmp_path / "data").mkdir()
     return {**os.environ, "PYTHON": str(python), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(tmp_path / "calls.log"),
             **{f"FAKE_{name.upper()}": value for name, value in fake.items()}}
+
+
+def test_gpu_checks_an_early_sigkill_is_a_failure_not_its_cap(tmp_path):
+    """A run SIGKILLed long before its cap (the kernel's out-of-memory killer) exits 137 as a run the cap killed
+    does: it is reported FAILED, and its last.pt is not resumed as a cut-off run's would be."""
+    env = fake_python_env(tmp_path, checkpoint="1", main_exit="137")
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "train_eager,benchmark"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"train_eager: FAILED, exit 137 after \d+s", proc.stdout), proc.stdout
+    assert "CUT OFF" not in proc.stdout and "train_eager_resumed" not in proc.stdout
+    assert "benchmark: ok" in proc.stdout
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["last.pt saved", "no checkpoint"])

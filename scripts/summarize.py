@@ -122,6 +122,13 @@ REFERENCE_RECIPE = MappingProxyType({
     "psc": MappingProxyType({**_PAPER_FORM, "psc_denominator": "negatives"}),
     "ce": MappingProxyType({"model": "resnet32", "ce_sampler": "instance"}),
 })
+# The paper's stated optimisation and temperatures (Section 4.1), which its values assume at its schedule: there a
+# hybrid run with another value is labelled with it and gets no paper value. At other schedules (a short CPU run
+# scales the lr with its batch) they neither label nor split a row. PSC's temperature by dataset.
+PAPER_HYPERPARAMETERS = MappingProxyType({"learning_rate": 0.5, "momentum": 0.9, "weight_decay": 1e-4,
+                                          "gray_prob": 0.2})
+PAPER_TEMPERATURES = MappingProxyType({"sc": MappingProxyType({"temp": 0.1}),
+                                       "psc": MappingProxyType({"psc_temp": {"cifar10": 1.0, "cifar100": 0.1}})})
 # The reference values' training sets: the full datasets' classes, each of this many images before the long-tailed
 # cut (whose largest class keeps them all). A run whose recorded class sizes start elsewhere (a subset, synthetic
 # data) was trained on another split and gets no reference value.
@@ -384,9 +391,15 @@ def group_key(run: RunResult) -> GroupKey:
 UNRECORDED = "?"  # a run without a setting that splits its group (made before the flag existed)
 
 
-def reference_recipe(method: str) -> dict[str, str]:
-    """The settings (name -> JSON value) that the paper's or the literature's value of this method assumes."""
-    return {name: json.dumps(value) for name, value in REFERENCE_RECIPE.get(method, {}).items()}
+def reference_recipe(key: GroupKey) -> dict[str, str]:
+    """The settings (name -> JSON value) that the paper's or the literature's value of this group's method
+    assumes: its form, and for the hybrids at the paper's schedule also the paper's hyper-parameters."""
+    recipe = dict(REFERENCE_RECIPE.get(key.method, {}))
+    if key.method in PAPER_TEMPERATURES and is_paper_schedule(key):
+        recipe.update(PAPER_HYPERPARAMETERS)
+        for name, value in PAPER_TEMPERATURES[key.method].items():
+            recipe[name] = value[key.dataset] if isinstance(value, dict) else value
+    return {name: json.dumps(value) for name, value in recipe.items()}
 
 
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
@@ -398,7 +411,7 @@ def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list
     for recipe in recipes:
         for name, encoded in recipe.items():
             values.setdefault(name, set()).add(encoded)
-    reference = reference_recipe(key.method)
+    reference = reference_recipe(key)
     differing = sorted(name for name, seen in values.items()
                        if len(seen) > 1 or (name in reference and seen != {reference[name]}))
     if not differing:
@@ -450,7 +463,7 @@ def reference_top1(key: GroupKey) -> tuple[float, str] | None:
     if key.imb_type != "exp" or abs(key.imbalance_ratio - ratio) > 1e-6:
         return None
     table_key = (key.dataset, key.method, ratio)
-    recipe = reference_recipe(key.method)
+    recipe = reference_recipe(key)
     if any(recipe.get(name, encoded) != encoded for name, encoded in key.variant):
         return None  # another form of the method than the one the value was measured with
     if table_key in PAPER_TOP1:
@@ -638,8 +651,10 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "processes) are reported apart; '?': the run does not record the setting. At the paper's "
                      "schedule, a row with another model than resnet32 or in another form of the method than the "
                      "paper's (alpha_schedule other than parabolic, sc_aug other than paper, for Hybrid-PSC "
-                     "psc_denominator other than negatives) or, for CE, with a ce_sampler other than instance has "
-                     "no reference value ('—').")
+                     "psc_denominator other than negatives), for a hybrid with other hyper-parameters than the "
+                     "paper states (learning_rate 0.5, momentum 0.9, weight_decay 1e-4, gray_prob 0.2, temp 0.1, "
+                     "psc_temp 1.0 on CIFAR-10 and 0.1 on CIFAR-100) or, for CE, with a ce_sampler other than "
+                     "instance has no reference value ('—').")
     other_split = [row for row in rows if row.paper_schedule and not row.full_split]
     if other_split:
         labels = "; ".join(_row_place(row) for row in other_split)

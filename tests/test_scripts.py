@@ -590,12 +590,18 @@ def test_feature_branch_settings_split_only_the_hybrids_rows(summarize, tmp_path
     assert [(r[1], r[3]) for r in table_rows(out)] == [*hybrids, ("CE", "2 (0, 1)")]
 
 
-@pytest.mark.parametrize("method, flag, value", [("sc", "alpha_schedule", "linear"), ("psc", "alpha_schedule", "equal"),
-                                                 ("sc", "sc_aug", "supcon"), ("psc", "psc_denominator", "all")])
+@pytest.mark.parametrize("method, flag, value", [
+    ("sc", "alpha_schedule", "linear"), ("psc", "alpha_schedule", "equal"), ("sc", "sc_aug", "supcon"),
+    ("psc", "psc_denominator", "all"),
+    # the paper's stated hyper-parameters (Section 4.1), PSC's temperature by dataset (CIFAR-10: 1.0)
+    ("sc", "learning_rate", 0.05), ("psc", "momentum", 0.0), ("sc", "weight_decay", 5e-4), ("psc", "gray_prob", 0.0),
+    ("sc", "temp", 0.07), ("psc", "psc_temp", 0.1),
+])
 def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summarize, tmp_path, capsys, method, flag,
                                                                          value):
-    """Alone in the summary, at the paper's schedule, a run in another form of the method is labelled with it and
-    gets no paper value; the paper's form (given explicitly or not) gets it."""
+    """Alone in the summary, at the paper's schedule, a run in another form of the method or with other
+    hyper-parameters than the paper states is labelled with it and gets no paper value; the paper's form (given
+    explicitly or not) gets it."""
     write_result(tmp_path, "other", method=method, seed=0, last=70.0, config={flag: value})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
@@ -606,13 +612,34 @@ def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summari
     code, csv_out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
     [line] = list(csv.DictReader(io.StringIO(csv_out)))
     assert line["variant"] == f"{flag}={value}" and line["reference_top1"] == "" and line["reference_source"] == ""
-    default = {"alpha_schedule": "parabolic", "sc_aug": "paper", "psc_denominator": "negatives"}[flag]
+    default = {"alpha_schedule": "parabolic", "sc_aug": "paper", "psc_denominator": "negatives", "learning_rate": 0.5,
+               "momentum": 0.9, "weight_decay": 1e-4, "gray_prob": 0.2, "temp": 0.1, "psc_temp": 1.0}[flag]
     (tmp_path / "other" / "results.json").unlink()
     write_result(tmp_path, "paper_form", method=method, seed=0, last=70.0, config={flag: default})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     [row] = table_rows(out)
     paper = {"sc": 81.40, "psc": 78.82}[method]
     assert row[1] == label and row[-2:] == [f"{paper:.2f}", f"{70.0 - paper:+.2f}"]
+    if flag in ("alpha_schedule", "sc_aug", "psc_denominator"):
+        return
+    # On a shorter schedule (a CPU run scales the lr with its batch) such a setting neither labels nor splits.
+    (tmp_path / "paper_form" / "results.json").unlink()
+    write_result(tmp_path, "short", method=method, seed=0, epochs=40, decay=(24, 32), batch_size=128,
+                 config={flag: value})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    [row] = table_rows(out)
+    assert row[1] == label and row[-2:] == ["n/c", "n/c"]
+
+
+def test_psc_temperature_the_paper_states_depends_on_the_dataset(summarize, tmp_path, capsys):
+    """PSC's temperature in the paper: 1.0 on CIFAR-10, 0.1 on CIFAR-100, as recorded (resolved) by the run."""
+    for dataset, temperature in (("cifar10", 1.0), ("cifar100", 0.1)):
+        path = write_result(tmp_path, f"psc_{dataset}", dataset=dataset, method="psc", seed=0, last=60.0)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "psc_temperature": temperature}))
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    rows = table_rows(out)
+    assert [(r[0], r[1], r[-2]) for r in rows] == [("CIFAR-10-LT", "Hybrid-PSC", "78.82"),
+                                                 ("CIFAR-100-LT", "Hybrid-PSC", "44.97")]
 
 
 @pytest.mark.parametrize("field, values, labels", [

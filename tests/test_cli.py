@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main
+import util
 from dataset_loader import ArraySplit
 from helpers import make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
 
@@ -682,6 +683,40 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
     if loss != "ce":
         metadata = next(out.rglob("metadata.tsv")).read_text().split()
         assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
+
+
+def test_history_lr_loss_and_best_epoch_are_those_of_the_steps(finished_run):
+    """Each epoch's history entry holds the lr of util.learning_rate's schedule at its last step (--lr_decay_epochs 1:
+    0.05, then 0.005), as the logged per-interval lr does at every logged step; its train, feature and CE losses
+    are the means over its steps, which are the means of its three logged intervals (--print_freq 3, 9 equal
+    steps); best_top1 is the highest top-1 of the evaluated epochs, best_epoch the first to reach it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, _ = finished_run
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["config"]
+    steps = json.loads((out / "config.json").read_text())["train_size"] // 16  # per epoch, at --batch_size 16
+    assert steps == 9
+
+    def lr(step: int) -> float:
+        return util.learning_rate(step, base_lr=cfg["learning_rate"], steps_per_epoch=steps,
+                                  warm_epochs=cfg["warm_epochs"], decay_epochs=cfg["lr_decay_epochs"],
+                                  decay_rate=cfg["lr_decay_rate"])
+
+    history = res["history"]
+    assert [h["lr"] for h in history] == [lr(e * steps - 1) for e in (1, 2)] == pytest.approx([0.05, 0.005])
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged_lr = acc.Scalars("train/lr")
+    assert [e.step for e in logged_lr] == [3, 6, 9, 12, 15, 18]  # after steps 3, 6, 9 of each epoch
+    assert [e.value for e in logged_lr] == pytest.approx([lr(e.step - 1) for e in logged_lr], rel=1e-6)
+    for key, tag in (("train_loss", "loss/total"), ("feature_loss", "loss/feature"), ("ce_loss", "loss/ce")):
+        logged = [e.value for e in acc.Scalars(tag)]
+        means = [sum(logged[3 * i:3 * i + 3]) / 3 for i in range(2)]
+        assert [h[key] for h in history] == pytest.approx(means, rel=1e-5, abs=1e-6), key
+    top1s = [h["top1"] for h in history if "top1" in h]
+    assert len(top1s) == 2 and res["best_top1"] == max(top1s)
+    assert res["best_epoch"] == next(h["epoch"] for h in history if h.get("top1") == max(top1s))
 
 
 def test_overwrite_removes_every_file_of_the_run_and_nothing_else(finished_run, tmp_path):

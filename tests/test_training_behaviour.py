@@ -1,0 +1,201 @@
+"""What the training and evaluation code does with its settings, checked in-process on tiny synthetic data: the
+optimiser's momentum and weight decay, the samplers and the long-tailed split a run is built with, the best-epoch
+bookkeeping, and evaluation over several batches (and processes)."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_loader as data
+import main
+import networks
+from helpers import make_synthetic, write_pickled_cifar10
+
+NUM_CLASSES = 10
+N_TRAIN, N_TEST = 12, 2  # per class
+IMB_FACTOR = 0.5
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
+    return train
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar10")
+    write_pickled_cifar10(root, *make_synthetic(NUM_CLASSES, N_TRAIN, N_TEST, seed=0))
+    return root
+
+
+def _trainer(train, *argv: str) -> main.Trainer:
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
+    return main.Trainer(cfg, train, 4, torch.device("cpu"))
+
+
+def _run(cifar10_root, out, *argv: str) -> main.Run:
+    """main.Run as main() builds it for a fresh run (data read and split, trainer built); nothing trained."""
+    cfg = main.parse_config(["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu",
+                             "--model", "resnet8", "--batch_size", "16", "--imb_factor", str(IMB_FACTOR),
+                             "--lr_decay_epochs", "", "--no-amp", *argv])
+    return main.Run(cfg, main.Dist(), torch.device("cpu"), out, None)
+
+
+# ----------------------------------------------------------------------------------------------- the optimiser
+
+
+@pytest.mark.parametrize("loss", ["sc", "ce"])
+def test_sgd_steps_use_the_configured_momentum_and_weight_decay(train_split, loss):
+    """Two Trainer steps move the weights as torch.optim.SGD with --momentum and --weight_decay (non-default values
+    here) moves a copy given the same gradients at the same lr: the second step carries the first one's momentum.
+    The CE baseline's frozen projection head is not among the optimiser's parameters; every trainable one is."""
+    momentum, weight_decay, lr = 0.8, 0.05, 0.1
+    trainer = _trainer(train_split, "--no-amp", "--loss", loss, "--momentum", str(momentum),
+                       "--weight_decay", str(weight_decay))  # float32: a tight comparison
+    trainable = [p for p in trainer.net.parameters() if p.requires_grad]
+    optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimised} == {id(p) for p in trainable}
+    head = {id(p) for p in trainer.net.head.parameters()}
+    assert (head & {id(p) for p in optimised} == set()) == (loss == "ce")
+    reference = [p.detach().clone() for p in trainable]
+    sgd = torch.optim.SGD(reference, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    batches = trainer.stream.epoch(0)
+    for _ in range(2):
+        before = [p.detach().clone() for p in trainable]
+        trainer.step(next(batches), alpha=0.5, lr=lr)
+        for ref, p in zip(reference, trainable):
+            ref.grad = p.grad.detach().clone()  # the step leaves its gradients in .grad
+        sgd.step()
+        for ref, p in zip(reference, trainable):
+            torch.testing.assert_close(p.detach(), ref, rtol=1e-6, atol=1e-8)
+    # The check can fail: plain SGD (no momentum, no decay) from the same weights lands elsewhere.
+    plain = [b - lr * p.grad for b, p in zip(before, trainable)]
+    assert not all(torch.allclose(a, p.detach(), rtol=1e-4, atol=1e-6) for a, p in zip(plain, trainable))
+
+
+# ----------------------------------------------------------------------------------------------- what a run is built on
+
+
+def test_sampler_flags_reach_the_trainers_stream(train_split):
+    """--sc_sampler / --ce_sampler are the samplers the training stream draws with: the Trainer's batches are
+    those of a TrainStream built with them directly, and not those of the defaults."""
+    trainer = _trainer(train_split, "--sc_sampler", "sqrt", "--ce_sampler", "reversed")
+    assert (trainer.stream.sc_sampler, trainer.stream.ce_sampler) == ("sqrt", "reversed")
+    mean, std = data.dataset_stats("cifar10")
+
+    def labels(sc_sampler, ce_sampler):
+        stream = data.TrainStream(train_split, 4, 8, mean=mean, std=std, sc_sampler=sc_sampler,
+                                  ce_sampler=ce_sampler, seed=trainer.cfg.seed)
+        return [(b.sc_labels.tolist(), b.ce_labels.tolist()) for b in itertools.islice(stream.epoch(0), 2)]
+
+    drawn = [(b.sc_labels.tolist(), b.ce_labels.tolist()) for b in itertools.islice(trainer.stream.epoch(0), 2)]
+    assert drawn == labels("sqrt", "reversed") != labels("instance", "class")
+
+
+def test_imb_type_and_data_seed_reach_the_training_split(cifar10_root, tmp_path):
+    """--imb_type step --data_seed 3: the run trains on long_tailed_subset(train, ..., "step", 3) (its class sizes
+    and its images' digest, as checkpoints record it), not on the default exp split of seed 0."""
+    run = _run(cifar10_root, tmp_path / "run", "--imb_type", "step", "--data_seed", "3")
+    train, _ = data.load_cifar("cifar10", cifar10_root)
+    expected, counts = data.long_tailed_subset(train, NUM_CLASSES, IMB_FACTOR, "step", 3)
+    assert counts == data.long_tailed_counts(N_TRAIN, NUM_CLASSES, IMB_FACTOR, "step") == [12] * 5 + [6] * 5
+    assert run.trainer.class_counts == counts
+    assert run.train_digest == expected.digest()
+    assert np.array_equal(run.trainer.stream.labels.numpy(), expected.labels)
+    # Each setting alone changes the split, so neither can be dropped unnoticed.
+    assert run.train_digest != data.long_tailed_subset(train, NUM_CLASSES, IMB_FACTOR, "step", 0)[0].digest()
+    assert counts != data.long_tailed_subset(train, NUM_CLASSES, IMB_FACTOR, "exp", 3)[1]
+    assert not (tmp_path / "run").exists()  # building the run writes nothing
+
+
+# ----------------------------------------------------------------------------------------------- the best epoch
+
+
+def _confusion_with_top1(correct_classes: int) -> np.ndarray:
+    """[C, C] of N_TEST images per class: the first `correct_classes` classes all right, the others all taken for
+    the next class, so top-1 is 100 * correct_classes / C."""
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for c in range(NUM_CLASSES):
+        confusion[c, c if c < correct_classes else (c + 1) % NUM_CLASSES] = N_TEST
+    return confusion
+
+
+def test_best_epoch_is_the_first_with_the_highest_top1(cifar10_root, tmp_path, monkeypatch, capsys):
+    """Test top-1 50, 70, 60, 70 after epochs 1..4 (the evaluation replaced, the training skipped): best_top1 70 at
+    epoch 2, best.pt written after epochs 1 and 2 only (a worse epoch, or a later tie, leaves it alone), last.pt
+    after every epoch."""
+    out = tmp_path / "run"
+    run = _run(cifar10_root, out, "--epochs", "4")
+    out.mkdir()
+    run.wall_mark = time.perf_counter()  # as run() sets it before the first epoch
+    top1s = iter([5, 7, 6, 7])  # correct classes of 10
+    monkeypatch.setattr(run.trainer, "confusion", lambda images, labels: _confusion_with_top1(next(top1s)))
+    saves = []
+    save = run.save
+    monkeypatch.setattr(run, "save", lambda name, **kw: (saves.append((name, run.state.epoch)), save(name, **kw)))
+    for _ in range(4):  # what train_epoch leaves for end_epoch, without the training
+        run.state.epoch_sums = torch.tensor([2.0, 1.0, 1.0, 1.0])
+        run.epoch_alpha, run.epoch_lr, run.epoch_rate = 0.5, 0.1, 1.0
+        run.end_epoch()
+    state = run.state
+    assert [h["top1"] for h in state.history] == pytest.approx([50, 70, 60, 70])
+    assert (state.best_top1, state.best_epoch) == (pytest.approx(70), 2)
+    assert state.best_metrics["epoch"] == 2 and state.best_metrics["top1"] == pytest.approx(70)
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 2), ("last.pt", 3), ("last.pt", 4)]
+    best = torch.load(out / "best.pt", weights_only=False)["run"]
+    assert (best["epoch"], best["best_epoch"]) == (2, 2) and best["best_top1"] == pytest.approx(70)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| best 70.00 @ 2")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture(scope="module")
+def eval_setup():
+    """An untrained resnet8 in eval mode (seeded), 30 test images of 4 classes, and the CIFAR-10 statistics. The
+    classifier's bias is centred on these images' mean feature: untrained, it would give every image one class."""
+    _, test = make_synthetic(num_classes=4, n_train_per_class=1, n_test_per_class=8, seed=2)
+    images, labels = data.to_device_images(test, "cpu")
+    images, labels = images[:30], labels[:30]  # 30: batches of 7 leave a ragged last one
+    torch.manual_seed(0)
+    net = networks.build_model("resnet8", 4).eval()
+    mean, std = (torch.tensor(v) for v in data.dataset_stats("cifar10"))
+    with torch.no_grad():
+        features = net(data.normalize(images, mean, std)).features
+        net.classifier.bias.copy_(-net.classifier.weight @ features.mean(0))
+    return net, images, labels, mean, std
+
+
+def test_confusion_over_several_batches_and_processes_is_the_whole_sets(eval_setup, monkeypatch):
+    """test_confusion in batches of 7 counts every image once, as one pass over all 30 does; the three processes of
+    a torchrun job (each every third batch, summed by all_reduce_sum) together count the same."""
+    net, images, labels, mean, std = eval_setup
+    with torch.no_grad():
+        preds = net.forward_logits(data.normalize(images, mean, std)).argmax(dim=1)
+    assert len(set(preds.tolist())) > 1  # predictions differ between images, so a wrong batch would show
+    expected = main.util.confusion_matrix(preds, labels, 4).numpy()
+    common = dict(mean=mean, std=std, num_classes=4, amp=False)
+    assert np.array_equal(main.test_confusion(net, images, labels, **common), expected)
+    assert np.array_equal(main.test_confusion(net, images, labels, **common, batch_size=7), expected)
+    monkeypatch.setattr(main, "all_reduce_sum", lambda tensor, dist: tensor)  # each rank's own counts
+    parts = [main.test_confusion(net, images, labels, **common, batch_size=7, dist=main.Dist(rank=r, world_size=3))
+             for r in range(3)]
+    assert all(part.sum() > 0 for part in parts)  # each process had batches of its own
+    assert np.array_equal(sum(parts), expected)
+
+
+def test_embed_over_several_batches_is_the_whole_sets(eval_setup):
+    """embed in batches of 7 gives every image's own features and projections, in order."""
+    net, images, _, mean, std = eval_setup
+    with torch.no_grad():
+        out = net(data.normalize(images, mean, std))
+    features, projections = main.embed(net, images, mean=mean, std=std, amp=False, batch_size=7)
+    assert features.shape == (30, out.features.shape[1]) and projections.shape == (30, out.projections.shape[1])
+    torch.testing.assert_close(features, out.features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(projections, out.projections, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(features[7:14], features[:7])  # images differ, so a re-read batch would show

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,9 @@ def test_results_are_sane(finished_run):
     # 40 / 30 / 23 images are 'medium' (20..100) and the rest 'few' (< 20): no many-shot class here.
     assert res["shot_groups"] == {"many": [], "medium": [0, 1, 2], "few": [3, 4, 5, 6, 7, 8, 9]}
     assert res["many"] is None and res["medium"] is not None and res["few"] is not None
+    # The test set is balanced (N_TEST per class), so a group's accuracy is its classes' mean.
+    assert res["medium"] == pytest.approx(np.mean(res["per_class"][:3]))
+    assert res["few"] == pytest.approx(np.mean(res["per_class"][3:]))
     assert res["best_top1"] >= res["last_top1"] == res["history"][-1]["top1"] == res["last"]["top1"]
     assert res["best_epoch"] in (1, 2) and res["best"]["epoch"] == res["best_epoch"]
     assert len(res["per_class"]) == 10 and all(0 <= a <= 100 for a in res["per_class"])
@@ -135,6 +139,7 @@ def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
     assert printed["ncm"] == res["ncm"]
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)  # nothing checked depends on the loss
 def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
     loss, out, _ = finished_run
     before = snapshot(out)

@@ -28,6 +28,10 @@ def test_accuracy_report_by_hand():
     assert report["per_class"] == pytest.approx([80, 50, 10])
     assert report["many"] == pytest.approx(80) and report["medium"] == pytest.approx(30)
     assert report["few"] is None
+    # Unequal class totals (a test set that is not balanced): a group pools its images, 5 of 12 right, rather than
+    # averaging its classes' accuracies (50 and 0: 25).
+    unequal = util.accuracy_report(np.array([[8, 2, 0], [5, 5, 0], [1, 1, 0]]), {"medium": [1, 2]})
+    assert unequal["medium"] == pytest.approx(100 * 5 / 12) and unequal["per_class"][1:] == pytest.approx([50, 0])
 
 
 def _ncm_by_loop(train, labels, test, num_classes):

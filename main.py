@@ -321,6 +321,15 @@ def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def compile_failure_text(exc: BaseException) -> str:
+    """One line for a run whose --compile failed in its first step (no working C++ compiler for Inductor on the
+    CPU, no Triton on CUDA): the error's first line, not PyTorch's trace of its compiler stack."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return (f"--compile could not compile the training step ({what}); run without --compile, or see "
+            f"TORCHDYNAMO_VERBOSE=1 for PyTorch's trace")
+
+
 def hidden_gpu_note(choice: str, device: torch.device) -> Optional[str]:
     """--device auto fell back to the CPU although CUDA_VISIBLE_DEVICES names GPUs (a typo there hides them all,
     as does a broken driver): said at the start of the run, which still trains."""
@@ -1010,7 +1019,12 @@ class Run:
             global_step = epoch * steps + step
             lr = trainer.lr_at(global_step)
             timed = self.first_step_s is not None
-            terms = trainer.step(batch, alpha, lr)
+            try:
+                terms = trainer.step(batch, alpha, lr)
+            except Exception as exc:  # torch.compile compiles in the first step: a missing compiler shows there
+                if timed or not cfg.compile or not isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
+                    raise
+                raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
                 self.first_step_s = time.perf_counter() - t_epoch

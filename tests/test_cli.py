@@ -157,6 +157,18 @@ def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
     assert snapshot(out) == before
 
 
+def test_compile_without_a_working_compiler_is_one_line(cifar10_root, tmp_path, monkeypatch):
+    """--compile compiles in the first step; with no working C++ compiler for Inductor (CXX names none) the run
+    stops there with one line naming the cause and the way out, exit 2, not PyTorch's trace."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no_such_compiler"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--compile")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: --compile could not compile the training step (") and \
+        proc.stderr.count("\n") == 1 and "no_such_compiler" in proc.stderr, proc.stderr[-3000:]
+    assert "run without --compile" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
     """--temp is SC's: PSC keeps its own (0.1 on CIFAR-100), and the run says --temp changes nothing."""
     write_pickled_cifar100(tmp_path / "data", *make_synthetic(100, 6, 2, seed=1))

@@ -323,10 +323,12 @@ def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -
 
 def compile_failure_text(exc: BaseException) -> str:
     """One line for a run whose --compile failed in its first step (no working C++ compiler for Inductor on the
-    CPU, no Triton on CUDA): the error's first line, not PyTorch's trace of its compiler stack."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return (f"--compile could not compile the training step ({what}); run without --compile, or see "
+    CPU, no Triton on CUDA): the compiler's own error (BackendCompilerFailed.inner_exception: its message is
+    "backend='inductor' raised:" and the cause on the next line), first line only, not PyTorch's trace."""
+    cause = getattr(exc, "inner_exception", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    what = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return (f"--compile could not compile the training step ({what}); run without --compile, or with "
             f"TORCHDYNAMO_VERBOSE=1 for PyTorch's trace")
 
 
@@ -1022,7 +1024,8 @@ class Run:
             try:
                 terms = trainer.step(batch, alpha, lr)
             except Exception as exc:  # torch.compile compiles in the first step: a missing compiler shows there
-                if timed or not cfg.compile or not isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
+                if (timed or not cfg.compile or not isinstance(exc, torch._dynamo.exc.BackendCompilerFailed)
+                        or os.environ.get("TORCHDYNAMO_VERBOSE", "0") not in ("", "0")):
                     raise
                 raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN

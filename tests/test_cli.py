@@ -157,16 +157,36 @@ def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
     assert snapshot(out) == before
 
 
-def test_compile_without_a_working_compiler_is_one_line(cifar10_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("verbose", ["", "1"])
+def test_compile_without_a_working_compiler_is_one_line(cifar10_root, tmp_path, monkeypatch, verbose):
     """--compile compiles in the first step; with no working C++ compiler for Inductor (CXX names none) the run
-    stops there with one line naming the cause and the way out, exit 2, not PyTorch's trace."""
+    stops there with one line naming the cause and the way out, exit 2, not PyTorch's trace; with
+    TORCHDYNAMO_VERBOSE=1, as that line suggests, the trace comes."""
     monkeypatch.setenv("CXX", str(tmp_path / "no_such_compiler"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHDYNAMO_VERBOSE", verbose)
     proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--compile")
+    if verbose:
+        assert proc.returncode == 1 and "Traceback" in proc.stderr and "no_such_compiler" in proc.stderr
+        return
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: --compile could not compile the training step (") and \
         proc.stderr.count("\n") == 1 and "no_such_compiler" in proc.stderr, proc.stderr[-3000:]
     assert "run without --compile" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compile_failure_names_the_compilers_own_error():
+    """Before torch 2.7 Inductor's failure is a plain BackendCompilerFailed whose message starts "backend='inductor'
+    raised:" with the cause on the next line: the line names the cause it holds (inner_exception)."""
+    class BackendCompilerFailed(Exception):  # torch._dynamo.exc's, as torch 2.4 to 2.6 raise it
+        def __init__(self, inner: Exception):
+            super().__init__(f"backend='inductor' raised:\n{type(inner).__name__}: {inner}")
+            self.inner_exception = inner
+
+    text = main.compile_failure_text(BackendCompilerFailed(RuntimeError("Failed to find C compiler.\nMore.")))
+    assert text.startswith("--compile could not compile the training step (RuntimeError: Failed to find C "
+                           "compiler.); run without --compile")
+    assert "(ValueError: x)" in main.compile_failure_text(ValueError("x\ny"))  # no inner exception: its own
 
 
 def test_cifar100_psc_uses_the_paper_temperature(tmp_path):

@@ -14,11 +14,11 @@ Three measurements, each skippable:
 2. A reference pipeline with the same maths written the usual way (SupContrast / LDAM-DRW / BBN style): a torch
    Dataset of PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip,
    RandomGrayscale(--gray_prob), ToTensor, Normalize in DataLoader workers, a two-crop wrapper on the
-   instance-sampled feature-branch loader (with --sc_aug supcon, SupContrast's RandomResizedCrop(32, scale 0.2-1),
+   feature-branch loader (with --sc_aug supcon, SupContrast's RandomResizedCrop(32, scale 0.2-1),
    RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8), RandomGrayscale there instead), a
-   second loader with a class-balanced WeightedRandomSampler for the classifier branch (each loader draws as the
-   project's --sc_sampler / --ce_sampler: a shuffle for `instance`, so `--loss ce` has the instance-sampled
-   classifier loader of plain CE), float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
+   second loader for the classifier branch, each drawing as the project's --sc_sampler / --ce_sampler (a shuffle
+   for `instance`, else a WeightedRandomSampler: by default the feature branch instance-sampled and the
+   classifier branch class-balanced; `--loss ce` has plain CE's one instance-sampled loader), float32 eager, a fresh model of the same backbone, losses.HybridLoss with the same method and
    temperature, SGD with the same hyper-parameters and learning rates, and `loss.item()` every step for logging (a
    host sync). Like the project, it forwards both branches' images in one module call with the same
    Config.bn_split (per branch by default, one pass with --bn_stats joint), so batch-norm statistics (the

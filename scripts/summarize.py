@@ -124,7 +124,8 @@ REFERENCE_RECIPE = MappingProxyType({
 })
 # The paper's stated optimisation and temperatures (Section 4.1), which its values assume at its schedule: there a
 # hybrid run with another value is labelled with it and gets no paper value. At other schedules (a short CPU run
-# scales the lr with its batch) they neither label nor split a row. PSC's temperature by dataset.
+# scales the lr with its batch) a row is not compared with them (runs that differ among themselves still split, as
+# in any setting). PSC's temperature by dataset.
 PAPER_HYPERPARAMETERS = MappingProxyType({"learning_rate": 0.5, "momentum": 0.9, "weight_decay": 1e-4,
                                           "gray_prob": 0.2})
 PAPER_TEMPERATURES = MappingProxyType({"sc": MappingProxyType({"temp": 0.1}),
@@ -398,7 +399,9 @@ def reference_recipe(key: GroupKey) -> dict[str, str]:
     if key.method in PAPER_TEMPERATURES and is_paper_schedule(key):
         recipe.update(PAPER_HYPERPARAMETERS)
         for name, value in PAPER_TEMPERATURES[key.method].items():
-            recipe[name] = value[key.dataset] if isinstance(value, dict) else value
+            value = value.get(key.dataset) if isinstance(value, dict) else value
+            if value is not None:  # a dataset the paper has no value for has no reference row either
+                recipe[name] = value
     return {name: json.dumps(value) for name, value in recipe.items()}
 
 

@@ -640,6 +640,10 @@ def test_psc_temperature_the_paper_states_depends_on_the_dataset(summarize, tmp_
     rows = table_rows(out)
     assert [(r[0], r[1], r[-2]) for r in rows] == [("CIFAR-10-LT", "Hybrid-PSC", "78.82"),
                                                  ("CIFAR-100-LT", "Hybrid-PSC", "44.97")]
+    # A dataset the paper has no temperature (nor value) for is summarised, without one.
+    write_result(tmp_path, "psc_other", dataset="svhn", method="psc", seed=0, last=60.0, class_counts=[50, 5])
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and [r[-2] for r in table_rows(out) if r[0] == "svhn"] == ["—"]
 
 
 @pytest.mark.parametrize("field, values, labels", [

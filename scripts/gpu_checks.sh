@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command with one time budget: a session that is lent a GPU
 # for a few minutes runs this once and reads the few files it leaves in --out.
+{ # The whole script is one compound command, which bash reads in full before running any of it: a change
+  # to this file while it runs (an edit, a checkout) cannot reach the running copy, which reads no more.
 set -euo pipefail
 
 prog=$(basename "$0")
@@ -394,3 +396,4 @@ note "== done in $((SECONDS - start))s; files in $out:"
 printf '   %s\n' "${statuses[@]}" | tee -a "$log"
 ls "$out" | sed 's/^/   /'
 exit "$any_failed"
+}

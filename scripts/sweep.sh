@@ -10,6 +10,8 @@
 #   no folder               -> fresh run
 # So the same command can be repeated after a crash or a Ctrl-C and only does what is left.
 # Runs go one after another, or with --gpus as a queue: one run per listed GPU at a time.
+{ # The whole script is one compound command, which bash reads in full before running any of it: a change
+  # to this file while it runs (an edit, a checkout) cannot reach the running copy, which reads no more.
 set -euo pipefail
 
 prog=$(basename "$0")
@@ -391,3 +393,5 @@ elif ((n_bad)); then
   echo "$prog: $n_bad of $n_runs $runs_word FAILED" >&2
   exit 1
 fi
+exit 0
+}

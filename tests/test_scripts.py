@@ -1340,6 +1340,37 @@ def test_sweep_prints_the_dry_runs_notes_before_the_runs(fake, tmp_path, gpus):
     assert len(read_log("end")) == 2
 
 
+@pytest.mark.parametrize("script", ["sweep.sh", "gpu_checks.sh"])
+def test_a_running_script_is_not_changed_by_an_edit_of_its_file(fake, tmp_path, script):
+    """bash reads a script as it runs it, so an edit saved in place while a sweep runs for hours would have the
+    rest read from the old offset in the new text (a syntax error at the end of a real sweep). Both long-running
+    scripts are one compound command, read in full first: the sweep edited in place during its run still
+    finishes and prints its summary; gpu_checks.sh has the same guard."""
+    text = (SCRIPTS / script).read_text()
+    assert text.count("\n{ # The whole script is one compound command") == 1 and text.endswith("\n}\n")
+    if script == "gpu_checks.sh":
+        assert re.search(r'\nexit "\$any_failed"\n}\n$', text)
+        return
+    env, read_log = fake
+    env["FAKE_SLEEP"] = "1.5"
+    copy = tmp_path / "repo" / "scripts" / "sweep.sh"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(text)
+    process = subprocess.Popen(["bash", str(copy), "--dataset", "cifar10", "--imb_factors", "0.01", "--methods",
+                                "sc ce", "--runs_dir", str(tmp_path / "runs")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 30
+    while not read_log() and time.time() < deadline:
+        time.sleep(0.05)
+    assert read_log(), "the first run did not start"
+    with open(copy, "r+") as f:  # saved in place, as some editors do: same file, text shifted by a new header
+        f.write("#!/usr/bin/env bash\n" + "# an edit made while the sweep runs\n" * 20 + text.split("\n", 1)[1])
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stdout + stderr
+    assert summary_statuses(stdout) == {"cifar10_sc_r100_s0": "done", "cifar10_ce_r100_s0": "done"}
+    assert stderr == ""
+
+
 @pytest.mark.parametrize("send", ["SIGINT to the group", "SIGTERM to the sweep"])
 def test_sweep_interrupted_during_a_dry_run_starts_no_run_and_exits_130(fake, tmp_path, send):
     """The dry run, like a run, gets one SIGTERM from the sweep (Ctrl-C reaches the sweep alone) and then nothing

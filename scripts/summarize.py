@@ -125,11 +125,11 @@ REFERENCE_RECIPE = MappingProxyType({
 # The paper's stated optimisation and temperatures (Section 4.1), which its values assume at its schedule: there a
 # hybrid run with another value is labelled with it and gets no paper value. At other schedules (a short CPU run
 # scales the lr with its batch) a row is not compared with them (runs that differ among themselves still split, as
-# in any setting). PSC's temperature by dataset.
+# in any setting). Each method's temperature flag, with its value by dataset.
 PAPER_HYPERPARAMETERS = MappingProxyType({"learning_rate": 0.5, "momentum": 0.9, "weight_decay": 1e-4,
                                           "gray_prob": 0.2})
-PAPER_TEMPERATURES = MappingProxyType({"sc": MappingProxyType({"temp": 0.1}),
-                                       "psc": MappingProxyType({"psc_temp": {"cifar10": 1.0, "cifar100": 0.1}})})
+PAPER_TEMPERATURES = MappingProxyType({"sc": ("temp", MappingProxyType({"cifar10": 0.1, "cifar100": 0.1})),
+                                       "psc": ("psc_temp", MappingProxyType({"cifar10": 1.0, "cifar100": 0.1}))})
 # The reference values' training sets: the full datasets' classes, each of this many images before the long-tailed
 # cut (whose largest class keeps them all). A run whose recorded class sizes start elsewhere (a subset, synthetic
 # data) was trained on another split and gets no reference value.
@@ -398,10 +398,9 @@ def reference_recipe(key: GroupKey) -> dict[str, str]:
     recipe = dict(REFERENCE_RECIPE.get(key.method, {}))
     if key.method in PAPER_TEMPERATURES and is_paper_schedule(key):
         recipe.update(PAPER_HYPERPARAMETERS)
-        for name, value in PAPER_TEMPERATURES[key.method].items():
-            value = value.get(key.dataset) if isinstance(value, dict) else value
-            if value is not None:  # a dataset the paper has no value for has no reference row either
-                recipe[name] = value
+        name, by_dataset = PAPER_TEMPERATURES[key.method]
+        if key.dataset in by_dataset:  # a dataset the paper has no value for has no reference row either
+            recipe[name] = by_dataset[key.dataset]
     return {name: json.dumps(value) for name, value in recipe.items()}
 
 

@@ -1,4 +1,4 @@
-"""Synthetic CIFAR-like data, and writers for the real on-disk layouts, shared by the tests."""
+"""Synthetic CIFAR-like data, writers for the real on-disk layouts, and a tiny Trainer, shared by the tests."""
 from __future__ import annotations
 
 import os
@@ -117,3 +117,13 @@ def snapshot(folder: str | os.PathLike) -> dict[str, str]:
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_trainer(train: ArraySplit, *argv: str):
+    """main.Trainer for a 4-class split on the CPU: resnet8, batch 8, and the flags in argv."""
+    import torch
+
+    import main
+
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
+    return main.Trainer(cfg, train, 4, torch.device("cpu"))

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import main
 import util
-from helpers import make_synthetic
+from helpers import tiny_trainer
 
 # Operators that wait for the device on CUDA: a scalar read, or an output whose size depends on the data.
 SYNCING_OPS = {
@@ -89,22 +89,11 @@ def no_host_reads():
         yield reads
 
 
-@pytest.fixture(scope="module")
-def train_split():
-    train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
-    return train
-
-
-def _trainer(train, *argv: str) -> main.Trainer:
-    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
-    return main.Trainer(cfg, train, 4, torch.device("cpu"))
-
-
 @pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
 @pytest.mark.parametrize("amp", [True, False])
 @pytest.mark.parametrize("bn_stats", ["joint", "per_branch"])
 def test_training_step_has_no_host_sync(train_split, loss, amp, bn_stats):
-    trainer = _trainer(train_split, "--loss", loss, "--amp" if amp else "--no-amp", "--bn_stats", bn_stats)
+    trainer = tiny_trainer(train_split, "--loss", loss, "--amp" if amp else "--no-amp", "--bn_stats", bn_stats)
     batches = trainer.stream.epoch(0)
     with no_host_reads() as reads:
         for _ in range(2):
@@ -116,7 +105,7 @@ def test_training_step_has_no_host_sync(train_split, loss, amp, bn_stats):
 @pytest.mark.parametrize("loss", ["sc", "psc"])
 def test_supcon_augmentation_has_no_host_sync_and_deterministic_kernels(train_split, loss):
     """--sc_aug supcon (resized crops, colour jitter in a per-image order) draws and augments on the device too."""
-    trainer = _trainer(train_split, "--loss", loss, "--sc_aug", "supcon")
+    trainer = tiny_trainer(train_split, "--loss", loss, "--sc_aug", "supcon")
     assert trainer.stream.sc_aug == "supcon"
     with no_host_reads() as reads:
         batches = trainer.stream.epoch(0)
@@ -129,7 +118,7 @@ def test_supcon_augmentation_has_no_host_sync_and_deterministic_kernels(train_sp
 
 @pytest.mark.parametrize("sampler", ["instance", "class", "sqrt", "reversed"])
 def test_every_sampler_draws_without_host_sync(train_split, sampler):
-    trainer = _trainer(train_split, "--sc_sampler", sampler, "--ce_sampler", sampler)
+    trainer = tiny_trainer(train_split, "--sc_sampler", sampler, "--ce_sampler", sampler)
     with no_host_reads() as reads:
         batches = trainer.stream.epoch(1)  # the epoch's permutations are drawn here
         for _ in range(2):
@@ -186,7 +175,7 @@ NONDETERMINISTIC_ON_CUDA = {
 
 @pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
 def test_training_step_has_deterministic_cuda_kernels(train_split, loss):
-    trainer = _trainer(train_split, "--loss", loss)
+    trainer = tiny_trainer(train_split, "--loss", loss)
     batches = trainer.stream.epoch(0)
     with OpTrace() as reads:
         trainer.step(next(batches), alpha=0.5, lr=0.1)
@@ -224,7 +213,7 @@ def test_base_temp_flag_reaches_the_training_step(train_split):
     """--base_temp 0.07 scales the step's SC term by 0.1 / 0.07 and leaves the classifier branch alone."""
     terms = {}
     for argv in ((), ("--base_temp", "0.07")):
-        trainer = _trainer(train_split, "--no-amp", *argv)  # same seed: same initial weights and first batch
+        trainer = tiny_trainer(train_split, "--no-amp", *argv)  # same seed: same initial weights and first batch
         terms[argv] = trainer.step(next(trainer.stream.epoch(0)), alpha=0.5, lr=0.1)
     plain, scaled = terms[()], terms[("--base_temp", "0.07")]
     assert scaled.feature.item() == pytest.approx(plain.feature.item() * 0.1 / 0.07, rel=1e-5)
@@ -237,7 +226,7 @@ def test_per_branch_bn_stats_normalise_each_branch_alone(train_split, loss):
     each passed through the network alone; the one joint pass gives another loss (so the check can fail)."""
     terms, expected = {}, {}
     for mode in ("joint", "per_branch"):
-        trainer = _trainer(train_split, "--no-amp", "--loss", loss, "--bn_stats", mode)
+        trainer = tiny_trainer(train_split, "--no-amp", "--loss", loss, "--bn_stats", mode)
         batch = next(trainer.stream.epoch(0))
         before = copy.deepcopy(trainer.net)  # the weights and BN state the step starts from, in training mode
         with torch.no_grad():
@@ -267,7 +256,7 @@ def test_compile_mode_reaches_torch_compile(train_split, monkeypatch, argv, mode
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    trainer = _trainer(train_split, *argv)
+    trainer = tiny_trainer(train_split, *argv)
     assert [kwargs for _, kwargs in calls] == ([] if mode is None else [{"mode": mode}])
     if mode is not None:
         assert calls[0][0] == trainer._forward_loss and trainer.model is trainer.net
@@ -301,7 +290,7 @@ def test_compiled_step_equals_the_eager_step(train_split):
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for argv in ((), ("--compile",)):
-                trainer = _trainer(train_split, "--no-amp", "--loss", "sc", *argv)  # float32: a close comparison
+                trainer = tiny_trainer(train_split, "--no-amp", "--loss", "sc", *argv)  # float32: a close comparison
                 terms = [trainer.step(batch, alpha=1.0 - 0.25 * i, lr=0.1)
                          for i, batch in zip(range(3), trainer.stream.epoch(0))]
                 results[argv] = terms, [p.detach().clone() for p in trainer.net.parameters()]
@@ -314,6 +303,6 @@ def test_compiled_step_equals_the_eager_step(train_split):
         alpha = 1.0 - 0.25 * i  # this step's, not the first step's: the compiled graph takes alpha as an input
         assert compiled.total.item() == pytest.approx(alpha * compiled.feature.item() + (1 - alpha) * compiled.ce.item(),
                                                       rel=1e-6)
-    assert not torch.equal(eager_params[0], next(_trainer(train_split).net.parameters()))  # the steps moved it
+    assert not torch.equal(eager_params[0], next(tiny_trainer(train_split).net.parameters()))  # the steps moved it
     for eager, compiled in zip(eager_params, compiled_params):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)  # 3 steps of float32 drift

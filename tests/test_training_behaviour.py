@@ -13,7 +13,7 @@ import torch
 import dataset_loader as data
 import main
 import networks
-from helpers import make_synthetic, write_pickled_cifar10
+from helpers import make_synthetic, tiny_trainer, write_pickled_cifar10
 
 NUM_CLASSES = 10
 N_TRAIN, N_TEST = 12, 2  # per class
@@ -21,21 +21,10 @@ IMB_FACTOR = 0.5
 
 
 @pytest.fixture(scope="module")
-def train_split():
-    train, _ = make_synthetic(num_classes=4, n_train_per_class=16, n_test_per_class=2)
-    return train
-
-
-@pytest.fixture(scope="module")
 def cifar10_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar10")
     write_pickled_cifar10(root, *make_synthetic(NUM_CLASSES, N_TRAIN, N_TEST, seed=0))
     return root
-
-
-def _trainer(train, *argv: str) -> main.Trainer:
-    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
-    return main.Trainer(cfg, train, 4, torch.device("cpu"))
 
 
 def _run(cifar10_root, out, *argv: str) -> main.Run:
@@ -55,7 +44,7 @@ def test_sgd_steps_use_the_configured_momentum_and_weight_decay(train_split, los
     here) moves a copy given the same gradients at the same lr: the second step carries the first one's momentum.
     The CE baseline's frozen projection head is not among the optimiser's parameters; every trainable one is."""
     momentum, weight_decay, lr = 0.8, 0.05, 0.1
-    trainer = _trainer(train_split, "--no-amp", "--loss", loss, "--momentum", str(momentum),
+    trainer = tiny_trainer(train_split, "--no-amp", "--loss", loss, "--momentum", str(momentum),
                        "--weight_decay", str(weight_decay))  # float32: a tight comparison
     trainable = [p for p in trainer.net.parameters() if p.requires_grad]
     optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
@@ -84,7 +73,7 @@ def test_sgd_steps_use_the_configured_momentum_and_weight_decay(train_split, los
 def test_sampler_flags_reach_the_trainers_stream(train_split):
     """--sc_sampler / --ce_sampler are the samplers the training stream draws with: the Trainer's batches are
     those of a TrainStream built with them directly, and not those of the defaults."""
-    trainer = _trainer(train_split, "--sc_sampler", "sqrt", "--ce_sampler", "reversed")
+    trainer = tiny_trainer(train_split, "--sc_sampler", "sqrt", "--ce_sampler", "reversed")
     assert (trainer.stream.sc_sampler, trainer.stream.ce_sampler) == ("sqrt", "reversed")
     mean, std = data.dataset_stats("cifar10")
 

@@ -44,10 +44,10 @@ with --imb_type step.
                      main.py takes an unambiguous start of a flag for the flag), are refused here.
   -h, --help         this message
 
-Before the first run, main.py --dry_run once per imb_factor with training left (as its first such run,
-in a scratch folder) checks the flags, the device, the data and the split: if one fails, its line is
-the sweep's error (exit 2) and no run starts; its notes (main.py's "note:" lines) are printed before
-the runs start. None when every run has finished.
+Before the first run, main.py --dry_run as each run with training left whose imb_factor or method
+no earlier one had (in a scratch folder) checks the flags, the device, the data and the split: if
+one fails, its line is the sweep's error (exit 2) and no run starts; their notes (main.py's "note:"
+lines, each once) are printed before the runs start. None when every run has finished.
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
 that it was made with the recipe given now: the data, model, loss and optimisation settings that
 a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
@@ -333,15 +333,17 @@ fi
 trap on_interrupt INT TERM
 set -m # job control: each run (and each GPU worker) in its own process group, see launch_and_wait
 
-# Dry runs first (main.py --dry_run: the flags, the device, the data and its long-tailed split), one per imb_factor
-# that has training left, as its first such run but in a scratch folder that is never created: a typo after --, a
-# wrong --data_root or a factor that leaves a class without images then says so once, before any run starts,
-# instead of failing run after run (with --gpus, each in its own log). Seconds each once the data is decoded; none
-# when every run has finished (checking finished runs reads no data).
-declare -A dry_run_factor=()
+# Dry runs first (main.py --dry_run: the flags, the device, the data and its long-tailed split), as each run with
+# training left whose imb_factor or method no earlier one had (a Table-1 sweep of three factors and two methods: four),
+# each in a scratch folder that is never created: a typo after --, a wrong --data_root or a factor that leaves a class
+# without images then says so once, before any run starts, instead of failing run after run (with --gpus, each in
+# its own log), and a note only one method's flags raise (--loss ce does not read --temp) is seen. Seconds each once
+# the data is decoded; none when every run has finished (checking finished runs reads no data).
+declare -A dry_run_factor=() dry_run_method=() notes_said=()
 for ((idx = 0; idx < n_runs; idx++)); do
-  [[ -e $runs_dir/${run_names[idx]}/results.json || -n ${dry_run_factor[${run_factors[idx]}]+x} ]] && continue
-  dry_run_factor[${run_factors[idx]}]=1
+  [[ -e $runs_dir/${run_names[idx]}/results.json ]] && continue
+  [[ -n ${dry_run_factor[${run_factors[idx]}]+x} && -n ${dry_run_method[${run_methods[idx]}]+x} ]] && continue
+  dry_run_factor[${run_factors[idx]}]=1 dry_run_method[${run_methods[idx]}]=1
   echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}"
   run_command "$idx" "$state_dir/dry_run"
   rc=0
@@ -359,7 +361,9 @@ for ((idx = 0; idx < n_runs; idx++)); do
   # Its notes (flags that are legal but rarely meant, a CUDA_VISIBLE_DEVICES that hides every GPU) said here
   # once, where they are seen before the runs start: with --gpus each run's own copy goes to its log only.
   while IFS= read -r line; do
-    [[ $line != note:* ]] || echo "$prog: main.py --dry_run as ${run_names[idx]}: $line"
+    [[ $line == note:* && -z ${notes_said[$line]+x} ]] || continue
+    notes_said[$line]=1  # one that every dry run prints (CUDA_VISIBLE_DEVICES) said once
+    echo "$prog: main.py --dry_run as ${run_names[idx]}: $line"
   done <"$state_dir/dry_run.out"
 done
 

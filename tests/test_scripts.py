@@ -847,7 +847,10 @@ if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes
     if os.environ.get("FAKE_DRY_RUN_FAIL") and os.environ.get("FAKE_DRY_RUN_FAIL_FACTOR",
                                                               value("--imb_factor")) in ("", value("--imb_factor")):
         sys.exit("error: " + os.environ["FAKE_DRY_RUN_FAIL"])
-    if os.environ.get("FAKE_DRY_RUN_NOTE"):  # like main.py's notes on flags that are legal but rarely meant
+    if os.environ.get("FAKE_DRY_RUN_COMMON_NOTE"):  # like main.py's note on a CUDA_VISIBLE_DEVICES hiding every GPU
+        print("note:", os.environ["FAKE_DRY_RUN_COMMON_NOTE"])
+    if os.environ.get("FAKE_DRY_RUN_NOTE") and os.environ.get("FAKE_DRY_RUN_NOTE_LOSS", value("--loss")) == value("--loss"):
+        # like main.py's notes on flags that are legal but rarely meant (for one loss, when FAKE_DRY_RUN_NOTE_LOSS)
         print("note:", os.environ["FAKE_DRY_RUN_NOTE"], "(imb_factor", value("--imb_factor") + ")")
     print("dry run: would start a run in", out)
     sys.exit(0)
@@ -957,10 +960,12 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
                      "--epochs", "3", "--batch_size", "8"]
         assert f"[{name}] " in result.stdout and "--output_dir" in result.stdout  # command printed
     assert summary_statuses(result.stdout) == {name: "done" for name in expected}
-    # Before any run, a dry run per imb_factor, as its first run but in a scratch folder that is never created.
+    # Before any run, a dry run as each run whose imb_factor or method no earlier run had, in a scratch folder
+    # that is never created: cifar10_sc_r100_s0, cifar10_ce_r100_s0 (a new method), cifar10_sc_r200_s0 (a new
+    # factor); not cifar10_ce_r200_s0 or the seed-1 runs.
     dry_runs = read_log("dry_run")
-    assert [d["name"] for d in dry_runs] == ["dry_run", "dry_run"] and dry_runs[-1]["time"] < calls[0]["time"]
-    for dry, call in zip(dry_runs, (calls[0], calls[2])):  # cifar10_sc_r100_s0, cifar10_sc_r200_s0
+    assert [d["name"] for d in dry_runs] == ["dry_run"] * 3 and dry_runs[-1]["time"] < calls[0]["time"]
+    for dry, call in zip(dry_runs, calls[:3]):
         scratch = dry["args"][dry["args"].index("--output_dir") + 1]
         assert not Path(scratch).parent.exists() and runs not in Path(scratch).parents
         assert dry["args"] == [*call["args"][:11], scratch, *call["args"][12:], "--dry_run"]
@@ -991,7 +996,7 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
     assert pruned.returncode == 0 and summary_statuses(pruned.stdout)[name] == "skipped"
     assert f"[{name}] finished already (no last.pt to check its settings against): skipped" in pruned.stdout
     assert name not in [c["name"] for c in read_log("checked")[len(expected):]]
-    assert len(read_log("dry_run")) == 2  # every run had finished in the later calls: checking them reads no data
+    assert len(read_log("dry_run")) == 3  # every run had finished in the later calls: checking them reads no data
 
     code, out, _ = run_summarize(summarize, capsys, runs)
     assert code == 0 and [r[3] for r in table_rows(out)] == ["2 (0, 1)"] * 4
@@ -1309,7 +1314,8 @@ def test_sweep_stops_before_any_run_when_a_dry_run_fails(fake, tmp_path, gpus, f
                                      "--runs_dir", str(runs), "--gpus", gpus, "--", "--learning_rate", "-1"], env)
     assert result.returncode == 2
     failed = "cifar10_sc_r10_s0" if fail_factor else "cifar10_sc_r100_s0"
-    checked = ["cifar10_sc_r100_s0", "cifar10_sc_r10_s0"] if fail_factor else ["cifar10_sc_r100_s0"]
+    checked = ["cifar10_sc_r100_s0", "cifar10_psc_r100_s0", "cifar10_sc_r10_s0"] if fail_factor else [
+        "cifar10_sc_r100_s0"]  # with factor 0.1 failing: psc's first run is checked too, then the new factor
     assert result.stdout.splitlines() == [
         f"sweep.sh: checking the flags, the device and the data: main.py --dry_run as {name}" for name in checked]
     assert result.stderr.splitlines() == [
@@ -1338,6 +1344,25 @@ def test_sweep_prints_the_dry_runs_notes_before_the_runs(fake, tmp_path, gpus):
     first_run = next(i for i, line in enumerate(lines) if " runs in " in line)
     assert lines.index(notes[-1]) < first_run and "dry run: would" not in result.stdout
     assert len(read_log("end")) == 2
+
+
+def test_sweep_dry_runs_each_method_and_says_each_note_once(fake, tmp_path):
+    """A note only one method's flags raise (--loss ce does not read --temp) reaches the terminal from that method's
+    first run with training left, even when another method comes first for every imb_factor; a note that every dry
+    run prints is said once."""
+    env, read_log = fake
+    env.update(FAKE_DRY_RUN_NOTE="--loss ce does not read --temp", FAKE_DRY_RUN_NOTE_LOSS="ce",
+               FAKE_DRY_RUN_COMMON_NOTE="CUDA_VISIBLE_DEVICES hides every GPU")
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0.1", "--methods", "sc ce",
+                                     "--runs_dir", str(tmp_path / "runs"), "--", "--temp", "0.2"], env)
+    assert result.returncode == 0, result.stderr
+    checked = [line.rsplit(" ", 1)[1] for line in result.stdout.splitlines() if "checking the flags" in line]
+    assert checked == ["cifar10_sc_r100_s0", "cifar10_ce_r100_s0", "cifar10_sc_r10_s0"]  # not cifar10_ce_r10_s0
+    assert len(read_log("dry_run")) == 3
+    assert [line for line in result.stdout.splitlines() if "note:" in line] == [
+        "sweep.sh: main.py --dry_run as cifar10_sc_r100_s0: note: CUDA_VISIBLE_DEVICES hides every GPU",
+        "sweep.sh: main.py --dry_run as cifar10_ce_r100_s0: note: --loss ce does not read --temp (imb_factor 0.01)"]
+    assert len(read_log("end")) == 4
 
 
 @pytest.mark.parametrize("script", ["sweep.sh", "gpu_checks.sh"])

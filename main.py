@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -384,12 +385,32 @@ class _GatherWithGrad(torch.autograd.Function):
 def fast_default(device: torch.device) -> bool:
     """Default of --amp: on for CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX), where scripts/benchmark.py
     measured bf16 autocast + channels_last at about 2x float32 (see README, Performance)."""
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # private helper: absent in some builds
+    return device.type == "cuda" or native_cpu_bf16()
+
+
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def native_cpu_bf16(machine: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bf16 natively. On x86 that takes AVX512-BF16 or AMX-BF16: oneDNN's own check
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) also says yes on AVX512 without them, where it emulates bf16 and
+    a training step ran at half the speed of float32 (README, Performance, "A CPU without bf16"). Elsewhere (an Arm
+    CPU) oneDNN's check is of the native instructions."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in X86_MACHINES:
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # private helper: absent in some builds
+            return False
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch >= 2.5; amx_bf16 CPUs have it too
+    if avx512_bf16 is not None:
+        return bool(avx512_bf16())
+    try:  # torch 2.4: the kernel's flags (Linux)
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # Default of --channels_last, on every device: in float32 on the CPU, too, it measured faster for the hybrids

@@ -188,3 +188,37 @@ def test_embed_over_several_batches_is_the_whole_sets(eval_setup):
     torch.testing.assert_close(features, out.features, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(projections, out.projections, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(features[7:14], features[:7])  # images differ, so a re-read batch would show
+
+
+# ----------------------------------------------------------------------------------------------- the device default
+
+
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("torch_helper", [True, False])  # torch.cpu._is_avx512_bf16_supported (newer torch) or not
+def test_bf16_is_the_cpu_default_only_with_native_bf16(tmp_path, monkeypatch, torch_helper):
+    """oneDNN says bf16 is supported on any AVX512 CPU, where it emulates it (a step ran at half the speed of
+    float32): --amp's CPU default needs AVX512-BF16 or AMX-BF16 on x86; on an Arm CPU oneDNN's check decides."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cases = {"avx512f avx512bw avx512vl avx512dq avx512_vnni": False, "avx512f avx512_bf16": True,
+             "avx512f avx512_bf16 amx_tile amx_bf16": True, "": False}
+    for flags, native in cases.items():
+        if torch_helper:
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda f=flags: "avx512_bf16" in f,
+                                raising=False)
+        else:
+            monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+        for machine in ("x86_64", "AMD64"):
+            assert main.native_cpu_bf16(machine, _cpuinfo(tmp_path, flags)) is native, (flags, machine)
+    if not torch_helper:  # and no /proc/cpuinfo to read (not Linux): no native bf16 assumed
+        assert main.native_cpu_bf16("x86_64", str(tmp_path / "missing")) is False
+    assert main.native_cpu_bf16("aarch64") is True  # oneDNN's check: native bf16 on Arm
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert main.native_cpu_bf16("aarch64") is False
+    monkeypatch.setattr(main, "native_cpu_bf16", lambda: False)
+    assert main.fast_default(torch.device("cuda")) is True and main.fast_default(torch.device("cpu")) is False

@@ -150,7 +150,8 @@ class Config:
                              "max-autotune (both search kernels: compiling takes much longer)", "run",
                              choices=COMPILE_MODES)
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA)", "run")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA; on one process it is plain "
+                               "batch norm, and the run says so)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
     ncm_every: int = _opt(0, "also classify the test set by the nearest class mean of the backbone features every N "
                           "epochs (each time it embeds the long-tailed training set too, about twice the work of an "
@@ -341,6 +342,14 @@ def hidden_gpu_note(choice: str, device: torch.device) -> Optional[str]:
         return None
     return (f"note: CUDA_VISIBLE_DEVICES={visible} but no CUDA device is available: training on the CPU "
             f"(--device cuda would stop instead)")
+
+
+def sync_bn_note(cfg: Config, dist: Dist) -> Optional[str]:
+    """--sync_bn on one process (on CUDA; the CPU refuses it): SyncBatchNorm with nothing to synchronise is batch norm,
+    so the flag changes nothing; said at the start of the run, which still trains (a sweep may pass it to every run)."""
+    if not cfg.sync_bn or dist.enabled:
+        return None
+    return "note: --sync_bn with one process is plain batch norm: it changes nothing in this run (it acts under torchrun)"
 
 
 def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
@@ -965,6 +974,9 @@ class Run:
             hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
             lines.append(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
                          f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
+        sync_bn = sync_bn_note(cfg, self.dist)
+        if sync_bn:
+            lines.append(sync_bn)
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
             lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
                          f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")

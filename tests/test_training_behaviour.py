@@ -190,6 +190,16 @@ def test_embed_over_several_batches_is_the_whole_sets(eval_setup):
     assert not torch.allclose(features[7:14], features[:7])  # images differ, so a re-read batch would show
 
 
+def test_sync_bn_on_one_process_says_it_changes_nothing(cifar10_root, tmp_path):
+    """--sync_bn is refused on the CPU; on one CUDA process it is accepted (a sweep passes one set of flags), and the
+    run says before its first step that it is plain batch norm there; under torchrun, or without it, nothing."""
+    note = "note: --sync_bn with one process is plain batch norm: it changes nothing in this run (it acts under torchrun)"
+    assert note in _run(cifar10_root, tmp_path / "a", "--sync_bn").start_lines()  # on the CPU here: the lines alone
+    assert not any(line.startswith("note: --sync_bn") for line in _run(cifar10_root, tmp_path / "b").start_lines())
+    cfg = main.parse_config(["--sync_bn"])
+    assert main.sync_bn_note(cfg, main.Dist()) == note and main.sync_bn_note(cfg, main.Dist(0, 2, 0)) is None
+
+
 # ----------------------------------------------------------------------------------------------- the device default
 
 

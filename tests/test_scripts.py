@@ -1742,11 +1742,11 @@ def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_
     assert "bench_graphs: ok" in proc.stdout and "table1: FAILED, exit 1" in proc.stdout
     caches = [line.split(" ", 2) for line in (tmp_path / "calls.log.inductor").read_text().splitlines()]
     steps = [(cache, program, args) for cache, program, args in caches if program != "-c"]
-    assert [program for _, program, _ in steps] == ["scripts/benchmark.py"] + [str(REPO_ROOT / "main.py")] * 6
+    assert [program for _, program, _ in steps] == ["scripts/benchmark.py"] + [str(REPO_ROOT / "main.py")] * 7
     assert {cache for cache, _, _ in steps} == {"inductor_compile"}  # bench_graphs' cache, shared
     bench = load_script("benchmark")
     mains = [shlex.split(args) for _, program, args in steps[1:]]
-    assert ["--dry_run" in args for args in mains] == [True, True] + [False] * 4  # one per ratio, first
+    assert ["--dry_run" in args for args in mains] == [True] * 3 + [False] * 4  # sc and psc at 50, sc at 10, first
     for args in mains:
         cfg = bench.main.parse_config(args)  # flags the real main.py takes
         assert (cfg.compile, cfg.compile_mode, cfg.eval_every, cfg.device) == (True, "reduce-overhead", 5, "cpu")

@@ -847,6 +847,23 @@ def device_name(device: torch.device) -> str:
 SHOT_KEYS = ("top1", "many", "medium", "few")  # the accuracies a history entry, a summary and TensorBoard report
 
 
+# TensorBoard's HParams tab: each run's recipe beside the last value of each of these scalars.
+HPARAM_METRICS = ("test/top1", "test/best_top1", "test/many", "test/medium", "test/few", "test/ncm_top1")
+
+
+def hparams_record(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(every recipe setting, those of them the run's loss reads) as TensorBoard hparams: the settings a resume
+    compares (COMPARED_ON_RESUME) with the imbalance ratio first, defaults resolved (the PSC temperature, the SC
+    base temperature), lists as text. The HParams tab takes its columns from one run's experiment, so each run's
+    lists every setting and runs of every loss share one table; a run's own values leave out what its loss does
+    not read (USED_BY), as summarize.py does."""
+    values = {**dataclasses.asdict(cfg), "imbalance_ratio": cfg.imbalance_ratio, "psc_temp": cfg.psc_temperature,
+              "base_temp": cfg.temp if cfg.base_temp is None else cfg.base_temp}
+    every = {k: ",".join(map(str, values[k])) if isinstance(values[k], list) else values[k]
+             for k in ("imbalance_ratio", *COMPARED_ON_RESUME)}
+    return every, {k: v for k, v in every.items() if cfg.loss in USED_BY.get(k, (cfg.loss,))}
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     groups = " / ".join("-" if m[k] is None else f"{m[k]:.2f}" for k in ("many", "medium", "few"))
     return f"top1 {m['top1']:.2f} (many / medium / few {groups})"
@@ -1015,6 +1032,8 @@ class Run:
             util.write_json(config, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
+            if state.epoch == 0 and state.step == 0:  # a resume keeps the first start's (one session per run)
+                self.write_hparams("start")
         for line in self.start_lines():
             self.log(line)
         self.signals.install()
@@ -1180,11 +1199,25 @@ class Run:
             self.save("best.pt")
         self.save("last.pt")
 
+    def write_hparams(self, when: str) -> None:
+        """TensorBoard's HParams records (hparams_record): at a run's start the experiment (the columns) and the
+        session's settings; at its end the session's end (status success)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        every, read = hparams_record(self.cfg)
+        metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
+        experiment, _, _ = hparams(every, metrics)
+        _, session_start, session_end = hparams(read, metrics)
+        writer = self.writer._get_file_writer()  # as SummaryWriter.add_hparams writes them, without its subfolder
+        for summary in ((experiment, session_start) if when == "start" else (session_end,)):
+            writer.add_summary(summary)
+
     def log_eval(self, epoch: int, metrics: dict[str, Any], confusion: np.ndarray, is_best: bool) -> None:
         if self.writer is None:
             return
         step = epoch * self.trainer.steps_per_epoch
         self.log_shots(epoch, metrics)
+        self.writer.add_scalar("test/best_top1", self.state.best_top1, step)
         for c, acc in enumerate(metrics["per_class"]):
             self.writer.add_scalar(f"test_per_class/{c:03d}", acc, step)
         if is_best:  # the last epoch's figures are written by finish()
@@ -1251,6 +1284,7 @@ class Run:
             "ncm": ncm,
         }
         util.write_json(results, self.out / "results.json")
+        self.write_hparams("end")
         self.log(ncm_line(ncm))
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
                  f"results in {self.out / 'results.json'}")

@@ -722,6 +722,46 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
         assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
 
 
+def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
+    """TensorBoard's HParams tab: the experiment lists every recipe setting (so runs of every loss share its
+    columns) and metrics that are scalars of the run; the run's session holds the settings its loss reads, with
+    defaults resolved, and ends as a success; the metrics' last values are results.json's last and best top-1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    loss, out, _ = finished_run
+    res = json.loads((out / "results.json").read_text())
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert sorted(content) == sorted([metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG,
+                                      metadata.SESSION_END_INFO_TAG])
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [h.name for h in experiment.hparam_infos] == ["imbalance_ratio", *main.COMPARED_ON_RESUME]
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    assert metrics == list(main.HPARAM_METRICS)
+    assert set(metrics) - set(acc.Tags()["scalars"]) == {"test/many"}  # no many-shot class in this tiny set
+
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    values = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.hparams.items()}
+    unread = {k for k, losses_ in main.USED_BY.items() if loss not in losses_}
+    assert set(values) == {"imbalance_ratio", *main.COMPARED_ON_RESUME} - unread
+    cfg = res["config"]
+    expected = {"imbalance_ratio": 10.0, "loss": loss, "dataset": "cifar10", "model": "resnet8", "batch_size": 16,
+                "learning_rate": 0.05, "lr_decay_epochs": "1", "epochs": 2, "seed": 0,
+                "ce_sampler": "instance" if loss == "ce" else "class"}
+    expected.update({"sc": {"temp": 0.1, "base_temp": 0.1}, "psc": {"psc_temp": 1.0, "psc_denominator": "negatives"},
+                     "ce": {}}[loss])
+    assert {k: values[k] for k in expected} == pytest.approx(expected)
+    assert values["weight_decay"] == pytest.approx(cfg["weight_decay"]) and values["imb_type"] == cfg["imb_type"]
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.STATUS_SUCCESS
+    assert acc.Scalars("test/top1")[-1].value == pytest.approx(res["last_top1"])
+    best = [e.value for e in acc.Scalars("test/best_top1")]
+    assert best[-1] == pytest.approx(res["best_top1"]) and best == sorted(best)
+
+
 def test_history_lr_loss_and_best_epoch_are_those_of_the_steps(finished_run):
     """Each epoch's history entry holds the lr of util.learning_rate's schedule at its last step (--lr_decay_epochs 1:
     0.05, then 0.005), as the logged per-interval lr does at every logged step; its train, feature and CE losses

@@ -138,9 +138,9 @@ class Config:
     device: str = _opt("auto", "auto (cuda when available; the CPU with a note when CUDA_VISIBLE_DEVICES names GPUs "
                        "but none is available), cpu or cuda", "run", choices=("auto", "cpu", "cuda"))
     amp: Optional[bool] = _opt(None, "bf16 autocast (default: on for cuda and for CPUs with native bf16; "
-                               "--eval_only: as the run)", "run")
-    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --eval_only: as the run)",
-                                         "run")
+                               "--resume and --eval_only: as the run)", "run")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on; --resume and --eval_only: "
+                                         "as the run)", "run")
     compile: bool = _opt(False, "torch.compile the training step's forward: the model and the hybrid loss as one "
                          "graph (under torchrun the model alone); the first step then includes the compilation",
                          "run")
@@ -411,10 +411,12 @@ def native_cpu_bf16(machine: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo
             return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):  # private helper: absent in some builds
             return False
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch >= 2.5; amx_bf16 CPUs have it too
+    if not torch.backends.mkldnn.is_available():  # no oneDNN in this build: no fast bf16 convolutions either
+        return False
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # newer torch; amx_bf16 CPUs have it too
     if avx512_bf16 is not None:
         return bool(avx512_bf16())
-    try:  # torch 2.4: the kernel's flags (Linux)
+    try:  # older torch (2.4 has no such helper): the kernel's flags (Linux)
         with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
@@ -425,6 +427,30 @@ def native_cpu_bf16(machine: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo
 # Default of --channels_last, on every device: in float32 on the CPU, too, it measured faster for the hybrids
 # (README, Performance, "A CPU without bf16").
 CHANNELS_LAST_DEFAULT = True
+
+
+def run_numerics(cfg: Config, device: torch.device, saved: Optional[dict[str, Any]] = None) -> tuple[bool, bool]:
+    """(amp, channels_last): the flags when given; else, with a checkpoint (a resume, --eval_only), as its run ran,
+    so that a resumed run keeps its precision when this device's default differs (another CPU type, or a default
+    that changed since); else the device's defaults."""
+    if saved is None:
+        amp, channels_last = fast_default(device), CHANNELS_LAST_DEFAULT
+    else:  # a checkpoint without them is from before channels_last was saved, when it was off
+        amp, channels_last = saved.get("amp", fast_default(device)), saved.get("channels_last", False)
+    return (amp if cfg.amp is None else cfg.amp, channels_last if cfg.channels_last is None else cfg.channels_last)
+
+
+def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
+    """A resume that keeps a precision or layout other than this device's default (run_numerics) says so."""
+    if saved is None:
+        return None
+    kept, default = run_numerics(cfg, device, saved), run_numerics(cfg, device)
+    differ = [f"--{'' if on else 'no-'}{flag}" for flag, on, other in zip(("amp", "channels_last"), kept, default)
+              if on != other]
+    if not differ:
+        return None
+    return (f"note: resuming with {' '.join(differ)} as the run trained (this device's default differs); "
+            f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -496,10 +522,10 @@ class Trainer:
     statistics over both branches' images (Config.bn_split)."""
 
     def __init__(self, cfg: Config, train: data.ArraySplit, num_classes: int, device: torch.device,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), saved: Optional[dict[str, Any]] = None):
+        """`saved`: the checkpoint a resume continues (its precision and layout are the defaults, run_numerics)."""
         self.cfg, self.device, self.dist, self.num_classes = cfg, device, dist, num_classes
-        self.amp = fast_default(device) if cfg.amp is None else cfg.amp
-        self.channels_last = CHANNELS_LAST_DEFAULT if cfg.channels_last is None else cfg.channels_last
+        self.amp, self.channels_last = run_numerics(cfg, device, saved)
         self.memory_format = memory_format(self.channels_last)
         self.feature_branch = cfg.loss != "ce"
         mean, std = data.dataset_stats(cfg.dataset)
@@ -819,6 +845,14 @@ def foreign_checkpoint(path: Path, e: Exception) -> UserError:
                      f"code): {util.exception_text(e)}")
 
 
+def check_numerics_entries(saved: dict[str, Any]) -> None:
+    """A checkpoint's `amp` and `channels_last` (how its run ran, which a resume and an evaluation follow:
+    run_numerics) are booleans where present; TypeError otherwise."""
+    for key in ("amp", "channels_last"):
+        if not isinstance(saved.get(key, False), bool):
+            raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
+
+
 def git_commit() -> Optional[str]:
     """$GIT_COMMIT when the caller sets it (a copy of the tree on another machine may carry no .git, or a stale
     one: a lent GPU machine's copy once recorded the commit before the one it ran); else the checkout's commit
@@ -847,8 +881,10 @@ def device_name(device: torch.device) -> str:
 SHOT_KEYS = ("top1", "many", "medium", "few")  # the accuracies a history entry, a summary and TensorBoard report
 
 
-# TensorBoard's HParams tab: each run's recipe beside the last value of each of these scalars.
+# TensorBoard's HParams tab: each run's recipe beside the last value of each of these scalars. Its table shows the
+# first five settings at first, those marked as differing between runs first: the ones a sweep varies.
 HPARAM_METRICS = ("test/top1", "test/best_top1", "test/many", "test/medium", "test/few", "test/ncm_top1")
+HPARAMS_SWEPT = ("dataset", "imbalance_ratio", "imb_type", "loss", "seed")
 
 
 def hparams_record(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -886,6 +922,10 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     check_compatible(saved, cfg, out / "last.pt", data.DATASETS[cfg.dataset])
     if not isinstance(saved.get("run"), dict) or type(saved["run"].get("epoch")) is not int:
         raise UserError(f"{out / 'last.pt'} holds no training state ('run'): it cannot be resumed")
+    try:
+        check_numerics_entries(saved)
+    except TypeError as e:
+        raise foreign_checkpoint(out / "last.pt", e) from e
     return out, saved, saved["run"]["epoch"] >= cfg.epochs and (out / "results.json").exists()
 
 
@@ -912,7 +952,8 @@ class Run:
         train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=download)
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
-        self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist)
+        self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
+        self.numerics_note = numerics_note(cfg, device, saved)
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
         if saved is not None:
@@ -991,9 +1032,9 @@ class Run:
             hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
             lines.append(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
                          f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
-        sync_bn = sync_bn_note(cfg, self.dist)
-        if sync_bn:
-            lines.append(sync_bn)
+        for note in (sync_bn_note(cfg, self.dist), self.numerics_note):
+            if note:
+                lines.append(note)
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
             lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
                          f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
@@ -1202,11 +1243,19 @@ class Run:
     def write_hparams(self, when: str) -> None:
         """TensorBoard's HParams records (hparams_record): at a run's start the experiment (the columns) and the
         session's settings; at its end the session's end (status success)."""
+        from tensorboard.plugins.hparams import plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
         every, read = hparams_record(self.cfg)
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
-        experiment, _, _ = hparams(every, metrics)
+        choices = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(Config)
+                   if f.name in every and "choices" in f.metadata}  # the tab's filters offer each value
+        experiment, _, _ = hparams(every, metrics, hparam_domain_discrete=choices)
+        plugin = experiment.value[0].metadata.plugin_data  # torch's hparams() sets no `differs` (HPARAMS_SWEPT)
+        content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+        for info in content.experiment.hparam_infos:
+            info.differs = info.name in HPARAMS_SWEPT
+        plugin.content = content.SerializeToString()
         _, session_start, session_end = hparams(read, metrics)
         writer = self.writer._get_file_writer()  # as SummaryWriter.add_hparams writes them, without its subfolder
         for summary in ((experiment, session_start) if when == "start" else (session_end,)):
@@ -1332,16 +1381,13 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
         check_same_data(saved, class_counts, path)
         net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
         net.load_state_dict(saved["model"])
-        for key in ("amp", "channels_last"):  # how the run ran, which evaluation follows
-            if not isinstance(saved.get(key, False), bool):
-                raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
+        check_numerics_entries(saved)
     except FOREIGN_CHECKPOINT_ERRORS as e:
         raise foreign_checkpoint(path, e) from e
     images, labels = data.to_device_images(test, device)
     mean, std = (torch.tensor(v, device=device) for v in data.dataset_stats(cfg.dataset))
     # Evaluate as the run did (its numerics), unless the flags say otherwise.
-    amp = saved.get("amp", fast_default(device)) if cfg.amp is None else cfg.amp
-    channels_last = saved.get("channels_last", False) if cfg.channels_last is None else cfg.channels_last
+    amp, channels_last = run_numerics(cfg, device, saved)
     net = net.to(device, memory_format=memory_format(channels_last)).eval()
     confusion = test_confusion(net, images, labels, mean=mean, std=std, num_classes=num_classes, amp=amp,
                                channels_last=channels_last, dist=dist)

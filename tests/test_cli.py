@@ -739,6 +739,11 @@ def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
                                       metadata.SESSION_END_INFO_TAG])
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     assert [h.name for h in experiment.hparam_infos] == ["imbalance_ratio", *main.COMPARED_ON_RESUME]
+    # The settings a sweep varies are marked as differing, so the tab shows them first; choices offer a filter.
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert {name for name, h in infos.items() if h.differs} == set(main.HPARAMS_SWEPT)
+    assert [v.string_value for v in infos["loss"].domain_discrete.values] == ["sc", "psc", "ce"]
+    assert not infos["learning_rate"].HasField("domain_discrete")
     metrics = [m.name.tag for m in experiment.metric_infos]
     assert metrics == list(main.HPARAM_METRICS)
     assert set(metrics) - set(acc.Tags()["scalars"]) == {"test/many"}  # no many-shot class in this tiny set

@@ -200,6 +200,43 @@ def test_sync_bn_on_one_process_says_it_changes_nothing(cifar10_root, tmp_path):
     assert main.sync_bn_note(cfg, main.Dist()) == note and main.sync_bn_note(cfg, main.Dist(0, 2, 0)) is None
 
 
+def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
+    """Without --amp / --channels_last a resumed run keeps what its checkpoint says it trained in (its default may
+    differ on this device: another CPU type, or a default changed since) and says so; a flag given wins. A
+    checkpoint whose entries are not booleans is refused in one line."""
+    device_amp = main.fast_default(torch.device("cpu"))
+    out = tmp_path / "run"
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu", "--model", "resnet8",
+            "--batch_size", "16", "--imb_factor", str(IMB_FACTOR), "--epochs", "2", "--lr_decay_epochs", "",
+            "--print_freq", "100"]
+    assert main.main([*argv, "--amp" if not device_amp else "--no-amp", "--no-channels_last"]) == 0
+    saved = torch.load(out / "last.pt", weights_only=False)
+    assert (saved["amp"], saved["channels_last"]) == (not device_amp, False)
+
+    def resumed(*flags: str) -> main.Run:
+        cfg = main.parse_config([*argv, "--resume", *flags])
+        return main.Run(cfg, main.Dist(), torch.device("cpu"), out, saved)
+
+    run = resumed()
+    assert (run.trainer.amp, run.trainer.channels_last) == (not device_amp, False)
+    note = (f"note: resuming with --{'no-' if device_amp else ''}amp --no-channels_last as the run trained (this "
+            f"device's default differs); give the flags to change")
+    assert note in run.start_lines()
+    run = resumed("--channels_last")
+    assert (run.trainer.amp, run.trainer.channels_last) == (not device_amp, True)
+    assert f"note: resuming with --{'no-' if device_amp else ''}amp as the run trained (this device's default " \
+           f"differs); give the flag to change" in run.start_lines()
+    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
+    assert (run.trainer.amp, run.trainer.channels_last) == (device_amp, True)
+    assert not any(line.startswith("note: resuming") for line in run.start_lines())
+    assert main.run_numerics(main.parse_config([]), torch.device("cpu")) == (device_amp, True)  # a fresh run
+
+    saved["amp"] = "yes"
+    torch.save(saved, out / "last.pt")
+    with pytest.raises(main.UserError, match="does not hold what this program's checkpoints hold .*'amp' entry is a str"):
+        main.resume_point(main.parse_config([*argv, "--resume"]), main.Dist())
+
+
 # ----------------------------------------------------------------------------------------------- the device default
 
 

@@ -68,9 +68,12 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In place where autograd allows it (as torchvision's ResNet): batch norm's backward needs its input, not its
+        # output, so the ReLU and the residual add may overwrite that output instead of allocating a copy.
+        out = F.relu_(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out += self.shortcut(x)
+        return F.relu_(out)
 
 
 class CifarResNet(nn.Module):
@@ -99,7 +102,7 @@ class CifarResNet(nn.Module):
         self.apply(kaiming_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu_(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))  # [N, 64, 8, 8]
         # Global average pooling, written as the mean that F.adaptive_avg_pool2d(out, 1) dispatches to anyway;
         # the general adaptive-pool backward has no deterministic CUDA kernel (tests/test_step_ops.py).

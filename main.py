@@ -1248,6 +1248,11 @@ class Run:
 
         every, read = hparams_record(self.cfg)
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
+        _, session_start, session_end = hparams(read, metrics)
+        writer = self.writer._get_file_writer()  # as SummaryWriter.add_hparams writes them, without its subfolder
+        if when == "end":
+            writer.add_summary(session_end)
+            return
         choices = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(Config)
                    if f.name in every and "choices" in f.metadata}  # the tab's filters offer each value
         experiment, _, _ = hparams(every, metrics, hparam_domain_discrete=choices)
@@ -1256,10 +1261,8 @@ class Run:
         for info in content.experiment.hparam_infos:
             info.differs = info.name in HPARAMS_SWEPT
         plugin.content = content.SerializeToString()
-        _, session_start, session_end = hparams(read, metrics)
-        writer = self.writer._get_file_writer()  # as SummaryWriter.add_hparams writes them, without its subfolder
-        for summary in ((experiment, session_start) if when == "start" else (session_end,)):
-            writer.add_summary(summary)
+        writer.add_summary(experiment)
+        writer.add_summary(session_start)
 
     def log_eval(self, epoch: int, metrics: dict[str, Any], confusion: np.ndarray, is_best: bool) -> None:
         if self.writer is None:

@@ -59,6 +59,13 @@ def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
 
 
+def flag_text(value: Any) -> str:
+    """A setting's value as its flag takes it, for messages: a list comma-separated ('' when empty)."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "''"
+    return str(value)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -251,11 +258,13 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes no more
         raise UserError(f"--seed must be in 0 .. 2**32 - 1 (got {cfg.seed})")
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
-    if bad:
-        within = f"each must be in 1..{cfg.epochs - 1}" if cfg.epochs > 1 else "a 1-epoch run has no decay: pass ''"
-        raise UserError(f"--lr_decay_epochs {bad} outside the run of {plural(cfg.epochs, 'epoch')} ({within})")
+    if bad:  # the epochs as the flag takes them (120,160), and the way out: a schedule inside the run, or none
+        within = (f"each must be in 1..{cfg.epochs - 1}, or --lr_decay_epochs '' for no decay" if cfg.epochs > 1
+                  else "a 1-epoch run has no decay: pass ''")
+        raise UserError(f"--lr_decay_epochs {flag_text(bad)} outside the run of {plural(cfg.epochs, 'epoch')} "
+                        f"({within})")
     if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
-        raise UserError(f"--lr_decay_epochs must be strictly increasing (got {cfg.lr_decay_epochs})")
+        raise UserError(f"--lr_decay_epochs must be strictly increasing (got {flag_text(cfg.lr_decay_epochs)})")
     for name in ("momentum", "weight_decay", "warm_epochs"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
@@ -806,7 +815,7 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     now = dataclasses.asdict(cfg)
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
-    diff = [f"--{k} {then[k]} -> {now[k]}" for k in keys if then[k] != now[k]]
+    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys if then[k] != now[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")

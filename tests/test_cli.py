@@ -283,10 +283,12 @@ BAD_INPUTS = [
     (["--learning_rate", "0"], "--learning_rate"),
     (["--learning_rate", "-0.1"], "--learning_rate"),
     (["--epochs", "0"], "--epochs"),
-    (["--epochs", "100", "--lr_decay_epochs", "120,160"], "outside the run of 100 epochs (each must be in 1..99)"),
+    (["--epochs", "100", "--lr_decay_epochs", "120,160"],  # the epochs as the flag takes them, and the ways out
+     "--lr_decay_epochs 120,160 outside the run of 100 epochs (each must be in 1..99, or --lr_decay_epochs '' for no "
+     "decay)"),
     (["--epochs", "1", "--lr_decay_epochs", "300"], "(a 1-epoch run has no decay: pass '')"),
     (["--output_dir", ""], "--output_dir is empty"),
-    (["--lr_decay_epochs", "160,120"], "strictly increasing"),
+    (["--lr_decay_epochs", "160,120"], "strictly increasing (got 160,120)"),
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
     (["--imb_factor", "1.5"], "--imb_factor"),
@@ -966,6 +968,18 @@ def test_resume_of_a_checkpoint_without_training_state_is_one_line(tmp_path, cap
     assert main.main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'last.pt'} holds no training state ('run'): it cannot be resumed\n"
+
+
+def test_resume_mismatch_names_list_settings_as_their_flag_takes_them():
+    """A schedule that differs from the checkpoint's is named as it would be typed (120,160; '' for none), so that
+    the message's values can be given back as they stand."""
+    import dataclasses
+
+    saved = {"num_classes": 10, "config": dataclasses.asdict(main.parse_config([]))}
+    with pytest.raises(main.UserError, match=r"--lr_decay_epochs 120,160 -> 100 \("):
+        main.check_compatible(saved, main.parse_config(["--lr_decay_epochs", "100"]), Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--lr_decay_epochs 120,160 -> '' \("):
+        main.check_compatible(saved, main.parse_config(["--lr_decay_epochs", ""]), Path("last.pt"), 10)
 
 
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():

@@ -40,7 +40,7 @@ IMAGE_SIZE = 32
 CROP_PADDING = 4
 FLIP_PROB = 0.5
 GRAY_PROB = 0.2
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's convert("L") weights, kept in float (PIL rounds)
 # Augmentations of the feature branch's two views: "paper" is the classifier branch's (crop from the
 # 4-pixel padded image, flip, grayscale), "supcon" SupContrast's CIFAR recipe (see apply_supcon_augment).
 SC_AUGS = ("paper", "supcon")

@@ -462,6 +462,19 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
+def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
+    """A resume on another device type than the run's batches were drawn on says what that changes: the stream is
+    a pure function of (seed, epoch, step) on one type, but the CPU's and CUDA's generators draw differently from
+    the same seed. (Checkpoints from before the entry existed say nothing.)"""
+    then = None if saved is None else saved.get("stream_device")
+    if not isinstance(then, str) or then == device.type:
+        return None
+    return (f"note: this run drew its batches on {then} and now draws them on {device.type}, whose random generator "
+            f"gives other draws for the same seed: from here on its batches are not those the run would have drawn "
+            f"on {then} (resumed mid-epoch, the rest of this epoch follows another order, so that with instance "
+            f"sampling some of its images come twice and others not at all)")
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -962,7 +975,7 @@ class Run:
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
-        self.numerics_note = numerics_note(cfg, device, saved)
+        self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved)]
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
         if saved is not None:
@@ -983,7 +996,7 @@ class Run:
                 "run": run, "config": dataclasses.asdict(self.cfg),
                 "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
                 "train_digest": self.train_digest, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
-                "rng": util.rng_states(), "torch_version": torch.__version__}
+                "stream_device": self.device.type, "rng": util.rng_states(), "torch_version": torch.__version__}
 
     def load(self, saved: dict[str, Any]) -> None:
         try:
@@ -1041,7 +1054,7 @@ class Run:
             hint = "; PSC's temperature is --psc_temp" if cfg.loss == "psc" and "temp" in unread else ""
             lines.append(f"note: --loss {cfg.loss} does not read {', '.join('--' + name for name in unread)}; "
                          f"{'they change' if len(unread) > 1 else 'it changes'} nothing in this run{hint}")
-        for note in (sync_bn_note(cfg, self.dist), self.numerics_note):
+        for note in (sync_bn_note(cfg, self.dist), *self.resume_notes):
             if note:
                 lines.append(note)
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant

@@ -202,8 +202,9 @@ def test_sync_bn_on_one_process_says_it_changes_nothing(cifar10_root, tmp_path):
 
 def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     """Without --amp / --channels_last a resumed run keeps what its checkpoint says it trained in (its default may
-    differ on this device: another CPU type, or a default changed since) and says so; a flag given wins. A
-    checkpoint whose entries are not booleans is refused in one line."""
+    differ on this device: another CPU type, or a default changed since) and says so; a flag given wins. A resume
+    on another device type than the batches were drawn on says that the draws change. A checkpoint whose entries
+    are not booleans is refused in one line."""
     device_amp = main.fast_default(torch.device("cpu"))
     out = tmp_path / "run"
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu", "--model", "resnet8",
@@ -230,6 +231,19 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     assert (run.trainer.amp, run.trainer.channels_last) == (device_amp, True)
     assert not any(line.startswith("note: resuming") for line in run.start_lines())
     assert main.run_numerics(main.parse_config([]), torch.device("cpu")) == (device_amp, True)  # a fresh run
+
+    # The batches were drawn on the CPU; a resume on CUDA would draw others from the same seed and says so.
+    assert saved["stream_device"] == "cpu" and main.stream_device_note(torch.device("cpu"), saved) is None
+    assert not any("drew its batches" in line for line in run.start_lines())
+    note = main.stream_device_note(torch.device("cuda"), saved)
+    assert note.startswith("note: this run drew its batches on cpu and now draws them on cuda, whose random "
+                           "generator gives other draws for the same seed: from here on its batches are not those "
+                           "the run would have drawn on cpu (resumed mid-epoch")
+    saved["stream_device"] = "cuda"  # as a checkpoint of a GPU run read here
+    assert main.stream_device_note(torch.device("cpu"), saved).startswith("note: this run drew its batches on cuda ")
+    assert any(line.startswith("note: this run drew its batches on cuda ") for line in resumed().start_lines())
+    del saved["stream_device"]  # a checkpoint from before the entry: nothing known, nothing said
+    assert main.stream_device_note(torch.device("cuda"), saved) is None
 
     saved["amp"] = "yes"
     torch.save(saved, out / "last.pt")

@@ -51,7 +51,8 @@ equivalent is tests/test_step_ops.py. With --profile, once everything else is me
 PROFILE_MAX_STEPS more steps of the first project row's step run under torch.profiler, and each operator's self
 time per step and share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels
 each operator launched itself (not its children's, so no kernel counts twice; kernels launched outside any
-operator, as a CUDA graph's replay launches them under --compile_mode reduce-overhead, are reported apart).
+operator, as a CUDA graph's replay launches them under --compile_mode reduce-overhead, are reported apart); on
+CUDA also every kernel by name, its device time per step and share, the CUDA graphs' kernels included.
 
 Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
 ...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
@@ -99,7 +100,7 @@ MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the i
 MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated once the inputs exist"
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
-PROFILE_TOP = 15  # operators listed by --profile; the rest are one "other" line
+PROFILE_TOP = 15  # operators (and on CUDA kernels) listed by --profile; the rest are one "other" line
 PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run", "eval_every",
@@ -145,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true",
                        help=f"at the end, up to {PROFILE_MAX_STEPS} more steps of the first project row under "
                             "torch.profiler: each operator's self time per step (CPU time; on CUDA its kernels' "
-                            "device time) and share")
+                            "device time) and share; on CUDA also each kernel's, CUDA graphs' included")
     bench.add_argument("--json", metavar="PATH", help="write every number as JSON here")
     bench.add_argument("--_memory_probe", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS)
     return parser
@@ -320,7 +321,9 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
     self time and its calls per step, the PROFILE_TOP largest first and the rest as one "other" row. On CUDA
     the time is the device time of the kernels each operator launched itself (the kernels' own rows are left
     out, so nothing counts twice), and the kernels no operator launched (CUDA graph replays) are one figure
-    apart, outside_operators_ms_per_step; elsewhere it is CPU time, which on the CPU is where the arithmetic runs."""
+    apart, outside_operators_ms_per_step; elsewhere it is CPU time, which on the CPU is where the arithmetic runs.
+    On CUDA also "kernels": every kernel by name the same way (device time, share of all kernels' time, launches
+    per step), the graphs' kernels included, and kernels_ms_per_step, their total."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -341,17 +344,31 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
                      if event.device_type != torch.autograd.DeviceType.CPU) if cuda else 0
     if total_us == 0 and kernels_us == 0:  # e.g. CUPTI unavailable: the profiler only warns, every time reads 0
         raise RuntimeError(f"the profiler recorded no {'kernel' if cuda else 'operator'} time")
-    row = lambda name, us, calls: {"op": name, "ms_per_step": us / 1000 / steps,  # noqa: E731
-                                   "share": us / total_us if total_us else 0.0, "calls_per_step": calls / steps}
-    rows = [row(name, us, calls) for name, us, calls in ops[:PROFILE_TOP]]
-    rest = ops[PROFILE_TOP:]
-    if rest:
-        rows.append(row(f"other ({len(rest)} operators)", sum(op[1] for op in rest), sum(op[2] for op in rest)))
     result = {"steps": steps, "clock": "device (kernels)" if cuda else "cpu", "ms_per_step": total_us / 1000 / steps,
-              "ops": rows}
+              "ops": ranked_rows(ops, total_us, steps, "op", "operators")}
     if cuda:  # kernels that no operator launched, e.g. those of torch.compile's CUDA graphs (reduce-overhead)
         result["outside_operators_ms_per_step"] = max(kernels_us - total_us, 0) / 1000 / steps
+        # Every kernel by name, the graphs' included: what a step replayed as CUDA graphs is made of (convolutions,
+        # Inductor's fused kernels, ...), which the operators' table cannot show.
+        kernels = sorted(((event.key, event.self_device_time_total, event.count) for event in averages
+                          if event.device_type != torch.autograd.DeviceType.CPU and event.self_device_time_total > 0),
+                         key=lambda kernel: -kernel[1])
+        result["kernels_ms_per_step"] = kernels_us / 1000 / steps
+        result["kernels"] = ranked_rows(kernels, kernels_us, steps, "kernel", "kernels")
     return result
+
+
+def ranked_rows(entries: list[tuple[str, float, int]], total_us: float, steps: int, key: str,
+                noun: str) -> list[dict[str, Any]]:
+    """(name, microseconds, calls) entries, largest first -> the PROFILE_TOP largest as rows (time per step, share
+    of total_us, calls per step) and the rest as one "other (N <noun>)" row."""
+    row = lambda name, us, calls: {key: name, "ms_per_step": us / 1000 / steps,  # noqa: E731
+                                   "share": us / total_us if total_us else 0.0, "calls_per_step": calls / steps}
+    rows = [row(name, us, calls) for name, us, calls in entries[:PROFILE_TOP]]
+    rest = entries[PROFILE_TOP:]
+    if rest:
+        rows.append(row(f"other ({len(rest)} {noun})", sum(e[1] for e in rest), sum(e[2] for e in rest)))
+    return rows
 
 
 def host_sync_check(step: Callable[[], Any], device: torch.device, steps: int = 1) -> Optional[str]:
@@ -744,6 +761,12 @@ def format_report(result: dict[str, Any]) -> str:
             if prof.get("outside_operators_ms_per_step"):
                 lines.append(f"plus {prof['outside_operators_ms_per_step']:.2f} ms/step of kernels that no operator "
                              "launched (CUDA graph replays), not in the shares above")
+            if prof.get("kernels"):
+                lines += ["", f"the same steps by kernel (device time, CUDA graphs' kernels included, "
+                              f"{prof['kernels_ms_per_step']:.1f} ms/step in all)",
+                          "| kernel | ms/step | share | launches/step |", "|---|---|---|---|"]
+                lines += [f"| {k['kernel'][:80]} | {k['ms_per_step']:.2f} | {100 * k['share']:.1f} % | "
+                          f"{k['calls_per_step']:g} |" for k in prof["kernels"]]
     memory = result["memory"]
     if memory is not None:
         lines += ["", f"feature-loss peak memory, forward + backward, [B, {MEMORY_VIEWS}, {MEMORY_FEAT_DIM}] features, "

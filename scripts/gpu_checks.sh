@@ -34,8 +34,8 @@ Runs these steps in order, each under its own cap and what is left of the time b
   bench_graphs    the benchmark's step compiled with --compile --compile_mode reduce-overhead (the
                   fastest on a GPU: CUDA graphs) against the reference, three times each in turn
                   (--repeats 3: each ratio and their median), with the host-sync check and the
-                  profile (the graph replays' kernels show as a row of their own or as the time
-                  outside any operator; no memory; cap 180 s, a cold compilation of about 50 s
+                  profile (the graph replays' kernels show as the time outside any operator, and
+                  by name in the profile's kernel table; no memory; cap 180 s, a cold compilation of about 50 s
                   included) -> bench_graphs.json. In the default budget the steps after it may not
                   get their time; --only bench_graphs,train_compile runs the fastest step's ratio and
                   its 200-epoch run alone

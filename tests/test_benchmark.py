@@ -184,6 +184,7 @@ def test_profile_breaks_the_first_project_row_down_by_operator(bench):
     prof = result["project"][0]["profile"]
     assert prof["steps"] == 2 and prof["clock"] == "cpu" and _positive(prof["ms_per_step"])
     ops = {row["op"]: row for row in prof["ops"]}
+    assert "kernels" not in prof and "outside_operators_ms_per_step" not in prof  # CUDA only
     assert len(prof["ops"]) == bench.PROFILE_TOP + 1 and prof["ops"][-1]["op"].startswith("other (")
     assert math.isclose(sum(row["share"] for row in prof["ops"]), 1.0, rel_tol=1e-9)
     assert math.isclose(sum(row["ms_per_step"] for row in prof["ops"]), prof["ms_per_step"], rel_tol=1e-9)
@@ -256,15 +257,26 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
         {"op": "aten::mm", "ms_per_step": 0.15, "share": 300 / 450, "calls_per_step": 2.0},
         {"op": "other (2 operators)", "ms_per_step": 0.075, "share": 150 / 450, "calls_per_step": 5.0}]
     assert prof["outside_operators_ms_per_step"] == 0
-    # Kernels that no operator launched (a CUDA graph's replay) are reported apart, not in the shares.
+    assert prof["kernels_ms_per_step"] == 0.225 and prof["kernels"] == [  # each kernel by name, by its own time
+        {"kernel": "sm90_gemm_kernel", "ms_per_step": 0.15, "share": 300 / 450, "calls_per_step": 2.0},
+        {"kernel": "other (2 kernels)", "ms_per_step": 0.075, "share": 150 / 450, "calls_per_step": 5.0}]
+    # Kernels that no operator launched (a CUDA graph's replay) are reported apart, not in the shares; the kernels'
+    # table has them by name.
     events.append(event("triton_poi_fused_relu_0", 200, 6, cuda))
+    monkeypatch.setattr(bench, "PROFILE_TOP", 2)
     prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))
     assert prof["ms_per_step"] == 0.225 and prof["outside_operators_ms_per_step"] == 0.1
+    assert prof["kernels_ms_per_step"] == 0.325 and [k["kernel"] for k in prof["kernels"]] == \
+        ["sm90_gemm_kernel", "triton_poi_fused_relu_0", "other (2 kernels)"]
+    assert prof["kernels"][1] == {"kernel": "triton_poi_fused_relu_0", "ms_per_step": 0.1, "share": 200 / 650,
+                                  "calls_per_step": 3.0}
     report = cuda_report(bench, [{"label": "graphs", "amp": True, "channels_last": True, "compile": True,
                                     "compile_mode": "reduce-overhead", "samples_per_s": 1.0, "step_ms": 1.0,
                                     "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0,
                                     "profile": prof}])
     assert "plus 0.10 ms/step of kernels that no operator launched (CUDA graph replays)" in report
+    assert "the same steps by kernel (device time, CUDA graphs' kernels included, 0.3 ms/step in all)" in report
+    assert "| triton_poi_fused_relu_0 | 0.10 | 30.8 % | 3 |" in report
     events[:] = [event("aten::empty", 0, 9, cpu), event("triton_poi_fused_relu_0", 200, 6, cuda)]
     prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))  # all in graphs: no operator time
     assert prof["ops"] == [] and prof["outside_operators_ms_per_step"] == 0.1

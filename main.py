@@ -60,10 +60,11 @@ def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 
 
 def flag_text(value: Any) -> str:
-    """A setting's value as its flag takes it, for messages: a list comma-separated ('' when empty)."""
+    """A setting's value as its flag takes it, for messages: a list comma-separated ('' when empty); None, a flag
+    left to its automatic default, as "(not given)"."""
     if isinstance(value, list):
         return ",".join(map(str, value)) or "''"
-    return str(value)
+    return "(not given)" if value is None else str(value)
 
 
 def _int_list(text: str) -> list[int]:
@@ -258,11 +259,12 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes no more
         raise UserError(f"--seed must be in 0 .. 2**32 - 1 (got {cfg.seed})")
     bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
-    if bad:  # the epochs as the flag takes them (120,160), and the way out: a schedule inside the run, or none
+    if bad:  # the flag as given (120,160), the epochs at fault, and the way out: a schedule inside the run, or none
         within = (f"each must be in 1..{cfg.epochs - 1}, or --lr_decay_epochs '' for no decay" if cfg.epochs > 1
                   else "a 1-epoch run has no decay: pass ''")
-        raise UserError(f"--lr_decay_epochs {flag_text(bad)} outside the run of {plural(cfg.epochs, 'epoch')} "
-                        f"({within})")
+        which = f"epoch {bad[0]} is" if len(bad) == 1 else f"epochs {', '.join(map(str, bad))} are"
+        raise UserError(f"--lr_decay_epochs {flag_text(cfg.lr_decay_epochs)}: {which} outside the run of "
+                        f"{plural(cfg.epochs, 'epoch')} ({within})")
     if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
         raise UserError(f"--lr_decay_epochs must be strictly increasing (got {flag_text(cfg.lr_decay_epochs)})")
     for name in ("momentum", "weight_decay", "warm_epochs"):
@@ -469,10 +471,12 @@ def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) ->
     then = None if saved is None else saved.get("stream_device")
     if not isinstance(then, str) or then == device.type:
         return None
+    mid_epoch = isinstance(saved.get("run"), dict) and saved["run"].get("step", 0) != 0
     return (f"note: this run drew its batches on {then} and now draws them on {device.type}, whose random generator "
             f"gives other draws for the same seed: from here on its batches are not those the run would have drawn "
-            f"on {then} (resumed mid-epoch, the rest of this epoch follows another order, so that with instance "
-            f"sampling some of its images come twice and others not at all)")
+            f"on {then}" + (" (and the rest of this epoch, resumed in its middle, follows another order, so that "
+                            "with instance sampling some of its images come twice and others not at all)"
+                            if mid_epoch else ""))
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -339,9 +339,11 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
            if not cuda or event.device_type == torch.autograd.DeviceType.CPU]
     ops = sorted((op for op in ops if op[1] > 0), key=lambda op: -op[1])
     total_us = sum(op[1] for op in ops)
-    # On CUDA, every kernel's own time, launched by an operator or not (a CUDA graph's replay is no operator).
-    kernels_us = sum(event.self_device_time_total for event in averages
-                     if event.device_type != torch.autograd.DeviceType.CPU) if cuda else 0
+    # On CUDA, every kernel's own time, launched by an operator or not (a CUDA graph's replay is no operator). Device-
+    # side user annotations (such as Inductor's "## Call CompiledFxGraph ##" range) span kernels already counted.
+    kernel_events = [event for event in averages if event.device_type != torch.autograd.DeviceType.CPU
+                     and not getattr(event, "is_user_annotation", False)] if cuda else []
+    kernels_us = sum(event.self_device_time_total for event in kernel_events)
     if total_us == 0 and kernels_us == 0:  # e.g. CUPTI unavailable: the profiler only warns, every time reads 0
         raise RuntimeError(f"the profiler recorded no {'kernel' if cuda else 'operator'} time")
     result = {"steps": steps, "clock": "device (kernels)" if cuda else "cpu", "ms_per_step": total_us / 1000 / steps,
@@ -350,9 +352,8 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device) -> 
         result["outside_operators_ms_per_step"] = max(kernels_us - total_us, 0) / 1000 / steps
         # Every kernel by name, the graphs' included: what a step replayed as CUDA graphs is made of (convolutions,
         # Inductor's fused kernels, ...), which the operators' table cannot show.
-        kernels = sorted(((event.key, event.self_device_time_total, event.count) for event in averages
-                          if event.device_type != torch.autograd.DeviceType.CPU and event.self_device_time_total > 0),
-                         key=lambda kernel: -kernel[1])
+        kernels = sorted(((event.key, event.self_device_time_total, event.count) for event in kernel_events
+                          if event.self_device_time_total > 0), key=lambda kernel: -kernel[1])
         result["kernels_ms_per_step"] = kernels_us / 1000 / steps
         result["kernels"] = ranked_rows(kernels, kernels_us, steps, "kernel", "kernels")
     return result

@@ -264,6 +264,10 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
     # table has them by name.
     events.append(event("triton_poi_fused_relu_0", 200, 6, cuda))
     monkeypatch.setattr(bench, "PROFILE_TOP", 2)
+    # A device-side user annotation (Inductor's range around a compiled graph's call) spans kernels counted already.
+    annotation = event("## Call CompiledFxGraph fx0 ##", 200, 2, cuda)
+    annotation.is_user_annotation = True
+    events.append(annotation)
     prof = bench.profile_steps(lambda: None, 2, torch.device("cuda", 0))
     assert prof["ms_per_step"] == 0.225 and prof["outside_operators_ms_per_step"] == 0.1
     assert prof["kernels_ms_per_step"] == 0.325 and [k["kernel"] for k in prof["kernels"]] == \

@@ -283,9 +283,10 @@ BAD_INPUTS = [
     (["--learning_rate", "0"], "--learning_rate"),
     (["--learning_rate", "-0.1"], "--learning_rate"),
     (["--epochs", "0"], "--epochs"),
-    (["--epochs", "100", "--lr_decay_epochs", "120,160"],  # the epochs as the flag takes them, and the ways out
-     "--lr_decay_epochs 120,160 outside the run of 100 epochs (each must be in 1..99, or --lr_decay_epochs '' for no "
-     "decay)"),
+    (["--epochs", "100", "--lr_decay_epochs", "120,160"],  # the flag as given, the epochs at fault, the ways out
+     "--lr_decay_epochs 120,160: epochs 120, 160 are outside the run of 100 epochs (each must be in 1..99, or "
+     "--lr_decay_epochs '' for no decay)"),
+    (["--epochs", "100", "--lr_decay_epochs", "50,120"], "--lr_decay_epochs 50,120: epoch 120 is outside the run"),
     (["--epochs", "1", "--lr_decay_epochs", "300"], "(a 1-epoch run has no decay: pass '')"),
     (["--output_dir", ""], "--output_dir is empty"),
     (["--lr_decay_epochs", "160,120"], "strictly increasing (got 160,120)"),
@@ -972,7 +973,7 @@ def test_resume_of_a_checkpoint_without_training_state_is_one_line(tmp_path, cap
 
 def test_resume_mismatch_names_list_settings_as_their_flag_takes_them():
     """A schedule that differs from the checkpoint's is named as it would be typed (120,160; '' for none), so that
-    the message's values can be given back as they stand."""
+    the message's values can be given back as they stand; an automatic default as not given."""
     import dataclasses
 
     saved = {"num_classes": 10, "config": dataclasses.asdict(main.parse_config([]))}
@@ -980,6 +981,9 @@ def test_resume_mismatch_names_list_settings_as_their_flag_takes_them():
         main.check_compatible(saved, main.parse_config(["--lr_decay_epochs", "100"]), Path("last.pt"), 10)
     with pytest.raises(main.UserError, match=r"--lr_decay_epochs 120,160 -> '' \("):
         main.check_compatible(saved, main.parse_config(["--lr_decay_epochs", ""]), Path("last.pt"), 10)
+    # A flag left to its automatic default (None in the checkpoint) cannot be typed back: said as not given.
+    with pytest.raises(main.UserError, match=r"--base_temp \(not given\) -> 0.07 \("):
+        main.check_compatible(saved, main.parse_config(["--base_temp", "0.07"]), Path("last.pt"), 10)
 
 
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
@@ -995,7 +999,7 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     # Before --base_temp existed there was no SupContrast factor: such a run resumes only without one.
     before_base_temp = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "base_temp"}
     main.check_compatible({"num_classes": 10, "config": before_base_temp}, cfg, Path("last.pt"), 10)
-    with pytest.raises(main.UserError, match=r"--base_temp None -> 0.07"):
+    with pytest.raises(main.UserError, match=r"--base_temp \(not given\) -> 0.07"):
         main.check_compatible({"num_classes": 10, "config": before_base_temp},
                               main.parse_config(["--base_temp", "0.07"]), Path("last.pt"), 10)
     # Before --bn_stats existed both branches went through the backbone as one batch: such a run resumes only with

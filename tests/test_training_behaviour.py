@@ -235,10 +235,15 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     # The batches were drawn on the CPU; a resume on CUDA would draw others from the same seed and says so.
     assert saved["stream_device"] == "cpu" and main.stream_device_note(torch.device("cpu"), saved) is None
     assert not any("drew its batches" in line for line in run.start_lines())
-    note = main.stream_device_note(torch.device("cuda"), saved)
-    assert note.startswith("note: this run drew its batches on cpu and now draws them on cuda, whose random "
-                           "generator gives other draws for the same seed: from here on its batches are not those "
-                           "the run would have drawn on cpu (resumed mid-epoch")
+    assert saved["run"]["step"] == 0  # saved at an epoch's end
+    assert main.stream_device_note(torch.device("cuda"), saved) == (
+        "note: this run drew its batches on cpu and now draws them on cuda, whose random generator gives other draws "
+        "for the same seed: from here on its batches are not those the run would have drawn on cpu")
+    saved["run"]["step"] = 3  # as if stopped in the middle of an epoch: that epoch's order changes too
+    assert main.stream_device_note(torch.device("cuda"), saved).endswith(
+        "drawn on cpu (and the rest of this epoch, resumed in its middle, follows another order, so that with "
+        "instance sampling some of its images come twice and others not at all)")
+    saved["run"]["step"] = 0
     saved["stream_device"] = "cuda"  # as a checkpoint of a GPU run read here
     assert main.stream_device_note(torch.device("cpu"), saved).startswith("note: this run drew its batches on cuda ")
     assert any(line.startswith("note: this run drew its batches on cuda ") for line in resumed().start_lines())

@@ -35,10 +35,10 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   fastest on a GPU: CUDA graphs) against the reference, three times each in turn
                   (--repeats 3: each ratio and their median), with the host-sync check and the
                   profile (the graph replays' kernels show as the time outside any operator, and
-                  by name in the profile's kernel table; no memory; cap 180 s, a cold compilation of about 50 s
-                  included) -> bench_graphs.json. In the default budget the steps after it may not
-                  get their time; --only bench_graphs,train_compile runs the fastest step's ratio and
-                  its 200-epoch run alone
+                  by name in the profile's kernel table; no memory; cap 180 s, a cold compilation
+                  of about 50 s included) -> bench_graphs.json. In the default budget the steps
+                  after it may not get their time; --only bench_graphs,train_compile runs the
+                  fastest step's ratio and its 200-epoch run alone
   bench_options   the same step with each amp x channels_last combination and torch.compile in its
                   default and reduce-overhead (CUDA graphs) modes (--compare_options, no reference, no
                   memory; cap 210 s: two cold compilations took 47 and 52 s on an H200) ->

@@ -130,7 +130,7 @@ class Config:
                               "a fresh network is risky, LDAM-DRW warms up for 5", "optimisation")
     # ---- run
     seed: int = _opt(0, "seed of the model init and the batch stream", "run")
-    output_dir: Optional[str] = _opt(None, "run folder (default runs/<dataset>_<loss>_r<ratio>_s<seed>, with "
+    output_dir: Optional[str] = _opt(None, "run folder (default: runs/<dataset>_<loss>_r<ratio>_s<seed>, with "
                                             "step_ before r for --imb_type step)", "run")
     resume: bool = _opt(False, "continue the run in --output_dir from its last.pt", "run")
     overwrite: bool = _opt(False, "start again in an --output_dir that already holds a run", "run")
@@ -198,9 +198,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default as the flag takes it (a list comma-separated), and none where it says nothing:
+    a switch that is off, or None where the help text says itself what the automatic default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or "%(default)" in text or "default:" in text
+                or (action.nargs == 0 and default is False)):
+            return text
+        shown = flag_text(list(default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".replace("%", "%%")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__.splitlines()[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)

@@ -128,13 +128,16 @@ class BenchOptions:
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's options (the recipe of the timed step) plus the benchmark's own."""
     parser = main.OneLineParser(description=__doc__.splitlines()[0], parents=[main.get_args_parser()], add_help=False,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=main.DefaultsHelpFormatter)
     parser.set_defaults(data_root=None)  # no folder: synthetic images
+    for action in parser._actions:
+        if action.dest == "data_root":
+            action.help += " (default: none, synthetic uint8 images in the long-tailed class sizes)"
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--steps", type=int, default=50, help="timed steps per pipeline (CPU: 20 is plenty)")
     bench.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (at least 1)")
     bench.add_argument("--workers", type=int, default=None,
-                       help="DataLoader workers of the reference pipeline (None: min(4, CPU count))")
+                       help="DataLoader workers of the reference pipeline (default: min(4, CPU count))")
     bench.add_argument("--no_reference", action="store_true", help="skip the reference pipeline")
     bench.add_argument("--repeats", type=int, default=1,
                        help="time the first project row and the reference this many times each, alternately, and "

@@ -166,6 +166,14 @@ def test_reference_loaders_draw_as_the_projects_samplers(bench, argv, feature, c
             assert len(set(loader.sampler.weights[labels == 0].tolist())) == 1  # uniform within a class
 
 
+def test_help_says_what_no_data_root_and_the_default_workers_mean(bench):
+    text = " ".join(bench.get_args_parser().format_help().split())
+    assert "(default: none, synthetic uint8 images in the long-tailed class sizes)" in text
+    assert "(default: min(4, CPU count))" in text and "(default: 512,1024,2048,4096,8192)" in text
+    assert "default: None" not in text and "default: False" not in text
+    assert bench.parse_args(["--device", "cpu"])[1].data_root is None
+
+
 def test_no_reference_and_no_memory(bench):
     argv = [*TINY, "--no_reference", "--memory_batch_sizes", ""]
     result = bench.run(*bench.parse_args(argv), argv)

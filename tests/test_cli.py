@@ -218,7 +218,19 @@ def test_help_lists_every_flag_with_its_default():
                  "--output_dir", "--resume", "--overwrite", "--eval_only", "--checkpoint", "--device", "--amp", "--channels_last", "--compile",
                  "--eval_every"):
         assert flag in text, flag
-    assert text.count("(default:") >= 33
+    formatter = main.DefaultsHelpFormatter("main.py")
+    for action in main.get_args_parser()._actions:
+        if action.dest == "help":
+            continue
+        said = formatter._expand_help(action)
+        switch = action.nargs == 0 and action.default is False  # a store_true flag: off unless given
+        # None: a default the help text itself describes, or none at all (--checkpoint)
+        expected = {0} if switch else {0, 1} if action.default is None else {1}
+        assert said.count("default:") in expected, (action.dest, said)
+    # Shown as the flag takes it, not as Python prints it; no "None" (which no flag takes) anywhere.
+    assert "(default: 120,160)" in text and "[120, 160]" not in text
+    assert main.parse_config(["--lr_decay_epochs", "120,160"]) == main.parse_config([])
+    assert "default: None" not in text and "default: False" not in text
 
 
 def test_defaults_are_the_paper_recipe():

@@ -28,7 +28,8 @@ Choices, documented here and in the table's footnotes:
   cross-entropy: a CE run with another --ce_sampler is always labelled with it
   ("CE [ce_sampler=class]", the hybrid's classifier branch alone) and gets no literature value.
   Likewise a hybrid run in another form than the paper's (--alpha_schedule other than parabolic,
-  --sc_aug supcon, for PSC --psc_denominator all), and any run with another --model than resnet32 (the
+  --sc_aug supcon, --sc_sampler other than instance, --ce_sampler other than class, --feat_dim other
+  than 128, for PSC --psc_denominator all), and any run with another --model than resnet32 (the
   backbone of every reference value), is always labelled with it and gets no paper value. So does a
   row trained on another split than the full dataset's long-tailed one (recorded class sizes whose
   largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote.
@@ -116,7 +117,10 @@ LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 # classifier branch alone): its label always says so, also with no other run to tell it from, and it gets
 # no reference value.
 # All of them were measured with ResNet-32.
-_PAPER_FORM = {"model": "resnet32", "alpha_schedule": "parabolic", "sc_aug": "paper"}
+# The hybrids' samplers (Section 4.1: the feature branch instance-balanced, the classifier branch class-balanced)
+# and projection width (128) are part of that form too.
+_PAPER_FORM = {"model": "resnet32", "alpha_schedule": "parabolic", "sc_aug": "paper", "sc_sampler": "instance",
+               "ce_sampler": "class", "feat_dim": 128}
 REFERENCE_RECIPE = MappingProxyType({
     "sc": MappingProxyType(_PAPER_FORM),
     "psc": MappingProxyType({**_PAPER_FORM, "psc_denominator": "negatives"}),
@@ -127,7 +131,7 @@ REFERENCE_RECIPE = MappingProxyType({
 # scales the lr with its batch) a row is not compared with them (runs that differ among themselves still split, as
 # in any setting). Each method's temperature flag, with its value by dataset.
 PAPER_HYPERPARAMETERS = MappingProxyType({"learning_rate": 0.5, "momentum": 0.9, "weight_decay": 1e-4,
-                                          "gray_prob": 0.2})
+                                          "lr_decay_rate": 0.1, "gray_prob": 0.2})
 PAPER_TEMPERATURES = MappingProxyType({"sc": ("temp", MappingProxyType({"cifar10": 0.1, "cifar100": 0.1})),
                                        "psc": ("psc_temp", MappingProxyType({"cifar10": 1.0, "cifar100": 0.1}))})
 # The reference values' training sets: the full datasets' classes, each of this many images before the long-tailed
@@ -652,9 +656,11 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "training settings of their saved config (or in world_size, the number of "
                      "processes) are reported apart; '?': the run does not record the setting. At the paper's "
                      "schedule, a row with another model than resnet32 or in another form of the method than the "
-                     "paper's (alpha_schedule other than parabolic, sc_aug other than paper, for Hybrid-PSC "
+                     "paper's (alpha_schedule other than parabolic, sc_aug other than paper, sc_sampler other than "
+                     "instance, ce_sampler other than class, feat_dim other than 128, for Hybrid-PSC "
                      "psc_denominator other than negatives), for a hybrid with other hyper-parameters than the "
-                     "paper states (learning_rate 0.5, momentum 0.9, weight_decay 1e-4, gray_prob 0.2, temp 0.1, "
+                     "paper states (learning_rate 0.5, momentum 0.9, weight_decay 1e-4, lr_decay_rate 0.1, "
+                     "gray_prob 0.2, temp 0.1, "
                      "psc_temp 1.0 on CIFAR-10 and 0.1 on CIFAR-100) or, for CE, with a ce_sampler other than "
                      "instance has no reference value ('—').")
     other_split = [row for row in rows if row.paper_schedule and not row.full_split]
@@ -769,14 +775,24 @@ def format_csv(rows: list[GroupSummary]) -> str:
 
 # ---- I/O -------------------------------------------------------------------------------------
 
+def _kind(path: Path) -> str | None:
+    """"file", "dir" or None (nothing there); a path that cannot be looked at (a name too long, a folder on the
+    way that cannot be entered) is a SummaryError, where Path.is_file would raise."""
+    try:
+        return "file" if path.is_file() else "dir" if path.is_dir() else None
+    except OSError as error:
+        raise SummaryError(f"cannot look at {path}: {error.strerror or error}") from None
+
+
 def find_result_files(paths: list[str]) -> list[Path]:
     """Every results.json under the given folders (or the given files themselves), each once."""
     found: dict[Path, Path] = {}
     for name in paths:
         path = Path(name)
-        if path.is_file():
+        kind = _kind(path)
+        if kind == "file":
             candidates = [path]
-        elif path.is_dir():
+        elif kind == "dir":
             candidates = sorted(path.rglob("results.json"))
         else:
             raise SummaryError(f"no such file or folder: {name}")
@@ -791,7 +807,7 @@ def find_unfinished(paths: list[str]) -> list[Path]:
     found: dict[Path, Path] = {}
     for name in paths:
         path = Path(name)
-        if path.is_dir():
+        if _kind(path) == "dir":  # find_result_files looked at each path already
             for config in sorted(path.rglob("config.json")):
                 if not (config.parent / "results.json").exists():
                     found.setdefault(_resolved(config.parent), config.parent)
@@ -837,7 +853,7 @@ def check_out(out: str, files: list[Path]) -> None:
     """Refuse an --out that names a folder or a file the summary reads (a results.json, or the config.json
     beside one): replacing a run's record with the table would lose it."""
     target = _resolved(Path(out))
-    if target.is_dir():
+    if _kind(target) == "dir":
         raise SummaryError(f"--out {out} is a folder; give a file name")
     for file in files:
         for read in (file, file.parent / "config.json"):
@@ -930,6 +946,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:
         try:
+            # A terminal whose encoding lacks '±' or '—' (LANG=C on an old Python, PYTHONIOENCODING=latin-1)
+            # gets '?' for them rather than a traceback; --out always writes UTF-8.
+            reconfigure = getattr(sys.stdout, "reconfigure", None)  # not on a StringIO standing in for stdout
+            if reconfigure is not None:
+                reconfigure(errors="replace")
             sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:  # `summarize.py runs | head`: the reader stopped reading, no traceback for that

@@ -456,7 +456,9 @@ def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summari
         ("Hybrid-SC [amp=True, ce_sampler=class]", "2 (0, 1)", "80.50 ± 0.71"),
         ("Hybrid-SC [amp=True, ce_sampler=sqrt]", "1 (0)", "70.00 ± n/a"),
     ]
-    assert all(r[11] == "81.40" for r in rows)  # the paper's schedule: still compared
+    # The paper's schedule: compared where the classifier branch is class-balanced, as the paper's was (a setting
+    # that only tells the runs apart, amp here, does not stop it).
+    assert [r[11] for r in rows] == ["—", "81.40", "—"]
     assert "[name=value]" in out
     code, out, _ = run_summarize(summarize, capsys, tmp_path, "--csv")
     assert [row["variant"] for row in csv.DictReader(io.StringIO(out))] == [
@@ -595,7 +597,9 @@ def test_feature_branch_settings_split_only_the_hybrids_rows(summarize, tmp_path
     ("psc", "psc_denominator", "all"),
     # the paper's stated hyper-parameters (Section 4.1), PSC's temperature by dataset (CIFAR-10: 1.0)
     ("sc", "learning_rate", 0.05), ("psc", "momentum", 0.0), ("sc", "weight_decay", 5e-4), ("psc", "gray_prob", 0.0),
-    ("sc", "temp", 0.07), ("psc", "psc_temp", 0.1),
+    ("sc", "temp", 0.07), ("psc", "psc_temp", 0.1), ("psc", "lr_decay_rate", 0.5),
+    # the samplers the paper states for the two branches, and its projection width
+    ("sc", "ce_sampler", "instance"), ("psc", "sc_sampler", "class"), ("sc", "feat_dim", 64),
 ])
 def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summarize, tmp_path, capsys, method, flag,
                                                                          value):
@@ -613,14 +617,15 @@ def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summari
     [line] = list(csv.DictReader(io.StringIO(csv_out)))
     assert line["variant"] == f"{flag}={value}" and line["reference_top1"] == "" and line["reference_source"] == ""
     default = {"alpha_schedule": "parabolic", "sc_aug": "paper", "psc_denominator": "negatives", "learning_rate": 0.5,
-               "momentum": 0.9, "weight_decay": 1e-4, "gray_prob": 0.2, "temp": 0.1, "psc_temp": 1.0}[flag]
+               "momentum": 0.9, "weight_decay": 1e-4, "gray_prob": 0.2, "temp": 0.1, "psc_temp": 1.0,
+               "lr_decay_rate": 0.1, "ce_sampler": "class", "sc_sampler": "instance", "feat_dim": 128}[flag]
     (tmp_path / "other" / "results.json").unlink()
     write_result(tmp_path, "paper_form", method=method, seed=0, last=70.0, config={flag: default})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     [row] = table_rows(out)
     paper = {"sc": 81.40, "psc": 78.82}[method]
     assert row[1] == label and row[-2:] == [f"{paper:.2f}", f"{70.0 - paper:+.2f}"]
-    if flag in ("alpha_schedule", "sc_aug", "psc_denominator"):
+    if flag in ("alpha_schedule", "sc_aug", "psc_denominator", "ce_sampler", "sc_sampler", "feat_dim"):
         return
     # On a shorter schedule (a CPU run scales the lr with its batch) such a setting neither labels nor splits.
     (tmp_path / "paper_form" / "results.json").unlink()
@@ -731,6 +736,26 @@ def tree(root: Path) -> dict[str, bytes | None]:
 def test_summarize_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     write_result(tmp_path / "runs", "a")
     assert_one_line_error(summarize_script(*args, cwd=tmp_path), message, code=2)
+
+
+def test_summarize_paths_it_cannot_look_at_are_one_line(tmp_path):
+    """A name too long for the file system (as a folder that cannot be entered would) makes Path.is_file raise."""
+    write_result(tmp_path / "runs", "a")
+    long_name = "x" * 300
+    assert_one_line_error(summarize_script(long_name, cwd=tmp_path), f"cannot look at {long_name}: File name too long")
+    before = tree(tmp_path)
+    assert_one_line_error(summarize_script("runs", "--out", long_name, cwd=tmp_path), "File name too long")
+    assert tree(tmp_path) == before
+
+
+def test_summarize_to_a_terminal_without_unicode_writes_the_table(tmp_path):
+    """A stdout whose encoding has no '—' (PYTHONIOENCODING=latin-1 here; LANG=C on older Pythons) gets '?' for
+    it, not a traceback."""
+    write_result(tmp_path / "runs", "a")
+    result = summarize_script("runs", cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+                              encoding="latin-1")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "| CIFAR-10-LT | Hybrid-SC | 100 |" in result.stdout and "?" in result.stdout
 
 
 def test_summarize_into_a_closed_pipe_is_quiet(tmp_path):

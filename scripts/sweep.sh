@@ -6,7 +6,8 @@
 #                              (and does nothing else), then it counts as skipped
 #   results.json only       -> finished, last.pt deleted: cannot be checked, skipped
 #   last.pt, no results     -> unfinished: run again with --resume
-#   folder with neither     -> crashed before its first checkpoint: run again with --overwrite
+#   best.pt only            -> a saved model without last.pt (deleted by hand?): FAILED, left as it is
+#   folder with none        -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
 # So the same command can be repeated after a crash or a Ctrl-C and only does what is left.
 # Runs go one after another, or with --gpus as a queue: one run per listed GPU at a time.
@@ -40,7 +41,7 @@ with --imb_type step.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
                      --seed --output_dir --resume --overwrite), those that make main.py train nothing
-                     (--dry_run --eval_only --checkpoint), and any start of them (--see, --output:
+                     (--dry_run --eval_only --checkpoint --help -h), and any start of them (--see, --output:
                      main.py takes an unambiguous start of a flag for the flag), are refused here.
   -h, --help         this message
 
@@ -146,9 +147,10 @@ done
 # run's --overwrite would then clear it), so refuse those starts too.
 # Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too.
 sweep_flags=(--dataset --imb_type --imb_factor --loss --seed --output_dir --resume --overwrite)
-not_training=(--dry_run --eval_only --checkpoint)
+not_training=(--dry_run --eval_only --checkpoint --help)
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
   flag=${arg%%=*}
+  [[ $flag != -h ]] || die_usage "'-h' makes main.py train nothing, and a sweep trains its runs; remove it after --"
   [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
   for sweep_flag in "${sweep_flags[@]}" "${not_training[@]}"; do
     if [[ " ${not_training[*]} " == *" $sweep_flag "* ]]; then
@@ -227,8 +229,14 @@ run_one() {
     finished=1 state_flag=(--resume) # main.py refuses another recipe, else says it has nothing to do
   elif [[ -e $run_dir/last.pt ]]; then
     state_flag=(--resume)
+  elif [[ -e $run_dir/best.pt ]]; then
+    # Saved a model but no last.pt (deleted by hand?): main.py refuses to start over it, and so does the sweep,
+    # whose --overwrite would delete that best.pt.
+    echo "[$name] FAILED (it holds best.pt but no last.pt to resume from; move the folder away to run it again)"
+    echo "FAILED (best.pt without last.pt)" >"$status_file"
+    return 0
   elif [[ -e $run_dir ]]; then
-    state_flag=(--overwrite)
+    state_flag=(--overwrite) # a run that saved nothing (killed or diverged before its first checkpoint)
   fi
   local cmd
   run_command "$idx" "$run_dir"

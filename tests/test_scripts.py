@@ -1042,6 +1042,20 @@ def test_sweep_resumes_unfinished_and_overwrites_crashed_runs(fake, tmp_path):
     assert flags == {"cifar100_sc_r100_s0": ["--resume"], "cifar100_psc_r100_s0": ["--overwrite"],
                      "cifar100_ce_r100_s0": []}
     assert set(summary_statuses(result.stdout).values()) == {"done"}
+    # A folder with best.pt but no last.pt (deleted by hand) saved a model: --overwrite would delete it, and main.py
+    # itself refuses to start over it. The sweep leaves it alone and reports it.
+    kept = runs / "cifar100_sc_r50_s0"
+    kept.mkdir()
+    (kept / "config.json").write_text("{}")
+    (kept / "best.pt").write_text("the only copy")
+    calls = len(read_log())
+    result = run_script("sweep.sh", ["--dataset", "cifar100", "--imb_factors", "0.02", "--methods", "sc",
+                                     "--runs_dir", str(runs)], env)
+    assert result.returncode == 1 and "1 of 1 run FAILED" in result.stderr
+    assert summary_statuses(result.stdout) == {"cifar100_sc_r50_s0": "FAILED (best.pt without last.pt)"}
+    assert "it holds best.pt but no last.pt to resume from; move the folder away" in result.stdout
+    assert all(c["name"] != "cifar100_sc_r50_s0" for c in read_log()[calls:])  # never started
+    assert (kept / "best.pt").read_text() == "the only copy"
 
 
 def test_table1_keeps_going_after_a_failure(fake, tmp_path):
@@ -1299,6 +1313,9 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     ("table1.sh", ["--dataset", "cifar10", "--", "--eval_only", "--checkpoint", "x.pt"], "'--eval_only' makes main.py"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--checkp=x.pt"],
      "'--checkp' is the start of '--checkpoint', which makes main.py train nothing"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--help"], "'--help' makes main.py train"),
+    ("table1.sh", ["--dataset", "cifar10", "--", "--amp", "-h"], "'-h' makes main.py train nothing"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--he"], "'--he' is the start of '--help'"),
     ("sweep.sh", ["--dataset"], "--dataset needs a value"),
     ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors'"),
     ("table1.sh", ["--ce"], "--dataset is required"),

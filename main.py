@@ -251,6 +251,23 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_path(flag: str, path: Optional[str]) -> None:
+    """A path that the file system cannot even look up (a name longer than it allows, a loop of symbolic links,
+    a folder on the way that cannot be entered) as one line, where Path.exists would raise; a path that does not
+    exist (yet) is for the caller to judge."""
+    if not path:
+        return
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data; everything here fails before anything is read or written."""
     if cfg.batch_size < 2:
@@ -283,6 +300,12 @@ def validate(cfg: Config) -> None:
     for name in ("momentum", "weight_decay", "warm_epochs"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
+    if not cfg.momentum < 1:  # SGD's velocity v = momentum * v + g would never decay
+        raise UserError(f"--momentum must be below 1 (got {cfg.momentum})")
+    for name in ("learning_rate", "weight_decay"):  # SGD scales the float32 parameters and gradients by them
+        if getattr(cfg, name) > FLOAT32_MAX:
+            raise UserError(f"--{name} must be at most {FLOAT32_MAX:.4g}, float32's largest number "
+                            f"(got {getattr(cfg, name)})")
     if not 0 < cfg.lr_decay_rate <= 1:
         raise UserError(f"--lr_decay_rate must be in (0, 1] (got {cfg.lr_decay_rate})")
     for name in ("temp", "base_temp", "psc_temp"):
@@ -296,6 +319,13 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--feat_dim must be at most {MAX_FEAT_DIM} (got {cfg.feat_dim})")
     if cfg.output_dir == "":
         raise UserError("--output_dir is empty (leave it out for the default runs/<dataset>_<loss>_r<ratio>_s<seed>)")
+    for name in ("output_dir", "data_root", "checkpoint"):
+        check_path(f"--{name}", getattr(cfg, name))
+    try:
+        (cfg.output_dir or "").encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the command line that are not UTF-8
+        raise UserError("--output_dir is not valid UTF-8, which TensorBoard needs for the names of its event "
+                        "files; give the folder another name") from None
     if cfg.ncm_every < 0:
         raise UserError(f"--ncm_every must not be negative (got {cfg.ncm_every}; 0: only after the last epoch)")
     if cfg.compile_mode != "default" and not cfg.compile:
@@ -1021,6 +1051,10 @@ class Run:
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
             self.state.load_state_dict(saved["run"], self.device, self.dist.rank, self.dist.world_size)
+            steps = self.trainer.steps_per_epoch
+            if self.state.epoch < 0 or not 0 <= self.state.step <= steps:
+                raise ValueError(f"its run entry is at epoch {self.state.epoch}, step {self.state.step}, outside "
+                                 f"epochs 0.. and steps 0..{steps} of this run")
             util.set_rng_states(saved["rng"])
         except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but the device's fault, not the checkpoint's
             raise

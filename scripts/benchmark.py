@@ -194,6 +194,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     if args["repeats"] > 1 and args["no_reference"]:
         raise UserError("--repeats alternates the project with the reference pipeline; drop --no_reference or "
                         "--repeats")
+    if args["json"] == "":
+        raise UserError("--json is empty: give a file name, or leave it out for no JSON file")
+    main.check_path("--json", args["json"])
     workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]
     if workers < 0:
         raise UserError(f"--workers must not be negative (got {workers})")

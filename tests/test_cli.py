@@ -312,6 +312,14 @@ BAD_INPUTS = [
     (["--warm_epochs", "nan"], "finite"),
     (["--weight_decay", "inf"], "finite"),
     (["--momentum", "-0.9"], "--momentum"),
+    (["--momentum", "1"], "--momentum must be below 1"),
+    # Past float32's range SGD cannot scale the parameters by them (a traceback at the first step, once).
+    (["--learning_rate", "1e39"], "--learning_rate must be at most 3.403e+38, float32's largest number"),
+    (["--weight_decay", "1e300"], "--weight_decay must be at most 3.403e+38"),
+    # Paths the file system cannot look up (Path.exists raised on them): one line, before anything is written.
+    (["--output_dir", "o" * 300], f"--output_dir {'o' * 300}: File name too long"),
+    (["--data_root", "d" * 300 + "/cifar"], "--data_root " + "d" * 300 + "/cifar: File name too long"),
+    (["--eval_only", "--checkpoint", "c" * 300 + ".pt"], "--checkpoint " + "c" * 300 + ".pt: File name too long"),
     (["--lr_decay_rate", "2"], "--lr_decay_rate"),
     (["--lr_decay_epochs", "120,120"], "strictly increasing"),
     (["--data_seed", "-1"], "--data_seed"),
@@ -333,7 +341,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("argv,needle", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize("argv,needle", BAD_INPUTS, ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])
 def test_bad_flags(argv, needle, tmp_path, capsys, cifar10_root):
     out = tmp_path / "out"
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *argv], capsys)
@@ -588,13 +596,15 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "history_as_none": lambda s: s["run"].update(history=None),
     "epoch_sums_of_another_shape": lambda s: s["run"].update(epoch_sums=torch.zeros(2)),
     "amp_as_text": lambda s: s.update(amp="yes"),
+    "epoch_negative": lambda s: s["run"].update(epoch=-3),
+    "step_past_the_epoch": lambda s: s["run"].update(step=10**6),
 }
 
 
 # --eval_only reads neither the optimizer, the RNG states nor the training state; --resume does not read "amp"
 # (the flags and the device decide how a resumed run runs).
 RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text", "history_as_none",
-                   "epoch_sums_of_another_shape")
+                   "epoch_sums_of_another_shape", "epoch_negative", "step_past_the_epoch")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -705,6 +715,15 @@ def test_auto_device_on_the_cpu_despite_cuda_visible_devices_says_so(cifar10_roo
         assert main.hidden_gpu_note("auto", torch.device("cpu")) is None
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert main.hidden_gpu_note("auto", torch.device("cpu")) is None
+
+
+def test_output_dir_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, capsys, cifar10_root):
+    """A byte that is not UTF-8 in the folder's name (Python hands it on as a lone surrogate) made TensorBoard's
+    writer fail after config.json was written."""
+    out = tmp_path / "run\udcff"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY], capsys)
+    assert_one_line_error(code, err, "--output_dir is not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_cli_bad_input_has_no_traceback(tmp_path, cifar10_root):

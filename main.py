@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import numbers
@@ -208,8 +209,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if (default is None or default is argparse.SUPPRESS or "%(default)" in text or "default:" in text
                 or (action.nargs == 0 and default is False)):
             return text
-        shown = flag_text(list(default)) if isinstance(default, (list, tuple)) else default
-        return f"{text} (default: {shown})".replace("%", "%%")
+        shown = flag_text(list(default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # the text %-formatted as argparse's, not the value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -263,7 +264,15 @@ def check_path(flag: str, path: Optional[str]) -> None:
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        # The kernel names a missing folder before a name too long further on: look at the names themselves, against
+        # the limit of the nearest folder that exists (255 bytes on the usual file systems).
+        existing = next((p for p in Path(os.path.abspath(path)).parents if p.is_dir()), Path("/"))
+        try:
+            name_max = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        if any(len(os.fsencode(part)) > name_max for part in Path(path).parts):
+            raise UserError(f"{flag} {path}: {os.strerror(errno.ENAMETOOLONG)}") from None
     except OSError as e:
         raise UserError(f"{flag} {path}: {e.strerror or e}") from None
 

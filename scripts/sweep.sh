@@ -6,7 +6,8 @@
 #                              (and does nothing else), then it counts as skipped
 #   results.json only       -> finished, last.pt deleted: cannot be checked, skipped
 #   last.pt, no results     -> unfinished: run again with --resume
-#   best.pt only            -> a saved model without last.pt (deleted by hand?): FAILED, left as it is
+#   best.pt only            -> a model saved without last.pt (killed or out of disk between the two writes of
+#                              an epoch's end, or last.pt deleted): FAILED, left as it is
 #   folder with none        -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
 # So the same command can be repeated after a crash or a Ctrl-C and only does what is left.
@@ -230,9 +231,9 @@ run_one() {
   elif [[ -e $run_dir/last.pt ]]; then
     state_flag=(--resume)
   elif [[ -e $run_dir/best.pt ]]; then
-    # Saved a model but no last.pt (deleted by hand?): main.py refuses to start over it, and so does the sweep,
-    # whose --overwrite would delete that best.pt.
-    echo "[$name] FAILED (it holds best.pt but no last.pt to resume from; move the folder away to run it again)"
+    # Saved a model but no last.pt (main.py writes best.pt first: killed, or out of disk, between the two; or last.pt
+    # deleted): main.py refuses to start over it, and so does the sweep, whose --overwrite would delete that best.pt.
+    echo "[$name] FAILED (it holds best.pt but no last.pt to resume from; move the folder away, or delete it, to run it again)"
     echo "FAILED (best.pt without last.pt)" >"$status_file"
     return 0
   elif [[ -e $run_dir ]]; then

@@ -2,6 +2,7 @@
 torchvision layout, and every bad input of the CLI issue (one line, non-zero exit, nothing written)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -255,6 +256,15 @@ def test_help_lists_every_flag_with_its_default():
     assert "(default: 120,160)" in text and "[120, 160]" not in text
     assert main.parse_config(["--lr_decay_epochs", "120,160"]) == main.parse_config([])
     assert "default: None" not in text and "default: False" not in text
+    # Help text is %-formatted as argparse's own formatters do it (50%% for 50%), with or without a default shown;
+    # a default is shown as it is.
+    parser = argparse.ArgumentParser(formatter_class=main.DefaultsHelpFormatter)
+    parser.add_argument("--a", default=0.5, help="keep 50%% of %(prog)s's batch")
+    parser.add_argument("--b", default=None, help="keep 50%% of it")
+    parser.add_argument("--c", default="5%", help="rate")
+    text = " ".join(parser.format_help().split())
+    assert "keep 50% of" in text and "'s batch (default: 0.5)" in text and "keep 50% of it --c" in text
+    assert "rate (default: 5%)" in text
 
 
 def test_defaults_are_the_paper_recipe():
@@ -342,6 +352,7 @@ BAD_INPUTS = [
     (["--weight_decay", "1e300"], "--weight_decay must be at most 3.403e+38"),
     # Paths the file system cannot look up (Path.exists raised on them): one line, before anything is written.
     (["--output_dir", "o" * 300], f"--output_dir {'o' * 300}: File name too long"),
+    (["--output_dir", "missing/" + "o" * 300], "File name too long"),  # the kernel says "no such folder" first
     (["--data_root", "d" * 300 + "/cifar"], "--data_root " + "d" * 300 + "/cifar: File name too long"),
     (["--eval_only", "--checkpoint", "c" * 300 + ".pt"], "--checkpoint " + "c" * 300 + ".pt: File name too long"),
     (["--lr_decay_rate", "2"], "--lr_decay_rate"),

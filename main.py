@@ -43,6 +43,11 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: run folders are not locked there
+    fcntl = None
+
 import dataset_loader as data
 import losses
 import networks
@@ -839,9 +844,40 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
+def lock_output_dir(out: Path) -> Optional[int]:
+    """Hold an exclusive lock on the run folder for as long as this process lives (flock on the folder itself: no
+    file left behind, released by the kernel however the process ends), so that a second main.py on the same
+    folder (say a second sweep over the same --runs_dir, which would start a run still going with --overwrite, or
+    resume it beside itself) stops with one line before it deletes or writes anything. The folder's descriptor
+    is returned, to be kept open. A file system without flock (some network ones) gets no lock, as before."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{out} is in use by another process training this run (a second main.py on the same "
+                        "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
+                        "another --output_dir") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> Optional[int]:
+    """Create the run folder, lock it (lock_output_dir: the descriptor returned must stay open) and remove what
+    a new run or a resume must not find there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
+    lock = lock_output_dir(out)
+    try:
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
             stale += list(RUN_FILES) + [PROJECTOR_CONFIG] + [p.name for p in out.glob("events.out.tfevents.*")]
@@ -853,6 +889,7 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
+    return lock
 
 
 # Training settings added after runs had been saved, with what the code did before each existed: a
@@ -1037,6 +1074,7 @@ class Run:
         if saved is not None:
             self.load(saved)
         self.writer = None
+        self.folder_lock: Optional[int] = None  # the run folder's locked descriptor (rank 0), open while the run lives
         self.signals = SignalFlag()
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
@@ -1069,6 +1107,13 @@ class Run:
             raise
         except FOREIGN_CHECKPOINT_ERRORS as e:
             raise foreign_checkpoint(self.out / "last.pt", e) from e
+
+    def release_folder(self) -> None:
+        """Unlock the run folder (lock_output_dir): at the process's end the kernel would, but main() may be
+        called again in one process (the tests do), and a second lock on the folder would wait for this one."""
+        if self.folder_lock is not None:
+            os.close(self.folder_lock)
+            self.folder_lock = None
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -1149,7 +1194,7 @@ class Run:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
         if dist.main:
-            prepare_output_dir(self.out, cfg.overwrite)
+            self.folder_lock = prepare_output_dir(self.out, cfg.overwrite)
             config = self.config_record()
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")
@@ -1518,7 +1563,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{out} already finished {cfg.epochs} epochs; nothing to do", flush=True)
             return 0
         run = Run(cfg, dist, device, out, saved)
-        return run.dry_run() if cfg.dry_run else run.run()
+        try:
+            return run.dry_run() if cfg.dry_run else run.run()
+        finally:
+            run.release_folder()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code

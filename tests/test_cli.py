@@ -668,6 +668,49 @@ def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, ci
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, capsys, cifar10_root, monkeypatch):
+    """A run holds a lock on its folder while it lives: a second main.py there (a second sweep over the same
+    --runs_dir would pass --overwrite, or --resume) stops with one line before it deletes or writes anything."""
+    import fcntl
+
+    (existing_run / "results.json").unlink()  # unfinished: --resume would go on to train
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    before = snapshot(existing_run)
+    other = os.open(existing_run, os.O_RDONLY)  # another process's lock (another open file: the same conflict)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for flag in ("--overwrite", "--resume"):
+            code, err = call_main([*argv, flag], capsys)
+            assert_one_line_error(code, err, f"{existing_run} is in use by another process training this run")
+            assert snapshot(existing_run) == before
+    finally:
+        os.close(other)
+
+    seen, train_epoch = [], main.Run.train_epoch
+
+    def probing_train_epoch(self):  # is the folder locked while the run trains?
+        probe = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except BlockingIOError:
+            seen.append("locked")
+        finally:
+            os.close(probe)
+        return train_epoch(self)
+
+    monkeypatch.setattr(main.Run, "train_epoch", probing_train_epoch)
+    code, err = call_main([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert seen == ["locked", "locked"]
+    probe = os.open(existing_run, os.O_RDONLY)  # and free again once main() has returned
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_out_of_memory_while_resuming_is_not_blamed_on_the_checkpoint(existing_run, cifar10_root, monkeypatch):
     """A RuntimeError, as a damaged checkpoint's tensors raise, but the device's: it keeps its own traceback."""
     def out_of_memory(self, state_dict):

@@ -420,11 +420,26 @@ def sync_bn_note(cfg: Config, dist: Dist) -> Optional[str]:
     return "note: --sync_bn with one process is plain batch norm: it changes nothing in this run (it acts under torchrun)"
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer that torchrun puts in the environment, or the default where it is not set."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} in the environment is not an integer (torchrun sets it); unset it to run "
+                        f"one process") from None
+
+
 def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     """Read torchrun's environment, pick the device and join the process group (nccl on CUDA, gloo on CPU)."""
-    dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) if dist.enabled else 0
+    dist = Dist(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+    if dist.world_size < 1 or not 0 <= dist.rank < dist.world_size or dist.local_rank < 0:
+        raise UserError(f"RANK={dist.rank}, LOCAL_RANK={dist.local_rank} and WORLD_SIZE={dist.world_size} in the "
+                        f"environment do not describe a process of a job (torchrun sets them); unset them to run "
+                        f"one process")
+    local_processes = _env_int("LOCAL_WORLD_SIZE", 0) if dist.enabled else 0
     device = resolve_device(cfg.device, dist.local_rank if dist.enabled else 0, local_processes)
     use_cuda = device.type == "cuda"
     if cfg.sync_bn and not use_cuda:
@@ -432,8 +447,15 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     if dist.enabled:
         if cfg.batch_size % dist.world_size:
             raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=dist.rank,
-                                             world_size=dist.world_size)
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):  # else a traceback from torch
+            raise UserError(f"WORLD_SIZE={dist.world_size} in the environment, but no MASTER_ADDR and MASTER_PORT "
+                            f"to meet the other processes at: start the job with torchrun, or unset WORLD_SIZE to "
+                            f"run one process")
+        try:
+            torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=dist.rank,
+                                                 world_size=dist.world_size)
+        except ValueError as e:  # the rendezvous's settings (MASTER_PORT=abc, ...)
+            raise UserError(f"cannot join the job's processes: {util.exception_text(e)}") from None
     return dist, device
 
 

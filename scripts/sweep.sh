@@ -115,6 +115,10 @@ read -r -a gpu_list <<<"$gpus"
 [[ $runs_dir != -* ]] || runs_dir=./$runs_dir
 # Else every run would fail on its own, each with main.py's line about its --output_dir.
 [[ ! -e $runs_dir || -d $runs_dir ]] || die_usage "--runs_dir '$runs_dir' exists and is not a folder"
+ancestor=$runs_dir # the nearest part of the path that exists must be a folder too (afile/runs)
+while [[ ! -e $ancestor && $ancestor == */* ]]; do ancestor=${ancestor%/*}; done
+[[ -z $ancestor || ! -e $ancestor || -d $ancestor ]] ||
+  die_usage "--runs_dir '$runs_dir': '$ancestor' exists and is not a folder"
 
 # ratio = round(1/imb_factor), only for the folder name; main.py gets imb_factor as written.
 declare -A ratio_of=()

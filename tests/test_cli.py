@@ -408,9 +408,32 @@ def test_more_processes_than_gpus_is_one_line(tmp_path, capsys, cifar10_root, mo
     assert set_device == [] and not (tmp_path / "o").exists()
     assert main.resolve_device("auto", local_rank=1) == torch.device("cuda", 0)  # one GPU per process
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK")
     dist, device = main.setup_distributed(main.Config())
     assert not dist.enabled and device == torch.device("cuda", 0)
     assert set_device == [0, 0]
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 in the environment, but no MASTER_ADDR and MASTER_PORT"),
+    ({"RANK": "abc"}, "RANK='abc' in the environment is not an integer"),
+    ({"LOCAL_RANK": ""}, "LOCAL_RANK='' in the environment is not an integer"),
+    # init_process_group would wait for 2 processes that never come (rank 5 is not one of them)
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
+     "RANK=5, LOCAL_RANK=0 and WORLD_SIZE=2 in the environment do not describe a process of a job"),
+    ({"RANK": "1"}, "RANK=1, LOCAL_RANK=0 and WORLD_SIZE=1"),  # rank 1 of 1 would write nothing
+])
+def test_stray_torchrun_environment_is_one_line(env, needle, tmp_path, capsys, cifar10_root, monkeypatch):
+    """torchrun's variables left in a shell (or set by hand) without torchrun: one line, not torch's traceback
+    or a wait for processes that never come."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "o"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
 
 
 def test_data_root_without_data(tmp_path, capsys):

@@ -1336,6 +1336,8 @@ def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_comma
     for script, extra, environ, message in (
         ("sweep.sh", ["--runs_dir", str(tmp_path / "a file")], env, "exists and is not a folder"),
         ("table1.sh", ["--runs_dir", str(tmp_path / "a file")], env, "exists and is not a folder"),
+        ("sweep.sh", ["--runs_dir", str(tmp_path / "a file" / "runs" / "x")], env,
+         f"'{tmp_path / 'a file'}' exists and is not a folder"),
         ("sweep.sh", [], {**env, "PYTHON": str(tmp_path / "no_python")}, "is not a command"),
     ):
         result = run_script(script, [*(args if script == "sweep.sh" else args[:2]), *extra], environ)

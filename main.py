@@ -192,7 +192,7 @@ class Config:
         return n_views if self.bn_stats == "per_branch" else None
 
     def default_output_dir(self) -> str:
-        ratio = round(self.imbalance_ratio)
+        ratio = math.floor(self.imbalance_ratio + 0.5)  # halves up, as scripts/sweep.sh names its folders (2.5: r3)
         kind = "" if self.imb_type == "exp" else f"{self.imb_type}_"
         return os.path.join("runs", f"{self.dataset}_{self.loss}_{kind}r{ratio}_s{self.seed}")
 

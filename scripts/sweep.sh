@@ -25,7 +25,7 @@ Usage: $prog --dataset cifar10|cifar100 --imb_factors "0.01 0.005" [--methods "s
        [--seeds "0 1 2"] [--imb_type exp|step] [--runs_dir DIR] [--gpus "0 1"] [-- extra main.py args]
 
 Runs main.py once per (seed, imb_factor, method), in DIR/<dataset>_<method>_r<ratio>_s<seed>
-with ratio = round(1/imb_factor) (0.01 -> r100, 0.005 -> r200); <dataset>_<method>_step_r<ratio>_s<seed>
+with ratio = 1/imb_factor rounded, halves up (0.01 -> r100, 0.4 -> r3); <dataset>_<method>_step_r<ratio>_s<seed>
 with --imb_type step.
 
   --dataset D        cifar10 or cifar100 (required)
@@ -120,7 +120,8 @@ while [[ ! -e $ancestor && $ancestor == */* ]]; do ancestor=${ancestor%/*}; done
 [[ -z $ancestor || ! -e $ancestor || -d $ancestor ]] ||
   die_usage "--runs_dir '$runs_dir': '$ancestor' exists and is not a folder"
 
-# ratio = round(1/imb_factor), only for the folder name; main.py gets imb_factor as written.
+# ratio = 1/imb_factor rounded halves up (as main.py names its default folder), only for the folder name;
+# main.py gets imb_factor as written.
 declare -A ratio_of=()
 for factor in "${factor_list[@]}"; do
   [[ $factor =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] ||

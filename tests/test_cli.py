@@ -274,6 +274,9 @@ def test_defaults_are_the_paper_recipe():
         ("cifar10", "sc", "resnet32", 0.01, 512, 0.5, 0.9, 1e-4, 200, [120, 160], 0.1, 0.1)
     assert cfg.alpha_schedule == "parabolic"  # alpha = 1 - (T / T_max)^2
     assert cfg.default_output_dir() == os.path.join("runs", "cifar10_sc_r100_s0")
+    # The ratio in the name rounds halves up, as scripts/sweep.sh names its folders (1/0.4 = 2.5: r3, not round's r2)
+    for factor, ratio in ((0.4, 3), (0.015, 67), (0.02, 50), (1 / 3.5, 4)):
+        assert main.parse_config(["--imb_factor", str(factor)]).default_output_dir().endswith(f"_r{ratio}_s0")
     assert cfg.bn_stats == "per_branch"  # not stated in the paper: each branch's own batch statistics (README)
     assert cfg.sc_aug == "paper"  # the paper's augmentation for both branches; SupContrast's is an option
     assert main.Config() == cfg  # built in code (the benchmark, a notebook), the same values and types

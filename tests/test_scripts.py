@@ -1475,18 +1475,19 @@ def test_help_equals_form_and_ratio_rounding(fake, tmp_path):
     for script in ("sweep.sh", "table1.sh"):
         result = run_script(script, ["--help"], env)
         assert result.returncode == 0 and result.stdout.startswith("Usage: ")
-    result = run_script("sweep.sh", ["--dataset=cifar10", "--imb_factors=0.02 0.015", "--methods=psc",
+    result = run_script("sweep.sh", ["--dataset=cifar10", "--imb_factors=0.02 0.015 0.4", "--methods=psc",
                                      f"--runs_dir={tmp_path / 'runs'}"], env)
     assert result.returncode == 0, result.stderr
-    # round(1/0.015) = round(66.67) = 67; the factor itself reaches main.py unchanged.
-    assert [c["name"] for c in read_log()] == ["cifar10_psc_r50_s0", "cifar10_psc_r67_s0"]
+    # round(1/0.015) = round(66.67) = 67, halves up (1/0.4 = 2.5: 3) as main.py's default folder names them; the
+    # factor itself reaches main.py unchanged.
+    assert [c["name"] for c in read_log()] == ["cifar10_psc_r50_s0", "cifar10_psc_r67_s0", "cifar10_psc_r3_s0"]
     assert read_log()[1]["args"][4:6] == ["--imb_factor", "0.015"]
     # step imbalance: its own folders (named as main.py names them), never mixed with exp ones
     result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_type", "step", "--imb_factors", "0.02",
                                      "--methods", "psc", "--runs_dir", str(tmp_path / "runs")], env)
     assert result.returncode == 0, result.stderr
-    assert read_log()[2]["name"] == "cifar10_psc_step_r50_s0"
-    assert read_log()[2]["args"][2:4] == ["--imb_type", "step"]
+    assert read_log()[3]["name"] == "cifar10_psc_step_r50_s0"
+    assert read_log()[3]["args"][2:4] == ["--imb_type", "step"]
 
 
 def test_sweep_real_cli(tmp_path, summarize):

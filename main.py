@@ -891,14 +891,34 @@ def lock_output_dir(out: Path) -> Optional[int]:
     return fd
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> Optional[int]:
-    """Create the run folder, lock it (lock_output_dir: the descriptor returned must stay open) and remove what
-    a new run or a resume must not find there."""
+class FolderLock:
+    """The run folder's lock (lock_output_dir), which rank 0 takes from before it reads the folder's state
+    (resume_point: an existing folder) or as it creates the folder (prepare_output_dir), until main() returns."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+
+    def acquire(self, out: Path) -> None:
+        if self.fd is None:
+            self.fd = lock_output_dir(out)
+
+    def release(self) -> None:
+        """At the process's end the kernel would; but main() may be called again in one process (the tests do),
+        and a second lock on the folder would find this one."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = None) -> None:
+    """Create the run folder, lock it (unless the lock holds it already) and remove what a new run or a resume
+    must not find there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
-    lock = lock_output_dir(out)
+    if lock is not None:
+        lock.acquire(out)
     try:
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
@@ -911,7 +931,6 @@ def prepare_output_dir(out: Path, overwrite: bool) -> Optional[int]:
             (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
-    return lock
 
 
 # Training settings added after runs had been saved, with what the code did before each existed: a
@@ -1075,7 +1094,8 @@ def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
 class Run:
     """One training run: data, trainer, logging, evaluation, checkpoints and results."""
 
-    def __init__(self, cfg: Config, dist: Dist, device: torch.device, out: Path, saved: Optional[dict[str, Any]]):
+    def __init__(self, cfg: Config, dist: Dist, device: torch.device, out: Path, saved: Optional[dict[str, Any]],
+                 folder_lock: Optional[FolderLock] = None):
         """`out` and `saved` (the checked last.pt when resuming, else None) come from resume_point()."""
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
@@ -1096,7 +1116,7 @@ class Run:
         if saved is not None:
             self.load(saved)
         self.writer = None
-        self.folder_lock: Optional[int] = None  # the run folder's locked descriptor (rank 0), open while the run lives
+        self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag()
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
@@ -1129,13 +1149,6 @@ class Run:
             raise
         except FOREIGN_CHECKPOINT_ERRORS as e:
             raise foreign_checkpoint(self.out / "last.pt", e) from e
-
-    def release_folder(self) -> None:
-        """Unlock the run folder (lock_output_dir): at the process's end the kernel would, but main() may be
-        called again in one process (the tests do), and a second lock on the folder would wait for this one."""
-        if self.folder_lock is not None:
-            os.close(self.folder_lock)
-            self.folder_lock = None
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -1216,7 +1229,7 @@ class Run:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
         if dist.main:
-            self.folder_lock = prepare_output_dir(self.out, cfg.overwrite)
+            prepare_output_dir(self.out, cfg.overwrite, self.folder_lock)
             config = self.config_record()
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")
@@ -1570,7 +1583,7 @@ def configure_backends(cfg: Config) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    dist = Dist()
+    dist, folder_lock = Dist(), FolderLock()
     try:
         if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1579,16 +1592,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         configure_backends(cfg)
         if cfg.eval_only:
             return evaluate_checkpoint(cfg, dist, device, given_flags(argv))
+        if dist.main:  # an existing folder, before its state is read: what resume_point sees stays so
+            folder_lock.acquire(resolve_output_dir(cfg))
         out, saved, finished = resume_point(cfg, dist)
         if finished:
             if dist.main:
                 print(f"{out} already finished {cfg.epochs} epochs; nothing to do", flush=True)
             return 0
-        run = Run(cfg, dist, device, out, saved)
-        try:
-            return run.dry_run() if cfg.dry_run else run.run()
-        finally:
-            run.release_folder()
+        run = Run(cfg, dist, device, out, saved, folder_lock)
+        return run.dry_run() if cfg.dry_run else run.run()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code
@@ -1599,6 +1611,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        folder_lock.release()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -712,28 +712,37 @@ def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, caps
     finally:
         os.close(other)
 
-    seen, train_epoch = [], main.Run.train_epoch
-
-    def probing_train_epoch(self):  # is the folder locked while the run trains?
-        probe = os.open(self.out, os.O_RDONLY)
+    def lock_state(folder) -> str:
+        probe = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            seen.append("free")
+            return "free"
         except BlockingIOError:
-            seen.append("locked")
+            return "locked"
         finally:
             os.close(probe)
+
+    seen, train_epoch, resume_point = [], main.Run.train_epoch, main.resume_point
+
+    def probing_resume_point(cfg, dist):  # locked before the folder's state is read: what it decides stays so
+        seen.append(lock_state(existing_run))
+        return resume_point(cfg, dist)
+
+    def probing_train_epoch(self):  # and while the run trains
+        seen.append(lock_state(self.out))
         return train_epoch(self)
 
+    monkeypatch.setattr(main, "resume_point", probing_resume_point)
     monkeypatch.setattr(main.Run, "train_epoch", probing_train_epoch)
     code, err = call_main([*argv, "--overwrite"], capsys)
     assert code == 0, err
-    assert seen == ["locked", "locked"]
-    probe = os.open(existing_run, os.O_RDONLY)  # and free again once main() has returned
-    try:
-        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(probe)
+    assert seen == ["locked", "locked", "locked"] and lock_state(existing_run) == "free"  # free once main() returned
+    # A run that fails after taking the lock leaves it free too (the next main() in this process is not refused).
+    (existing_run / "last.pt").unlink()
+    (existing_run / "last.pt").mkdir()
+    code, err = call_main([*argv, "--overwrite"], capsys)
+    assert_one_line_error(code, err, "cannot prepare output folder")
+    assert lock_state(existing_run) == "free"
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)

@@ -45,7 +45,7 @@ import torch
 
 try:
     import fcntl
-except ImportError:  # not on Windows: run folders are not locked there
+except ImportError:  # Windows has no fcntl: run folders are not locked there
     fcntl = None
 
 import dataset_loader as data
@@ -867,8 +867,8 @@ def check_output_dir(cfg: Config, out: Path) -> None:
 
 
 def lock_output_dir(out: Path) -> Optional[int]:
-    """Hold an exclusive lock on the run folder for as long as this process lives (flock on the folder itself: no
-    file left behind, released by the kernel however the process ends), so that a second main.py on the same
+    """Take an exclusive lock on the run folder, held while the descriptor returned stays open (FolderLock; flock on
+    the folder itself: no file left behind, released by the kernel however the process ends), so that a second main.py on the same
     folder (say a second sweep over the same --runs_dir, which would start a run still going with --overwrite, or
     resume it beside itself) stops with one line before it deletes or writes anything. The folder's descriptor
     is returned, to be kept open. A file system without flock (some network ones) gets no lock, as before."""

@@ -866,41 +866,35 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
 
 
-def lock_output_dir(out: Path) -> Optional[int]:
-    """Take an exclusive lock on the run folder, held while the descriptor returned stays open (FolderLock; flock on
-    the folder itself: no file left behind, released by the kernel however the process ends), so that a second main.py on the same
-    folder (say a second sweep over the same --runs_dir, which would start a run still going with --overwrite, or
-    resume it beside itself) stops with one line before it deletes or writes anything. The folder's descriptor
-    is returned, to be kept open. A file system without flock (some network ones) gets no lock, as before."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(out, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"{out} is in use by another process training this run (a second main.py on the same "
-                        "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
-                        "another --output_dir") from None
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 class FolderLock:
-    """The run folder's lock (lock_output_dir), which rank 0 takes from before it reads the folder's state
-    (resume_point: an existing folder) or as it creates the folder (prepare_output_dir), until main() returns."""
+    """An exclusive lock on the run folder (flock on the folder itself: no file left behind, released by the kernel
+    however the process ends), which rank 0 takes from before it reads the folder's state (main(): an existing
+    folder) or as it creates the folder (prepare_output_dir), until main() returns: a second main.py on the same
+    folder (say from a second sweep over the same --runs_dir, which would start a run still going with --overwrite,
+    or resume it beside itself) stops with one line before it deletes or writes anything. A file system without
+    flock for a folder opened read-only (some network ones) gets no lock, as before."""
 
     def __init__(self) -> None:
         self.fd: Optional[int] = None
 
     def acquire(self, out: Path) -> None:
-        if self.fd is None:
-            self.fd = lock_output_dir(out)
+        if self.fd is not None or fcntl is None:
+            return
+        try:
+            fd = os.open(out, os.O_RDONLY)
+        except OSError:  # no folder yet: prepare_output_dir locks it once created
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{out} is in use by another process training this run (a second main.py on the same "
+                            "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
+                            "another --output_dir") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
 
     def release(self) -> None:
         """At the process's end the kernel would; but main() may be called again in one process (the tests do),

@@ -866,35 +866,52 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
 
 
+# sysexits.h's EX_TEMPFAIL: the run folder is in use by another process; the same command may succeed later.
+# scripts/sweep.sh lists such a run as BUSY, not FAILED.
+EXIT_IN_USE = 75
+# The lock file of a file system where a folder cannot be locked (FolderLock).
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(UserError):
+    """Another process holds the run folder's lock (FolderLock)."""
+
+
 class FolderLock:
-    """An exclusive lock on the run folder (flock on the folder itself: no file left behind, released by the kernel
-    however the process ends), which rank 0 takes from before it reads the folder's state (main(): an existing
-    folder) or as it creates the folder (prepare_output_dir), until main() returns: a second main.py on the same
-    folder (say from a second sweep over the same --runs_dir, which would start a run still going with --overwrite,
-    or resume it beside itself) stops with one line before it deletes or writes anything. A file system without
-    flock for a folder opened read-only (some network ones) gets no lock, as before."""
+    """An exclusive lock on the run folder, which rank 0 takes from before it reads the folder's state (main(): an
+    existing folder) or as it creates the folder (prepare_output_dir), until main() returns: a second main.py on the
+    same folder (say from a second sweep over the same --runs_dir, which would start a run still going with
+    --overwrite, or resume it beside itself) stops with one line and EXIT_IN_USE before it deletes or writes
+    anything.
+
+    flock on the folder itself: no file left behind, released by the kernel however the process ends. Linux's NFS
+    client turns flock into a lock of the server's (so it holds across machines), which an exclusive lock asks of a
+    file open for writing, and a folder cannot be opened so (EBADF): where the folder's flock fails other than by
+    being held, the lock is that of a file in it, LOCK_FILE, opened read-write (and left there: removing it would let
+    a process that opened it just before lock a file no longer in the folder). A file system with no flock at all
+    gets no lock."""
 
     def __init__(self) -> None:
         self.fd: Optional[int] = None
 
-    def acquire(self, out: Path) -> None:
+    def acquire(self, out: Path, create: bool = True) -> None:
+        """create=False (a dry run): no lock file is made; where none exists, nobody holds one."""
         if self.fd is not None or fcntl is None:
             return
         try:
-            fd = os.open(out, os.O_RDONLY)
-        except OSError:  # no folder yet: prepare_output_dir locks it once created
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                self.fd = _flock(out, os.O_RDONLY)
+            except BlockingIOError:
+                raise
+            except OSError:  # the folder cannot be locked (NFS), or no folder yet (prepare_output_dir locks it)
+                if out.is_dir():
+                    self.fd = _flock(out / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0))
         except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{out} is in use by another process training this run (a second main.py on the same "
-                            "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
-                            "another --output_dir") from None
-        except OSError:
-            os.close(fd)
-            return
-        self.fd = fd
+            raise FolderInUse(f"{out} is in use by another process training this run (a second main.py on the same "
+                              "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
+                              "another --output_dir") from None
+        except OSError:  # no flock here at all, or a folder that cannot be written: unlocked, as before
+            pass
 
     def release(self) -> None:
         """At the process's end the kernel would; but main() may be called again in one process (the tests do),
@@ -902,6 +919,17 @@ class FolderLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _flock(path: Path, flags: int) -> int:
+    """A descriptor of `path` holding an exclusive flock; BlockingIOError when another open file holds one."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = None) -> None:
@@ -1587,7 +1615,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.eval_only:
             return evaluate_checkpoint(cfg, dist, device, given_flags(argv))
         if dist.main:  # an existing folder, before its state is read: what resume_point sees stays so
-            folder_lock.acquire(resolve_output_dir(cfg))
+            folder_lock.acquire(resolve_output_dir(cfg), create=not cfg.dry_run)
         out, saved, finished = resume_point(cfg, dist)
         if finished:
             if dist.main:
@@ -1600,7 +1628,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return e.code
         prefix = f"rank {dist.rank}: " if dist.enabled else ""
         print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
-        return e.code if isinstance(e, Stop) else 2
+        return e.code if isinstance(e, Stop) else EXIT_IN_USE if isinstance(e, FolderInUse) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

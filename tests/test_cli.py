@@ -708,6 +708,7 @@ def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, caps
         for flag in ("--overwrite", "--resume"):
             code, err = call_main([*argv, flag], capsys)
             assert_one_line_error(code, err, f"{existing_run} is in use by another process training this run")
+            assert code == main.EXIT_IN_USE == 75  # EX_TEMPFAIL: scripts/sweep.sh lists the run as BUSY
             assert snapshot(existing_run) == before
     finally:
         os.close(other)
@@ -743,6 +744,65 @@ def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, caps
     code, err = call_main([*argv, "--overwrite"], capsys)
     assert_one_line_error(code, err, "cannot prepare output folder")
     assert lock_state(existing_run) == "free"
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_where_a_folder_cannot_be_locked_a_lock_file_in_it_is(existing_run, capsys, cifar10_root, monkeypatch):
+    """On NFS, flock is the server's lock, which for exclusive use asks for a file open for writing: a folder's
+    descriptor gets EBADF. The run then locks a .lock file in its folder, opened read-write, and keeps it there;
+    a dry run makes none. Where flock fails on the file too, the run goes on unlocked."""
+    import errno
+    import fcntl
+    import stat
+
+    real_flock = fcntl.flock
+
+    def nfs_flock(fd, operation):  # as Linux's NFS client: no exclusive lock of a descriptor not open for writing
+        if operation & fcntl.LOCK_EX and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    (existing_run / "results.json").unlink()
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    lock_file = existing_run / main.LOCK_FILE
+    code, err = call_main([*argv, "--resume", "--dry_run"], capsys)
+    assert code == 0 and not lock_file.exists(), err
+    seen, train_epoch = [], main.Run.train_epoch
+
+    def probing_train_epoch(self):
+        probe = os.open(lock_file, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                real_flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("locked")
+        finally:
+            os.close(probe)
+        return train_epoch(self)
+
+    monkeypatch.setattr(main.Run, "train_epoch", probing_train_epoch)
+    code, err = call_main([*argv, "--overwrite", "--epochs", "1", "--lr_decay_epochs", ""], capsys)
+    assert code == 0 and seen == ["locked"], err
+    assert lock_file.is_file() and lock_file.stat().st_size == 0  # left there, and free
+    other = os.open(lock_file, os.O_RDWR)  # another machine's process holding it
+    real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        before = snapshot(existing_run)
+        for extra in (["--overwrite"], ["--resume", "--dry_run"]):
+            code, err = call_main([*argv, *extra], capsys)
+            assert_one_line_error(code, err, f"{existing_run} is in use by another process training this run")
+            assert code == main.EXIT_IN_USE and snapshot(existing_run) == before
+    finally:
+        os.close(other)
+
+    def no_flock(fd, operation):  # a file system without flock: ENOLCK for the folder and the file alike
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    seen.clear()
+    monkeypatch.setattr(main.Run, "train_epoch", train_epoch)
+    code, err = call_main([*argv, "--overwrite", "--epochs", "1", "--lr_decay_epochs", ""], capsys)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)

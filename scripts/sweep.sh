@@ -10,7 +10,8 @@
 #                              an epoch's end, or last.pt deleted): FAILED, left as it is
 #   folder with none        -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
-# So the same command can be repeated after a crash or a Ctrl-C and only does what is left.
+# So the same command can be repeated after a crash or a Ctrl-C and only does what is left. A run whose folder
+# another process holds (main.py locks it while it runs; exit 75) is BUSY: two sweeps over one --runs_dir share it.
 # Runs go one after another, or with --gpus as a queue: one run per listed GPU at a time.
 { # The whole script is one compound command, which bash reads in full before running any of it: a change
   # to this file while it runs (an edit, a checkout) cannot reach the running copy, which reads no more.
@@ -57,9 +58,12 @@ a resume compares, not how it ran (--amp, --eval_every, ...). One made with anot
 this sweep's: use another --runs_dir. A run whose last.pt was deleted cannot be checked and is
 skipped. Delete a folder to run it again.
 Python: \${PYTHON:-python} (currently: ${PYTHON:-python}).
-At the end prints each run's folder and status (done / skipped / FAILED); exits 1 if any run
-failed, 130 if interrupted: Ctrl-C or SIGTERM sends each running run one SIGTERM (main.py then
-saves last.pt and stops) and starts no new run; rerun the same command to resume.
+At the end prints each run's folder and status (done / skipped / BUSY / FAILED); exits 1 if any run
+failed, 75 if the only runs not done were BUSY, 130 if interrupted: Ctrl-C or SIGTERM sends each
+running run one SIGTERM (main.py then saves last.pt and stops) and starts no new run; rerun the
+same command to resume. BUSY: another process (this sweep started a second time over the same
+--runs_dir, say) was training that run; main.py locks a run's folder while it runs (under
+PYTHON="torchrun ..." such a run is FAILED: torchrun's exit status hides main.py's).
 EOF
 }
 
@@ -264,6 +268,8 @@ run_one() {
   [[ ! -e $state_dir/stop ]] || interrupted=1
   if [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
     status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
+  elif ((rc == 75)); then # main.py's EXIT_IN_USE: another process (a second sweep, say) holds the run's folder
+    status="BUSY (another process is training it; rerun the sweep once it has ended)"
   elif [[ -n $finished ]]; then
     status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
   elif ((interrupted)) && [[ ! -e $run_dir/results.json ]]; then
@@ -394,22 +400,30 @@ else
 fi
 
 # ---- summary ---------------------------------------------------------------------------------
-n_bad=0
+n_bad=0 n_busy=0
 echo
 echo "$prog: summary ($n_runs $runs_word)"
 for ((idx = 0; idx < n_runs; idx++)); do
   status="not started"
   [[ ! -e $state_dir/status.$idx ]] || status=$(<"$state_dir/status.$idx")
   # "not started" without an interrupt means a worker died: count it as a failure too.
-  case $status in FAILED* | INTERRUPTED* | "not started") n_bad=$((n_bad + 1)) ;; esac
+  case $status in
+    FAILED* | INTERRUPTED* | "not started") n_bad=$((n_bad + 1)) ;;
+    BUSY*) n_busy=$((n_busy + 1)) ;;
+  esac
   printf '  %-50s %s\n' "$runs_dir/${run_names[idx]}" "$status"
 done
 if [[ -e $state_dir/stop ]]; then
   echo "$prog: interrupted" >&2
   exit 130
 elif ((n_bad)); then
-  echo "$prog: $n_bad of $n_runs $runs_word FAILED" >&2
+  busy_note=""
+  ((n_busy == 0)) || busy_note=", $n_busy BUSY in another process"
+  echo "$prog: $n_bad of $n_runs $runs_word FAILED$busy_note" >&2
   exit 1
+elif ((n_busy)); then
+  echo "$prog: $n_busy of $n_runs $runs_word BUSY in another process" >&2
+  exit 75
 fi
 exit 0
 }

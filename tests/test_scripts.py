@@ -889,6 +889,9 @@ signals = []
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: signals.append(signum))
 log("start")
+if name in os.environ.get("FAKE_BUSY", "").split():  # like main.py on a folder another process has locked
+    print("error:", out, "is in use by another process training this run", file=sys.stderr)
+    sys.exit(75)
 holds_run = os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "last.pt"))
 if "--resume" in args and not os.path.exists(os.path.join(out, "last.pt")):
     sys.exit("error: --resume but no last.pt")
@@ -939,7 +942,7 @@ def fake(tmp_path):
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
            if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST", "FAKE_CHECK_SLEEP",
-                        "FAKE_DRY_RUN_FAIL", "FAKE_DRY_RUN_FAIL_FACTOR", "FAKE_DRY_RUN_SLEEP")}
+                        "FAKE_DRY_RUN_FAIL", "FAKE_DRY_RUN_FAIL_FACTOR", "FAKE_DRY_RUN_SLEEP", "FAKE_BUSY")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
     def read_log(event="start"):
@@ -1084,6 +1087,34 @@ def test_table1_keeps_going_after_a_failure(fake, tmp_path):
     assert dry[dry.index("--imb_factor") + 1] == "0.02" and dry[dry.index("--loss") + 1] == "psc"
     assert "--overwrite" not in dry and "--resume" not in dry
     assert sorted(c["name"] for c in read_log("checked")) == sorted(expected - {"cifar10_psc_r50_s0"})
+
+
+def test_sweep_lists_runs_another_process_is_training_as_busy(fake, tmp_path):
+    """main.py exits 75 (EX_TEMPFAIL) on a run folder another process has locked: the sweep lists that run as
+    BUSY, not FAILED, goes on with the next, and exits 75 when busy runs are all it left undone, 1 when a run
+    also failed. A finished run that is busy (its process still on its way out) is BUSY too."""
+    env, read_log = fake
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01 0.1", "--methods", "sc psc", "--runs_dir", str(runs)]
+    env["FAKE_BUSY"] = "cifar10_psc_r100_s0"
+    result = run_script("sweep.sh", args, env)
+    assert result.returncode == 75, result.stdout + result.stderr
+    busy = "BUSY (another process is training it; rerun the sweep once it has ended)"
+    assert summary_statuses(result.stdout) == {"cifar10_sc_r100_s0": "done", "cifar10_psc_r100_s0": busy,
+                                               "cifar10_sc_r10_s0": "done", "cifar10_psc_r10_s0": "done"}
+    assert result.stderr.splitlines()[-1] == "sweep.sh: 1 of 4 runs BUSY in another process"
+    assert not (runs / "cifar10_psc_r100_s0").exists()  # the fake, like main.py, left the folder alone
+    env["FAKE_BUSY"] = "cifar10_sc_r100_s0 cifar10_psc_r100_s0"  # the first finished, the second new
+    env["FAKE_FAIL"] = "cifar10_psc_r100_s0"
+    again = run_script("sweep.sh", args, env)
+    assert again.returncode == 75 and summary_statuses(again.stdout) == {
+        "cifar10_sc_r100_s0": busy, "cifar10_psc_r100_s0": busy, "cifar10_sc_r10_s0": "skipped",
+        "cifar10_psc_r10_s0": "skipped"}, again.stdout + again.stderr
+    env["FAKE_BUSY"] = "cifar10_sc_r100_s0"
+    failed = run_script("sweep.sh", args, env)
+    assert failed.returncode == 1 and summary_statuses(failed.stdout)["cifar10_psc_r100_s0"].startswith(
+        "FAILED (exit 3"), failed.stdout + failed.stderr
+    assert failed.stderr.splitlines()[-1] == "sweep.sh: 1 of 4 runs FAILED, 1 BUSY in another process"
 
 
 def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):
@@ -1519,10 +1550,21 @@ def test_sweep_real_cli(tmp_path, summarize):
         assert (runs / name / "results.json").is_file()
     # main.py checks each finished run: how it runs (--print_freq) and what CE does not read (--alpha_schedule)
     # do not matter, so both are skipped; another recipe is refused, saying which setting differs.
-    again = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--print_freq", "7", "--alpha_schedule",
-                            "linear"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert summary_statuses(again.stdout) == {"cifar10_ce_r10_s0": "skipped", "cifar10_ce_r2_s0": "skipped"}
+    # A run folder another process has locked (main.py's exit 75) is BUSY, and the sweep exits 75.
+    import fcntl
+
+    other = os.open(runs / "cifar10_ce_r2_s0", os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        again = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--print_freq", "7", "--alpha_schedule",
+                                "linear"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        os.close(other)
+    assert again.returncode == 75, again.stderr
+    assert summary_statuses(again.stdout) == {
+        "cifar10_ce_r10_s0": "skipped",
+        "cifar10_ce_r2_s0": "BUSY (another process is training it; rerun the sweep once it has ended)"}
+    assert f"error: {runs / 'cifar10_ce_r2_s0'} is in use by another process training this run" in again.stderr
     other = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--weight_decay", "0.001"], env=env,
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert other.returncode == 1

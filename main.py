@@ -899,13 +899,16 @@ class FolderLock:
         if self.fd is not None or fcntl is None:
             return
         try:
+            folder = os.open(out, os.O_RDONLY)
+        except OSError:  # no folder yet: prepare_output_dir locks it once made
+            return
+        try:
             try:
-                self.fd = _flock(out, os.O_RDONLY)
+                self.fd = _flock(folder)
             except BlockingIOError:
                 raise
-            except OSError:  # the folder cannot be locked (NFS), or no folder yet (prepare_output_dir locks it)
-                if out.is_dir():
-                    self.fd = _flock(out / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0))
+            except OSError:  # the folder cannot be locked so (NFS)
+                self.fd = _flock(os.open(out / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0), 0o644))
         except BlockingIOError:
             raise FolderInUse(f"{out} is in use by another process training this run (a second main.py on the same "
                               "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
@@ -921,9 +924,9 @@ class FolderLock:
             self.fd = None
 
 
-def _flock(path: Path, flags: int) -> int:
-    """A descriptor of `path` holding an exclusive flock; BlockingIOError when another open file holds one."""
-    fd = os.open(path, flags, 0o644)
+def _flock(fd: int) -> int:
+    """`fd`, now holding an exclusive flock; else closed, and the OSError raised (BlockingIOError: another open file
+    holds one)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

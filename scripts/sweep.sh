@@ -269,7 +269,7 @@ run_one() {
   if [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
     status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
   elif ((rc == 75)); then # main.py's EXIT_IN_USE: another process (a second sweep, say) holds the run's folder
-    status="BUSY (another process is training it; rerun the sweep once it has ended)"
+    status="BUSY (another process is training or checking it; rerun the sweep once it has ended)"
   elif [[ -n $finished ]]; then
     status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
   elif ((interrupted)) && [[ ! -e $run_dir/results.json ]]; then

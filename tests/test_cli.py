@@ -753,12 +753,11 @@ def test_where_a_folder_cannot_be_locked_a_lock_file_in_it_is(existing_run, caps
     a dry run makes none. Where flock fails on the file too, the run goes on unlocked."""
     import errno
     import fcntl
-    import stat
 
     real_flock = fcntl.flock
 
     def nfs_flock(fd, operation):  # as Linux's NFS client: no exclusive lock of a descriptor not open for writing
-        if operation & fcntl.LOCK_EX and stat.S_ISDIR(os.fstat(fd).st_mode):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return real_flock(fd, operation)
 
@@ -803,6 +802,34 @@ def test_where_a_folder_cannot_be_locked_a_lock_file_in_it_is(existing_run, caps
     monkeypatch.setattr(main.Run, "train_epoch", train_epoch)
     code, err = call_main([*argv, "--overwrite", "--epochs", "1", "--lr_decay_epochs", ""], capsys)
     assert code == 0, err
+
+
+def test_a_folder_made_and_locked_by_another_process_meanwhile_is_in_use(tmp_path, monkeypatch):
+    """Two runs starting on one fresh folder: where the folder did not exist yet when this one looked, it does not
+    take a lock file instead (the other made and locked the folder meanwhile); its prepare_output_dir then finds
+    the other's lock."""
+    import fcntl
+
+    out, lock = tmp_path / "run", main.FolderLock()
+    real_open, held = os.open, []
+
+    def other_process_meanwhile(path, flags, *mode):
+        if Path(path) == out and not held:  # this process looked and found no folder; the other then made it
+            out.mkdir()
+            held.append(real_open(out, os.O_RDONLY))
+            fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise FileNotFoundError(path)
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(os, "open", other_process_meanwhile)
+    try:
+        lock.acquire(out)
+        assert lock.fd is None and not (out / main.LOCK_FILE).exists()
+        with pytest.raises(main.FolderInUse, match="is in use by another process"):
+            main.prepare_output_dir(out, overwrite=False, lock=lock)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)

@@ -1099,7 +1099,7 @@ def test_sweep_lists_runs_another_process_is_training_as_busy(fake, tmp_path):
     env["FAKE_BUSY"] = "cifar10_psc_r100_s0"
     result = run_script("sweep.sh", args, env)
     assert result.returncode == 75, result.stdout + result.stderr
-    busy = "BUSY (another process is training it; rerun the sweep once it has ended)"
+    busy = "BUSY (another process is training or checking it; rerun the sweep once it has ended)"
     assert summary_statuses(result.stdout) == {"cifar10_sc_r100_s0": "done", "cifar10_psc_r100_s0": busy,
                                                "cifar10_sc_r10_s0": "done", "cifar10_psc_r10_s0": "done"}
     assert result.stderr.splitlines()[-1] == "sweep.sh: 1 of 4 runs BUSY in another process"
@@ -1563,7 +1563,7 @@ def test_sweep_real_cli(tmp_path, summarize):
     assert again.returncode == 75, again.stderr
     assert summary_statuses(again.stdout) == {
         "cifar10_ce_r10_s0": "skipped",
-        "cifar10_ce_r2_s0": "BUSY (another process is training it; rerun the sweep once it has ended)"}
+        "cifar10_ce_r2_s0": "BUSY (another process is training or checking it; rerun the sweep once it has ended)"}
     assert f"error: {runs / 'cifar10_ce_r2_s0'} is in use by another process training this run" in again.stderr
     other = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--weight_decay", "0.001"], env=env,
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)

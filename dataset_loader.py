@@ -131,9 +131,19 @@ def _data_root_hint(dataset: str, root: Path) -> str:
     except OSError:  # not a folder, or unreadable: the message above says enough
         return ""
     for sub in below:
-        if (sub / _PICKLED_DIRS[dataset]).is_dir() or ((sub / "train").is_dir() and (sub / "test").is_dir()):
+        if (sub / _PICKLED_DIRS[dataset]).is_dir() or _image_folders_of(dataset, sub):
             return f"{sub} holds it: --data_root {sub}"
     return ""
+
+
+def _image_folders_of(dataset: str, root: Path) -> bool:
+    """Whether ``root`` holds train/ and test/ image folders with ``dataset``'s number of classes (so that a
+    CIFAR-10 folder is not offered for CIFAR-100)."""
+    try:
+        classes = sum(p.is_dir() for p in (root / "train").iterdir())
+    except OSError:
+        return False
+    return (root / "test").is_dir() and classes == DATASETS[dataset]
 
 
 def _check_dataset(dataset: str) -> None:

@@ -505,6 +505,22 @@ def test_a_data_root_without_the_data_says_what_it_holds(tmp_path):
         with pytest.raises(DataError) as caught:
             dl.load_cifar(dataset, root)
         assert hint in str(caught.value) and "\n" not in str(caught.value), (dataset, root)
+    # An image-folder copy one level down is offered only for the dataset whose number of classes it has.
+    for name in ("airplane", "automobile"):
+        for split in ("train", "test"):
+            (tmp_path / "jpeg" / "cifar10-jpeg" / split / name).mkdir(parents=True)
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar100", tmp_path / "jpeg")
+    assert "holds it" not in str(caught.value)
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", tmp_path / "jpeg")
+    assert "holds it" not in str(caught.value)  # 2 class folders, not 10
+    for name in ("bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+        (tmp_path / "jpeg" / "cifar10-jpeg" / "train" / name).mkdir()
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", tmp_path / "jpeg")
+    assert f"{tmp_path / 'jpeg' / 'cifar10-jpeg'} holds it: --data_root {tmp_path / 'jpeg' / 'cifar10-jpeg'}" in \
+        str(caught.value)
     for root in (tmp_path / "missing", tmp_path / "c10" / "cifar-10-batches-py" / "test_batch", tmp_path / "nested"):
         with pytest.raises(DataError) as caught:  # nothing to point at (a file, no folder): the plain message
             dl.load_cifar("cifar10", root)

@@ -140,10 +140,9 @@ def _image_folders_of(dataset: str, root: Path) -> bool:
     """Whether ``root`` holds train/ and test/ image folders with ``dataset``'s number of classes (so that a
     CIFAR-10 folder is not offered for CIFAR-100)."""
     try:
-        classes = sum(p.is_dir() for p in (root / "train").iterdir())
+        return (root / "test").is_dir() and len(_class_dirs(root / "train")) == DATASETS[dataset]
     except OSError:
         return False
-    return (root / "test").is_dir() and classes == DATASETS[dataset]
 
 
 def _check_dataset(dataset: str) -> None:
@@ -269,6 +268,13 @@ def _by_name(items: list, path_of: Callable[[Any], str] = lambda item: item) -> 
     return [item for _, item in sorted(zip(keys, items), key=lambda pair: pair[0])]
 
 
+def _class_dirs(split_dir: Path) -> list[str]:
+    """The class folders of a split folder, sorted by name (_by_name); hidden entries are skipped. OSError when it
+    cannot be read."""
+    with os.scandir(split_dir) as entries:
+        return _by_name([e.path for e in entries if not e.name.startswith(".") and e.is_dir()])
+
+
 def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list[tuple[str, list[_FileEntry]]]:
     """[(class name, files sorted by name)] with classes sorted by name (_by_name); hidden entries are skipped.
 
@@ -277,8 +283,7 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
     # is_dir / is_file follow symbolic links: a link loop or an unreadable folder raises OSError, named
     # here by its path; a dangling link would otherwise be skipped silently, leaving an image out.
     try:
-        with os.scandir(split_dir) as entries:
-            class_dirs = _by_name([e.path for e in entries if not e.name.startswith(".") and e.is_dir()])
+        class_dirs = _class_dirs(split_dir)
         if len(class_dirs) != num_classes:
             raise DataError(f"{split_dir} has {len(class_dirs)} class folders; {dataset} needs {num_classes}")
         listing = []

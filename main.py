@@ -876,6 +876,8 @@ LOCK_FILE = ".lock"
 class FolderInUse(UserError):
     """Another process holds the run folder's lock (FolderLock)."""
 
+    exit_code = EXIT_IN_USE
+
 
 class FolderLock:
     """An exclusive lock on the run folder, which rank 0 takes from before it reads the folder's state (main(): an
@@ -1631,7 +1633,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return e.code
         prefix = f"rank {dist.rank}: " if dist.enabled else ""
         print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
-        return e.code if isinstance(e, Stop) else EXIT_IN_USE if isinstance(e, FolderInUse) else 2
+        return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """A problem with the user's input, reported as one line and a non-zero exit (no traceback)."""
+    """A problem with the user's input, reported as one line and a non-zero exit (no traceback): exit_code."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------------------------- seeding

@@ -937,15 +937,20 @@ def _flock(fd: int) -> int:
     return fd
 
 
-def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = None) -> None:
+def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = None,
+                       cfg: Optional[Config] = None) -> None:
     """Create the run folder, lock it (unless the lock holds it already) and remove what a new run or a resume
-    must not find there."""
+    must not find there. A lock taken only now (the folder did not exist when main() looked) comes after
+    check_output_dir passed on a missing folder: another process may have run there meanwhile and ended, so with
+    `cfg` the check is made again, now that nobody else can change the folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot prepare output folder {out}: {e.strerror or e}") from e
-    if lock is not None:
+    if lock is not None and lock.fd is None:
         lock.acquire(out)
+        if cfg is not None and lock.fd is not None:
+            check_output_dir(cfg, out)
     try:
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
@@ -1256,7 +1261,7 @@ class Run:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
         if dist.main:
-            prepare_output_dir(self.out, cfg.overwrite, self.folder_lock)
+            prepare_output_dir(self.out, cfg.overwrite, self.folder_lock, cfg)
             config = self.config_record()
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")

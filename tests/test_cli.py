@@ -832,6 +832,26 @@ def test_a_folder_made_and_locked_by_another_process_meanwhile_is_in_use(tmp_pat
             os.close(fd)
 
 
+def test_a_run_left_in_a_new_folder_while_this_one_started_is_kept(tmp_path, cifar10_root, monkeypatch, capsys):
+    """The folder did not exist when this run checked it (so nothing locked it then); another process then ran
+    there and ended before this one made the folder. Once locked, the folder is checked again: the other's run is
+    not written over without --overwrite."""
+    out, real_resume_point = tmp_path / "run", main.resume_point
+
+    def another_run_meanwhile(cfg, dist):
+        point = real_resume_point(cfg, dist)
+        out.mkdir()
+        (out / "results.json").write_text('{"other": 1}')
+        (out / "last.pt").write_bytes(b"the other run's")
+        return point
+
+    monkeypatch.setattr(main, "resume_point", another_run_meanwhile)
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY], capsys)
+    assert_one_line_error(code, err, f"{out} already holds a run", "--resume", "--overwrite")
+    assert code == 2 and sorted(p.name for p in out.iterdir()) == ["last.pt", "results.json"]
+    assert (out / "last.pt").read_bytes() == b"the other run's"
+
+
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_out_of_memory_while_resuming_is_not_blamed_on_the_checkpoint(existing_run, cifar10_root, monkeypatch):
     """A RuntimeError, as a damaged checkpoint's tensors raise, but the device's: it keeps its own traceback."""

@@ -1354,7 +1354,9 @@ class Run:
                 for tag, value in (("loss/total", total / n), ("loss/feature", feat / n), ("loss/ce", ce / n),
                                    ("train/alpha", alpha), ("train/lr", lr), ("train/samples_per_s", rate)):
                     self.writer.add_scalar(tag, value, global_step + 1)
-            if signum:
+            if signum:  # the epoch's steps so far count in the run's training time and samples (results.json)
+                state.train_time += now - t_epoch
+                state.train_samples += steps_in_epoch * cfg.batch_size
                 self.stop(signum, epoch, step)
         bar.close()
         self.sync()

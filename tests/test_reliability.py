@@ -130,9 +130,12 @@ def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_
     assert "Resume with the same command plus --resume" in stderr and "Traceback" not in stderr
     assert not (out / "results.json").exists()
     stopped = util.load_checkpoint(out / "last.pt")["run"]
+    batch = int(TINY[TINY.index("--batch_size") + 1])
     if line == "first step ":
         assert stopped["epoch"] == 0 and 0 < stopped["step"] < 9, stopped
         assert "of epoch 1; checkpoint" in stderr
+        # the steps before the stop count in the training time, but for the first (its one-off costs)
+        assert stopped["train_samples"] == (stopped["step"] - 1) * batch and stopped["train_time"] > 0
     else:
         assert (stopped["epoch"], stopped["step"]) >= (1, 0) and stopped["epoch"] < 3
 
@@ -148,6 +151,8 @@ def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_
     assert "ncm_top1" in ra["history"][1]
     for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last", "ncm"):
         assert ra[key] == rb[key], key
+    # every step is timed but each session's first (first_step_s): one step fewer than the straight run
+    assert b["run"]["train_samples"] == a["run"]["train_samples"] - batch
     # TensorBoard's HParams: one session per run, its start in one events file (the first start's), its end in
     # the other (the resumed run's). Compared as a set: two files begun in one second would sort by host and pid.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -987,13 +987,21 @@ def unread_settings(cfg: Config) -> list[str]:
             if cfg.loss not in losses_ and getattr(cfg, name) != defaults[name]]
 
 
+def without_unit_factor(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with a --base_temp equal to its --temp as not given (None): the SC loss's factor temp / base_temp
+    is 1 either way, so it is one recipe (scripts/summarize.py counts it so too)."""
+    if settings.get("base_temp") is not None and settings.get("base_temp") == settings.get("temp"):
+        return {**settings, "base_temp": None}
+    return settings
+
+
 def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
     """A checkpoint must come from the same model and class count (and, to resume, the same recipe). Every recipe
     flag that differs is named in one message (--model and --dataset among them), before the model check, which
     then catches only a class count that its config's dataset does not explain (a checkpoint of other code)."""
-    now = dataclasses.asdict(cfg)
+    now = without_unit_factor(dataclasses.asdict(cfg))
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
-    then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
+    then = without_unit_factor({k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys})
     diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys if then[k] != now[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "

@@ -43,7 +43,8 @@ Choices, documented here and in the table's footnotes:
   behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
-  that records neither counts as not recording the setting. --temp and --base_temp split only
+  that records neither counts as not recording the setting; a --base_temp equal to the run's
+  --temp counts as no --base_temp (the loss's factor is 1 either way). --temp and --base_temp split only
   Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
@@ -366,6 +367,8 @@ def parse_result(data: object, path: str) -> RunResult:
             settings[flag] = data[field]
         elif settings.get(flag) is None:
             settings.pop(flag, None)  # left at its default, and what that resolved to is not recorded: '?'
+    if settings.get("base_temp") is not None and settings.get("base_temp") == settings.get("temp"):
+        settings["base_temp"] = None  # the SC loss's factor temp / base_temp is 1, as with no --base_temp
     for flag, methods in USED_BY.items():
         if data["method"] not in methods:
             settings.pop(flag, None)

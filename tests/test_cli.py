@@ -1237,6 +1237,21 @@ def test_resume_mismatch_names_list_settings_as_their_flag_takes_them():
         main.check_compatible(saved, main.parse_config(["--base_temp", "0.07"]), Path("last.pt"), 10)
 
 
+def test_a_base_temp_equal_to_the_temp_resumes_a_run_without_one_and_back():
+    """The SC loss's factor temp / base_temp is 1 both ways: the same recipe, so either resumes the other."""
+    import dataclasses
+
+    plain = {"num_classes": 10, "config": dataclasses.asdict(main.parse_config(["--temp", "0.2"]))}
+    same = main.parse_config(["--temp", "0.2", "--base_temp", "0.2"])
+    main.check_compatible(plain, same, Path("last.pt"), 10)  # no error
+    main.check_compatible({"num_classes": 10, "config": dataclasses.asdict(same)},
+                          main.parse_config(["--temp", "0.2"]), Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--base_temp \(not given\) -> 0.1 \("):  # a factor of 2
+        main.check_compatible(plain, main.parse_config(["--temp", "0.2", "--base_temp", "0.1"]), Path("last.pt"), 10)
+    with pytest.raises(main.UserError, match=r"--temp 0.2 -> 0.1, --base_temp \(not given\) -> 0.2 \("):
+        main.check_compatible(plain, main.parse_config(["--temp", "0.1", "--base_temp", "0.2"]), Path("last.pt"), 10)
+
+
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     """A checkpoint from before --gray_prob existed was made with its default (0.2) and resumes under it."""
     import dataclasses

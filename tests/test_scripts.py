@@ -564,6 +564,7 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
                                  ("psc", 1, {"temp": 0.07, "psc_denominator": "negatives"}),
                                  ("psc", 2, {"base_temp": 0.07, "psc_denominator": "negatives"}),
                                  ("sc", 2, {"temp": 0.1}), ("sc", 3, {"temp": 0.1, "base_temp": 0.07}),
+                                 ("sc", 4, {"temp": 0.1, "base_temp": 0.1}),  # a factor of 1: no --base_temp
                                  ("ce", 2, {"bn_stats": "per_branch"}), ("ce", 3, {"sc_sampler": "class"}),
                                  ("psc", 3, {"bn_stats": "joint", "psc_denominator": "negatives"}),
                                  ("psc", 4, {"bn_stats": "per_branch", "psc_denominator": "negatives"})):
@@ -571,7 +572,7 @@ def test_settings_a_loss_does_not_read_do_not_split_its_rows(summarize, tmp_path
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
     assert [(r[1], r[3]) for r in table_rows(out)] == [
-        ("Hybrid-SC [base_temp=0.07]", "1 (3)"), ("Hybrid-SC [base_temp=auto]", "3 (0, 1, 2)"),
+        ("Hybrid-SC [base_temp=0.07]", "1 (3)"), ("Hybrid-SC [base_temp=auto]", "4 (0, 1, 2, 4)"),
         ("Hybrid-PSC [bn_stats=joint, psc_denominator=all]", "1 (0)"),
         ("Hybrid-PSC [bn_stats=joint, psc_denominator=negatives]", "3 (1, 2, 3)"),
         ("Hybrid-PSC [bn_stats=per_branch, psc_denominator=negatives]", "1 (4)"),

@@ -543,6 +543,25 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
+def mixed_note(saved: Optional[dict[str, Any]], amp: bool, world_size: int) -> Optional[str]:
+    """A resume in another precision or with another number of processes than the run trained with so far says
+    that its results will come from both (results.json: "mixed", mixed_setting)."""
+    if saved is None or not isinstance(saved.get("run"), dict):
+        return None
+    sessions = saved["run"].get("sessions") or [{"amp": saved.get("amp")}]  # older: the checkpoint's precision
+    changed = []
+    for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
+                           ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}")):
+        before = trained_with(sessions, key)
+        if before and before != {now}:
+            changed.append((key, " and ".join(name(v) for v in sorted(before)), name(now)))
+    if not changed:
+        return None
+    return (f"note: this run trained with {', '.join(then for _, then, _ in changed)} so far and goes on with "
+            f"{', '.join(now for _, _, now in changed)}: its results.json will say "
+            + " and ".join(f'"{key}": "mixed"' for key, _, _ in changed))
+
+
 def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
     """A resume on another device type than the run's batches were drawn on says what that changes: the stream is
     a pure function of (seed, epoch, step) on one type, but the CPU's and CUDA's generators draw differently from
@@ -792,6 +811,10 @@ class RunState:
         self.train_time = 0.0
         self.train_samples = 0
         self.wall_time = 0.0
+        # One entry per session that trained (the first start, each resume that ran a step): where it began
+        # (epoch, step) and how it ran (amp, channels_last, world_size, device), so that a run resumed another way
+        # says so (results.json: "mixed", mixed_setting).
+        self.sessions: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -812,6 +835,8 @@ class RunState:
                 ok = v is None or (isinstance(v, torch.Tensor) and v.dtype.is_floating_point
                                    and (tuple(v.shape) == (4,) or (v.dim() == 2 and v.shape[0] >= 1
                                                                    and v.shape[1] == 4)))
+            elif k == "sessions":
+                ok = isinstance(v, list) and all(isinstance(entry, dict) for entry in v)
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
                 kind = numbers.Integral if isinstance(start, int) else numbers.Real
                 ok = isinstance(v, kind) and not isinstance(v, bool)
@@ -830,6 +855,18 @@ class RunState:
                 sums = (sums.reshape(-1, 4).sum(0) * (world_size / saved_by) if rank == 0
                         else torch.zeros(4, dtype=sums.dtype))
             self.epoch_sums = sums.to(device)
+
+
+def trained_with(sessions: list[Any], key: str) -> set[Any]:
+    """The values of `key` (amp, world_size) that the sessions of a run (RunState.sessions) recorded."""
+    return {s.get(key) for s in sessions if isinstance(s, dict) and s.get(key) is not None}
+
+
+def mixed_setting(state: RunState, key: str, now: Any) -> Any:
+    """`now`, the value this session ran with, or "mixed" where the run's sessions ran with other values of `key`
+    (a run resumed with --no-amp, or under torchrun with another number of processes): its results came from
+    both."""
+    return "mixed" if trained_with(state.sessions, key) - {now} else now
 
 
 def resolve_output_dir(cfg: Config) -> Path:
@@ -1150,7 +1187,8 @@ class Run:
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
-        self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved)]
+        self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
+                             mixed_note(saved, self.trainer.amp, dist.world_size)]
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
         if saved is not None:
@@ -1180,6 +1218,11 @@ class Run:
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
             self.state.load_state_dict(saved["run"], self.device, self.dist.rank, self.dist.world_size)
+            if "sessions" not in saved["run"] and (self.state.epoch, self.state.step) != (0, 0):
+                # from before sessions were recorded: its precision and layout are the checkpoint's, the rest unknown
+                self.state.sessions = [{"epoch": 0, "step": 0, "amp": saved.get("amp"),
+                                        "channels_last": saved.get("channels_last"), "world_size": None,
+                                        "device": None}]
             steps = self.trainer.steps_per_epoch
             if self.state.epoch < 0 or not 0 <= self.state.step <= steps:
                 raise ValueError(f"its run entry is at epoch {self.state.epoch}, step {self.state.step}, outside "
@@ -1325,6 +1368,9 @@ class Run:
                 raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
+                state.sessions.append({"epoch": epoch, "step": step, "amp": trainer.amp,
+                                       "channels_last": trainer.channels_last, "world_size": dist.world_size,
+                                       "device": device_name(self.device)})
                 self.first_step_s = time.perf_counter() - t_epoch
                 t_log = t_epoch = time.perf_counter()
                 if dist.main:  # now, not only in results.json: a run cut off later still shows it
@@ -1535,9 +1581,9 @@ class Run:
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s,
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
-            "device": device_name(self.device), "world_size": self.dist.world_size,
-            "amp": trainer.amp, "psc_temperature": cfg.psc_temperature, "config": dataclasses.asdict(cfg),
-            "ncm": ncm,
+            "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
+            "amp": mixed_setting(state, "amp", trainer.amp), "psc_temperature": cfg.psc_temperature,
+            "config": dataclasses.asdict(cfg), "ncm": ncm, "sessions": state.sessions,
         }
         util.write_json(results, self.out / "results.json")
         self.write_hparams("end")

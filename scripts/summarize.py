@@ -43,7 +43,8 @@ Choices, documented here and in the table's footnotes:
   behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
-  that records neither counts as not recording the setting; a --base_temp equal to the run's
+  that records neither counts as not recording the setting (a run resumed with another --amp or
+  number of processes records "mixed", a value of its own); a --base_temp equal to the run's
   --temp counts as no --base_temp (the loss's factor is 1 either way). --temp and --base_temp split only
   Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.

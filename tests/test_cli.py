@@ -88,6 +88,8 @@ def test_results_are_sane(finished_run):
     saved = json.loads((out / "config.json").read_text())  # resolved there, beside the run's other settings
     assert res["config"]["channels_last"] is None and saved["channels_last"] is True
     assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
+    assert res["sessions"] == [{"epoch": 0, "step": 0, "amp": res["amp"], "channels_last": True, "world_size": 1,
+                                "device": res["device"]}]
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
     assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2
@@ -874,6 +876,49 @@ def test_resume_on_other_data_is_refused(existing_run, tmp_path, capsys):
                            *TINY], capsys)
     assert_one_line_error(code, err, f"trained on {EXPECTED_COUNTS} images per class", "not the data it was")
     assert snapshot(existing_run) == before
+
+
+def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_root, monkeypatch, capsys):
+    """Stopped after epoch 1 of 2 in bf16 and resumed with --no-amp: results.json's amp is "mixed" (its weights
+    come from both), and its sessions say which part ran how; summarize.py puts it in a row of its own."""
+    import signal
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
+
+    def sigterm_after_epoch_1(self):
+        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)
+        code, err = call_main(argv + ["--amp"], capsys)
+    assert code == 128 + signal.SIGTERM and "stopped after epoch 1" in err, err
+    code = main.main(argv + ["--resume", "--no-amp"])
+    out_text, err = capsys.readouterr()
+    assert code == 0, err
+    assert ('note: this run trained with --amp so far and goes on with --no-amp: its results.json will say '
+            '"amp": "mixed"') in out_text.splitlines()
+    res = json.loads((out / "results.json").read_text())
+    assert res["amp"] == "mixed" and res["world_size"] == 1
+    assert [(s["epoch"], s["step"], s["amp"], s["world_size"]) for s in res["sessions"]] == [(0, 0, True, 1),
+                                                                                           (1, 0, False, 1)]
+    assert json.loads((out / "config.json").read_text())["amp"] is False  # the session's own, as it started
+
+
+@pytest.mark.parametrize("run, amp, world_size, note", [
+    ({"sessions": [{"amp": True, "world_size": 2}]}, True, 2, None),
+    ({"sessions": [{"amp": True, "world_size": 2}]}, True, 1,
+     'note: this run trained with 2 processes so far and goes on with 1 process: its results.json will say '
+     '"world_size": "mixed"'),
+    ({"sessions": [{"amp": False, "world_size": 1}, {"amp": True, "world_size": 4}]}, True, 4,
+     'note: this run trained with --no-amp and --amp, 1 process and 4 processes so far and goes on with --amp, '
+     '4 processes: its results.json will say "amp": "mixed" and "world_size": "mixed"'),
+    ({"epoch": 1}, False, 8,  # from before sessions were recorded: the checkpoint's amp (True), processes unknown
+     'note: this run trained with --amp so far and goes on with --no-amp: its results.json will say "amp": "mixed"'),
+    ({"sessions": []}, True, 1, None),  # stopped before its first step ended
+])
+def test_a_resume_that_mixes_precisions_or_processes_says_so(run, amp, world_size, note):
+    assert main.mixed_note({"run": run, "amp": True}, amp, world_size) == note
 
 
 def test_other_class_sizes_of_a_hundred_classes_are_summed_up():

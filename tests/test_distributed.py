@@ -375,6 +375,8 @@ def test_interrupted_torchrun_resumes_to_the_end_as_if_never_stopped(tmp_path):
     results, whole = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("run", "whole"))
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert results["world_size"] == WORLD_SIZE
+    assert [(s["epoch"], s["step"], s["world_size"]) for s in results["sessions"]] == [
+        (0, 0, WORLD_SIZE), (1, saved["step"], WORLD_SIZE)]
 
     def kept(history):  # everything but the timings
         return [{k: v for k, v in h.items() if k != "samples_per_s"} for h in history]

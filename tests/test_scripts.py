@@ -521,6 +521,13 @@ def test_a_default_and_the_same_value_given_explicitly_are_one_row(summarize, tm
     assert code == 0
     assert [(r[1], r[3]) for r in table_rows(out)] == [
         ("Hybrid-PSC [amp=?]", "1 (4)"), ("Hybrid-PSC [amp=False]", "1 (3)"), ("Hybrid-PSC [amp=True]", "3 (0, 1, 2)")]
+    # Resumed in the other precision (main.py's results.json says "mixed"): trained in both, a row of its own.
+    write("resumed", 5, {"amp": False, "psc_temp": None}, amp="mixed", psc_temperature=1.0)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert sorted((r[1], r[3]) for r in table_rows(out)) == [
+        ("Hybrid-PSC [amp=?]", "1 (4)"), ("Hybrid-PSC [amp=False]", "1 (3)"), ("Hybrid-PSC [amp=True]", "3 (0, 1, 2)"),
+        ("Hybrid-PSC [amp=mixed]", "1 (5)")]
 
 
 def test_a_run_from_before_a_flag_counts_as_what_the_code_did_then(summarize, tmp_path, capsys):
@@ -654,6 +661,7 @@ def test_psc_temperature_the_paper_states_depends_on_the_dataset(summarize, tmp_
 
 @pytest.mark.parametrize("field, values, labels", [
     ("world_size", (1, 4), ("world_size=1", "world_size=4")),  # top level of results.json, not in config
+    ("world_size", (1, "mixed"), ("world_size=1", "world_size=mixed")),  # resumed with another number
     ("eval_every", (1, 5), ("eval_every=1", "eval_every=5")),  # changes which epochs 'best' picks from
     ("lr_decay_epochs", ([120, 160], [100]), None),  # part of the schedule: split by the key, no label
 ])

@@ -227,9 +227,18 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     assert (run.trainer.amp, run.trainer.channels_last) == (not device_amp, True)
     assert f"note: resuming with --{'no-' if device_amp else ''}amp as the run trained (this device's default " \
            f"differs); give the flag to change" in run.start_lines()
+    assert not any(line.startswith("note: this run trained with") for line in run.start_lines())
     run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
     assert (run.trainer.amp, run.trainer.channels_last) == (device_amp, True)
     assert not any(line.startswith("note: resuming") for line in run.start_lines())
+    # the other precision from here on: the results come from both, and the run says so
+    assert [s["amp"] for s in run.state.sessions] == [not device_amp]
+    assert (f"note: this run trained with --{'no-' if device_amp else ''}amp so far and goes on with "
+            f"--{'' if device_amp else 'no-'}amp: its results.json will say \"amp\": \"mixed\"") in run.start_lines()
+    # A checkpoint from before sessions were recorded: its precision and layout are known, not its processes.
+    del saved["run"]["sessions"]
+    assert resumed().state.sessions == [{"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False,
+                                         "world_size": None, "device": None}]
     assert main.run_numerics(main.parse_config([]), torch.device("cpu")) == (device_amp, True)  # a fresh run
 
     # The batches were drawn on the CPU; a resume on CUDA would draw others from the same seed and says so.

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,12 +452,34 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
             raise UserError(f"WORLD_SIZE={dist.world_size} in the environment, but no MASTER_ADDR and MASTER_PORT "
                             f"to meet the other processes at: start the job with torchrun, or unset WORLD_SIZE to "
                             f"run one process")
-        try:
-            torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=dist.rank,
-                                                 world_size=dist.world_size)
-        except ValueError as e:  # the rendezvous's settings (MASTER_PORT=abc, ...)
-            raise UserError(f"cannot join the job's processes: {util.exception_text(e)}") from None
+        join_process_group("nccl" if use_cuda else "gloo", dist)
     return dist, device
+
+
+# Seconds a process waits for the job's others to meet before it says that it waits (torchrun starts them all at
+# once: they meet within seconds; a process started by hand with WORLD_SIZE > 1 waits for the others that must be
+# started too, and until then would say nothing for the process group's 30 minutes).
+JOIN_NOTICE_S = 30.0
+
+
+def join_process_group(backend: str, dist: Dist) -> None:
+    """init_process_group, with one line after JOIN_NOTICE_S while the others have not come, and one line instead
+    of a traceback where they never do (its timeout) or where the rendezvous's settings are wrong."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    notice = threading.Timer(JOIN_NOTICE_S, lambda: print(
+        f"rank {dist.rank}: waiting for the job's other processes ({dist.world_size} in all) at {where}; each must "
+        f"be started (torchrun starts them), or stop this one with Ctrl-C", file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+    except ValueError as e:  # the rendezvous's settings (MASTER_PORT=abc, ...)
+        raise UserError(f"cannot join the job's processes: {util.exception_text(e)}") from None
+    except torch.distributed.DistError as e:  # the others never came (DistStoreError) or nobody listens at `where`
+        raise UserError(f"rank {dist.rank} of {dist.world_size} did not meet the job's other processes at {where}: "
+                        f"{util.exception_text(e)}") from None
+    finally:
+        notice.cancel()
 
 
 class _GatherWithGrad(torch.autograd.Function):

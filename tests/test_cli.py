@@ -441,6 +441,37 @@ def test_stray_torchrun_environment_is_one_line(env, needle, tmp_path, capsys, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rank, error", [("0", "DistStoreError: Timed out after"),  # the others never come
+                                         ("1", "DistNetworkError: ")])  # nobody listens at MASTER_ADDR:MASTER_PORT
+def test_a_process_whose_job_never_meets_says_it_waits_then_stops(rank, error, tmp_path, capsys, cifar10_root,
+                                                                  monkeypatch):
+    """WORLD_SIZE=2 set by hand and one process started: it says that it waits (after JOIN_NOTICE_S), and where
+    the process group's timeout (30 minutes; 2 s here) runs out, one line instead of torch's traceback."""
+    import datetime
+    import functools
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens at
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(main, "JOIN_NOTICE_S", 0.2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", functools.partial(
+        torch.distributed.init_process_group, timeout=datetime.timedelta(seconds=2)))
+    out = tmp_path / "o"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 2, err
+    assert lines[0] == (f"rank {rank}: waiting for the job's other processes (2 in all) at 127.0.0.1:{port}; each "
+                        f"must be started (torchrun starts them), or stop this one with Ctrl-C")
+    assert lines[1].startswith(f"error: rank {rank} of 2 did not meet the job's other processes at "
+                               f"127.0.0.1:{port}: {error}"), err
+    assert not out.exists()
+
+
 def test_data_root_without_data(tmp_path, capsys):
     code, err = call_main(["--data_root", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "cifar-10-batches-py", "--download")

@@ -458,7 +458,8 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
 
 # Seconds a process waits for the job's others to meet before it says that it waits (torchrun starts them all at
 # once: they meet within seconds; a process started by hand with WORLD_SIZE > 1 waits for the others that must be
-# started too, and until then would say nothing for the process group's 30 minutes).
+# started too, and until then would say nothing until the process group's timeout: 30 minutes with gloo, 10 with
+# nccl).
 JOIN_NOTICE_S = 30.0
 
 
@@ -471,6 +472,12 @@ def join_process_group(backend: str, dist: Dist) -> None:
         f"be started (torchrun starts them), or stop this one with Ctrl-C", file=sys.stderr, flush=True))
     notice.daemon = True
     notice.start()
+    # It waits in C++, where Python's SIGINT handler would run only at the timeout: Ctrl-C (or the sweep's SIGINT)
+    # ends the process at once instead, as the signal's default does (nothing is written yet).
+    interrupt = signal.getsignal(signal.SIGINT)
+    waits_for_ctrl_c = interrupt is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if waits_for_ctrl_c:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
     except ValueError as e:  # the rendezvous's settings (MASTER_PORT=abc, ...)
@@ -480,6 +487,8 @@ def join_process_group(backend: str, dist: Dist) -> None:
                         f"{util.exception_text(e)}") from None
     finally:
         notice.cancel()
+        if waits_for_ctrl_c:
+            signal.signal(signal.SIGINT, interrupt)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -566,17 +575,15 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
-def mixed_note(saved: Optional[dict[str, Any]], amp: bool, world_size: int) -> Optional[str]:
-    """A resume in another precision or with another number of processes than the run trained with so far says
-    that its results will come from both (results.json: "mixed", mixed_setting)."""
-    if saved is None or not isinstance(saved.get("run"), dict):
-        return None
-    sessions = saved["run"].get("sessions") or [{"amp": saved.get("amp")}]  # older: the checkpoint's precision
+def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int) -> Optional[str]:
+    """A resume in another precision or with another number of processes than the run's `sessions` so far
+    (RunState.sessions, as loaded) says that its results will come from both (results.json: "mixed",
+    mixed_setting)."""
     changed = []
     for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
                            ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}")):
         before = trained_with(sessions, key)
-        if before and before != {now}:
+        if before - {now}:
             changed.append((key, " and ".join(name(v) for v in sorted(before)), name(now)))
     if not changed:
         return None
@@ -859,14 +866,15 @@ class RunState:
                                    and (tuple(v.shape) == (4,) or (v.dim() == 2 and v.shape[0] >= 1
                                                                    and v.shape[1] == 4)))
             elif k == "sessions":
-                ok = isinstance(v, list) and all(isinstance(entry, dict) for entry in v)
+                ok = isinstance(v, list) and all(_session_entry_ok(entry) for entry in v)
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
                 kind = numbers.Integral if isinstance(start, int) else numbers.Real
                 ok = isinstance(v, kind) and not isinstance(v, bool)
             else:
                 ok = start is None or isinstance(v, type(start))
             if not ok:
-                raise TypeError(f"its run entry {k!r} is a {type(v).__name__}")
+                raise TypeError(f"its run entry {k!r} is " + ("not a list of sessions" if k == "sessions" and
+                                                               isinstance(v, list) else f"a {type(v).__name__}"))
         for k, v in d.items():
             setattr(self, k, v)
         sums = self.epoch_sums
@@ -880,9 +888,19 @@ class RunState:
             self.epoch_sums = sums.to(device)
 
 
+def _session_entry_ok(entry: Any) -> bool:
+    """An entry of RunState.sessions as Run.session writes it (or Run.earlier_session, with what is unknown None)."""
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+    return (isinstance(entry, dict) and count(entry.get("epoch"), 0) and count(entry.get("step"), 0)
+            and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last"))
+            and (entry.get("world_size") is None or count(entry.get("world_size"), 1))
+            and (entry.get("device") is None or isinstance(entry.get("device"), str)))
+
+
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
     """The values of `key` (amp, world_size) that the sessions of a run (RunState.sessions) recorded."""
-    return {s.get(key) for s in sessions if isinstance(s, dict) and s.get(key) is not None}
+    return {s[key] for s in sessions if s.get(key) is not None}
 
 
 def mixed_setting(state: RunState, key: str, now: Any) -> Any:
@@ -1059,10 +1077,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     """A checkpoint must come from the same model and class count (and, to resume, the same recipe). Every recipe
     flag that differs is named in one message (--model and --dataset among them), before the model check, which
     then catches only a class count that its config's dataset does not explain (a checkpoint of other code)."""
-    now = without_unit_factor(dataclasses.asdict(cfg))
+    now = dataclasses.asdict(cfg)
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
-    then = without_unit_factor({k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys})
-    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys if then[k] != now[k]]
+    then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
+    same_then, same_now = without_unit_factor(then), without_unit_factor(now)  # compared so; said as given
+    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys if same_then[k] != same_now[k]]
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")
@@ -1210,12 +1229,12 @@ class Run:
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
-        self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
-                             mixed_note(saved, self.trainer.amp, dist.world_size)]
         self.test_images, self.test_labels = data.to_device_images(test, device)
         self.state = RunState()
         if saved is not None:
             self.load(saved)
+        self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
+                             mixed_note(self.state.sessions, self.trainer.amp, dist.world_size)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag()
@@ -1241,11 +1260,8 @@ class Run:
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
             self.state.load_state_dict(saved["run"], self.device, self.dist.rank, self.dist.world_size)
-            if "sessions" not in saved["run"] and (self.state.epoch, self.state.step) != (0, 0):
-                # from before sessions were recorded: its precision and layout are the checkpoint's, the rest unknown
-                self.state.sessions = [{"epoch": 0, "step": 0, "amp": saved.get("amp"),
-                                        "channels_last": saved.get("channels_last"), "world_size": None,
-                                        "device": None}]
+            if not self.state.sessions and (self.state.epoch, self.state.step) != (0, 0):
+                self.state.sessions = [self.earlier_session(saved)]
             steps = self.trainer.steps_per_epoch
             if self.state.epoch < 0 or not 0 <= self.state.step <= steps:
                 raise ValueError(f"its run entry is at epoch {self.state.epoch}, step {self.state.step}, outside "
@@ -1255,6 +1271,24 @@ class Run:
             raise
         except FOREIGN_CHECKPOINT_ERRORS as e:
             raise foreign_checkpoint(self.out / "last.pt", e) from e
+
+    def earlier_session(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint from before RunState.sessions tells of the sessions that made it: their precision and
+        layout (the checkpoint's, that of the last), and the number of processes of the last one to start as far as
+        the config.json it left beside the checkpoint says (None where unreadable)."""
+        try:
+            world_size = json.loads((self.out / "config.json").read_text()).get("world_size")
+        except (OSError, ValueError, AttributeError):
+            world_size = None
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            world_size = None
+        return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),
+                "world_size": world_size, "device": None}
+
+    def session(self, epoch: int, step: int) -> dict[str, Any]:
+        """This session's entry of RunState.sessions, from (`epoch`, `step`) on."""
+        return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
+                "world_size": self.dist.world_size, "device": device_name(self.device)}
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -1355,6 +1389,7 @@ class Run:
                 if signum:
                     self.stop(signum, state.epoch - 1)
             if self.last_metrics is None:  # trained to the end earlier, stopped before results.json was written
+                state.sessions.append(self.session(state.epoch, state.step))  # a session that only evaluates
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
             self.finish()
@@ -1391,9 +1426,7 @@ class Run:
                 raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
-                state.sessions.append({"epoch": epoch, "step": step, "amp": trainer.amp,
-                                       "channels_last": trainer.channels_last, "world_size": dist.world_size,
-                                       "device": device_name(self.device)})
+                state.sessions.append(self.session(epoch, step))
                 self.first_step_s = time.perf_counter() - t_epoch
                 t_log = t_epoch = time.perf_counter()
                 if dist.main:  # now, not only in results.json: a run cut off later still shows it

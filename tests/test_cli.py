@@ -472,6 +472,36 @@ def test_a_process_whose_job_never_meets_says_it_waits_then_stops(rank, error, t
     assert not out.exists()
 
 
+def test_while_joining_ctrl_c_ends_the_process_and_a_joined_one_says_nothing_more(monkeypatch, capsys):
+    """init_process_group waits in C++, where Python's SIGINT handler would run only at its timeout: while it
+    waits, SIGINT has its default action (the process ends at once); after it, Python's handler is back. Once
+    joined, the waiting notice never comes."""
+    import signal
+    import time
+
+    seen = []
+
+    def joined_at_once(backend, rank, world_size):
+        seen.append(signal.getsignal(signal.SIGINT))
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    monkeypatch.setattr(main, "JOIN_NOTICE_S", 0.2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", joined_at_once)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    main.join_process_group("gloo", main.Dist(0, 2, 0))
+    time.sleep(0.5)
+    assert seen == [signal.SIG_DFL] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert capsys.readouterr() == ("", "")
+    # Where SIGINT is ignored ('&' in a script), it stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        main.join_process_group("gloo", main.Dist(0, 2, 0))
+        assert seen[1] is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_data_root_without_data(tmp_path, capsys):
     code, err = call_main(["--data_root", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "cifar-10-batches-py", "--download")
@@ -692,13 +722,21 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "amp_as_text": lambda s: s.update(amp="yes"),
     "epoch_negative": lambda s: s["run"].update(epoch=-3),
     "step_past_the_epoch": lambda s: s["run"].update(step=10**6),
+    "sessions_as_a_number": lambda s: s["run"].update(sessions=5),
+    "session_amp_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "amp": "x"}]),
+    "session_amp_as_a_list": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "amp": [1]}]),
+    "session_world_size_as_a_bool": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
+                                                                        "world_size": True}]),
+    "session_without_its_start": lambda s: s["run"].update(sessions=[{"amp": True}]),
 }
 
 
 # --eval_only reads neither the optimizer, the RNG states nor the training state; --resume does not read "amp"
 # (the flags and the device decide how a resumed run runs).
 RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text", "history_as_none",
-                   "epoch_sums_of_another_shape", "epoch_negative", "step_past_the_epoch")
+                   "epoch_sums_of_another_shape", "epoch_negative", "step_past_the_epoch", "sessions_as_a_number",
+                   "session_amp_as_text", "session_amp_as_a_list", "session_world_size_as_a_bool",
+                   "session_without_its_start")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -936,20 +974,41 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
     assert json.loads((out / "config.json").read_text())["amp"] is False  # the session's own, as it started
 
 
-@pytest.mark.parametrize("run, amp, world_size, note", [
-    ({"sessions": [{"amp": True, "world_size": 2}]}, True, 2, None),
-    ({"sessions": [{"amp": True, "world_size": 2}]}, True, 1,
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_root, capsys):
+    """Trained to the end, stopped before results.json, resumed in the other precision: that session trains nothing
+    but evaluates the results, so it is a session of its own, and the run's precision is "mixed"."""
+    trained = json.loads((existing_run / "results.json").read_text())
+    (existing_run / "results.json").unlink()
+    other = "--no-amp" if trained["amp"] else "--amp"
+    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", other, *TINY])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((existing_run / "results.json").read_text())
+    assert res["amp"] == "mixed" and res["sessions"] == [
+        *trained["sessions"], {**trained["sessions"][0], "epoch": 2, "step": 0, "amp": not trained["amp"]}]
+
+
+@pytest.mark.parametrize("sessions, amp, world_size, note", [
+    ([{"amp": True, "world_size": 2}], True, 2, None),
+    ([{"amp": True, "world_size": 2}], True, 1,
      'note: this run trained with 2 processes so far and goes on with 1 process: its results.json will say '
      '"world_size": "mixed"'),
-    ({"sessions": [{"amp": False, "world_size": 1}, {"amp": True, "world_size": 4}]}, True, 4,
+    ([{"amp": False, "world_size": 1}, {"amp": True, "world_size": 4}], True, 4,
      'note: this run trained with --no-amp and --amp, 1 process and 4 processes so far and goes on with --amp, '
      '4 processes: its results.json will say "amp": "mixed" and "world_size": "mixed"'),
-    ({"epoch": 1}, False, 8,  # from before sessions were recorded: the checkpoint's amp (True), processes unknown
+    ([{"amp": True, "world_size": None}], False, 8,  # from before sessions were recorded, processes unknown
      'note: this run trained with --amp so far and goes on with --no-amp: its results.json will say "amp": "mixed"'),
-    ({"sessions": []}, True, 1, None),  # stopped before its first step ended
+    ([], False, 1, None),  # nothing trained yet
 ])
-def test_a_resume_that_mixes_precisions_or_processes_says_so(run, amp, world_size, note):
-    assert main.mixed_note({"run": run, "amp": True}, amp, world_size) == note
+def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, world_size, note):
+    """The note before the resume and results.json's values after it agree (mixed_setting, once this session's
+    entry is in)."""
+    assert main.mixed_note(sessions, amp, world_size) == note
+    state = main.RunState()
+    state.sessions = [*sessions, {"amp": amp, "world_size": world_size}]
+    recorded = {key: main.mixed_setting(state, key, now) for key, now in (("amp", amp), ("world_size", world_size))}
+    assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp,
+                        "world_size": "mixed" if note and '"world_size"' in note else world_size}
 
 
 def test_other_class_sizes_of_a_hundred_classes_are_summed_up():

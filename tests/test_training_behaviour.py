@@ -4,6 +4,7 @@ bookkeeping, and evaluation over several batches (and processes)."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -235,10 +236,19 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     assert [s["amp"] for s in run.state.sessions] == [not device_amp]
     assert (f"note: this run trained with --{'no-' if device_amp else ''}amp so far and goes on with "
             f"--{'' if device_amp else 'no-'}amp: its results.json will say \"amp\": \"mixed\"") in run.start_lines()
-    # A checkpoint from before sessions were recorded: its precision and layout are known, not its processes.
+    # A checkpoint from before sessions were recorded: its precision and layout are the checkpoint's, its number of
+    # processes that of the config.json beside it (unknown without one), its device unknown.
     del saved["run"]["sessions"]
-    assert resumed().state.sessions == [{"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False,
-                                         "world_size": None, "device": None}]
+    earlier = {"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False, "world_size": 1, "device": None}
+    assert resumed().state.sessions == [earlier]
+    (out / "config.json").write_text(json.dumps({"world_size": 2}))
+    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
+    assert run.state.sessions == [{**earlier, "world_size": 2}]
+    assert (f"note: this run trained with --{'no-' if device_amp else ''}amp, 2 processes so far and goes on with "
+            f"--{'' if device_amp else 'no-'}amp, 1 process: its results.json will say \"amp\": \"mixed\" and "
+            f"\"world_size\": \"mixed\"") in run.start_lines()
+    (out / "config.json").unlink()
+    assert resumed().state.sessions == [{**earlier, "world_size": None}]
     assert main.run_numerics(main.parse_config([]), torch.device("cpu")) == (device_amp, True)  # a fresh run
 
     # The batches were drawn on the CPU; a resume on CUDA would draw others from the same seed and says so.

@@ -81,6 +81,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
+# The paper's PSC temperature on each dataset (Section 4.1), --psc_temp's default.
+PSC_TEMPERATURES = MappingProxyType({"cifar10": 1.0, "cifar100": 0.1})
+
+
 @dataclass
 class Config:
     # ---- data
@@ -186,7 +190,7 @@ class Config:
     def psc_temperature(self) -> float:
         if self.psc_temp is not None:
             return self.psc_temp
-        return 1.0 if self.dataset == "cifar10" else 0.1
+        return PSC_TEMPERATURES[self.dataset]
 
     def bn_split(self, n_views: int) -> Optional[int]:
         """HybridNet.forward's `split` for a step's batch of n_views feature-branch views, then the CE images."""
@@ -1065,11 +1069,15 @@ def unread_settings(cfg: Config) -> list[str]:
             if cfg.loss not in losses_ and getattr(cfg, name) != defaults[name]]
 
 
-def without_unit_factor(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` with a --base_temp equal to its --temp as not given (None): the SC loss's factor temp / base_temp
-    is 1 either way, so it is one recipe (scripts/summarize.py counts it so too)."""
+def as_compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as a resume compares them, where two values are one recipe (scripts/summarize.py counts them so
+    too): a --base_temp equal to its --temp as not given (the SC loss's factor temp / base_temp is 1 either way),
+    and --psc_temp not given as the dataset's default it resolves to."""
+    settings = dict(settings)
     if settings.get("base_temp") is not None and settings.get("base_temp") == settings.get("temp"):
-        return {**settings, "base_temp": None}
+        settings["base_temp"] = None
+    if "psc_temp" in settings and settings["psc_temp"] is None:
+        settings["psc_temp"] = PSC_TEMPERATURES.get(settings.get("dataset"))
     return settings
 
 
@@ -1080,8 +1088,9 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     now = dataclasses.asdict(cfg)
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
-    same_then, same_now = without_unit_factor(then), without_unit_factor(now)  # compared so; said as given
-    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys if same_then[k] != same_now[k]]
+    same_then, same_now = as_compared(then), as_compared(now)  # compared so; said as given
+    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys
+            if same_then[k] != same_now[k] and then[k] != now[k]]  # (the same --base_temp at another --temp: --temp)
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")

@@ -1385,6 +1385,26 @@ def test_a_base_temp_equal_to_the_temp_resumes_a_run_without_one_and_back():
         main.check_compatible(plain, main.parse_config(["--temp", "0.2", "--base_temp", "0.1"]), Path("last.pt"), 10)
     with pytest.raises(main.UserError, match=r"--temp 0.2 -> 0.1, --base_temp \(not given\) -> 0.2 \("):
         main.check_compatible(plain, main.parse_config(["--temp", "0.1", "--base_temp", "0.2"]), Path("last.pt"), 10)
+    # Said as the flags were given: the same --base_temp at another --temp is the --temp's difference alone.
+    same_saved = {"num_classes": 10, "config": dataclasses.asdict(same)}
+    with pytest.raises(main.UserError, match=r"other settings: --temp 0.2 -> 0.1 \(give"):
+        main.check_compatible(same_saved, main.parse_config(["--temp", "0.1", "--base_temp", "0.2"]), Path("x"), 10)
+
+
+@pytest.mark.parametrize("dataset, default", [("cifar10", 1.0), ("cifar100", 0.1)])
+def test_psc_temp_given_its_default_resumes_a_run_that_left_it_out_and_back(dataset, default):
+    """--psc_temp not given stands for the paper's value on the dataset: the same recipe as that value given."""
+    import dataclasses
+
+    classes, other = {"cifar10": 10, "cifar100": 100}[dataset], {1.0: "0.1", 0.1: "1.0"}[default]
+    argv = ["--loss", "psc", "--dataset", dataset]
+    left_out = {"num_classes": classes, "config": dataclasses.asdict(main.parse_config(argv))}
+    given = main.parse_config([*argv, "--psc_temp", str(default)])
+    main.check_compatible(left_out, given, Path("last.pt"), classes)  # no error
+    main.check_compatible({"num_classes": classes, "config": dataclasses.asdict(given)}, main.parse_config(argv),
+                          Path("last.pt"), classes)
+    with pytest.raises(main.UserError, match=rf"--psc_temp \(not given\) -> {other} \("):
+        main.check_compatible(left_out, main.parse_config([*argv, "--psc_temp", other]), Path("last.pt"), classes)
 
 
 def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():

@@ -551,6 +551,7 @@ def test_summarize_knows_the_same_added_flags_as_main(summarize):
 
     assert dict(summarize.FLAGS_ADDED_LATER) == dict(main.FLAGS_ADDED_LATER)
     assert dict(summarize.USED_BY) == dict(main.USED_BY)  # and the same settings that only some losses read
+    assert dict(summarize.PAPER_TEMPERATURES["psc"][1]) == dict(main.PSC_TEMPERATURES)  # --psc_temp's defaults
     assert all(name in main.COMPARED_ON_RESUME for name in main.USED_BY)
     assert all(name in main.COMPARED_ON_RESUME for name in main.FLAGS_ADDED_LATER)
     defaults = {f.name: f.default for f in dataclasses.fields(main.Config)}

@@ -1210,7 +1210,26 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
         check_numerics_entries(saved)
     except TypeError as e:
         raise foreign_checkpoint(out / "last.pt", e) from e
-    return out, saved, saved["run"]["epoch"] >= cfg.epochs and (out / "results.json").exists()
+    results = out / "results.json"
+    if saved["run"]["epoch"] < cfg.epochs or not results.exists():
+        return out, saved, False
+    problem = results_problem(results)
+    if problem is None:
+        return out, saved, True
+    if dist.main:  # cut off, say, by a full disk before atomic writes: the run itself is whole in last.pt
+        print(f"note: {results} cannot be read ({problem}); it is written again from {out / 'last.pt'}", flush=True)
+    return out, saved, False
+
+
+def results_problem(path: Path) -> Optional[str]:
+    """None where `path` holds a results.json's JSON object; else what is wrong with it."""
+    try:
+        record = json.loads(path.read_text())
+    except OSError as e:
+        return e.strerror or str(e)
+    except ValueError as e:  # not JSON, or not UTF-8
+        return util.exception_text(e)
+    return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
@@ -1750,7 +1769,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out, saved, finished = resume_point(cfg, dist)
         if finished:
             if dist.main:
-                print(f"{out} already finished {cfg.epochs} epochs; nothing to do", flush=True)
+                print(f"{out} already finished {plural(cfg.epochs, 'epoch')}; nothing to do", flush=True)
             return 0
         run = Run(cfg, dist, device, out, saved, folder_lock)
         return run.dry_run() if cfg.dry_run else run.run()

@@ -988,6 +988,25 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
         *trained["sessions"], {**trained["sessions"][0], "epoch": 2, "step": 0, "amp": not trained["amp"]}]
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8"])
+def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run, cifar10_root, capsys):
+    """A results.json that cannot be read (cut off by a full disk, say) is not a finished run's: --resume (and so a
+    sweep) writes it again from last.pt, which holds the whole run, with the same results."""
+    results = existing_run / "results.json"
+    whole = json.loads(results.read_text())
+    results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{"}[damage])
+    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith(f"note: {results} cannot be read (") and f"it is written again from {existing_run}" in out
+    again = json.loads(results.read_text())
+    for key in ("best_top1", "last_top1", "per_class", "history", "best", "last", "ncm", "train_digest"):
+        assert again[key] == whole[key], key
+    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY])
+    assert (code, capsys.readouterr().out) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n")
+
+
 @pytest.mark.parametrize("sessions, amp, world_size, note", [
     ([{"amp": True, "world_size": 2}], True, 2, None),
     ([{"amp": True, "world_size": 2}], True, 1,

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def _interrupted_while_importing(signum, frame) -> None:
@@ -914,6 +914,50 @@ def mixed_setting(state: RunState, key: str, now: Any) -> Any:
     return "mixed" if trained_with(state.sessions, key) - {now} else now
 
 
+class EventWriter:
+    """The run's TensorBoard SummaryWriter, whose failed writes (a full disk, the folder removed) stop the run with
+    one line naming the folder, as a failed checkpoint write does, instead of TensorBoard's tracebacks (one from
+    its writer thread, one from the next write); the checkpoints written so far are kept."""
+
+    def __init__(self, out: Path, purge_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out = out
+        self.previous_hook = threading.excepthook
+        threading.excepthook = self.writer_thread_failed
+        self.writer = self.guarded(SummaryWriter, str(out), purge_step=purge_step)
+
+    def writer_thread_failed(self, args: Any) -> None:
+        """The writer thread's OSError is raised again by the next write or close, which says it in one line."""
+        if not (isinstance(args.exc_value, OSError) and "tensorboard" in type(args.thread).__module__):
+            self.previous_hook(args)
+
+    def guarded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except OSError as e:
+            raise UserError(f"could not write TensorBoard events in {self.out}: {e.strerror or e}; the checkpoints "
+                            f"written so far are kept (--resume continues the run)") from e
+
+    def __getattr__(self, name: str) -> Any:  # add_scalar, add_image, add_embedding, ...
+        method = getattr(self.writer, name)
+        return lambda *args, **kwargs: self.guarded(method, *args, **kwargs)
+
+    def add_summary(self, summary: Any) -> None:
+        """A summary protobuf as it is (SummaryWriter.add_hparams's records, without its subfolder)."""
+        self.guarded(lambda: self.writer._get_file_writer().add_summary(summary))
+
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close; `quiet`: a failure is not raised (the run is ending for another reason)."""
+        try:
+            self.guarded(self.writer.close)
+        except UserError:
+            if not quiet:
+                raise
+        finally:
+            threading.excepthook = self.previous_hook
+
+
 def resolve_output_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir or cfg.default_output_dir())
 
@@ -1401,14 +1445,14 @@ class Run:
             config = self.config_record()
             print(json.dumps(config, indent=2), flush=True)
             util.write_json(config, self.out / "config.json")
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.out), purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
+            self.writer = EventWriter(self.out, purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
             if state.epoch == 0 and state.step == 0:  # a resume keeps the first start's (one session per run)
                 self.write_hparams("start")
         for line in self.start_lines():
             self.log(line)
         self.signals.install()
         self.wall_mark = time.perf_counter()
+        ended = False
         try:
             while state.epoch < cfg.epochs:
                 self.train_epoch()
@@ -1421,10 +1465,11 @@ class Run:
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
             self.finish()
+            ended = True
         finally:
             self.signals.restore()
             if self.writer is not None:
-                self.writer.close()
+                self.writer.close(quiet=not ended)  # a failed close must not hide why the run ended
         return 0
 
     def train_epoch(self) -> None:
@@ -1583,7 +1628,7 @@ class Run:
         every, read = hparams_record(self.cfg)
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
         _, session_start, session_end = hparams(read, metrics)
-        writer = self.writer._get_file_writer()  # as SummaryWriter.add_hparams writes them, without its subfolder
+        writer = self.writer  # add_summary: as SummaryWriter.add_hparams writes them, without its subfolder
         if when == "end":
             writer.add_summary(session_end)
             return

@@ -1007,6 +1007,32 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     assert (code, capsys.readouterr().out) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n")
 
 
+def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_root, monkeypatch, capsys):
+    """The events file's writes fail once epoch 1 is saved (the disk filled up): one line naming the folder, exit 2,
+    no traceback from TensorBoard's writer thread or from the next write, and epoch 1's checkpoint kept."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    out = tmp_path / "run"
+    real_write = record_writer.RecordWriter.write
+
+    def disk_full_after_epoch_1(self, data):
+        if (out / "last.pt").exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", disk_full_after_epoch_1)
+    thread_errors = []  # what would be a thread's traceback on stderr
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY], capsys)
+    assert_one_line_error(code, err, f"could not write TensorBoard events in {out}: No space left on device",
+                          "--resume continues the run")
+    assert code == 2 and thread_errors == [] and threading.excepthook == thread_errors.append
+    assert util.load_checkpoint(out / "last.pt")["run"]["epoch"] >= 1
+
+
 @pytest.mark.parametrize("sessions, amp, world_size, note", [
     ([{"amp": True, "world_size": 2}], True, 2, None),
     ([{"amp": True, "world_size": 2}], True, 1,

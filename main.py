@@ -307,7 +307,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--data_seed must be in 0 .. 2**32 - 1 (got {cfg.data_seed})")
     if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes no more
         raise UserError(f"--seed must be in 0 .. 2**32 - 1 (got {cfg.seed})")
-    bad = [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]
+    bad = [] if cfg.eval_only else [e for e in cfg.lr_decay_epochs if not 0 < e < cfg.epochs]  # (trains nothing)
     if bad:  # the flag as given (120,160), the epochs at fault, and the way out: a schedule inside the run, or none
         within = (f"each must be in 1..{cfg.epochs - 1}, or --lr_decay_epochs '' for no decay" if cfg.epochs > 1
                   else "a 1-epoch run has no decay: pass ''")
@@ -1761,6 +1761,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
         train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
                                                          cfg.data_seed)
         check_same_data(saved, class_counts, path)
+        other_images = saved.get("train_digest") not in (None, train_lt.digest())
         net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
         net.load_state_dict(saved["model"])
         check_numerics_entries(saved)
@@ -1782,6 +1783,10 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     ncm = ncm_report(embed(net, train_images, **numerics)[0], train_labels, embed(net, images, **numerics)[0], labels,
                      num_classes, groups)
     keys = (*SHOT_KEYS, "per_class")
+    if other_images:  # check_same_data compared the class sizes only: a resume refuses this, an evaluation need not
+        print(f"note: these training images are not those {path} was trained on (the same class sizes, other pixels "
+              f"or labels: another copy of the data, or JPEG files decoded by another libjpeg); the test accuracy does "
+              f"not depend on them, the nearest class mean below is built from them")
     print(f"{path}: {format_metrics(metrics)}")
     print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
     print(ncm_line(ncm))

@@ -169,6 +169,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder: name the file in it (a run leaves last.pt and best.pt)")
+    if path.exists() and not path.is_file():
+        raise UserError(f"checkpoint {path} is not a regular file (a device or a pipe): name a .pt file")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -140,6 +140,25 @@ def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
     assert printed["per_class"] == res["per_class"]
     # The long-tailed training set is rebuilt from the checkpoint's settings, so the nearest class mean agrees too.
     assert printed["ncm"] == res["ncm"]
+    assert not any(line.startswith("note:") for line in proc.stdout.splitlines())
+    # Training flags are not checked against each other: this trains nothing (120,160 lie outside 5 epochs).
+    proc = run_cli("--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(cifar10_root),
+                   "--device", "cpu", "--epochs", "5", "--lr_decay_epochs", "120,160")
+    assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["top1"] == res["last_top1"]
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_eval_only_on_other_images_of_the_same_class_sizes_says_so(finished_run, tmp_path, capsys):
+    """The same class sizes, other pixels: evaluated (the test accuracy does not depend on the training images),
+    with a note that the nearest class mean is built from images the checkpoint was not trained on."""
+    _, out, _ = finished_run
+    write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, N_TRAIN, N_TEST, seed=1))
+    code = main.main(["--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(tmp_path / "other"),
+                      "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert printed.startswith(f"note: these training images are not those {out / 'last.pt'} was trained on (the same "
+                              f"class sizes, other pixels or labels")
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)  # nothing checked depends on the loss
@@ -662,8 +681,8 @@ def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
     assert snapshot(existing_run) == before
 
 
-@pytest.mark.parametrize("problem", ["missing", "folder", "garbage", "truncated", "other_model", "other_classes",
-                                     "other_imbalance", "foreign_classes", "other_data"])
+@pytest.mark.parametrize("problem", ["missing", "folder", "device", "garbage", "truncated", "other_model",
+                                     "other_classes", "other_imbalance", "foreign_classes", "other_data"])
 def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     ckpt = existing_run / "last.pt"
     argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet8"]
@@ -673,6 +692,9 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     elif problem == "folder":  # the run's folder instead of a file in it
         argv += ["--checkpoint", str(existing_run)]
         needle = "is a folder: name the file in it (a run leaves last.pt and best.pt)"
+    elif problem == "device":  # there, but not a file that could hold one
+        argv += ["--checkpoint", os.devnull]
+        needle = f"checkpoint {os.devnull} is not a regular file (a device or a pipe): name a .pt file"
     elif problem == "garbage":
         (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
         argv += ["--checkpoint", str(tmp_path / "garbage.pt")]

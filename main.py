@@ -1138,9 +1138,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")
-    if saved.get("num_classes") != num_classes or saved["config"].get("model") != cfg.model:
-        raise UserError(f"checkpoint {path} is a {saved['config'].get('model')} with {saved.get('num_classes')} "
-                        f"classes; this run is a {cfg.model} with {num_classes} (set --model / --dataset)")
+    model = saved["config"].get("model")  # none recorded (other code): loading the weights judges the model
+    if saved.get("num_classes") != num_classes or model not in (None, cfg.model):
+        raise UserError(f"checkpoint {path} is a {model or 'network of no recorded model'} with "
+                        f"{saved.get('num_classes')} classes; this run is a {cfg.model} with {num_classes} (set "
+                        f"--model / --dataset)")
 
 
 def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, digest: Optional[str] = None) -> None:

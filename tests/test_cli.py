@@ -594,6 +594,22 @@ def test_eval_only_of_a_config_naming_no_known_dataset_or_model(key, value, exis
     assert snapshot(existing_run) == before
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_eval_only_of_a_config_that_names_no_model_takes_the_flags(existing_run, capsys, cifar10_root):
+    """A checkpoint whose config records no model (other code): --model says which, and loading its weights judges
+    it; a model they do not fit is one line."""
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["config"]["model"]
+    torch.save(saved, ckpt)
+    argv = ["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root), "--device", "cpu"]
+    assert main.main([*argv, "--model", "resnet8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == \
+        json.loads((existing_run / "results.json").read_text())["last_top1"]
+    code, err = call_main(argv, capsys)  # --model's default, resnet32: not these weights
+    assert_one_line_error(code, err, f"{ckpt}", "does not hold what this program's checkpoints hold")
+
+
 def test_device_name_counts_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert main.device_name(torch.device("cpu")) == "cpu (1 thread)"

@@ -579,13 +579,15 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
-def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int) -> Optional[str]:
+def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool) -> Optional[str]:
     """A resume in another precision or with another number of processes than the run's `sessions` so far
     (RunState.sessions, as loaded) says that its results will come from both (results.json: "mixed",
-    mixed_setting)."""
+    mixed_setting); one that only evaluates (`evaluates_only`) only of the precision (trained_with)."""
     changed = []
     for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
                            ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}")):
+        if evaluates_only and key == "world_size":
+            continue
         before = trained_with(sessions, key)
         if before - {now}:
             changed.append((key, " and ".join(name(v) for v in sorted(before)), name(now)))
@@ -898,20 +900,25 @@ def _session_entry_ok(entry: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= least
     return (isinstance(entry, dict) and count(entry.get("epoch"), 0) and count(entry.get("step"), 0)
             and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last"))
+            and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
             and (entry.get("world_size") is None or count(entry.get("world_size"), 1))
             and (entry.get("device") is None or isinstance(entry.get("device"), str)))
 
 
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
-    """The values of `key` (amp, world_size) that the sessions of a run (RunState.sessions) recorded."""
-    return {s[key] for s in sessions if s.get(key) is not None}
+    """The values of `key` (amp, world_size) that the sessions of a run (RunState.sessions) recorded. A session
+    that only evaluated counts for the precision, which its results came from, not for the number of processes,
+    which an evaluation does not depend on (batch norm in eval mode, the test set's counts summed)."""
+    return {s[key] for s in sessions
+            if s.get(key) is not None and not (key == "world_size" and s.get("evaluated_only"))}
 
 
 def mixed_setting(state: RunState, key: str, now: Any) -> Any:
-    """`now`, the value this session ran with, or "mixed" where the run's sessions ran with other values of `key`
-    (a run resumed with --no-amp, or under torchrun with another number of processes): its results came from
-    both."""
-    return "mixed" if trained_with(state.sessions, key) - {now} else now
+    """The value of `key` the run's sessions ran with, or "mixed" where they ran with several (a run resumed with
+    --no-amp, or under torchrun with another number of processes): its results came from both. `now`, this
+    session's, where none recorded one."""
+    values = trained_with(state.sessions, key)
+    return "mixed" if len(values) > 1 else next(iter(values), now)
 
 
 class EventWriter:
@@ -923,39 +930,49 @@ class EventWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out = out
-        self.previous_hook = threading.excepthook
+        self.previous_hook = threading.excepthook  # until close(); from before the writer thread starts
         threading.excepthook = self.writer_thread_failed
-        self.writer = self.guarded(SummaryWriter, str(out), purge_step=purge_step)
+        try:
+            self.writer = self.guarded(SummaryWriter, str(out), purge_step=purge_step)
+        except BaseException:
+            threading.excepthook = self.previous_hook
+            raise
 
     def writer_thread_failed(self, args: Any) -> None:
         """The writer thread's OSError is raised again by the next write or close, which says it in one line."""
         if not (isinstance(args.exc_value, OSError) and "tensorboard" in type(args.thread).__module__):
             self.previous_hook(args)
 
+    def failure(self, e: OSError) -> str:
+        return f"could not write TensorBoard events in {self.out}: {e.strerror or e}"
+
     def guarded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return call(*args, **kwargs)
         except OSError as e:
-            raise UserError(f"could not write TensorBoard events in {self.out}: {e.strerror or e}; the checkpoints "
-                            f"written so far are kept (--resume continues the run)") from e
+            raise UserError(f"{self.failure(e)}; the checkpoints written so far are kept (--resume continues the "
+                            f"run)") from e
 
     def __getattr__(self, name: str) -> Any:  # add_scalar, add_image, add_embedding, ...
+        if name in ("writer", "out", "previous_hook"):  # not set yet (a copy, say): no recursion through here
+            raise AttributeError(name)
         method = getattr(self.writer, name)
-        return lambda *args, **kwargs: self.guarded(method, *args, **kwargs)
+        return (lambda *args, **kwargs: self.guarded(method, *args, **kwargs)) if callable(method) else method
 
     def add_summary(self, summary: Any) -> None:
         """A summary protobuf as it is (SummaryWriter.add_hparams's records, without its subfolder)."""
         self.guarded(lambda: self.writer._get_file_writer().add_summary(summary))
 
-    def close(self, quiet: bool = False) -> None:
-        """Flush and close; `quiet`: a failure is not raised (the run is ending for another reason)."""
+    def close(self) -> Optional[str]:
+        """Flush and close: None, or why that failed (to be said only where nothing else ended the run)."""
         try:
-            self.guarded(self.writer.close)
-        except UserError:
-            if not quiet:
-                raise
+            self.writer.close()
+            return None
+        except OSError as e:
+            return self.failure(e)
         finally:
-            threading.excepthook = self.previous_hook
+            if threading.excepthook == self.writer_thread_failed:
+                threading.excepthook = self.previous_hook
 
 
 def resolve_output_dir(cfg: Config) -> Path:
@@ -1259,23 +1276,33 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     results = out / "results.json"
     if saved["run"]["epoch"] < cfg.epochs or not results.exists():
         return out, saved, False
+    if results.is_dir():
+        raise UserError(f"{results} is a folder, not the run's results: move it away")
     problem = results_problem(results)
     if problem is None:
         return out, saved, True
     if dist.main:  # cut off, say, by a full disk before atomic writes: the run itself is whole in last.pt
-        print(f"note: {results} cannot be read ({problem}); it is written again from {out / 'last.pt'}", flush=True)
+        again = "the run would write it again" if cfg.dry_run else "it is written again"
+        print(f"note: {results} cannot be read ({problem}); {again} from {out / 'last.pt'}", flush=True)
     return out, saved, False
 
 
+# What every results.json main.py has written holds (later ones hold more); scripts/summarize.py reads them.
+RESULTS_CORE = ("dataset", "method", "seed", "epochs", "best_top1", "last_top1")
+
+
 def results_problem(path: Path) -> Optional[str]:
-    """None where `path` holds a results.json's JSON object; else what is wrong with it."""
+    """None where `path` holds a results.json as main.py writes them (RESULTS_CORE); else what is wrong with it."""
     try:
         record = json.loads(path.read_text())
     except OSError as e:
         return e.strerror or str(e)
     except ValueError as e:  # not JSON, or not UTF-8
         return util.exception_text(e)
-    return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [key for key in RESULTS_CORE if key not in record]
+    return f"no {', '.join(missing)}" if missing else None
 
 
 def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
@@ -1308,7 +1335,8 @@ class Run:
         if saved is not None:
             self.load(saved)
         self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
-                             mixed_note(self.state.sessions, self.trainer.amp, dist.world_size)]
+                             mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
+                                        evaluates_only=self.state.epoch >= cfg.epochs)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag()
@@ -1442,20 +1470,20 @@ class Run:
     def run(self) -> int:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
-        if dist.main:
-            prepare_output_dir(self.out, cfg.overwrite, self.folder_lock, cfg)
-            config = self.config_record()
-            print(json.dumps(config, indent=2), flush=True)
-            util.write_json(config, self.out / "config.json")
-            self.writer = EventWriter(self.out, purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
-            if state.epoch == 0 and state.step == 0:  # a resume keeps the first start's (one session per run)
-                self.write_hparams("start")
-        for line in self.start_lines():
-            self.log(line)
-        self.signals.install()
-        self.wall_mark = time.perf_counter()
         ended = False
         try:
+            if dist.main:
+                prepare_output_dir(self.out, cfg.overwrite, self.folder_lock, cfg)
+                config = self.config_record()
+                print(json.dumps(config, indent=2), flush=True)
+                util.write_json(config, self.out / "config.json")
+                self.writer = EventWriter(self.out, purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
+                if state.epoch == 0 and state.step == 0:  # a resume keeps the first start's (one session per run)
+                    self.write_hparams("start")
+            for line in self.start_lines():
+                self.log(line)
+            self.signals.install()
+            self.wall_mark = time.perf_counter()
             while state.epoch < cfg.epochs:
                 self.train_epoch()
                 self.end_epoch()
@@ -1463,15 +1491,18 @@ class Run:
                 if signum:
                     self.stop(signum, state.epoch - 1)
             if self.last_metrics is None:  # trained to the end earlier, stopped before results.json was written
-                state.sessions.append(self.session(state.epoch, state.step))  # a session that only evaluates
+                state.sessions.append({**self.session(state.epoch, state.step), "evaluated_only": True})
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
             self.finish()
             ended = True
         finally:
             self.signals.restore()
-            if self.writer is not None:
-                self.writer.close(quiet=not ended)  # a failed close must not hide why the run ended
+            problem = None if self.writer is None else self.writer.close()
+        if problem is not None:  # the run ended otherwise: that error stands, this one is not said
+            # results.json is whole: the run finished, only its events file may lack its last records
+            print(f"warning: {problem}; the run finished and its results.json is complete, but its TensorBoard "
+                  f"events may lack their last records", file=sys.stderr, flush=True)
         return 0
 
     def train_epoch(self) -> None:
@@ -1691,6 +1722,9 @@ class Run:
         test_features = None
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
             test_features, test_projections = trainer.embed(self.test_images)
+            earlier = self.out / f"{step:05d}" / PROJECTIONS_TAG  # a session's before results.json was written again
+            if earlier.is_dir():
+                self.writer.guarded(shutil.rmtree, earlier)
             self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
                                       global_step=step, tag=PROJECTIONS_TAG)
         if reuse_ncm:

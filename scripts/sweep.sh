@@ -3,7 +3,8 @@
 #
 # A run's folder tells its state (main.py writes results.json only when a run has finished):
 #   results.json, last.pt   -> finished: main.py --resume checks that its recipe is this sweep's
-#                              (and does nothing else), then it counts as skipped
+#                              (and does nothing else), then it counts as skipped; a results.json that
+#                              cannot be read main.py writes again from last.pt: done
 #   results.json only       -> finished, last.pt deleted: cannot be checked, skipped
 #   last.pt, no results     -> unfinished: run again with --resume
 #   best.pt only            -> a model saved without last.pt (killed or out of disk between the two writes of
@@ -52,7 +53,9 @@ no earlier one had (in a scratch folder) checks the flags, the device, the data 
 one fails, its line is the sweep's error (exit 2) and no run starts; their notes (main.py's "note:"
 lines, each once) are printed before the runs start. None when every run has finished.
 A finished run is skipped once main.py --resume has checked (in a few seconds, reading no data)
-that it was made with the recipe given now: the data, model, loss and optimisation settings that
+that it was made with the recipe given now (one whose results.json cannot be read, cut off by a
+full disk say, main.py evaluates and writes again from its last.pt: "done (results.json written
+again)"): the data, model, loss and optimisation settings that
 a resume compares, not how it ran (--amp, --eval_every, ...). One made with another recipe (say
 --alpha_schedule or --epochs) is a FAILED run with main.py's line saying which, never taken for
 this sweep's: use another --runs_dir. A run whose last.pt was deleted cannot be checked and is
@@ -248,7 +251,8 @@ run_one() {
   elif [[ -e $run_dir ]]; then
     state_flag=(--overwrite) # a run that saved nothing (killed or diverged before its first checkpoint)
   fi
-  local cmd
+  local cmd results_before=""
+  [[ -z $finished ]] || results_before=$(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) || true
   run_command "$idx" "$run_dir"
   cmd+=(${state_flag[@]+"${state_flag[@]}"} ${extra_args[@]+"${extra_args[@]}"})
 
@@ -266,7 +270,9 @@ run_one() {
 
   local status interrupted=0 # the stop file read once, so that every branch below sees the same answer
   [[ ! -e $state_dir/stop ]] || interrupted=1
-  if [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
+  if [[ -n $finished ]] && ((rc == 0)) && [[ $(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) != "$results_before" ]]; then
+    status="done (results.json written again: main.py could not read it)"
+  elif [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
     status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
   elif ((rc == 75)); then # main.py's EXIT_IN_USE: another process (a second sweep, say) holds the run's folder
     status="BUSY (another process is training or checking it; rerun the sweep once it has ended)"
@@ -358,7 +364,8 @@ set -m # job control: each run (and each GPU worker) in its own process group, s
 # each in a scratch folder that is never created: a typo after --, a wrong --data_root or a factor that leaves a class
 # without images then says so once, before any run starts, instead of failing run after run (with --gpus, each in
 # its own log), and a note only one method's flags raise (--loss ce does not read --temp) is seen. Seconds each once
-# the data is decoded; none when every run has finished (checking finished runs reads no data).
+# the data is decoded; none when every run has finished (checking finished runs reads no data, but for one whose
+# results.json main.py finds damaged and writes again).
 declare -A dry_run_factor=() dry_run_method=() notes_said=()
 for ((idx = 0; idx < n_runs; idx++)); do
   [[ -e $runs_dir/${run_names[idx]}/results.json ]] && continue

@@ -1023,26 +1023,42 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
     assert code == 0, capsys.readouterr().err
     res = json.loads((existing_run / "results.json").read_text())
     assert res["amp"] == "mixed" and res["sessions"] == [
-        *trained["sessions"], {**trained["sessions"][0], "epoch": 2, "step": 0, "amp": not trained["amp"]}]
+        *trained["sessions"], {**trained["sessions"][0], "epoch": 2, "step": 0, "amp": not trained["amp"],
+                               "evaluated_only": True}]
+    assert res["first_step_s"] is None  # no step in this session: what the first one took is not known here
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
-@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8"])
+@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "no last_top1"])
 def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run, cifar10_root, capsys):
     """A results.json that cannot be read (cut off by a full disk, say) is not a finished run's: --resume (and so a
     sweep) writes it again from last.pt, which holds the whole run, with the same results."""
     results = existing_run / "results.json"
     whole = json.loads(results.read_text())
-    results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{"}[damage])
-    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY])
+    results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{",
+                         "no last_top1": json.dumps({k: v for k, v in whole.items() if k != "last_top1"}).encode()
+                         }[damage])
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
+    assert main.main([*argv, "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: {results} cannot be read (") and "the run would write it again from" in out
+    assert out.endswith(f"dry run: would evaluate the trained run in {existing_run} and write its results.json; "
+                        f"nothing written\n")
+    code = main.main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith(f"note: {results} cannot be read (") and f"it is written again from {existing_run}" in out
+    assert "no last_top1" in out.splitlines()[0] if damage == "no last_top1" else True
+    assert "Embedding dir exists" not in out  # the earlier projections are replaced, not written beside
     again = json.loads(results.read_text())
     for key in ("best_top1", "last_top1", "per_class", "history", "best", "last", "ncm", "train_digest"):
         assert again[key] == whole[key], key
-    code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY])
+    code = main.main(argv)
     assert (code, capsys.readouterr().out) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n")
+    results.unlink()
+    results.mkdir()
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, f"{results} is a folder, not the run's results: move it away")
 
 
 def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_root, monkeypatch, capsys):
@@ -1071,6 +1087,67 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_
     assert util.load_checkpoint(out / "last.pt")["run"]["epoch"] >= 1
 
 
+@pytest.mark.parametrize("when", ["at the start", "a checkpoint fails first", "after the run finished"])
+def test_tensorboard_failures_beside_other_ends_of_a_run(when, tmp_path, cifar10_root, monkeypatch, capsys):
+    """The events file fails at the start (the writer's first flush): one line, the hook put back. A checkpoint
+    write that fails first is what the run says, not the events file's failing close. Failing only in the last
+    close, after results.json: the run finished (exit 0), with a warning that its events may lack their end."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    out = tmp_path / "run"
+    real_write, real_flush = record_writer.RecordWriter.write, record_writer.RecordWriter.flush
+    real_atomic_write = util.atomic_write
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if when == "at the start":
+        monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    elif when == "a checkpoint fails first":  # then the events file: its writes, its close
+        failed = []
+        monkeypatch.setattr(util, "atomic_write", lambda path, write: (failed.append(path), full()) if
+                            str(path).endswith(".pt") else real_atomic_write(path, write))
+        monkeypatch.setattr(record_writer.RecordWriter, "flush", lambda self: full() if failed else real_flush(self))
+    else:
+        monkeypatch.setattr(record_writer.RecordWriter, "flush", lambda self: full() if (out / "results.json").exists()
+                            else real_flush(self))
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY], capsys)
+    assert threading.excepthook == thread_errors.append and thread_errors == []
+    if when == "at the start":
+        assert_one_line_error(code, err, f"could not write TensorBoard events in {out}: No space left on device")
+    elif when == "a checkpoint fails first":
+        assert_one_line_error(code, err, f"could not write checkpoint {out}", "No space left on device")
+    else:
+        assert code == 0 and (out / "results.json").is_file()
+        assert err.strip().splitlines() == [
+            f"warning: could not write TensorBoard events in {out}: No space left on device; the run finished and its "
+            f"results.json is complete, but its TensorBoard events may lack their last records"]
+
+
+def test_the_writer_threads_hook_passes_on_what_is_not_its_own():
+    """Only an OSError of TensorBoard's writer thread is left to the next write; anything else reaches the hook
+    that was there before."""
+    import threading
+    from types import SimpleNamespace
+
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    writer, seen = main.EventWriter.__new__(main.EventWriter), []
+    writer.previous_hook = seen.append
+    plain = threading.Thread(target=lambda: None)
+    tensorboard_thread = _AsyncWriterThread.__new__(_AsyncWriterThread)
+    for thread, error in ((plain, OSError(28, "full")), (tensorboard_thread, ValueError("x")),
+                          (tensorboard_thread, OSError(28, "full"))):
+        writer.writer_thread_failed(SimpleNamespace(thread=thread, exc_value=error))
+    assert [(type(a.thread).__name__, type(a.exc_value).__name__) for a in seen] == [
+        ("Thread", "OSError"), ("_AsyncWriterThread", "ValueError")]
+
+
 @pytest.mark.parametrize("sessions, amp, world_size, note", [
     ([{"amp": True, "world_size": 2}], True, 2, None),
     ([{"amp": True, "world_size": 2}], True, 1,
@@ -1083,15 +1160,26 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_
      'note: this run trained with --amp so far and goes on with --no-amp: its results.json will say "amp": "mixed"'),
     ([], False, 1, None),  # nothing trained yet
 ])
-def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, world_size, note):
+@pytest.mark.parametrize("evaluates_only", [False, True])
+def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, world_size, note, evaluates_only):
     """The note before the resume and results.json's values after it agree (mixed_setting, once this session's
-    entry is in)."""
-    assert main.mixed_note(sessions, amp, world_size) == note
+    entry is in). A session that only evaluates (trained to the end before) mixes the precision, which its results
+    come from, but not the number of processes: results.json then keeps the training's."""
+    if evaluates_only and note and '"world_size"' in note:  # that part of the note goes
+        note = None if '"amp"' not in note else (
+            'note: this run trained with --no-amp and --amp so far and goes on with --amp: its results.json will say '
+            '"amp": "mixed"')
+    assert main.mixed_note(sessions, amp, world_size, evaluates_only) == note
     state = main.RunState()
-    state.sessions = [*sessions, {"amp": amp, "world_size": world_size}]
+    state.sessions = [*sessions, {"amp": amp, "world_size": world_size, **({"evaluated_only": True}
+                                                                            if evaluates_only else {})}]
     recorded = {key: main.mixed_setting(state, key, now) for key, now in (("amp", amp), ("world_size", world_size))}
-    assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp,
-                        "world_size": "mixed" if note and '"world_size"' in note else world_size}
+    trained_on = {s["world_size"] for s in sessions if s["world_size"] is not None}
+    if evaluates_only:  # the training's number of processes, or "mixed" where the training had several
+        expected = "mixed" if len(trained_on) > 1 else next(iter(trained_on), world_size)
+    else:
+        expected = "mixed" if note and '"world_size"' in note else world_size
+    assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp, "world_size": expected}
 
 
 def test_other_class_sizes_of_a_hundred_classes_are_summed_up():

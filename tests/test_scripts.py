@@ -920,6 +920,13 @@ if "--resume" in args and os.path.exists(os.path.join(out, "results.json")):  # 
     with open(os.path.join(out, "config.json")) as f:
         if recipe(json.load(f)["args"]) != recipe(args):
             sys.exit("error: checkpoint was made with other settings")
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            json.load(f)
+    except ValueError:  # like main.py: a results.json that cannot be read is written again from last.pt
+        print("note: results.json cannot be read; it is written again", flush=True)
+        finish()
+        sys.exit(0)
     print(out, "already finished; nothing to do", flush=True)
     log("checked")
     sys.exit(0)
@@ -1125,6 +1132,23 @@ def test_sweep_lists_runs_another_process_is_training_as_busy(fake, tmp_path):
     assert failed.returncode == 1 and summary_statuses(failed.stdout)["cifar10_psc_r100_s0"].startswith(
         "FAILED (exit 3"), failed.stdout + failed.stderr
     assert failed.stderr.splitlines()[-1] == "sweep.sh: 1 of 4 runs FAILED, 1 BUSY in another process"
+
+
+def test_sweep_says_which_finished_run_had_its_damaged_results_written_again(fake, tmp_path):
+    """A finished run whose results.json main.py cannot read (cut off by a full disk) is evaluated and written
+    again by main.py --resume: the sweep lists it as done, saying so, not as skipped."""
+    env, read_log = fake
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc psc", "--runs_dir", str(runs)]
+    assert run_script("sweep.sh", args, env).returncode == 0
+    damaged = runs / "cifar10_psc_r100_s0" / "results.json"
+    damaged.write_text(damaged.read_text()[:40])
+    again = run_script("sweep.sh", args, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary_statuses(again.stdout) == {
+        "cifar10_sc_r100_s0": "skipped",
+        "cifar10_psc_r100_s0": "done (results.json written again: main.py could not read it)"}
+    assert json.loads(damaged.read_text())["method"] == "psc"
 
 
 def test_sweep_gpu_queue_one_run_per_gpu_at_a_time(fake, tmp_path):

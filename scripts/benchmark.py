@@ -6,7 +6,7 @@
     python scripts/benchmark.py --compare_options --no_reference --memory_batch_sizes ""      # amp / channels_last / compile
     python scripts/benchmark.py --profile --no_reference --memory_batch_sizes ""              # where a step's time goes
 
-Three measurements, each skippable:
+Three measurements, the last two skippable (--no_reference, --memory_batch_sizes ""):
 
 1. The project's training step, exactly what main.py runs: `main.Trainer.step` on batches from
    `trainer.stream.epoch(...)` (device-resident uint8 images, batched augmentation, one forward of both branches,
@@ -54,8 +54,9 @@ each operator launched itself (not its children's, so no kernel counts twice; ke
 operator, as a CUDA graph's replay launches them under --compile_mode reduce-overhead, are reported apart); on
 CUDA also every kernel by name, its device time per step and share, the CUDA graphs' kernels included.
 
-Every training option of main.py is accepted (the recipe, --model, --loss, --amp, --channels_last, --compile,
-...); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
+Every option of main.py that shapes the training step is accepted (the recipe, --model, --loss, --amp,
+--channels_last, --compile, --deterministic, ...; those of a run's outputs and course, RUN_ONLY_OPTIONS, are
+refused and hidden from --help); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
 (12,406 images for CIFAR-10-LT at ratio 100) unless --data_root names real data.
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ PROFILE_TOP = 15  # operators (and on CUDA kernels) listed by --profile; the res
 PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run", "eval_every",
-                    "ncm_every", "print_freq", "sync_bn", "deterministic")
+                    "ncm_every", "print_freq", "sync_bn")
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest == "data_root":
             action.help += " (default: none, synthetic uint8 images in the long-tailed class sizes)"
+    for action in parser._actions:  # refused (parse_args): not offered either
+        if action.dest in RUN_ONLY_OPTIONS:
+            action.help = argparse.SUPPRESS
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--steps", type=int, default=50, help="timed steps per pipeline (CPU: 20 is plenty)")
     bench.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (at least 1)")
     bench.add_argument("--workers", type=int, default=None,
-                       help="DataLoader workers of the reference pipeline (default: min(4, CPU count))")
+                       help="DataLoader workers per loader of the reference pipeline, which has two (the "
+                            "feature and the classifier branch) (default: min(4, CPU count))")
     bench.add_argument("--no_reference", action="store_true", help="skip the reference pipeline")
     bench.add_argument("--repeats", type=int, default=1,
                        help="time the first project row and the reference this many times each, alternately, and "
@@ -181,6 +186,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
         raise UserError("--compare_options sets --amp, --channels_last, --compile and --compile_mode itself; "
                         "drop them")
     data_root = args["data_root"]
+    if args["download"] and data_root is None:
+        raise UserError("--download fetches the dataset into --data_root: give one (without, the images are "
+                        "synthetic)")
     cfg = main.Config(**{k: v for k, v in args.items() if k in config_names and k != "data_root"},
                       data_root=data_root or "")
     main.validate(cfg)
@@ -294,7 +302,8 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
     """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging);
     returns the record and the step, which continues the same run (for profile_steps)."""
     if cfg.compile:
-        torch._dynamo.reset()  # compile from scratch, so compile_s is the real cost
+        torch._dynamo.reset()  # trace again; Inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) may still hold the
+        # compiled code from an earlier process: compile_s is a cold compilation only with an empty cache
     trainer = main.Trainer(cfg, train, num_classes, device)
     batches = endless(trainer.stream.epoch)
     alpha, global_step = first_epoch_alpha(cfg), itertools.count()
@@ -692,8 +701,11 @@ def add_growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def memory_table(batch_sizes: tuple[int, ...], device: torch.device) -> dict[str, Any]:
-    rows = []
+def memory_table(batch_sizes: tuple[int, ...], device: torch.device,
+                 saved: Callable[[dict[str, Any]], None] = lambda table: None) -> dict[str, Any]:
+    """Each feature loss's peak memory at each batch size; `saved` gets the table so far after each row."""
+    rows: list[dict[str, Any]] = []
+    method = MEMORY_METHOD_CUDA if device.type == "cuda" else MEMORY_METHOD_CPU
     for loss in ("sc", "psc"):
         for batch_size in batch_sizes:
             print(f"memory: {loss} at batch {batch_size} ...", file=sys.stderr, flush=True)
@@ -701,7 +713,7 @@ def memory_table(batch_sizes: tuple[int, ...], device: torch.device) -> dict[str
                                                                                                        batch_size)
             rows.append({"loss": loss, "batch_size": batch_size, "views": MEMORY_VIEWS, "feat_dim": MEMORY_FEAT_DIM,
                          "classes": MEMORY_CLASSES, **row})
-    method = MEMORY_METHOD_CUDA if device.type == "cuda" else MEMORY_METHOD_CPU
+            saved({"method": method, "rows": list(rows)})
     return {"method": method, "rows": add_growth(rows)}
 
 
@@ -738,10 +750,10 @@ def format_report(result: dict[str, Any]) -> str:
                          f"{_fmt(row['compile_s'], '.1f')} |")
         ref = result["reference"]
         if ref is not None and "error" in ref:
-            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers) | | | | failed: {ref['error']} "
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader) | | | | failed: {ref['error']} "
                          "| | | | |")
         elif ref is not None:
-            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers), fp32 eager | off | off | off | "
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader), fp32 eager | off | off | off | "
                          f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
         pairs = result.get("repeats") or []
         if len(pairs) > 1:
@@ -844,7 +856,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         result["project"].append({"label": label, **row})
         save(result)
     if opts.reference:
-        print(f"timing reference: PIL + DataLoader with {opts.workers} workers ...", file=sys.stderr, flush=True)
+        print(f"timing reference: PIL + DataLoader with {opts.workers} workers per loader ...", file=sys.stderr,
+              flush=True)
         try:
             result["reference"] = time_reference(cfg, train, num_classes, device, opts)
         except UserError:
@@ -866,7 +879,11 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
     result["load_average_after_timing"] = load_average()
     save(result)
     if opts.memory_batch_sizes:
-        result["memory"] = memory_table(opts.memory_batch_sizes, device)
+        def memory_so_far(table: dict[str, Any]) -> None:  # a run cut off in the table keeps its rows
+            result["memory"] = table
+            save(result)
+
+        result["memory"] = memory_table(opts.memory_batch_sizes, device, memory_so_far)
         save(result)
     if opts.profile and first_step is not None:  # last, so that a slow profiler under a time limit costs nothing else
         print("profiling project: " + result["project"][0]["label"] + " ...", file=sys.stderr, flush=True)
@@ -911,6 +928,11 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
         failed = [pair for pair in result["repeats"] or [] if "error" in pair]
         if failed:
             print(f"error: a repeat failed: {failed[0]['error']}", file=sys.stderr, flush=True)
+            return 1
+        failed = [row for row in result["project"] if "error" in row]  # (--compare_options keeps the others)
+        if failed:
+            print(f"error: {len(failed)} of {len(result['project'])} project rows failed, the first ("
+                  f"{failed[0]['label']}): {failed[0]['error']}", file=sys.stderr, flush=True)
             return 1
         return 0
     except UserError as e:

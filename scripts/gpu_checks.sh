@@ -147,12 +147,8 @@ fi
 
 python=${PYTHON:-python3}
 data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # before the cd below
-mkdir_error=$(mkdir -p "$out" 2>&1) || die_usage "--out '$out' cannot be created (${mkdir_error##*: })"
-out=$(cd "$out" && pwd)
-log="$out/log.txt"
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
-cd "$repo_root"
 
 if [[ -d $data ]]; then
   data_root=$data
@@ -167,6 +163,11 @@ else
   [[ -n $marker ]] || { echo "$prog: error: '$data' holds no CIFAR-10 layout" >&2; exit 2; }
   data_root=$(dirname "$marker")
 fi
+# --out only once the data is there: bad data leaves no folder behind
+mkdir_error=$(mkdir -p "$out" 2>&1) || die_usage "--out '$out' cannot be created (${mkdir_error##*: })"
+out=$(cd "$out" && pwd)
+log="$out/log.txt"
+cd "$repo_root"
 
 statuses=()
 any_failed=0
@@ -191,7 +192,9 @@ run_step() {
     note "== $name: skipped, ${left}s of the budget left"
     return
   fi
-  note "== $name (at most ${limit}s): $*"
+  local shown
+  printf -v shown '%q ' "$@" # as it can be run again by copy and paste
+  note "== $name (at most ${limit}s): ${shown% }"
   local t0=$SECONDS rc=0
   # TERM at limit - 10 s (main.py then saves last.pt and stops), KILL 10 s later. The Inductor cache is the
   # step's own unless the caller names a shared one (inductor_cache=NAME run_step ...).

@@ -329,7 +329,7 @@ def test_json_is_saved_after_each_row_and_a_failed_reference_keeps_the_rest(benc
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines()[-1] == ("error: the reference pipeline failed: RuntimeError: DataLoader worker (pid 123) "
                                     "is killed by signal: Bus error. It is possible that ...")
-    assert "| reference: PIL + DataLoader (1 workers) | | | | failed: RuntimeError: DataLoader" in captured.out
+    assert "| reference: PIL + DataLoader (1 workers per loader) | | | | failed: RuntimeError: DataLoader" in captured.out
     assert [(len(r["project"]), r["complete"]) for r in seen] == [(0, False), (1, False), (1, False), (1, True)]
     result = json.loads(out.read_text())
     assert result == seen[-1] and result["ratio"] is None and result["project"][0]["ratio_to_reference"] is None
@@ -548,6 +548,7 @@ BAD_FLAGS = [
     ["--json", ""],  # wrote nothing and said nothing
     ["--json", "j" * 300],
     ["--learning_rate", "1e300"],  # past float32: a traceback at the first step, after --json was rewritten
+    ["--download"],  # no --data_root to fetch into: the images are synthetic
 ]
 
 
@@ -556,6 +557,44 @@ def test_bad_flags_give_one_line_and_exit_2(bench, argv, capsys):
     assert bench.main_cli(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_options_of_a_run_not_of_its_step_are_neither_offered_nor_taken(bench, capsys):
+    """--help lists no option the benchmark refuses; --deterministic, which changes the step's kernels, is taken."""
+    with pytest.raises(SystemExit):
+        bench.get_args_parser().parse_args(["--help"])
+    offered = capsys.readouterr().out
+    assert "--deterministic" in offered
+    listed = {line.split()[0].rstrip(",") for line in offered.splitlines() if line.strip().startswith("--")}
+    assert "--steps" in listed and not listed & {f"--{name}" for name in bench.RUN_ONLY_OPTIONS}
+    cfg, _ = bench.parse_args(["--deterministic"])
+    assert cfg.deterministic
+
+
+def test_a_failed_option_row_fails_the_benchmark(bench, monkeypatch, capsys):
+    """--compare_options keeps the rows that ran beside one that failed (say, compile without a compiler), and
+    exits 1 naming it, so that a script running it (gpu_checks.sh) does not report it as measured."""
+    real_configs, real_time, calls, labels = bench.option_configs, bench.time_project, [], []
+
+    def two_rows(*args):
+        rows = real_configs(*args)[:2]
+        labels.extend(label for label, _ in rows)
+        return rows
+
+    def second_fails(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("no compiler here")
+        return real_time(*args)
+
+    monkeypatch.setattr(bench, "option_configs", two_rows)
+    monkeypatch.setattr(bench, "time_project", second_fails)
+    code = bench.main_cli([*TINY, "--compare_options", "--no_reference", "--memory_batch_sizes", ""])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.strip().splitlines()[-1] == (f"error: 1 of 2 project rows failed, the first ({labels[1]}): "
+                                                     f"RuntimeError: no compiler here")
+    assert f"| project: {labels[0]} |" in captured.out and f"| project: {labels[1]} |" in captured.out
 
 
 def test_missing_data_root_is_one_line(bench, tmp_path, capsys):

@@ -1653,6 +1653,8 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     assert "train_eager_resumed" not in proc.stdout  # a run that finished is not resumed
     log = (out / "log.txt").read_text()
     assert "torch " in log and "commit: " in log and "== train_eager" in log and "epoch 1/1" in log
+    # each step's command as it can be run again: quoted where it must be ('' for an empty value)
+    assert "--memory_batch_sizes '' " in log
     assert re.search(r"^numpy \S+ pillow \S+ tqdm \S+ tensorboard \S+$", log, re.M)  # main.py's other imports
     assert re.search(r"^/dev/shm: \S+ total, \S+ free$", log, re.M) and "first step " in log
     bench = json.loads((out / "bench.json").read_text())
@@ -1939,6 +1941,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert (occupied / "keep.txt").read_text() == "earlier results"
+    assert not (tmp_path / "o").exists()  # nothing made for bad input, bad data included
     # No time left: every step is skipped, said so, and the exit status says the checks did not run.
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run([*script, "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",

@@ -244,9 +244,16 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     (out / "config.json").write_text(json.dumps({"world_size": 2}))
     run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
     assert run.state.sessions == [{**earlier, "world_size": 2}]
+    amp_changed = (f"--{'no-' if device_amp else ''}amp so far and goes on with --{'' if device_amp else 'no-'}amp: "
+                   f"its results.json will say \"amp\": \"mixed\"")
+    # trained to the end: this session only evaluates, which the number of processes does not change
+    assert f"note: this run trained with {amp_changed}" in run.start_lines()
+    saved["run"]["epoch"] = 1  # as if stopped after epoch 1 of 2: this session trains on 1 process
+    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
     assert (f"note: this run trained with --{'no-' if device_amp else ''}amp, 2 processes so far and goes on with "
             f"--{'' if device_amp else 'no-'}amp, 1 process: its results.json will say \"amp\": \"mixed\" and "
             f"\"world_size\": \"mixed\"") in run.start_lines()
+    saved["run"]["epoch"] = 2
     (out / "config.json").unlink()
     assert resumed().state.sessions == [{**earlier, "world_size": None}]
     assert main.run_numerics(main.parse_config([]), torch.device("cpu")) == (device_amp, True)  # a fresh run

@@ -1276,8 +1276,8 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     results = out / "results.json"
     if saved["run"]["epoch"] < cfg.epochs or not results.exists():
         return out, saved, False
-    if results.is_dir():
-        raise UserError(f"{results} is a folder, not the run's results: move it away")
+    if not results.is_file():  # a folder, or a pipe that reading would wait on
+        raise UserError(f"{results} is not a file, so not the run's results: move it away")
     problem = results_problem(results)
     if problem is None:
         return out, saved, True
@@ -1287,22 +1287,34 @@ def resume_point(cfg: Config, dist: Dist) -> tuple[Path, Optional[dict[str, Any]
     return out, saved, False
 
 
-# What every results.json main.py has written holds (later ones hold more); scripts/summarize.py reads them.
-RESULTS_CORE = ("dataset", "method", "seed", "epochs", "best_top1", "last_top1")
+# The accuracies every results.json main.py has written holds as numbers (with the run's identity besides, and
+# more in later ones), which scripts/summarize.py reads.
+RESULTS_CORE = ("best_top1", "last_top1", "many", "medium", "few")
 
 
 def results_problem(path: Path) -> Optional[str]:
-    """None where `path` holds a results.json as main.py writes them (RESULTS_CORE); else what is wrong with it."""
+    """None where `path` holds a results.json as main.py writes them (a JSON object with the dataset and method, and
+    RESULTS_CORE's accuracies as numbers: many, medium and few may be null where a run has no such class); else
+    what is wrong with its content. A file that cannot be read at all is a UserError: writing it again would
+    replace a file that may be whole."""
     try:
         record = json.loads(path.read_text())
     except OSError as e:
-        return e.strerror or str(e)
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     except ValueError as e:  # not JSON, or not UTF-8
         return util.exception_text(e)
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    missing = [key for key in RESULTS_CORE if key not in record]
-    return f"no {', '.join(missing)}" if missing else None
+    def usable(key: str) -> bool:
+        value = record.get(key)
+        if key in ("dataset", "method"):
+            return isinstance(value, str)
+        if value is None:  # many / medium / few: null where the run has no class of that size
+            return key in record and not key.endswith("top1")
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    bad = [key for key in ("dataset", "method", *RESULTS_CORE) if not usable(key)]
+    return f"no usable {', '.join(bad)}" if bad else None
 
 
 def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
@@ -1470,7 +1482,6 @@ class Run:
     def run(self) -> int:
         cfg, dist = self.cfg, self.dist
         state, trainer = self.state, self.trainer
-        ended = False
         try:
             if dist.main:
                 prepare_output_dir(self.out, cfg.overwrite, self.folder_lock, cfg)
@@ -1495,12 +1506,10 @@ class Run:
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
             self.finish()
-            ended = True
         finally:
             self.signals.restore()
             problem = None if self.writer is None else self.writer.close()
-        if problem is not None:  # the run ended otherwise: that error stands, this one is not said
-            # results.json is whole: the run finished, only its events file may lack its last records
+        if problem is not None:  # (only where the run finished: an error from the try goes on, and this is not said)
             print(f"warning: {problem}; the run finished and its results.json is complete, but its TensorBoard "
                   f"events may lack their last records", file=sys.stderr, flush=True)
         return 0

@@ -142,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (at least 1)")
     bench.add_argument("--workers", type=int, default=None,
                        help="DataLoader workers per loader of the reference pipeline, which has two (the "
-                            "feature and the classifier branch) (default: min(4, CPU count))")
+                            "feature and the classifier branch; one with --loss ce) (default: min(4, CPU count))")
     bench.add_argument("--no_reference", action="store_true", help="skip the reference pipeline")
     bench.add_argument("--repeats", type=int, default=1,
                        help="time the first project row and the reference this many times each, alternately, and "
@@ -850,9 +850,13 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         except UserError:  # bad input fails every option alike: one line, as without --compare_options
             raise
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
-            if not opts.compare_options:
+            if opts.compare_options:
+                row = {"error": error_text(e)}
+            elif (isinstance(e, torch._dynamo.exc.BackendCompilerFailed)
+                  and os.environ.get("TORCHDYNAMO_VERBOSE", "0") in ("", "0")):  # one line, as main.py says it
+                raise UserError(main.compile_failure_text(e)) from e
+            else:
                 raise
-            row = {"error": error_text(e)}
         result["project"].append({"label": label, **row})
         save(result)
     if opts.reference:

@@ -152,6 +152,8 @@ trap 'rm -rf "$scratch"' EXIT
 
 if [[ -d $data ]]; then
   data_root=$data
+  [[ -d $data/train || -d $data/cifar-10-batches-py ]] ||
+    { echo "$prog: error: '$data' holds no CIFAR-10 layout (train/<class>/ + test/<class>/, or cifar-10-batches-py/)" >&2; exit 2; }
 else
   # tar and gzip say why in several lines (and a "Child returned status" one): keep the first, on our one line.
   if ! tar_error=$(tar -xzf "$data" -C "$scratch" 2>&1); then

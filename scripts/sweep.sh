@@ -270,10 +270,14 @@ run_one() {
 
   local status interrupted=0 # the stop file read once, so that every branch below sees the same answer
   [[ ! -e $state_dir/stop ]] || interrupted=1
-  if [[ -n $finished ]] && ((rc == 0)) && [[ $(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) != "$results_before" ]]; then
+  local rewritten=0 # main.py wrote results.json again (atomically: a new inode), having found it damaged
+  [[ -z $finished || $(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) == "$results_before" ]] || rewritten=1
+  if ((rewritten && (rc == 0 || interrupted))); then
     status="done (results.json written again: main.py could not read it)"
-  elif [[ -n $finished ]] && ((rc == 0 || (rc >= 128 && interrupted))); then
-    status="skipped" # checked, or killed by the interrupt while being checked: it had finished either way
+  elif [[ -n $finished ]] && ((rc == 0 || interrupted)); then
+    # checked, or stopped by the interrupt while being checked (torchrun then exits 1, whatever its worker did):
+    # it had finished either way, and the next sweep checks it again
+    status="skipped"
   elif ((rc == 75)); then # main.py's EXIT_IN_USE: another process (a second sweep, say) holds the run's folder
     status="BUSY (another process is training or checking it; rerun the sweep once it has ended)"
   elif [[ -n $finished ]]; then

@@ -597,6 +597,39 @@ def test_a_failed_option_row_fails_the_benchmark(bench, monkeypatch, capsys):
     assert f"| project: {labels[0]} |" in captured.out and f"| project: {labels[1]} |" in captured.out
 
 
+@pytest.mark.parametrize("verbose", ["", "1"])
+def test_compile_failure_is_one_line_as_in_main(bench, monkeypatch, capsys, verbose):
+    """--compile with no working compiler: main.py's one line and exit 2 (TORCHDYNAMO_VERBOSE=1: PyTorch's own
+    exception, as that line suggests), not a trace of some 90 lines."""
+    failed = torch._dynamo.exc.BackendCompilerFailed
+    exc = failed.__new__(failed)  # its constructor's arguments differ between torch releases
+    Exception.__init__(exc, "backend='inductor' raised:\nInvalidCxxCompiler: No working C++ compiler found")
+    exc.inner_exception = RuntimeError("No working C++ compiler found")
+
+    def no_compiler(*args):
+        raise exc
+
+    monkeypatch.setattr(bench, "time_project", no_compiler)
+    monkeypatch.setenv("TORCHDYNAMO_VERBOSE", verbose)
+    argv = [*TINY, "--compile", "--no_reference", "--memory_batch_sizes", ""]
+    if verbose:
+        with pytest.raises(failed):
+            bench.main_cli(argv)
+        return
+    assert bench.main_cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --compile could not compile the training step (RuntimeError: No working C++ compiler "
+                       "found); run without --compile, or with TORCHDYNAMO_VERBOSE=1 for PyTorch's trace")
+
+
+def test_memory_rows_are_saved_as_they_come(bench, monkeypatch):
+    """A run cut off inside the memory table keeps the rows measured before (--json is rewritten after each)."""
+    saved = []
+    monkeypatch.setattr(bench, "cpu_memory_row", lambda loss, batch_size: {"peak_bytes": batch_size * 1000})
+    table = bench.memory_table((512, 1024), torch.device("cpu"), lambda t: saved.append(len(t["rows"])))
+    assert saved == [1, 2, 3, 4] and len(table["rows"]) == 4
+
+
 def test_missing_data_root_is_one_line(bench, tmp_path, capsys):
     argv = [*TINY, "--data_root", str(tmp_path / "nothing"), "--no_reference", "--memory_batch_sizes", ""]
     assert bench.main_cli(argv) == 2

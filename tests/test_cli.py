@@ -1029,15 +1029,15 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
-@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "no last_top1"])
+@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "no last_top1", "many as text"])
 def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run, cifar10_root, capsys):
     """A results.json that cannot be read (cut off by a full disk, say) is not a finished run's: --resume (and so a
     sweep) writes it again from last.pt, which holds the whole run, with the same results."""
     results = existing_run / "results.json"
     whole = json.loads(results.read_text())
     results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{",
-                         "no last_top1": json.dumps({k: v for k, v in whole.items() if k != "last_top1"}).encode()
-                         }[damage])
+                         "no last_top1": json.dumps({k: v for k, v in whole.items() if k != "last_top1"}).encode(),
+                         "many as text": json.dumps({**whole, "many": "90"}).encode()}[damage])
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
     assert main.main([*argv, "--dry_run"]) == 0
     out = capsys.readouterr().out
@@ -1048,17 +1048,27 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith(f"note: {results} cannot be read (") and f"it is written again from {existing_run}" in out
-    assert "no last_top1" in out.splitlines()[0] if damage == "no last_top1" else True
+    assert {"no last_top1": "(no usable last_top1)", "many as text": "(no usable many)"}.get(damage, "") in \
+        out.splitlines()[0]
     assert "Embedding dir exists" not in out  # the earlier projections are replaced, not written beside
     again = json.loads(results.read_text())
     for key in ("best_top1", "last_top1", "per_class", "history", "best", "last", "ncm", "train_digest"):
         assert again[key] == whole[key], key
     code = main.main(argv)
     assert (code, capsys.readouterr().out) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n")
+    # A run with no class of a shot group records null there: whole, not damaged.
+    results.write_text(json.dumps({**again, "few": None}))
+    code = main.main(argv)
+    assert (code, capsys.readouterr().out) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n")
+    # Not a file (a folder; a pipe, which reading would wait on): one line, nothing replaced.
     results.unlink()
     results.mkdir()
     code, err = call_main(argv, capsys)
-    assert_one_line_error(code, err, f"{results} is a folder, not the run's results: move it away")
+    assert_one_line_error(code, err, f"{results} is not a file, so not the run's results: move it away")
+    results.rmdir()
+    os.mkfifo(results)
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, f"{results} is not a file")
 
 
 def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_root, monkeypatch, capsys):
@@ -1127,6 +1137,34 @@ def test_tensorboard_failures_beside_other_ends_of_a_run(when, tmp_path, cifar10
         assert err.strip().splitlines() == [
             f"warning: could not write TensorBoard events in {out}: No space left on device; the run finished and its "
             f"results.json is complete, but its TensorBoard events may lack their last records"]
+
+
+def test_results_that_cannot_be_read_at_all_are_not_written_over(tmp_path, monkeypatch):
+    """Permission denied, say: the file may be whole, so it is an error, not damage to write over."""
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(main.UserError, match=f"cannot read {results}: Permission denied"):
+        main.results_problem(results)
+
+
+def test_a_failure_before_the_first_step_closes_the_events_writer(tmp_path, cifar10_root, monkeypatch, capsys):
+    """An error between the events writer's start and the training loop (its HParams records, say) closes it and
+    puts the threads' hook back, as an error in the loop does."""
+    import threading
+
+    closed = []
+    real_close = main.EventWriter.close
+    monkeypatch.setattr(main.EventWriter, "close", lambda self: closed.append(1) or real_close(self))
+    monkeypatch.setattr(main.Run, "write_hparams", lambda self, when: (_ for _ in ()).throw(main.UserError("no")))
+    hook = threading.excepthook
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY], capsys)
+    assert_one_line_error(code, err, "error: no")
+    assert closed == [1] and threading.excepthook is hook
 
 
 def test_the_writer_threads_hook_passes_on_what_is_not_its_own():

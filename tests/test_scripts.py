@@ -914,6 +914,8 @@ if "--resume" in args and os.path.exists(os.path.join(out, "results.json")):  # 
         time.sleep(0.01)
     if signals:  # main.py has no handler yet while it checks: the signal ends it
         log("killed", signals=signals)
+        if os.environ.get("FAKE_CHECK_INTERRUPTED_EXIT"):  # as torchrun exits (1) whatever its worker did
+            sys.exit(int(os.environ["FAKE_CHECK_INTERRUPTED_EXIT"]))
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
     recipe = lambda a: [x for x in a if x not in ("--resume", "--overwrite")]
@@ -959,6 +961,7 @@ def fake(tmp_path):
     log_file = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items()
            if k not in ("CUDA_VISIBLE_DEVICES", "FAKE_FAIL", "FAKE_SLEEP", "FAKE_FINISH_FIRST", "FAKE_CHECK_SLEEP",
+                        "FAKE_CHECK_INTERRUPTED_EXIT",
                         "FAKE_DRY_RUN_FAIL", "FAKE_DRY_RUN_FAIL_FACTOR", "FAKE_DRY_RUN_SLEEP", "FAKE_BUSY")}
     env.update(PYTHON=str(script), FAKE_LOG=str(log_file))
 
@@ -1286,9 +1289,12 @@ def test_sweep_interrupt_stops_runs_and_exits_130(fake, tmp_path, gpus):
     assert [("--resume" in c["args"]) for c in read_log()[1:]] == [True, False]
 
 
-def test_sweep_interrupted_while_checking_a_finished_run_counts_it_as_skipped(fake, tmp_path):
+@pytest.mark.parametrize("exit_status", ["signal", "1"])  # main.py killed by it; torchrun's 1 whatever happened
+def test_sweep_interrupted_while_checking_a_finished_run_counts_it_as_skipped(fake, tmp_path, exit_status):
     """The check of a finished run, cut short by the interrupt, leaves it a finished run: skipped, not FAILED."""
     env, read_log = fake
+    if exit_status != "signal":
+        env["FAKE_CHECK_INTERRUPTED_EXIT"] = exit_status
     runs = tmp_path / "runs"
     args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--runs_dir", str(runs)]
     first = run_script("sweep.sh", [*args, "--methods", "sc"], env)
@@ -1708,12 +1714,13 @@ esac
 
 
 def fake_python_env(tmp_path: Path, **fake: str) -> dict[str, str]:
-    """The environment that makes gpu_checks.sh use FAKE_PYTHON (its calls logged to tmp_path/calls.log), with an
-    empty tmp_path/data for --data and the FAKE_* settings given."""
+    """The environment that makes gpu_checks.sh use FAKE_PYTHON (its calls logged to tmp_path/calls.log), with
+    tmp_path/data for --data (the image-folder layout's train/ and test/, empty) and the FAKE_* settings given."""
     python = tmp_path / "fake_python"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
-    (tmp_path / "data").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
     return {**os.environ, "PYTHON": str(python), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(tmp_path / "calls.log"),
             **{f"FAKE_{name.upper()}": value for name, value in fake.items()}}
 
@@ -1914,9 +1921,11 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     occupied.mkdir()
     (occupied / "keep.txt").write_text("earlier results")
     data = tmp_path / "data"
-    data.mkdir()
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
     for args, message in (
         (["--out", str(tmp_path / "o")], "--data is required"),
+        (["--data", str(occupied), "--out", str(tmp_path / "o")], "holds no CIFAR-10 layout"),  # a folder of other files
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
         (["--data", str(data), "--out", str(occupied)], "is not empty"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--budget_s", "1.5"], "whole number"),
@@ -1956,7 +1965,8 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
 
 def test_gpu_checks_takes_relative_paths_that_start_with_a_dash(tmp_path):
     """'--data -d --out -o' are folders, not options to dirname, mkdir or cd."""
-    (tmp_path / "-data").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "-data" / split).mkdir(parents=True)
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", "-data", "--out", "-out", "--device", "cpu",
                            "--budget_s", "0"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -18,7 +18,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,8 +93,10 @@ class ArraySplit:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = False) -> tuple[ArraySplit, ArraySplit]:
-    """(train, test) of ``dataset`` from ``data_root``, whichever layout is there.
+def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = False,
+               dataset_of: Optional[str] = None) -> tuple[ArraySplit, ArraySplit]:
+    """(train, test) of ``dataset`` from ``data_root``, whichever layout is there. ``dataset_of``: what fixed the
+    dataset (a checkpoint, for --eval_only), so that a folder of the other dataset is not answered with --dataset.
 
     Detection order: torchvision's pickled folder (``cifar-10-batches-py/`` or ``cifar-100-python/``),
     then image folders (``train/<class>/*`` and ``test/<class>/*``), then torchvision's download when
@@ -110,7 +112,7 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     if download:
         _download(dataset, root)
         return _read_pickled(dataset, pickled_dir)
-    hint = _data_root_hint(dataset, root)
+    hint = _data_root_hint(dataset, root, dataset_of)
     raise DataError(
         f"no {dataset} data in {root}: looked for {pickled_dir}/ (torchvision's pickled layout) and "
         f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); {hint + '; ' if hint else ''}pass "
@@ -118,14 +120,15 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     )
 
 
-def _data_root_hint(dataset: str, root: Path) -> str:
+def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> str:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, the other dataset, or a folder one level down that holds the data."""
     if root.name == _PICKLED_DIRS[dataset] and root.is_dir():
         return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}"
     others = [name for name in DATASETS if name != dataset and (root / _PICKLED_DIRS[name]).is_dir()]
     if others:
-        return f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data: --dataset {others[0]}?"
+        held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"
+        return f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"
     try:
         below = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError:  # not a folder, or unreadable: the message above says enough

@@ -1801,7 +1801,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
-    train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download)
+    train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download, dataset_of=str(path))
     try:
         train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
                                                          cfg.data_seed)

@@ -148,6 +148,19 @@ def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_eval_only_on_the_other_datasets_folder_points_at_the_checkpoint(finished_run, tmp_path, capsys):
+    """A CIFAR-10 checkpoint, a --data_root of CIFAR-100: the line says whose the dataset is (--dataset, which
+    --eval_only takes from the checkpoint, would be no way out)."""
+    _, out, _ = finished_run
+    write_pickled_cifar100(tmp_path / "c100", *make_synthetic(100, 2, 1, seed=0))
+    code, err = call_main(["--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(tmp_path / "c100"),
+                           "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, f"it holds cifar-100-python/, cifar100's data, but {out / 'last.pt'} is "
+                                     f"cifar10's")
+    assert "--dataset" not in err
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_eval_only_on_other_images_of_the_same_class_sizes_says_so(finished_run, tmp_path, capsys):
     """The same class sizes, other pixels: evaluated (the test accuracy does not depend on the training images),
     with a note that the nearest class mean is built from images the checkpoint was not trained on."""

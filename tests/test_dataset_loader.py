@@ -505,6 +505,10 @@ def test_a_data_root_without_the_data_says_what_it_holds(tmp_path):
         with pytest.raises(DataError) as caught:
             dl.load_cifar(dataset, root)
         assert hint in str(caught.value) and "\n" not in str(caught.value), (dataset, root)
+    # Where a checkpoint fixed the dataset (--eval_only), --dataset is not the way out.
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar100", tmp_path / "c10", dataset_of="run/best.pt")
+    assert "it holds cifar-10-batches-py/, cifar10's data, but run/best.pt is cifar100's; pass" in str(caught.value)
     # An image-folder copy one level down is offered only for the dataset whose number of classes it has.
     for name in ("airplane", "automobile"):
         for split in ("train", "test"):

@@ -901,6 +901,9 @@ def _session_entry_ok(entry: Any) -> bool:
     return (isinstance(entry, dict) and count(entry.get("epoch"), 0) and count(entry.get("step"), 0)
             and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last"))
             and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
+            and (entry.get("first_step_s") is None or (isinstance(entry["first_step_s"], numbers.Real)
+                                                       and not isinstance(entry["first_step_s"], bool)
+                                                       and entry["first_step_s"] >= 0))
             and (entry.get("world_size") is None or count(entry.get("world_size"), 1))
             and (entry.get("device") is None or isinstance(entry.get("device"), str)))
 
@@ -1541,8 +1544,8 @@ class Run:
                 raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
-                state.sessions.append(self.session(epoch, step))
                 self.first_step_s = time.perf_counter() - t_epoch
+                state.sessions.append({**self.session(epoch, step), "first_step_s": self.first_step_s})
                 t_log = t_epoch = time.perf_counter()
                 if dist.main:  # now, not only in results.json: a run cut off later still shows it
                     bar.write(f"first step {self.first_step_s:.1f} s (one-off costs: "
@@ -1753,7 +1756,8 @@ class Run:
             "class_counts": trainer.class_counts, "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
             "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
-            "first_step_s": self.first_step_s,
+            "first_step_s": self.first_step_s if self.first_step_s is not None else next(
+                (s["first_step_s"] for s in reversed(state.sessions) if s.get("first_step_s") is not None), None),
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
             "amp": mixed_setting(state, "amp", trainer.amp), "psc_temperature": cfg.psc_temperature,

@@ -89,7 +89,8 @@ def test_results_are_sane(finished_run):
     assert res["config"]["channels_last"] is None and saved["channels_last"] is True
     assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
     assert res["sessions"] == [{"epoch": 0, "step": 0, "amp": res["amp"], "channels_last": True, "world_size": 1,
-                                "device": res["device"]}]
+                                "device": res["device"], "first_step_s": res["first_step_s"]}]
+    assert res["first_step_s"] > 0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
     assert res["history"][1]["alpha"] == (0.75 if loss != "ce" else 0.0)  # 1 - (1/2)^2
@@ -779,6 +780,8 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "session_world_size_as_a_bool": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
                                                                         "world_size": True}]),
     "session_without_its_start": lambda s: s["run"].update(sessions=[{"amp": True}]),
+    "session_first_step_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
+                                                                      "first_step_s": "1.5"}]),
 }
 
 
@@ -787,7 +790,7 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
 RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text", "history_as_none",
                    "epoch_sums_of_another_shape", "epoch_negative", "step_past_the_epoch", "sessions_as_a_number",
                    "session_amp_as_text", "session_amp_as_a_list", "session_world_size_as_a_bool",
-                   "session_without_its_start")
+                   "session_without_its_start", "session_first_step_as_text")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -1035,10 +1038,10 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
     code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", other, *TINY])
     assert code == 0, capsys.readouterr().err
     res = json.loads((existing_run / "results.json").read_text())
+    evaluated = {k: v for k, v in trained["sessions"][0].items() if k != "first_step_s"}  # (it took no step)
     assert res["amp"] == "mixed" and res["sessions"] == [
-        *trained["sessions"], {**trained["sessions"][0], "epoch": 2, "step": 0, "amp": not trained["amp"],
-                               "evaluated_only": True}]
-    assert res["first_step_s"] is None  # no step in this session: what the first one took is not known here
+        *trained["sessions"], {**evaluated, "epoch": 2, "step": 0, "amp": not trained["amp"], "evaluated_only": True}]
+    assert res["first_step_s"] == trained["first_step_s"]  # the last session that took a step: its first step
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)

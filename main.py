@@ -396,6 +396,13 @@ def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def one_line_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc` is torch.compile's failure to compile (BackendCompilerFailed), to be said in one line
+    (compile_failure_text), not with PyTorch's trace: unless TORCHDYNAMO_VERBOSE asks for that trace."""
+    return (isinstance(exc, torch._dynamo.exc.BackendCompilerFailed)
+            and os.environ.get("TORCHDYNAMO_VERBOSE", "0") in ("", "0"))
+
+
 def compile_failure_text(exc: BaseException) -> str:
     """One line for a run whose --compile failed in its first step (no working C++ compiler for Inductor on the
     CPU, no Triton on CUDA): the compiler's own error (BackendCompilerFailed.inner_exception: its message is
@@ -874,8 +881,7 @@ class RunState:
             elif k == "sessions":
                 ok = isinstance(v, list) and all(_session_entry_ok(entry) for entry in v)
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
-                kind = numbers.Integral if isinstance(start, int) else numbers.Real
-                ok = isinstance(v, kind) and not isinstance(v, bool)
+                ok = _is_number(v, numbers.Integral if isinstance(start, int) else numbers.Real)
             else:
                 ok = start is None or isinstance(v, type(start))
             if not ok:
@@ -894,17 +900,22 @@ class RunState:
             self.epoch_sums = sums.to(device)
 
 
+def _is_number(value: Any, kind: type = numbers.Real) -> bool:
+    """A number of `kind` as JSON and checkpoints hold them: True and False are not numbers here."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return _is_number(value, numbers.Integral) and value >= least
+
+
 def _session_entry_ok(entry: Any) -> bool:
     """An entry of RunState.sessions as Run.session writes it (or Run.earlier_session, with what is unknown None)."""
-    def count(v, least):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-    return (isinstance(entry, dict) and count(entry.get("epoch"), 0) and count(entry.get("step"), 0)
+    return (isinstance(entry, dict) and _is_count(entry.get("epoch"), 0) and _is_count(entry.get("step"), 0)
             and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last"))
             and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
-            and (entry.get("first_step_s") is None or (isinstance(entry["first_step_s"], numbers.Real)
-                                                       and not isinstance(entry["first_step_s"], bool)
-                                                       and entry["first_step_s"] >= 0))
-            and (entry.get("world_size") is None or count(entry.get("world_size"), 1))
+            and (entry.get("first_step_s") is None or _is_number(entry["first_step_s"]) and entry["first_step_s"] >= 0)
+            and (entry.get("world_size") is None or _is_count(entry.get("world_size"), 1))
             and (entry.get("device") is None or isinstance(entry.get("device"), str)))
 
 
@@ -1314,7 +1325,7 @@ def results_problem(path: Path) -> Optional[str]:
             return isinstance(value, str)
         if value is None:  # many / medium / few: null where the run has no class of that size
             return key in record and not key.endswith("top1")
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return _is_number(value)
 
     bad = [key for key in ("dataset", "method", *RESULTS_CORE) if not usable(key)]
     return f"no usable {', '.join(bad)}" if bad else None
@@ -1397,10 +1408,8 @@ class Run:
             world_size = json.loads((self.out / "config.json").read_text()).get("world_size")
         except (OSError, ValueError, AttributeError):
             world_size = None
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            world_size = None
         return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),
-                "world_size": world_size, "device": None}
+                "world_size": world_size if _is_count(world_size, 1) else None, "device": None}
 
     def session(self, epoch: int, step: int) -> dict[str, Any]:
         """This session's entry of RunState.sessions, from (`epoch`, `step`) on."""
@@ -1538,8 +1547,7 @@ class Run:
             try:
                 terms = trainer.step(batch, alpha, lr)
             except Exception as exc:  # torch.compile compiles in the first step: a missing compiler shows there
-                if (timed or not cfg.compile or not isinstance(exc, torch._dynamo.exc.BackendCompilerFailed)
-                        or os.environ.get("TORCHDYNAMO_VERBOSE", "0") not in ("", "0")):
+                if timed or not cfg.compile or not one_line_compile_failure(exc):
                     raise
                 raise UserError(compile_failure_text(exc)) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN

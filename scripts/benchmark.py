@@ -56,8 +56,8 @@ CUDA also every kernel by name, its device time per step and share, the CUDA gra
 
 Every option of main.py that shapes the training step is accepted (the recipe, --model, --loss, --amp,
 --channels_last, --compile, --deterministic, ...; those of a run's outputs and course, RUN_ONLY_OPTIONS, are
-refused and hidden from --help); the data is synthetic random uint8 images with the long-tailed class sizes of --dataset / --imb_factor
-(12,406 images for CIFAR-10-LT at ratio 100) unless --data_root names real data.
+refused and hidden from --help); the data is synthetic random uint8 images with the long-tailed class sizes of
+--dataset / --imb_factor (12,406 images for CIFAR-10-LT at ratio 100) unless --data_root names real data.
 """
 from __future__ import annotations
 
@@ -134,8 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest == "data_root":
             action.help += " (default: none, synthetic uint8 images in the long-tailed class sizes)"
-    for action in parser._actions:  # refused (parse_args): not offered either
-        if action.dest in RUN_ONLY_OPTIONS:
+        elif action.dest in RUN_ONLY_OPTIONS:  # refused (parse_args): not offered either
             action.help = argparse.SUPPRESS
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--steps", type=int, default=50, help="timed steps per pipeline (CPU: 20 is plenty)")
@@ -750,11 +749,12 @@ def format_report(result: dict[str, Any]) -> str:
                          f"{_fmt(row['compile_s'], '.1f')} |")
         ref = result["reference"]
         if ref is not None and "error" in ref:
-            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader) | | | | failed: {ref['error']} "
-                         "| | | | |")
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader) | | | | "
+                         f"failed: {ref['error']} | | | | |")
         elif ref is not None:
-            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader), fp32 eager | off | off | off | "
-                         f"{ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | {ref['first_step_s']:.2f} | - |")
+            lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader), fp32 eager | off | off "
+                         f"| off | {ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | "
+                         f"{ref['first_step_s']:.2f} | - |")
         pairs = result.get("repeats") or []
         if len(pairs) > 1:
             lines += ["", f"x reference over {len(pairs)} alternating timings of the first project row and the "
@@ -852,8 +852,7 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
         except Exception as e:  # noqa: BLE001 - one failing option (say, compile without a compiler) is a row
             if opts.compare_options:
                 row = {"error": error_text(e)}
-            elif (isinstance(e, torch._dynamo.exc.BackendCompilerFailed)
-                  and os.environ.get("TORCHDYNAMO_VERBOSE", "0") in ("", "0")):  # one line, as main.py says it
+            elif main.one_line_compile_failure(e):  # as main.py says it
                 raise UserError(main.compile_failure_text(e)) from e
             else:
                 raise

@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import pickle
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ _PICKLED_FILES = {
 _LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
 _CACHE_VERSION = "1"  # bump when the cache's content or layout changes
 _CACHE_PREFIX = "hybrid-lt-cache-"
+_STALE_TMP_S = 3600.0  # a cache's temporary file this much older than now was left by a process that died
 
 
 def dataset_stats(dataset: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -244,8 +246,12 @@ def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySpli
     """``root/{train,test}/<class>/*`` decoded once, then served from an .npz cache keyed on the files."""
     num_classes = DATASETS[dataset]
     listing = {split: _list_class_folders(root / split, num_classes, dataset) for split in ("train", "test")}
-    if [name for name, _ in listing["train"]] != [name for name, _ in listing["test"]]:
-        raise DataError(f"the class folders of {root}/train and {root}/test differ")
+    train_names, test_names = ([name for name, _ in listing[split]] for split in ("train", "test"))
+    if train_names != test_names:
+        only = [f"only in {split}: {', '.join(sorted(set(names) - set(other)))}"
+                for split, names, other in (("train", train_names, test_names), ("test", test_names, train_names))
+                if set(names) - set(other)]
+        raise DataError(f"the class folders of {root}/train and {root}/test differ ({'; '.join(only)})")
     key = _listing_key(listing)
     labels = {split: _folder_labels(listing[split]) for split in ("train", "test")}
     cached = _read_cache(root, key, labels)
@@ -256,8 +262,10 @@ def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySpli
     return splits
 
 
-# One image file: (path, size in bytes, modification time in ns); size and time feed the cache key.
-_FileEntry = tuple[str, int, int]
+# One image file: (path, size in bytes, modification and status-change times in ns); size and times feed the cache
+# key. The change time (which no program can set back, unlike the modification time that archives restore) tells
+# apart files of the same names, sizes and dates, such as another archive's BMP files unpacked over these.
+_FileEntry = tuple[str, int, int, int]
 
 
 def _by_name(items: list, path_of: Callable[[Any], str] = lambda item: item) -> list:
@@ -275,7 +283,14 @@ def _class_dirs(split_dir: Path) -> list[str]:
     """The class folders of a split folder, sorted by name (_by_name); hidden entries are skipped. OSError when it
     cannot be read."""
     with os.scandir(split_dir) as entries:
-        return _by_name([e.path for e in entries if not e.name.startswith(".") and e.is_dir()])
+        entries = [e for e in entries if not e.name.startswith(".")]
+    for e in entries:
+        if e.is_symlink():
+            try:
+                os.stat(e.path)  # a loop raises its own OSError, named by the caller
+            except FileNotFoundError:  # a class folder's link to nothing: not "9 class folders"
+                raise DataError(f"{e.path} is a broken symbolic link") from None
+    return _by_name([e.path for e in entries if e.is_dir()])
 
 
 def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list[tuple[str, list[_FileEntry]]]:
@@ -298,9 +313,14 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
                         continue
                     if e.is_file():
                         stat = e.stat()
-                        files.append((e.path, stat.st_size, stat.st_mtime_ns))
+                        files.append((e.path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
                     elif e.is_symlink() and not os.path.exists(e.path):
                         raise DataError(f"{e.path} is a broken symbolic link")
+                    elif e.is_dir():  # its images would be left out silently, changing every class's size
+                        raise DataError(f"{e.path} is a folder inside class folder {class_dir}: put the class's "
+                                        f"images directly in its folder (train/<class>/<image>)")
+                    else:
+                        raise DataError(f"{e.path} is not a regular file (a pipe, socket or device)")
             if not files:
                 raise DataError(f"class folder {class_dir} has no images")
             listing.append((os.path.basename(class_dir), _by_name(files, lambda entry: entry[0])))
@@ -310,12 +330,14 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
 
 
 def _listing_key(listing: dict[str, list[tuple[str, list[_FileEntry]]]]) -> str:
-    """Hash of split/class/file names, sizes and modification times: it changes whenever a file does."""
+    """Hash of split/class/file names, sizes, modification and change times: it changes whenever a file does (and
+    when the folder is copied, which costs one more decoding)."""
     digest = hashlib.sha256(_CACHE_VERSION.encode())
     for split, classes in listing.items():
         for class_name, files in classes:
-            for path, size, mtime_ns in files:
-                digest.update(f"{split}/{class_name}/{os.path.basename(path)}\0{size}\0{mtime_ns}\n".encode())
+            for path, size, mtime_ns, ctime_ns in files:
+                digest.update(f"{split}/{class_name}/{os.path.basename(path)}\0{size}\0{mtime_ns}\0{ctime_ns}\n"
+                              .encode())
     return digest.hexdigest()[:24]
 
 
@@ -326,7 +348,7 @@ def _folder_labels(classes: list[tuple[str, list[_FileEntry]]]) -> np.ndarray:
 
 def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarray) -> ArraySplit:
     """The listed files decoded, with `labels` (_folder_labels of the same listing)."""
-    paths = [Path(path) for _, files in classes for path, _, _ in files]
+    paths = [Path(path) for _, files in classes for path, *_ in files]
     images = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
     def decode_range(start: int, stop: int) -> None:
@@ -344,25 +366,38 @@ def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarra
 
 
 def _decode_image(path: Path) -> np.ndarray:
-    """uint8 [32, 32, 3] RGB from any format Pillow reads."""
+    """uint8 [32, 32, 3] RGB from any format Pillow reads. 16-bit grey (Pillow's "I;16" modes) is scaled to 8 bits
+    (Pillow's convert("RGB") would clip every value above 255 to white); 32-bit integer or float grey ("I", "F"),
+    whose range is unknown, is refused."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            width, height, mode = *image.size, image.mode
             if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: a header may claim any size
-                rgb = np.asarray(image.convert("RGB"))
+                if mode.startswith("I;16"):
+                    grey = np.asarray(image).astype(np.uint32)  # 0..65535, whatever the byte order on disk
+                    rgb = np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+                elif mode not in ("I", "F"):
+                    rgb = np.asarray(image.convert("RGB"))
     except Exception as exc:  # a damaged file makes Pillow raise nearly anything: DecompressionBombError, struct.error
         raise DataError(f"cannot read image {path}: {exception_text(exc)}") from exc
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"image {path} is {width}x{height}; CIFAR images are 32x32")
+    if mode in ("I", "F"):
+        raise DataError(f"image {path} has {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (Pillow's "
+                        f"mode {mode}), whose range is unknown; save the images with 8 or 16 bits per channel")
     return rgb
 
 
 def _cache_candidates(root: Path, key: str) -> list[Path]:
     """Where the cache may live: beside the images, else in the user's cache folder."""
-    user_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybrid-lt"
-    return [root / f"{_CACHE_PREFIX}{key}.npz", user_dir / f"{_root_tag(root)}-{key}.npz"]
+    beside = root / f"{_CACHE_PREFIX}{key}.npz"
+    try:
+        user_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybrid-lt"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers): no second place
+        return [beside]
+    return [beside, user_dir / f"{_root_tag(root)}-{key}.npz"]
 
 
 def _root_tag(root: Path) -> str:
@@ -408,6 +443,15 @@ def _write_cache(root: Path, key: str, splits: tuple[ArraySplit, ArraySplit]) ->
         for stale in path.parent.glob(stale_pattern):
             if stale != path:
                 stale.unlink(missing_ok=True)
+        # The temporary file of a process killed while writing its cache (atomic_write's ".<name>.<random>.tmp";
+        # SIGKILL, or SIGTERM before a run installs its handler): as large as the cache. Only old ones, so as not to
+        # pull one from under another process writing it now (two runs of a sweep decoding at once).
+        for stale in path.parent.glob(f".{stale_pattern}.*.tmp"):
+            try:
+                if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
+                    stale.unlink()
+            except OSError:
+                pass
         return
     # No writable place: the next run decodes again, which is slow but correct.
 

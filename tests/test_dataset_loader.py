@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import pickle
 import struct
 import sys
@@ -765,6 +766,57 @@ def test_image_folder_loads_and_caches(tmp_path, monkeypatch, cifar10_like):
     assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
 
 
+def test_a_cache_write_removes_old_temporary_files_of_killed_processes_only(tmp_path, cifar10_like):
+    """A process killed while writing the cache leaves atomic_write's temporary file (as large as the cache): the
+    next cache write removes it once it is old, and leaves one that another process may be writing now."""
+    write_image_folder(tmp_path, *cifar10_like)
+    old = tmp_path / ".hybrid-lt-cache-0123abcd.npz.x1y2z3.tmp"
+    fresh = tmp_path / ".hybrid-lt-cache-4567ef01.npz.a1b2c3.tmp"
+    mine = tmp_path / ".other.npz.q1w2e3.tmp"  # not the cache's: never touched
+    for path in (old, fresh, mine):
+        path.write_bytes(b"half a cache")
+    hours_ago = time.time() - 2 * 3600
+    for path in (old, mine):
+        os.utime(path, (hours_ago, hours_ago))
+    dl.load_cifar("cifar10", tmp_path)
+    assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+    assert not old.exists() and fresh.exists() and mine.exists()
+
+
+def test_images_replaced_by_others_of_the_same_names_sizes_and_dates_are_decoded_again(tmp_path, tiny_cifar10):
+    """Another archive's fixed-size files (BMP) unpacked over these with the same dates: the cache key sees the
+    files' change times, which no archive restores, so the new pixels are read instead of the old cache's."""
+    train, test = tiny_cifar10
+    write_image_folder(tmp_path, train, test, fmt="bmp")
+    target = next((tmp_path / "train" / "class_001").iterdir())
+    stat = target.stat()
+    first = dl.load_cifar("cifar10", tmp_path)[0]
+    from PIL import Image
+    other = 255 - np.asarray(Image.open(target))
+    time.sleep(0.01)  # a later change time than the file's first one on any file system clock
+    Image.fromarray(other).save(target, format="BMP")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    index = [i for i, path in enumerate(sorted((tmp_path / "train").rglob("*.bmp"))) if path == target][0]
+    second = dl.load_cifar("cifar10", tmp_path)[0]
+    np.testing.assert_array_equal(second.images[index], other)
+    assert not np.array_equal(first.images[index], other)
+    assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+
+
+def test_no_home_folder_leaves_the_cache_beside_the_images(tmp_path, monkeypatch, tiny_cifar10):
+    """No HOME and no passwd entry (some containers): Path.home() raises; the data folder's cache still works."""
+    write_image_folder(tmp_path, *tiny_cifar10)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(dl.Path, "home", staticmethod(no_home))
+    dl.load_cifar("cifar10", tmp_path)
+    assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+
+
 def test_image_folder_cache_falls_back_to_user_dir(tmp_path, monkeypatch, cifar10_like):
     root, cache_home = tmp_path / "data", tmp_path / "cache"
     write_image_folder(root, *cifar10_like)
@@ -878,8 +930,64 @@ def test_mismatched_class_names(tmp_path):
     train, test = make_synthetic(10, 1, 1)
     write_image_folder(tmp_path, train, test)
     (tmp_path / "test" / "class_004").rename(tmp_path / "test" / "class_x")
-    with pytest.raises(DataError, match="differ"):
+    with pytest.raises(DataError, match=r"differ \(only in train: class_004; only in test: class_x\)$"):
         dl.load_cifar("cifar10", tmp_path)
+
+
+def test_a_folder_inside_a_class_folder_is_named_not_skipped(tmp_path):
+    """Its images would have been left out silently (and the smallest class sets n_max: every class's size
+    changes); a hidden one (.ipynb_checkpoints) is skipped like any hidden entry."""
+    train, test = make_synthetic(10, 2, 1)
+    write_image_folder(tmp_path, train, test)
+    (tmp_path / "train" / "class_000" / ".ipynb_checkpoints").mkdir()
+    assert len(dl.load_cifar("cifar10", tmp_path)[0].labels) == 20
+    nested = tmp_path / "train" / "class_004" / "more"
+    nested.mkdir()
+    first = next(p for p in sorted((tmp_path / "train" / "class_004").iterdir()) if p.is_file())
+    first.rename(nested / first.name)
+    with pytest.raises(DataError, match=f"{nested} is a folder inside class folder .*class_004: put the class's "
+                                        r"images directly in its folder \(train/<class>/<image>\)$"):
+        dl.load_cifar("cifar10", tmp_path)
+    nested.rename(tmp_path / "more")
+    os.mkfifo(tmp_path / "train" / "class_004" / "pipe")
+    with pytest.raises(DataError, match=r"pipe is not a regular file \(a pipe, socket or device\)$"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_a_broken_link_for_a_class_folder_is_named(tmp_path):
+    """Not "9 class folders; cifar10 needs 10" when the tenth is there but leads nowhere."""
+    train, test = make_synthetic(10, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    (tmp_path / "train" / "class_004").rename(tmp_path / "moved")
+    os.symlink(tmp_path / "gone", tmp_path / "train" / "class_004")
+    with pytest.raises(DataError, match=r"class_004 is a broken symbolic link$"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
+def test_16_bit_grey_images_are_scaled_and_32_bit_ones_refused(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit grey (mode I;16) to 255: white images, silently. Scaled to 8 bits they
+    hold the grey they show; 32-bit integer or float pixels (modes I, F) have no known range: refused."""
+    from PIL import Image
+
+    train, test = make_synthetic(10, 1, 1)
+    write_image_folder(tmp_path, train, test)
+    grey16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)  # 0 .. 65472
+    target = tmp_path / "train" / "class_002" / "000002.png"
+    Image.fromarray(grey16).save(target)
+    assert Image.open(target).mode == "I;16"
+    loaded = dl.load_cifar("cifar10", tmp_path)[0].images[2]
+    expected = np.round(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(loaded, np.repeat(expected[..., None], 3, axis=2))
+    for mode, array, what in (("I", grey16.astype(np.int32), "32-bit integer"),
+                              ("F", grey16.astype(np.float32), "floating-point")):
+        target.unlink()
+        tiff = target.with_suffix(".tiff")
+        Image.fromarray(array).save(tiff)
+        assert Image.open(tiff).mode == mode
+        with pytest.raises(DataError, match=f"000002.tiff has {what} pixels \\(Pillow's mode {mode}\\)"):
+            dl.load_cifar("cifar10", tmp_path)
+        tiff.unlink()
+        Image.fromarray(train.images[2]).save(target)
 
 
 def test_unreadable_image_is_named(tmp_path):

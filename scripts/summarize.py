@@ -29,8 +29,9 @@ Choices, documented here and in the table's footnotes:
   ("CE [ce_sampler=class]", the hybrid's classifier branch alone) and gets no literature value.
   Likewise a hybrid run in another form than the paper's (--alpha_schedule other than parabolic,
   --sc_aug supcon, --sc_sampler other than instance, --ce_sampler other than class, --feat_dim other
-  than 128, for PSC --psc_denominator all), and any run with another --model than resnet32 (the
-  backbone of every reference value), is always labelled with it and gets no paper value. So does a
+  than 128, for SC a --base_temp other than --temp, for PSC --psc_denominator all), and any run
+  with another --model than resnet32 (the backbone of every reference value), is always labelled
+  with it and gets no paper value. So does a
   row trained on another split than the full dataset's long-tailed one (recorded class sizes whose
   largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
@@ -56,7 +57,8 @@ Choices, documented here and in the table's footnotes:
   bookkeeping, not a result.
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
-  summary reads (a results.json, or the config.json beside one). Bad arguments and files that
+  summary reads (a results.json, or the config.json beside one), nor a file main.py writes in a run
+  folder it reads (last.pt, best.pt, TensorBoard events). Bad arguments and files that
   cannot be written are one line on stderr and a non-zero exit.
 
 Only the standard library and numpy: it runs anywhere the run folders are copied to.
@@ -124,7 +126,7 @@ LITERATURE_TOP1 = MappingProxyType({("cifar10", "ce", 100): 70.36})
 _PAPER_FORM = {"model": "resnet32", "alpha_schedule": "parabolic", "sc_aug": "paper", "sc_sampler": "instance",
                "ce_sampler": "class", "feat_dim": 128}
 REFERENCE_RECIPE = MappingProxyType({
-    "sc": MappingProxyType(_PAPER_FORM),
+    "sc": MappingProxyType({**_PAPER_FORM, "base_temp": None}),  # the paper's SC formula: no factor temp / base_temp
     "psc": MappingProxyType({**_PAPER_FORM, "psc_denominator": "negatives"}),
     "ce": MappingProxyType({"model": "resnet32", "ce_sampler": "instance"}),
 })
@@ -347,7 +349,10 @@ def parse_result(data: object, path: str) -> RunResult:
     decay = data.get("lr_decay_epochs", [])
     if not isinstance(decay, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in decay):
         raise ValueError(f"'lr_decay_epochs' must be a list of integers, got {decay!r}")
-    batch_size = data.get("batch_size")
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"'config' must be an object, got {config!r}")
+    batch_size = data.get("batch_size", config.get("batch_size"))
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
         raise ValueError(f"'batch_size' must be an integer, got {batch_size!r}")
     best_top1, last_top1 = _number(data, "best_top1"), _number(data, "last_top1")
@@ -357,9 +362,6 @@ def parse_result(data: object, path: str) -> RunResult:
     imb_type = data.get("imb_type", "exp")
     if not isinstance(imb_type, str):
         raise ValueError(f"'imb_type' must be a string, got {imb_type!r}")
-    config = data.get("config", {})
-    if not isinstance(config, dict):
-        raise ValueError(f"'config' must be an object, got {config!r}")
     settings = {**FLAGS_ADDED_LATER, **{name: value for name, value in config.items() if name not in NOT_RECIPE}}
     if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
         settings["world_size"] = data["world_size"]
@@ -414,8 +416,9 @@ def reference_recipe(key: GroupKey) -> dict[str, str]:
 
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     """The runs of one group split by the recipe settings they differ in, each part keyed with those
-    settings as its variant. A setting splits the group when the runs that record it hold more than
-    one value; runs that do not record such a setting form their own part ("name=?")."""
+    settings as its variant. A setting splits the group when the runs that record it hold more than one value, or
+    one value other than the reference value's (then every run is labelled with it). Runs that do not record such a
+    setting join the others where those hold one value, and form their own part ("name=?") where they differ."""
     recipes = [dict(run.recipe) for run in runs]
     values: dict[str, set[str]] = {}
     for recipe in recipes:
@@ -428,7 +431,8 @@ def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list
         return {key: runs}
     parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
     for run, recipe in zip(runs, recipes):
-        variant = tuple((name, recipe.get(name, UNRECORDED)) for name in differing)
+        variant = tuple((name, recipe.get(name, next(iter(values[name])) if len(values[name]) == 1 else UNRECORDED))
+                        for name in differing)
         parts.setdefault(variant, []).append(run)
     return {replace(key, variant=variant): members for variant, members in parts.items()}
 
@@ -556,10 +560,10 @@ def _ratio_text(key: GroupKey) -> str:
 def schedule_text(key: GroupKey, paper_schedule: bool, detailed: bool = False) -> str:
     """'200' on the paper schedule; otherwise says which schedule, e.g. 'short schedule: 20 epochs', with the
     lr decay epochs and the batch size when longer than the paper's or `detailed` (to tell two rows apart)."""
-    if paper_schedule:
-        return str(key.epochs)
-    decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
     batch = "?" if key.batch_size is None else str(key.batch_size)
+    if paper_schedule:  # detailed: a run that does not record its batch size beside one that does
+        return f"{key.epochs}, batch {batch}" if detailed else str(key.epochs)
+    decay = ",".join(str(e) for e in key.lr_decay_epochs) or "none"
     if key.epochs < PAPER_EPOCHS:
         short = f"short schedule: {_plural(key.epochs, 'epoch')}"
         return f"{short}, lr decay at {decay}, batch {batch}" if detailed else short
@@ -661,9 +665,10 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "processes) are reported apart; '?': the run does not record the setting. At the paper's "
                      "schedule, a row with another model than resnet32 or in another form of the method than the "
                      "paper's (alpha_schedule other than parabolic, sc_aug other than paper, sc_sampler other than "
-                     "instance, ce_sampler other than class, feat_dim other than 128, for Hybrid-PSC "
-                     "psc_denominator other than negatives), for a hybrid with other hyper-parameters than the "
-                     "paper states (learning_rate 0.5, momentum 0.9, weight_decay 1e-4, lr_decay_rate 0.1, "
+                     "instance, ce_sampler other than class, feat_dim other than 128, for Hybrid-SC a base_temp "
+                     "other than its temp, for Hybrid-PSC psc_denominator other than negatives), for a hybrid "
+                     "with other hyper-parameters than the paper states (learning_rate 0.5, momentum 0.9, "
+                     "weight_decay 1e-4, lr_decay_rate 0.1, "
                      "gray_prob 0.2, temp 0.1, "
                      "psc_temp 1.0 on CIFAR-10 and 0.1 on CIFAR-100) or, for CE, with a ce_sampler other than "
                      "instance has no reference value ('—').")
@@ -853,9 +858,16 @@ def _resolved(path: Path) -> Path:
         return path
 
 
+# What main.py writes into a run folder (main.RUN_FILES, its TensorBoard events and projector config; repeated here
+# so that summarising needs no torch): an --out there would replace a run's checkpoint or record with a table.
+RUN_FOLDER_FILES = ("config.json", "last.pt", "best.pt", "results.json", "projector_config.pbtxt")
+EVENTS_PREFIX = "events.out.tfevents."
+
+
 def check_out(out: str, files: list[Path]) -> None:
     """Refuse an --out that names a folder or a file the summary reads (a results.json, or the config.json
-    beside one): replacing a run's record with the table would lose it."""
+    beside one), or a file main.py writes in a run folder the summary reads (a checkpoint, TensorBoard events):
+    replacing a run's record with the table would lose it."""
     target = _resolved(Path(out))
     if _kind(target) == "dir":
         raise SummaryError(f"--out {out} is a folder; give a file name")
@@ -864,6 +876,9 @@ def check_out(out: str, files: list[Path]) -> None:
             if target == _resolved(read):
                 raise SummaryError(f"--out {out} would replace {read}, which this summary reads; "
                                    "give another file")
+    run_folders = {_resolved(file.parent) for file in files}
+    if target.parent in run_folders and (target.name in RUN_FOLDER_FILES or target.name.startswith(EVENTS_PREFIX)):
+        raise SummaryError(f"--out {out} would replace a file of the run in {target.parent}; give another file")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -914,6 +929,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if "" in args.paths:  # Path("") is the current folder: never what an empty variable in a script meant
+            raise SummaryError("an empty folder name; give run folders or their parents")
+        if args.out == "":
+            raise SummaryError("--out is empty: give a file name, or drop --out to print the table")
         files = find_result_files(args.paths)
         if not files:
             raise SummaryError(f"no results.json found under {' '.join(args.paths)}")

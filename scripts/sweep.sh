@@ -281,7 +281,10 @@ run_one() {
   elif ((rc == 75)); then # main.py's EXIT_IN_USE: another process (a second sweep, say) holds the run's folder
     status="BUSY (another process is training or checking it; rerun the sweep once it has ended)"
   elif [[ -n $finished ]]; then
-    status="FAILED (finished already, with other settings or unreadable: exit $rc${log:+, see $log}; use another --runs_dir)"
+    # main.py's line says which: a recipe other than this sweep's, an unreadable checkpoint, or (when every run had
+    # finished, so that no dry run checked the flags first) a flag main.py does not take
+    status="FAILED (finished already, but main.py --resume refused it: exit $rc${log:+, see $log}; other settings"
+    status+=" (use another --runs_dir), an unreadable checkpoint or a bad flag)"
   elif ((interrupted)) && [[ ! -e $run_dir/results.json ]]; then
     status="INTERRUPTED (exit $rc)"
   elif ((interrupted)); then

@@ -497,6 +497,33 @@ def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, c
     assert "'?': the run does not record the setting" in out
 
 
+def test_runs_without_a_setting_join_the_others_when_those_agree_also_on_a_value_other_than_the_papers(
+        summarize, tmp_path, capsys):
+    """A setting that labels every row (another model than the paper's) does not put a run that does not record
+    it apart while the runs that do agree; it labels that run too."""
+    write_result(tmp_path, "s0", seed=0, config={"model": "resnet8", "warm_epochs": 5})
+    write_result(tmp_path, "s1", seed=1, config={"model": "resnet8"})
+    write_result(tmp_path, "s2", seed=2, config={"warm_epochs": 5})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert [(r[1], r[3], r[-2]) for r in table_rows(out)] == [("Hybrid-SC [model=resnet8]", "3 (0, 1, 2)", "—")]
+
+
+def test_a_batch_size_missing_from_results_json_is_the_configs_or_said(summarize, tmp_path, capsys):
+    """results.json without "batch_size" (not written by main.py, which always has): the config's; with neither,
+    its row says 'batch ?' beside the row that records 512 rather than looking like it."""
+    for name, seed, config in (("a", 0, {}), ("b", 1, {"batch_size": 512}), ("c", 2, {"batch_size": 512})):
+        path = write_result(tmp_path, name, seed=seed, config=config)
+        record = json.loads(path.read_text())
+        del record["batch_size"]
+        path.write_text(json.dumps(record))
+    write_result(tmp_path, "d", seed=3)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0
+    assert sorted((r[3], r[9]) for r in table_rows(out)) == [("1 (0)", "200, batch ?"),
+                                                               ("3 (1, 2, 3)", "200, batch 512")]
+
+
 def test_a_default_and_the_same_value_given_explicitly_are_one_row(summarize, tmp_path, capsys):
     # results.json records what --amp / --psc_temp resolved to; the saved config keeps None for a default.
     def write(name, seed, config, method="psc", **resolved):
@@ -603,7 +630,7 @@ def test_feature_branch_settings_split_only_the_hybrids_rows(summarize, tmp_path
 
 @pytest.mark.parametrize("method, flag, value", [
     ("sc", "alpha_schedule", "linear"), ("psc", "alpha_schedule", "equal"), ("sc", "sc_aug", "supcon"),
-    ("psc", "psc_denominator", "all"),
+    ("psc", "psc_denominator", "all"), ("sc", "base_temp", 0.07),  # SupContrast's factor temp / base_temp on the loss
     # the paper's stated hyper-parameters (Section 4.1), PSC's temperature by dataset (CIFAR-10: 1.0)
     ("sc", "learning_rate", 0.05), ("psc", "momentum", 0.0), ("sc", "weight_decay", 5e-4), ("psc", "gray_prob", 0.0),
     ("sc", "temp", 0.07), ("psc", "psc_temp", 0.1), ("psc", "lr_decay_rate", 0.5),
@@ -627,14 +654,15 @@ def test_a_hybrid_in_another_form_than_the_papers_is_never_set_beside_it(summari
     assert line["variant"] == f"{flag}={value}" and line["reference_top1"] == "" and line["reference_source"] == ""
     default = {"alpha_schedule": "parabolic", "sc_aug": "paper", "psc_denominator": "negatives", "learning_rate": 0.5,
                "momentum": 0.9, "weight_decay": 1e-4, "gray_prob": 0.2, "temp": 0.1, "psc_temp": 1.0,
-               "lr_decay_rate": 0.1, "ce_sampler": "class", "sc_sampler": "instance", "feat_dim": 128}[flag]
+               "lr_decay_rate": 0.1, "ce_sampler": "class", "sc_sampler": "instance", "feat_dim": 128,
+               "base_temp": None}[flag]
     (tmp_path / "other" / "results.json").unlink()
     write_result(tmp_path, "paper_form", method=method, seed=0, last=70.0, config={flag: default})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     [row] = table_rows(out)
     paper = {"sc": 81.40, "psc": 78.82}[method]
     assert row[1] == label and row[-2:] == [f"{paper:.2f}", f"{70.0 - paper:+.2f}"]
-    if flag in ("alpha_schedule", "sc_aug", "psc_denominator", "ce_sampler", "sc_sampler", "feat_dim"):
+    if flag in ("alpha_schedule", "sc_aug", "psc_denominator", "ce_sampler", "sc_sampler", "feat_dim", "base_temp"):
         return
     # On a shorter schedule (a CPU run scales the lr with its batch) such a setting neither labels nor splits.
     (tmp_path / "paper_form" / "results.json").unlink()
@@ -748,6 +776,16 @@ def test_summarize_usage_errors_are_one_line_and_exit_2(tmp_path, args, message)
     assert_one_line_error(summarize_script(*args, cwd=tmp_path), message, code=2)
 
 
+def test_summarize_empty_names_are_one_line(tmp_path):
+    """An empty variable in a script: neither the current folder summarised nor the table printed instead."""
+    write_result(tmp_path / "runs", "a")
+    before = tree(tmp_path)
+    assert_one_line_error(summarize_script("", cwd=tmp_path), "an empty folder name; give run folders or their parents")
+    assert_one_line_error(summarize_script("runs", "--out", "", cwd=tmp_path),
+                          "--out is empty: give a file name, or drop --out to print the table")
+    assert tree(tmp_path) == before
+
+
 def test_summarize_paths_it_cannot_look_at_are_one_line(tmp_path):
     """A name too long for the file system (as a folder that cannot be entered would) makes Path.is_file raise."""
     write_result(tmp_path / "runs", "a")
@@ -844,6 +882,30 @@ def test_summarize_out_may_not_replace_a_file_it_reads(summarize, tmp_path, caps
     assert code == 1 and stdout == "" and err.count("\n") == 1
     assert err.startswith(f"summarize.py: error: --out {out} would replace ") and "which this summary reads" in err
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("out", ["runs/a/last.pt", "runs/a/best.pt", "runs/a/events.out.tfevents.1.host.1",
+                                 "runs/a/projector_config.pbtxt"])
+def test_summarize_out_may_not_replace_a_file_of_a_run(summarize, tmp_path, capsys, monkeypatch, out):
+    """A checkpoint or TensorBoard file in a run folder the summary reads is the run's, not a place for a table;
+    the same name elsewhere is a file like any other."""
+    write_result(tmp_path / "runs", "a")
+    (tmp_path / out).write_bytes(b"checkpoint")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_summarize(summarize, capsys, "runs", "--out", out)
+    assert code == 1 and stdout == ""
+    assert err == f"summarize.py: error: --out {out} would replace a file of the run in {tmp_path / 'runs' / 'a'}; " \
+                  "give another file\n"
+    assert tree(tmp_path) == before
+    elsewhere = Path(out).name
+    code, _, _ = run_summarize(summarize, capsys, "runs", "--out", elsewhere)
+    assert code == 0 and "Hybrid-SC" in (tmp_path / elsewhere).read_text()
+
+
+def test_summarize_knows_the_files_main_writes_in_a_run_folder(summarize):
+    import main
+    assert set(main.RUN_FILES) | {main.PROJECTOR_CONFIG} == set(summarize.RUN_FOLDER_FILES)
 
 
 # ---- sweep.sh / table1.sh with a fake main.py ------------------------------------------------
@@ -1033,7 +1095,8 @@ def test_sweep_runs_each_config_in_its_folder_then_skips(fake, tmp_path, summari
     other = run_script("sweep.sh", [*args, "--alpha_schedule", "linear"], env)
     assert other.returncode == 1
     assert set(summary_statuses(other.stdout).values()) == {
-        "FAILED (finished already, with other settings or unreadable: exit 1; use another --runs_dir)"}
+        "FAILED (finished already, but main.py --resume refused it: exit 1; other settings (use another "
+        "--runs_dir), an unreadable checkpoint or a bad flag)"}
     assert other.stderr.count("error: checkpoint was made with other settings") == len(expected)
     assert len(read_log("end")) == len(expected)
     assert {name: (runs / name / "results.json").read_text() for name in expected} == before
@@ -1609,8 +1672,15 @@ def test_sweep_real_cli(tmp_path, summarize):
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert other.returncode == 1
     assert set(summary_statuses(other.stdout).values()) == {
-        "FAILED (finished already, with other settings or unreadable: exit 2; use another --runs_dir)"}
+        "FAILED (finished already, but main.py --resume refused it: exit 2; other settings (use another "
+        "--runs_dir), an unreadable checkpoint or a bad flag)"}
     assert other.stderr.count("was made with other settings: --weight_decay 0.0001 -> 0.001") == 2
+    # Every run finished, so no dry run checks the flags first: a typo fails each check, and its status does not
+    # blame the settings alone.
+    typo = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args, "--lerning_rate", "0.1"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert typo.returncode == 1 and "--dry_run" not in typo.stdout
+    assert "a bad flag)" in typo.stdout and typo.stderr.count("unrecognized arguments: --lerning_rate") == 2
     table = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(runs)], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr

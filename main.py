@@ -169,8 +169,8 @@ class Config:
                              "max-autotune (both search kernels: compiling takes much longer)", "run",
                              choices=COMPILE_MODES)
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CUDA; slower)", "run")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA; on one process it is plain "
-                               "batch norm, and the run says so)", "run")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (torchrun on CUDA; the CPU refuses it; on one CUDA "
+                               "process it is plain batch norm, and the run says so)", "run")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
     ncm_every: int = _opt(0, "also classify the test set by the nearest class mean of the backbone features every N "
                           "epochs (each time it embeds the long-tailed training set too, about twice the work of an "
@@ -299,6 +299,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
     if not 0 < cfg.imb_factor <= 1:
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
+    if not math.isfinite(cfg.imbalance_ratio):
+        raise UserError(f"--imb_factor {cfg.imb_factor} is too small: its imbalance ratio 1 / imb_factor is not a "
+                        f"finite number (every tail class would be empty)")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -403,15 +406,18 @@ def one_line_compile_failure(exc: BaseException) -> bool:
             and os.environ.get("TORCHDYNAMO_VERBOSE", "0") in ("", "0"))
 
 
-def compile_failure_text(exc: BaseException) -> str:
+def compile_failure_text(exc: BaseException, saved_nothing: bool = False) -> str:
     """One line for a run whose --compile failed in its first step (no working C++ compiler for Inductor on the
     CPU, no Triton on CUDA): the compiler's own error (BackendCompilerFailed.inner_exception: its message is
-    "backend='inductor' raised:" and the cause on the next line), first line only, not PyTorch's trace."""
+    "backend='inductor' raised:" and the cause on the next line), first line only, not PyTorch's trace.
+    `saved_nothing`: a new run, whose folder holds its config.json but no checkpoint, so that running it again
+    without --compile takes --overwrite."""
     cause = getattr(exc, "inner_exception", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     what = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-    return (f"--compile could not compile the training step ({what}); run without --compile, or with "
-            f"TORCHDYNAMO_VERBOSE=1 for PyTorch's trace")
+    way = "run without --compile" + (" (and with --overwrite: this run saved nothing)" if saved_nothing else "")
+    return (f"--compile could not compile the training step ({what}); {way}, or with TORCHDYNAMO_VERBOSE=1 for "
+            f"PyTorch's trace")
 
 
 def hidden_gpu_note(choice: str, device: torch.device) -> Optional[str]:
@@ -1006,21 +1012,34 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
+    if not out.exists():  # a new folder: the one it would be made in (a dry run makes none, but should say so)
+        parent = Path(os.path.abspath(out)).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"cannot prepare output folder {out}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot prepare output folder {out}: no permission to create folders in {parent}")
     has_run = holds_run(out)
-    # A run that left no checkpoint and no results (it diverged or was killed before its first checkpoint): only
-    # --overwrite can start it again. (One whose last.pt alone was deleted, say a finished run, is not this.)
-    nothing_saved = has_run and not any((out / f).exists() for f in ("last.pt", "best.pt", "results.json"))
-    if cfg.resume:
-        if not (out / "last.pt").is_file():
-            if nothing_saved:
-                raise UserError(f"--resume: {out} holds a run that saved no checkpoint (last.pt) to resume from; "
-                                f"pass --overwrite instead of --resume to start it again")
-            raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
-    elif has_run and not cfg.overwrite:
-        if nothing_saved:
-            raise UserError(f"{out} already holds a run that saved no checkpoint (last.pt) to resume from; pass "
-                            f"--overwrite to start again")
+    if cfg.resume and (out / "last.pt").is_file() or not cfg.resume and (not has_run or cfg.overwrite):
+        return
+    # No last.pt to resume from: say what the folder holds instead, and the way out.
+    if not has_run:
+        raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
+    instead = "pass --overwrite instead of --resume" if cfg.resume else "pass --overwrite"
+    if (out / "last.pt").exists():  # a plain rerun of a run that can be continued
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
+    if (out / "results.json").exists():  # a finished run whose last.pt was deleted
+        raise UserError(f"{out} holds a finished run (results.json) whose last.pt was deleted, so it can be neither "
+                        f"continued nor checked: use another --output_dir (--overwrite would delete its results)")
+    if (out / "best.pt").exists():  # killed or out of disk between the two writes at an epoch's end (best.pt first)
+        raise UserError(f"{out} holds a run's best.pt but no last.pt (its process ended, or the disk filled, before "
+                        f"last.pt was written; or last.pt was deleted), so it cannot be resumed: move the folder away "
+                        f"to keep best.pt, or {instead} to start again (which deletes it)")
+    # A run that left no checkpoint and no results (it failed, diverged or was killed before its first checkpoint).
+    prefix = "--resume: " if cfg.resume else ""
+    raise UserError(f"{prefix}{out} {'holds' if cfg.resume else 'already holds'} a run that saved no checkpoint "
+                    f"(last.pt) to resume from; {instead} to start {'it ' if cfg.resume else ''}again")
 
 
 # sysexits.h's EX_TEMPFAIL: the run folder is in use by another process; the same command may succeed later.
@@ -1152,7 +1171,8 @@ def as_compared(settings: dict[str, Any]) -> dict[str, Any]:
     if settings.get("base_temp") is not None and settings.get("base_temp") == settings.get("temp"):
         settings["base_temp"] = None
     if "psc_temp" in settings and settings["psc_temp"] is None:
-        settings["psc_temp"] = PSC_TEMPERATURES.get(settings.get("dataset"))
+        dataset = settings.get("dataset")  # a damaged checkpoint's may be anything: no default, so it differs
+        settings["psc_temp"] = PSC_TEMPERATURES.get(dataset) if isinstance(dataset, str) else None
     return settings
 
 
@@ -1164,7 +1184,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
     then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
     same_then, same_now = as_compared(then), as_compared(now)  # compared so; said as given
-    diff = [f"--{k} {flag_text(then[k])} -> {flag_text(now[k])}" for k in keys
+    def said(k: str) -> tuple[str, str]:  # as flags take them; as Python values where those read alike
+        then_text, now_text = flag_text(then[k]), flag_text(now[k])
+        return (repr(then[k]), repr(now[k])) if then_text == now_text else (then_text, now_text)
+
+    diff = [f"--{k} {' -> '.join(said(k))}" for k in keys
             if same_then[k] != same_now[k] and then[k] != now[k]]  # (the same --base_temp at another --temp: --temp)
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
@@ -1391,9 +1415,9 @@ class Run:
             if not self.state.sessions and (self.state.epoch, self.state.step) != (0, 0):
                 self.state.sessions = [self.earlier_session(saved)]
             steps = self.trainer.steps_per_epoch
-            if self.state.epoch < 0 or not 0 <= self.state.step <= steps:
+            if not 0 <= self.state.epoch <= self.cfg.epochs or not 0 <= self.state.step <= steps:
                 raise ValueError(f"its run entry is at epoch {self.state.epoch}, step {self.state.step}, outside "
-                                 f"epochs 0.. and steps 0..{steps} of this run")
+                                 f"epochs 0..{self.cfg.epochs} and steps 0..{steps} of this run")
             util.set_rng_states(saved["rng"])
         except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but the device's fault, not the checkpoint's
             raise
@@ -1549,7 +1573,7 @@ class Run:
             except Exception as exc:  # torch.compile compiles in the first step: a missing compiler shows there
                 if timed or not cfg.compile or not one_line_compile_failure(exc):
                     raise
-                raise UserError(compile_failure_text(exc)) from exc
+                raise UserError(compile_failure_text(exc, saved_nothing=not (self.out / "last.pt").exists())) from exc
             if not timed:  # this process's first step: its one-off costs (torch.compile, allocator, cuDNN
                 self.sync()  # autotuning) go to first_step_s, and the clocks restart after it
                 self.first_step_s = time.perf_counter() - t_epoch
@@ -1581,14 +1605,20 @@ class Run:
             since_log.zero_()
             total, feat, ce, n = sums.tolist()
             now = time.perf_counter()
-            rate = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9)
+            # None for an interval of only this session's first step, which is not timed (its one-off costs)
+            rate = steps_since_log * cfg.batch_size / max(now - t_log, 1e-9) if steps_since_log else None
             t_log, steps_since_log = now, 0
             if not math.isfinite(total):
                 self.diverged(epoch, step)
-            bar.set_postfix(loss=f"{total / n:.3f}", alpha=f"{alpha:.3f}", lr=f"{lr:.4f}", samples_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{total / n:.3f}", alpha=f"{alpha:.3f}", lr=f"{lr:.4f}",
+                            samples_s="-" if rate is None else f"{rate:.0f}")
             if self.writer is not None:
-                for tag, value in (("loss/total", total / n), ("loss/feature", feat / n), ("loss/ce", ce / n),
-                                   ("train/alpha", alpha), ("train/lr", lr), ("train/samples_per_s", rate)):
+                scalars = [("loss/total", total / n), ("loss/ce", ce / n), ("train/lr", lr)]
+                if trainer.feature_branch:  # a CE run has no feature loss and no alpha: no flat zero lines of them
+                    scalars += [("loss/feature", feat / n), ("train/alpha", alpha)]
+                if rate is not None:
+                    scalars.append(("train/samples_per_s", rate))
+                for tag, value in scalars:
                     self.writer.add_scalar(tag, value, global_step + 1)
             if signum:  # the epoch's steps so far count in the run's training time and samples (results.json)
                 state.train_time += now - t_epoch
@@ -1622,8 +1652,9 @@ class Run:
                 self.diverged(epoch, step)
             self.save("last.pt", epoch_sums=self.every_rank_sums())
             where = f"after step {step + 1} of epoch {epoch + 1}"
+        how = "with --resume in place of --overwrite" if self.cfg.overwrite else "plus --resume"
         raise Stop(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {self.out / 'last.pt'}. "
-                   f"Resume with the same command plus --resume (a run of a sweep: the sweep's command again)",
+                   f"Resume with the same command {how} (a run of a sweep: the sweep's command again)",
                    128 + signum)
 
     def sync(self) -> None:
@@ -1631,6 +1662,8 @@ class Run:
             torch.cuda.synchronize(self.device)
 
     def diverged(self, epoch: int, step: int) -> None:
+        if self.writer is not None:  # HParams lists it as failed, not as a run still going
+            self.write_hparams("failed")
         last = self.out / "last.pt"
         kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
         raise Stop(f"non-finite loss in epoch {epoch + 1}, by step {step + 1} (of {self.trainer.steps_per_epoch}); "
@@ -1673,16 +1706,22 @@ class Run:
         self.save("last.pt")
 
     def write_hparams(self, when: str) -> None:
-        """TensorBoard's HParams records (hparams_record): at a run's start the experiment (the columns) and the
-        session's settings; at its end the session's end (status success)."""
-        from tensorboard.plugins.hparams import plugin_data_pb2
+        """TensorBoard's HParams records (hparams_record): at a run's start ("start") the experiment (the columns)
+        and the session's settings; at its end the session's end, status success ("end") or, for a run that
+        diverged, failure ("failed"; a run stopped by a signal, to be resumed, has no end yet)."""
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
         every, read = hparams_record(self.cfg)
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
         _, session_start, session_end = hparams(read, metrics)
         writer = self.writer  # add_summary: as SummaryWriter.add_hparams writes them, without its subfolder
-        if when == "end":
+        if when in ("end", "failed"):
+            if when == "failed":  # torch's hparams() always says success
+                plugin = session_end.value[0].metadata.plugin_data
+                content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+                content.session_end_info.status = api_pb2.STATUS_FAILURE
+                plugin.content = content.SerializeToString()
             writer.add_summary(session_end)
             return
         choices = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(Config)
@@ -1900,8 +1939,13 @@ def exit_process(code: int) -> None:
     one such process in 30 aborted after main() had returned and the process group was destroyed ('terminate
     called without an active exception', SIGABRT with no Python frame left, so in C++ teardown at interpreter
     exit), and torchrun then fails the whole job although the run had finished. Everything main() wrote is closed
-    by then; interpreter teardown only frees memory."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    by then; interpreter teardown only frees memory. (A WORLD_SIZE that is not an integer was main()'s one-line
+    error already: it ends as one process.)"""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world_size = 1
+    if world_size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

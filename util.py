@@ -161,7 +161,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     try:
         atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is kept") from e
+        kept = "the previous one is kept" if Path(path).is_file() else "there was none before it"
+        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}") from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -204,7 +204,8 @@ def test_compile_without_a_working_compiler_is_one_line(cifar10_root, tmp_path, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: --compile could not compile the training step (") and \
         proc.stderr.count("\n") == 1 and "no_such_compiler" in proc.stderr, proc.stderr[-3000:]
-    assert "run without --compile" in proc.stderr and "Traceback" not in proc.stderr
+    assert "run without --compile (and with --overwrite: this run saved nothing)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("verbose", ["", "0", "1"])
@@ -230,7 +231,8 @@ def test_compile_failure_in_the_first_step_with_and_without_torchdynamo_verbose(
         return
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, "--compile could not compile the training step (RuntimeError: Failed to find "
-                                     "C compiler.); run without --compile, or with TORCHDYNAMO_VERBOSE=1")
+                                     "C compiler.); run without --compile (and with --overwrite: this run saved "
+                                     "nothing), or with TORCHDYNAMO_VERBOSE=1")
     with pytest.raises(failed):  # not compiling: not the compiler's failure, the trace stays
         main.main([*argv[:-1], "--overwrite"])
 
@@ -377,6 +379,7 @@ BAD_INPUTS = [
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
     (["--imb_factor", "1.5"], "--imb_factor"),
+    (["--imb_factor", "1e-310"], "--imb_factor 1e-310 is too small: its imbalance ratio 1 / imb_factor is not"),
     (["--gray_prob", "1.5"], "--gray_prob must be in [0, 1]"),
     (["--gray_prob", "-0.1"], "--gray_prob must be in [0, 1]"),
     (["--temp", "0"], "--temp"),
@@ -420,6 +423,26 @@ def test_bad_flags(argv, needle, tmp_path, capsys, cifar10_root):
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *argv], capsys)
     assert_one_line_error(code, err, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_output_dir_under_a_file_is_refused_by_a_dry_run_too(dry_run, tmp_path, capsys, cifar10_root):
+    """A dry run makes no folder, but it must say what the run would meet (a sweep's dry runs stand for its runs)."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub" / "run"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY,
+                           *(["--dry_run"] if dry_run else [])], capsys)
+    assert_one_line_error(code, err, f"cannot prepare output folder {out}: {tmp_path / 'file'} is not a folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_imb_factor_too_small_for_a_ratio_is_one_line_also_without_output_dir(tmp_path, capsys, cifar10_root,
+                                                                                  monkeypatch):
+    """The default run folder is named by the ratio (runs/..._r<ratio>_s0): 1 / 1e-310 overflowed there."""
+    monkeypatch.chdir(tmp_path)
+    code, err = call_main(["--data_root", str(cifar10_root), "--imb_factor", "1e-310", "--dry_run"], capsys)
+    assert_one_line_error(code, err, "--imb_factor 1e-310 is too small")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -471,6 +494,23 @@ def test_stray_torchrun_environment_is_one_line(env, needle, tmp_path, capsys, c
     out = tmp_path / "o"
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), "--device", "cpu"], capsys)
     assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("world_size", ["abc", "", "2.0"])
+def test_a_world_size_that_is_not_an_integer_is_one_line_from_the_real_entry_point(world_size, tmp_path,
+                                                                                    cifar10_root):
+    """The process's exit (exit_process, which looks at WORLD_SIZE again after main() has returned) must not turn
+    main()'s one line into a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["WORLD_SIZE"] = world_size
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--data_root", str(cifar10_root), "--output_dir",
+                           str(out), "--device", "cpu", "--dry_run"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: WORLD_SIZE={world_size!r} in the environment is not an integer "
+                                   f"(torchrun sets it); unset it to run one process")
     assert not out.exists()
 
 
@@ -556,14 +596,31 @@ def test_existing_run_is_not_overwritten(existing_run, capsys, cifar10_root):
 
 
 def test_a_finished_run_without_last_pt_is_not_sent_to_overwrite(existing_run, capsys, cifar10_root):
-    """results.json and best.pt still there (a sweep's finished run whose last.pt was deleted): the usual messages,
-    not the advice to --overwrite a run that saved nothing."""
+    """results.json and best.pt still there (a sweep's finished run whose last.pt was deleted): neither a --resume
+    that cannot work nor an --overwrite that would delete its results, with or without --resume."""
     (existing_run / "last.pt").unlink()
+    before = snapshot(existing_run)
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
-    code, err = call_main(argv, capsys)
-    assert_one_line_error(code, err, "already holds a run; pass --resume to continue it or --overwrite")
-    code, err = call_main([*argv, "--resume"], capsys)
-    assert_one_line_error(code, err, "--resume: no checkpoint")
+    for extra in ([], ["--resume"]):
+        code, err = call_main([*argv, *extra], capsys)
+        assert_one_line_error(code, err, f"{existing_run} holds a finished run (results.json) whose last.pt was "
+                                         f"deleted, so it can be neither continued nor checked: use another "
+                                         f"--output_dir (--overwrite would delete its results)")
+    assert snapshot(existing_run) == before
+
+
+def test_a_run_with_best_pt_but_no_last_pt_says_why_it_cannot_be_resumed(existing_run, capsys, cifar10_root):
+    """An epoch's end writes best.pt, then last.pt: a process killed (or a disk full) between the two leaves best.pt
+    alone. Both messages say that, not "pass --resume" (plain) and "no checkpoint" (--resume) in a circle."""
+    for name in ("last.pt", "results.json"):
+        (existing_run / name).unlink()
+    before = snapshot(existing_run)
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    for extra, way in (([], "pass --overwrite"), (["--resume"], "pass --overwrite instead of --resume")):
+        code, err = call_main([*argv, *extra], capsys)
+        assert_one_line_error(code, err, f"{existing_run} holds a run's best.pt but no last.pt", "cannot be resumed: "
+                              f"move the folder away to keep best.pt, or {way} to start again (which deletes it)")
+    assert snapshot(existing_run) == before
 
 
 def test_a_run_without_checkpoint_is_started_again_with_overwrite(existing_run, capsys, cifar10_root):
@@ -773,6 +830,7 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "epoch_sums_of_another_shape": lambda s: s["run"].update(epoch_sums=torch.zeros(2)),
     "amp_as_text": lambda s: s.update(amp="yes"),
     "epoch_negative": lambda s: s["run"].update(epoch=-3),
+    "epoch_past_the_run": lambda s: s["run"].update(epoch=10**30),  # the run's --epochs are compared: 2
     "step_past_the_epoch": lambda s: s["run"].update(step=10**6),
     "sessions_as_a_number": lambda s: s["run"].update(sessions=5),
     "session_amp_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "amp": "x"}]),
@@ -788,8 +846,9 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
 # --eval_only reads neither the optimizer, the RNG states nor the training state; --resume does not read "amp"
 # (the flags and the device decide how a resumed run runs).
 RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text", "history_as_none",
-                   "epoch_sums_of_another_shape", "epoch_negative", "step_past_the_epoch", "sessions_as_a_number",
-                   "session_amp_as_text", "session_amp_as_a_list", "session_world_size_as_a_bool",
+                   "epoch_sums_of_another_shape", "epoch_negative", "epoch_past_the_run", "step_past_the_epoch",
+                   "sessions_as_a_number", "session_amp_as_text", "session_amp_as_a_list",
+                   "session_world_size_as_a_bool",
                    "session_without_its_start", "session_first_step_as_text")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
@@ -815,6 +874,22 @@ def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, ci
     before = snapshot(existing_run)
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("finished_run", ["psc"], indirect=True)  # PSC's temperature default is the dataset's
+def test_a_checkpoint_whose_dataset_is_not_a_name_is_one_line(existing_run, capsys, cifar10_root):
+    """A config whose dataset is not a string (damaged, or other code's) is a difference named in one line, not a
+    TypeError from looking up the PSC temperature that dataset stands for."""
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    saved["config"]["dataset"] = ["cifar10"]
+    torch.save(saved, ckpt)
+    (existing_run / "results.json").unlink()
+    before = snapshot(existing_run)
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume",
+                           "--loss", "psc", *TINY], capsys)
+    assert_one_line_error(code, err, "was made with other settings: --dataset ['cifar10'] -> 'cifar10' (give")
     assert snapshot(existing_run) == before
 
 
@@ -1322,9 +1397,11 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
-    for tag in ("loss/total", "loss/feature", "loss/ce", "train/alpha", "train/lr", "train/samples_per_s",
+    for tag in ("loss/total", "loss/ce", "train/lr", "train/samples_per_s",
                 "test/top1", "test/medium", "test/few", "test_per_class/000", "test_per_class/009", "test/ncm_top1"):
         assert tag in scalars, tag
+    for tag in ("loss/feature", "train/alpha"):  # no flat zero lines for a CE run, which has no feature branch
+        assert (tag in scalars) == (loss != "ce"), tag
     assert "test/many" not in scalars  # no many-shot class in this tiny set: nothing to log
     for tag in ("last/confusion_matrix", "last/per_class_accuracy_vs_class_size", "best/confusion_matrix",
                 "best/per_class_accuracy_vs_class_size"):
@@ -1334,6 +1411,22 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
     if loss != "ce":
         metadata = next(out.rglob("metadata.tsv")).read_text().split()
         assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
+
+
+def test_an_interval_of_only_the_untimed_first_step_logs_no_rate(tmp_path, cifar10_root):
+    """--print_freq 1: the first interval is the session's first step alone, which is not timed (its one-off
+    costs): no train/samples_per_s point there (it was a false 0.0), one at every later step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--print_freq", "1",
+                   "--epochs", "1", "--lr_decay_epochs", "")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    rates = acc.Scalars("train/samples_per_s")
+    assert [e.step for e in rates] == list(range(2, 10)) and all(e.value > 0 for e in rates)
+    assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 10))
 
 
 def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
@@ -1407,6 +1500,9 @@ def test_history_lr_loss_and_best_epoch_are_those_of_the_steps(finished_run):
     assert [e.step for e in logged_lr] == [3, 6, 9, 12, 15, 18]  # after steps 3, 6, 9 of each epoch
     assert [e.value for e in logged_lr] == pytest.approx([lr(e.step - 1) for e in logged_lr], rel=1e-6)
     for key, tag in (("train_loss", "loss/total"), ("feature_loss", "loss/feature"), ("ce_loss", "loss/ce")):
+        if res["method"] == "ce" and key == "feature_loss":
+            assert all(h[key] == 0.0 for h in history)  # (results.json keeps the column, TensorBoard no zero line)
+            continue
         logged = [e.value for e in acc.Scalars(tag)]
         means = [sum(logged[3 * i:3 * i + 3]) / 3 for i in range(2)]
         assert [h[key] for h in history] == pytest.approx(means, rel=1e-5, abs=1e-6), key

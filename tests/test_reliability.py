@@ -124,10 +124,12 @@ def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_
     9), and resumed: the same weights, history and results as the run that was never stopped. Mid-epoch this
     takes the epoch's loss sums, the stream's position and the learning rate from last.pt."""
     out = tmp_path / "run"
-    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY)
+    overwrite = sig == signal.SIGTERM  # started with --overwrite, which contradicts --resume: the line says so
+    argv = cli("--data_root", str(data_root), "--output_dir", str(out), *TINY, *(["--overwrite"] if overwrite else []))
     proc, stdout, stderr = start_and_signal_after(line, argv, sig)
     assert proc.returncode == 128 + sig, stderr[-3000:]
-    assert "Resume with the same command plus --resume" in stderr and "Traceback" not in stderr
+    how = "with --resume in place of --overwrite" if overwrite else "plus --resume"
+    assert f"Resume with the same command {how} (a run of a sweep" in stderr and "Traceback" not in stderr
     assert not (out / "results.json").exists()
     stopped = util.load_checkpoint(out / "last.pt")["run"]
     batch = int(TINY[TINY.index("--batch_size") + 1])
@@ -139,7 +141,8 @@ def test_stop_and_resume_equals_straight_through(sig, line, data_root, straight_
     else:
         assert (stopped["epoch"], stopped["step"]) >= (1, 0) and stopped["epoch"] < 3
 
-    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([a for a in argv if a != "--overwrite"] + ["--resume"], capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a = util.load_checkpoint(straight_run / "last.pt")
@@ -239,6 +242,15 @@ def test_non_finite_loss_stops_the_run_without_writing(data_root, tmp_path):
     assert "non-finite loss in epoch 1" in proc.stderr and "Traceback" not in proc.stderr
     assert "no checkpoint was written" in proc.stderr
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+    # TensorBoard's HParams lists the run as failed (torch's hparams() only ever writes success)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    acc.Reload()
+    contents = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    end = metadata.parse_session_end_info_plugin_data(contents[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.STATUS_FAILURE and metadata.SESSION_START_INFO_TAG in contents
 
 
 def test_divergence_keeps_the_last_good_checkpoint(data_root, straight_run, tmp_path):

@@ -126,3 +126,23 @@ def test_per_class_image_bars():
     # classes are drawn largest first: 1000 images (50 %), 100 (0 %), 10 (100 %)
     assert blue[:, 0].sum() == 50 and blue[:, 10].sum() == 0 and blue[:, 20].sum() == 100
     assert grey[:, 0].sum() == 100 and grey[:, 10].sum() == round(100 * 2 / 3) and grey[:, 20].sum() == 33
+
+
+def test_a_checkpoint_that_cannot_be_written_says_whether_an_earlier_one_is_kept(tmp_path, monkeypatch):
+    """A full disk at the first checkpoint has no previous one to keep; at a later one the old file stays."""
+    import errno
+
+    path = tmp_path / "last.pt"
+
+    def full_disk(target, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(util, "atomic_write", full_disk)
+    with pytest.raises(util.UserError, match=r"could not write checkpoint .*last\.pt: No space left on device; "
+                                              r"there was none before it$"):
+        util.save_checkpoint({"w": torch.zeros(2)}, path)
+    assert not path.exists()
+    path.write_bytes(b"epoch 1")
+    with pytest.raises(util.UserError, match=r"No space left on device; the previous one is kept$"):
+        util.save_checkpoint({"w": torch.zeros(2)}, path)
+    assert path.read_bytes() == b"epoch 1"

@@ -60,6 +60,7 @@ _PICKLED_FILES = {
 _LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
 _CACHE_VERSION = "1"  # bump when the cache's content or layout changes
 _CACHE_PREFIX = "hybrid-lt-cache-"
+_DECODE_CHUNK = 500  # images per task of the decoding threads
 _STALE_TMP_S = 3600.0  # a cache's temporary file this much older than now was left by a process that died
 
 
@@ -356,12 +357,19 @@ def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarra
             images[i] = _decode_image(paths[i])
 
     # Pillow releases the GIL while decoding, so threads share some of the work without pickling
-    # arrays or starting interpreters; the result is cached, so this runs once per data folder.
+    # arrays or starting interpreters; the result is cached, so this runs once per data folder. Chunks of at most
+    # _DECODE_CHUNK images, so that a bad image or Ctrl-C stops the decoding within a chunk's time, not the split's.
     workers = max(1, min(8, os.cpu_count() or 1))
-    bounds = np.linspace(0, len(paths), 4 * workers + 1).astype(int)
+    bounds = np.linspace(0, len(paths), max(4 * workers, -(-len(paths) // _DECODE_CHUNK)) + 1).astype(int)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-            future.result()  # re-raises the first DataError
+        futures = [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        try:
+            for future in futures:
+                future.result()  # re-raises the first DataError
+        except BaseException:  # that error, or KeyboardInterrupt: the chunks not begun are not decoded
+            for future in futures:
+                future.cancel()
+            raise
     return ArraySplit(images, labels)
 
 

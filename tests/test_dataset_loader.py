@@ -954,6 +954,27 @@ def test_a_folder_inside_a_class_folder_is_named_not_skipped(tmp_path):
         dl.load_cifar("cifar10", tmp_path)
 
 
+def test_a_bad_image_stops_the_decoding_without_decoding_the_rest(tmp_path, monkeypatch):
+    """The first error ends the decoding: the chunks not yet begun are cancelled (the pool used to decode the whole
+    split first, which on the real data meant tens of seconds before the message, or before Ctrl-C took effect)."""
+    train, test = make_synthetic(10, 4, 1)
+    write_image_folder(tmp_path, train, test)
+    monkeypatch.setattr(dl, "_DECODE_CHUNK", 1)
+    decoded = []
+
+    def decode(path):
+        decoded.append(path)
+        time.sleep(0.01)
+        if path.name == "000000.png":
+            raise DataError(f"cannot read image {path}: broken")
+        return np.zeros((32, 32, 3), np.uint8)
+
+    monkeypatch.setattr(dl, "_decode_image", decode)
+    with pytest.raises(DataError, match="000000.png: broken"):
+        dl.load_cifar("cifar10", tmp_path)
+    assert len(decoded) < 20  # of 40 training images, one task each
+
+
 def test_a_broken_link_for_a_class_folder_is_named(tmp_path):
     """Not "9 class folders; cifar10 needs 10" when the tenth is there but leads nowhere."""
     train, test = make_synthetic(10, 1, 1)

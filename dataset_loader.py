@@ -374,17 +374,18 @@ def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarra
 
 
 def _decode_image(path: Path) -> np.ndarray:
-    """uint8 [32, 32, 3] RGB from any format Pillow reads. 16-bit grey (Pillow's "I;16" modes) is scaled to 8 bits
-    (Pillow's convert("RGB") would clip every value above 255 to white); 32-bit integer or float grey ("I", "F"),
-    whose range is unknown, is refused."""
+    """uint8 [32, 32, 3] RGB from any format Pillow reads. 16-bit grey (Pillow's "I;16" modes; a PNG in mode "I",
+    as Pillow before 10.3 opened 16-bit grey PNGs) is scaled to 8 bits (Pillow's convert("RGB") would clip every
+    value above 255 to white); other 32-bit integer or float grey ("I", "F"), whose range is unknown, is refused."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             width, height, mode = *image.size, image.mode
+            sixteen_bits = mode.startswith("I;16") or (mode == "I" and image.format == "PNG")  # PNG: at most 16
             if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: a header may claim any size
-                if mode.startswith("I;16"):
-                    grey = np.asarray(image).astype(np.uint32)  # 0..65535, whatever the byte order on disk
+                if sixteen_bits:
+                    grey = np.asarray(image).astype(np.int64).clip(0, 65535)  # whatever the byte order on disk
                     rgb = np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
                 elif mode not in ("I", "F"):
                     rgb = np.asarray(image.convert("RGB"))
@@ -392,7 +393,7 @@ def _decode_image(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {exception_text(exc)}") from exc
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"image {path} is {width}x{height}; CIFAR images are 32x32")
-    if mode in ("I", "F"):
+    if mode in ("I", "F") and not sixteen_bits:
         raise DataError(f"image {path} has {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (Pillow's "
                         f"mode {mode}), whose range is unknown; save the images with 8 or 16 bits per channel")
     return rgb

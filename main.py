@@ -1012,10 +1012,12 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    if not out.exists():  # a new folder: the one it would be made in (a dry run makes none, but should say so)
-        parent = Path(os.path.abspath(out)).parent
-        while not parent.exists() and parent != parent.parent:
+    if not out.exists() and not cfg.resume:  # a new folder: where it would be made (a dry run makes none)
+        parent = Path(os.path.abspath(out))
+        while not os.path.lexists(parent) and parent != parent.parent:
             parent = parent.parent
+        if os.path.islink(parent) and not parent.exists():  # a link to an unmounted disk, say
+            raise UserError(f"cannot prepare output folder {out}: {parent} is a broken symbolic link")
         if not parent.is_dir():
             raise UserError(f"cannot prepare output folder {out}: {parent} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -1024,7 +1026,7 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if cfg.resume and (out / "last.pt").is_file() or not cfg.resume and (not has_run or cfg.overwrite):
         return
     # No last.pt to resume from: say what the folder holds instead, and the way out.
-    if not has_run:
+    if not has_run or cfg.resume and (out / "last.pt").exists():  # (the latter not a file: a folder, say)
         raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
     instead = "pass --overwrite instead of --resume" if cfg.resume else "pass --overwrite"
     if (out / "last.pt").exists():  # a plain rerun of a run that can be continued
@@ -1663,7 +1665,10 @@ class Run:
 
     def diverged(self, epoch: int, step: int) -> None:
         if self.writer is not None:  # HParams lists it as failed, not as a run still going
-            self.write_hparams("failed")
+            try:
+                self.write_hparams("failed")
+            except UserError:  # a writer that failed already: the divergence is what to say
+                pass
         last = self.out / "last.pt"
         kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
         raise Stop(f"non-finite loss in epoch {epoch + 1}, by step {step + 1} (of {self.trainer.steps_per_epoch}); "

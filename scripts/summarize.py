@@ -39,8 +39,9 @@ Choices, documented here and in the table's footnotes:
   the number of processes are separate rows, each labelled with the settings that tell them apart
   ("Hybrid-SC [ce_sampler=sqrt]"). Bookkeeping flags (paths, device, logging, resume, compile,
   channels_last, deterministic, ncm_every) never split a group. A setting that some runs do not record
-  (made before the flag existed) splits nothing when the runs that record it agree; when they
-  differ, the runs without it are a part of their own, labelled "name=?" (a flag whose earlier
+  (made before the flag existed) splits nothing when the runs that record it agree (on the reference
+  value, for a setting the reference values assume); otherwise the runs without it are a part of
+  their own, labelled "name=?" (a flag whose earlier
   behaviour is known, like --gray_prob, counts as that value instead). --amp and --psc_temp
   count as the value the run used (results.json's "amp" and "psc_temperature", or those of the
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
@@ -417,8 +418,8 @@ def reference_recipe(key: GroupKey) -> dict[str, str]:
 def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     """The runs of one group split by the recipe settings they differ in, each part keyed with those
     settings as its variant. A setting splits the group when the runs that record it hold more than one value, or
-    one value other than the reference value's (then every run is labelled with it). Runs that do not record such a
-    setting join the others where those hold one value, and form their own part ("name=?") where they differ."""
+    one value other than the reference value's (a label that runs of the paper's form never get); runs that do not
+    record such a setting form their own part ("name=?"): whether they used that value is not known."""
     recipes = [dict(run.recipe) for run in runs]
     values: dict[str, set[str]] = {}
     for recipe in recipes:
@@ -431,8 +432,7 @@ def split_by_recipe(key: GroupKey, runs: list[RunResult]) -> dict[GroupKey, list
         return {key: runs}
     parts: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
     for run, recipe in zip(runs, recipes):
-        variant = tuple((name, recipe.get(name, next(iter(values[name])) if len(values[name]) == 1 else UNRECORDED))
-                        for name in differing)
+        variant = tuple((name, recipe.get(name, UNRECORDED)) for name in differing)
         parts.setdefault(variant, []).append(run)
     return {replace(key, variant=variant): members for variant, members in parts.items()}
 

@@ -427,13 +427,57 @@ def test_bad_flags(argv, needle, tmp_path, capsys, cifar10_root):
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_an_output_dir_under_a_file_is_refused_by_a_dry_run_too(dry_run, tmp_path, capsys, cifar10_root):
-    """A dry run makes no folder, but it must say what the run would meet (a sweep's dry runs stand for its runs)."""
+    """A dry run makes no folder, but it must say what the run would meet (it checks the output folder)."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "sub" / "run"
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY,
                            *(["--dry_run"] if dry_run else [])], capsys)
     assert_one_line_error(code, err, f"cannot prepare output folder {out}: {tmp_path / 'file'} is not a folder")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_output_dir_through_a_broken_link_is_refused_by_a_dry_run_too(tmp_path, capsys, cifar10_root):
+    """runs/ a link to an unmounted disk: the dry run passed, and the run failed with "File exists"."""
+    os.symlink(tmp_path / "unmounted", tmp_path / "runs")
+    for out in (tmp_path / "runs" / "run", tmp_path / "runs"):
+        code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--dry_run"], capsys)
+        assert_one_line_error(code, err, f"cannot prepare output folder {out}: {tmp_path / 'runs'} is a broken "
+                                         f"symbolic link")
+
+
+def test_resume_of_a_missing_folder_says_no_checkpoint_whatever_its_parent(tmp_path, capsys, cifar10_root,
+                                                                           monkeypatch):
+    """A resume makes no folder: a mistyped one is "no checkpoint", not where a new folder could not be made; a
+    last.pt that is not a file is no checkpoint either (not "pass --resume", which it was given)."""
+    real_access = os.access
+    monkeypatch.setattr(main.os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else
+                        real_access(path, mode, **kw))
+    typo = tmp_path / "typo"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(typo), *TINY, "--resume"], capsys)
+    assert_one_line_error(code, err, f"--resume: no checkpoint {typo / 'last.pt'} to resume from")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(typo), *TINY], capsys)
+    assert_one_line_error(code, err, f"cannot prepare output folder {typo}: no permission to create folders in "
+                                     f"{tmp_path}")
+    monkeypatch.undo()
+    (tmp_path / "run" / "last.pt").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY,
+                           "--resume"], capsys)
+    assert_one_line_error(code, err, f"--resume: no checkpoint {tmp_path / 'run' / 'last.pt'} to resume from")
+
+
+def test_a_divergence_is_said_also_when_tensorboard_cannot_record_it(tmp_path, capsys, cifar10_root, monkeypatch):
+    """The HParams failure record is written as the run stops; a writer that fails then must not replace the
+    divergence (exit 3, lower the lr) with its own error (exit 2, --resume), which would only diverge again."""
+    def broken(self, when):
+        if when == "failed":
+            raise main.UserError("could not write TensorBoard events in x: No space left on device")
+
+    monkeypatch.setattr(main.Run, "write_hparams", broken)
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY]
+    argv[argv.index("--learning_rate") + 1], argv[argv.index("--warm_epochs") + 1] = "1e30", "0"
+    code, err = call_main(argv, capsys)
+    assert code == 3 and err.count("\n") == 1 and "non-finite loss in epoch 1" in err, err
 
 
 def test_an_imb_factor_too_small_for_a_ratio_is_one_line_also_without_output_dir(tmp_path, capsys, cifar10_root,

@@ -997,8 +997,22 @@ def test_16_bit_grey_images_are_scaled_and_32_bit_ones_refused(tmp_path):
     Image.fromarray(grey16).save(target)
     assert Image.open(target).mode == "I;16"
     loaded = dl.load_cifar("cifar10", tmp_path)[0].images[2]
-    expected = np.round(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
-    np.testing.assert_array_equal(loaded, np.repeat(expected[..., None], 3, axis=2))
+    expected = np.repeat(np.round(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(loaded, expected)
+    # Pillow before 10.3 opened 16-bit grey PNGs as mode I (32-bit integers holding 0..65535): the same grey
+    real_open = Image.open
+
+    def old_pillow_open(path, *args, **kwargs):
+        image = real_open(path, *args, **kwargs)
+        if image.mode != "I;16":
+            return image
+        converted = image.convert("I")
+        converted.format = image.format
+        return converted
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "open", old_pillow_open)
+        np.testing.assert_array_equal(dl._decode_image(target), expected)
     for mode, array, what in (("I", grey16.astype(np.int32), "32-bit integer"),
                               ("F", grey16.astype(np.float32), "floating-point")):
         target.unlink()

@@ -497,16 +497,22 @@ def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, c
     assert "'?': the run does not record the setting" in out
 
 
-def test_runs_without_a_setting_join_the_others_when_those_agree_also_on_a_value_other_than_the_papers(
+def test_runs_without_a_setting_stay_apart_from_others_that_agree_on_a_value_other_than_the_papers(
         summarize, tmp_path, capsys):
-    """A setting that labels every row (another model than the paper's) does not put a run that does not record
-    it apart while the runs that do agree; it labels that run too."""
+    """A setting that labels every row (another model than the paper's): a run that does not record it may have used
+    the paper's value, so it is not taken into the labelled row ('?'); one that agrees with the paper joins."""
     write_result(tmp_path, "s0", seed=0, config={"model": "resnet8", "warm_epochs": 5})
     write_result(tmp_path, "s1", seed=1, config={"model": "resnet8"})
     write_result(tmp_path, "s2", seed=2, config={"warm_epochs": 5})
     code, out, _ = run_summarize(summarize, capsys, tmp_path)
     assert code == 0
-    assert [(r[1], r[3], r[-2]) for r in table_rows(out)] == [("Hybrid-SC [model=resnet8]", "3 (0, 1, 2)", "—")]
+    assert [(r[1], r[3], r[-2]) for r in table_rows(out)] == [("Hybrid-SC [model=?]", "1 (2)", "—"),
+                                                               ("Hybrid-SC [model=resnet8]", "2 (0, 1)", "—")]
+    for name in ("s0", "s1"):
+        (tmp_path / name / "results.json").unlink()
+    write_result(tmp_path, "s0", seed=0, config={"model": "resnet32"})
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert [(r[1], r[3]) for r in table_rows(out)] == [("Hybrid-SC", "2 (0, 2)")]
 
 
 def test_a_batch_size_missing_from_results_json_is_the_configs_or_said(summarize, tmp_path, capsys):

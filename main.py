@@ -463,8 +463,9 @@ def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     if cfg.sync_bn and not use_cuda:
         raise UserError("--sync_bn needs CUDA (PyTorch's SyncBatchNorm does not run on the CPU)")
     if dist.enabled:
-        if cfg.batch_size % dist.world_size:
-            raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+        if cfg.batch_size % dist.world_size and not cfg.eval_only:  # (an evaluation reads no batch size)
+            raise UserError(f"--batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                            f"{dist.world_size} processes")
         if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):  # else a traceback from torch
             raise UserError(f"WORLD_SIZE={dist.world_size} in the environment, but no MASTER_ADDR and MASTER_PORT "
                             f"to meet the other processes at: start the job with torchrun, or unset WORLD_SIZE to "
@@ -1895,6 +1896,16 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     return 0
 
 
+def peer_gone(e: BaseException) -> bool:
+    """Whether a collective failed because another process of the job is gone: a c10d DistError (NCCL's
+    DistBackendError among them), or gloo's plain RuntimeError, which says "Connection closed by peer" or
+    "reset by peer" and blames "a remote worker"."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    text = str(e)
+    return ((dist_error is not None and isinstance(e, dist_error))
+            or "by peer" in text or "caused by a remote worker" in text)
+
+
 def configure_backends(cfg: Config) -> None:
     """Kernel choice. By default cuDNN times its convolution algorithms once per input shape and keeps the
     fastest (every step here has the same shapes). --deterministic asks for deterministic kernels everywhere
@@ -1933,6 +1944,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a collective whose peer process ended (its own message says why): not a traceback
+        if not (dist.enabled and peer_gone(e)):
+            raise
+        print(f"rank {dist.rank}: error: another process of this job ended (its message says why), so this one "
+              f"stops too", file=sys.stderr, flush=True)
+        return 1
     finally:
         folder_lock.release()
         if dist.enabled and torch.distributed.is_initialized():

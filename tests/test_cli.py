@@ -558,6 +558,21 @@ def test_a_world_size_that_is_not_an_integer_is_one_line_from_the_real_entry_poi
     assert not out.exists()
 
 
+def test_a_global_batch_the_processes_cannot_share_is_refused_but_not_for_an_evaluation(monkeypatch):
+    """--batch_size is the global batch, split evenly over the processes; --eval_only reads none (its default 512
+    refused evaluation on 3, 5, 6, 7 processes)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for name in ("LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(main.UserError, match=r"--batch_size 16 \(the global batch\) is not divisible by the 3 "
+                                             r"processes$"):
+        main.setup_distributed(main.parse_config(["--batch_size", "16", "--device", "cpu"]))
+    # an evaluation goes on to the next check (no MASTER_ADDR here), past the batch size
+    with pytest.raises(main.UserError, match="but no MASTER_ADDR and MASTER_PORT"):
+        main.setup_distributed(main.parse_config(["--eval_only", "--checkpoint", "c.pt", "--device", "cpu"]))
+
+
 @pytest.mark.parametrize("rank, error", [("0", "DistStoreError: Timed out after"),  # the others never come
                                          ("1", "DistNetworkError: ")])  # nobody listens at MASTER_ADDR:MASTER_PORT
 def test_a_process_whose_job_never_meets_says_it_waits_then_stops(rank, error, tmp_path, capsys, cifar10_root,

@@ -331,6 +331,30 @@ def test_failure_on_one_rank_stops_every_rank(torchrun_sc, cifar10_root):
     assert snapshot(cwd) == before
 
 
+def test_a_rank_whose_peer_failed_says_so_in_one_line(tmp_path, cifar10_root):
+    """Rank 0 fails alone (here it cannot clear the folder for --overwrite: config.json is a folder) while rank 1 is
+    in a collective of its first step: rank 1's gloo error ("Connection closed / reset by peer") is one line
+    pointing at the other process, not torch's traceback of the collective."""
+    (tmp_path / "run" / "config.json" / "x").mkdir(parents=True)
+    proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
+                    "--overwrite", *TINY, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 0: error: cannot prepare output folder run: Is a directory" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank1]:" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rank 1:")]
+    assert lines in ([], ["rank 1: error: another process of this job ended (its message says why), so this one "
+                          "stops too"]), lines  # none where torchrun's SIGTERM ended it first
+
+
+def test_peer_gone_knows_gloos_and_c10ds_errors():
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:53162. This is typically caused by a remote worker crashing.")
+    assert main.peer_gone(gloo) and main.peer_gone(RuntimeError("Read error: Connection reset by peer"))
+    if hasattr(torch.distributed, "DistError"):
+        assert main.peer_gone(torch.distributed.DistError("NCCL communicator was aborted"))
+    assert not main.peer_gone(RuntimeError("CUDA out of memory")) and not main.peer_gone(RuntimeError("shape"))
+
+
 def test_interrupted_torchrun_resumes_to_the_end_as_if_never_stopped(tmp_path):
     """SIGINT to torchrun once epoch 1 of 2 is saved: it forwards the signal, the ranks agree to stop at the next
     step (on the CPU every step is polled, not only the logging intervals: torchrun kills its workers 30 s after

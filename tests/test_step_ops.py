@@ -306,3 +306,48 @@ def test_compiled_step_equals_the_eager_step(train_split):
     assert not torch.equal(eager_params[0], next(tiny_trainer(train_split).net.parameters()))  # the steps moved it
     for eager, compiled in zip(eager_params, compiled_params):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)  # 3 steps of float32 drift
+
+
+class MutationTrace(TorchDispatchMode):
+    """The storages of the tensors that the operators dispatched inside the block write in place (their schema's
+    `Tensor(a!)` arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, torch.Tensor):
+                        self.written.add(t.untyped_storage().data_ptr())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+@pytest.mark.parametrize("bn_stats", ["joint", "per_branch"])
+def test_the_compiled_forward_writes_no_input_but_the_models_buffers(train_split, loss, bn_stats):
+    """What --compile_mode reduce-overhead needs on a GPU: Inductor's CUDA graphs (cudagraph trees) are recorded only
+    where the graph writes no input but static ones (parameters and buffers: batch norm's running statistics). A
+    batch tensor or alpha written in place inside Trainer._forward_loss (the function --compile compiles) would make
+    it skip them ("skipping cudagraphs due to mutated inputs"), and the step fall back to kernels launched one by
+    one: 21 to 28 ms per step on an H200 instead of 14.6. Checked in eager mode, on what the function dispatches."""
+    trainer = tiny_trainer(train_split, "--loss", loss, "--bn_stats", bn_stats)
+    batch = next(trainer.stream.epoch(0))
+    trainer.alpha.fill_(0.5)
+    inputs = (batch.sc_views, batch.sc_labels, batch.ce_images, batch.ce_labels, trainer.alpha)
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    buffers = {storage(b) for b in trainer.net.buffers()}
+    others = {storage(t): name for name, t in zip(("sc_views", "sc_labels", "ce_images", "ce_labels", "alpha"), inputs)
+              if t is not None}
+    others.update({storage(p): name for name, p in trainer.net.named_parameters()})
+    with MutationTrace() as trace, trainer.autocast():
+        trainer._forward_loss(*inputs)
+    assert trace.written & buffers  # the running statistics: the detector sees in-place writes
+    assert sorted(others[s] for s in trace.written if s in others) == []
+    with MutationTrace() as trace:  # the negative control: an input written in place is caught
+        trainer.alpha.mul_(1.0)
+    assert storage(trainer.alpha) in trace.written

@@ -351,3 +351,47 @@ def test_the_compiled_forward_writes_no_input_but_the_models_buffers(train_split
     with MutationTrace() as trace:  # the negative control: an input written in place is caught
         trainer.alpha.mul_(1.0)
     assert storage(trainer.alpha) in trace.written
+
+
+class DefaultDeviceTrace(TorchDispatchMode):
+    """The operators dispatched inside the block that made a tensor on the "meta" device, which the test makes the
+    default: a tensor made without a device= (on a GPU run: on the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.on_default: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in torch.utils._pytree.tree_leaves(out)):
+            self.on_default.append(str(func))
+        return out
+
+
+@contextlib.contextmanager
+def default_device_trace():
+    with DefaultDeviceTrace() as trace:
+        torch.set_default_device("meta")
+        try:
+            yield trace
+        finally:
+            torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+@pytest.mark.parametrize("argv", [(), ("--sc_aug", "supcon"), ("--ce_sampler", "sqrt", "--sc_sampler", "class"),
+                                  ("--bn_stats", "joint")])
+def test_a_step_makes_every_tensor_on_the_training_device(train_split, loss, argv):
+    """The stream's next batch and Trainer.step make each tensor on the training device, never on the default one:
+    on a GPU such a tensor would sit on the CPU (a copy the device waits for, and in a compiled step a CPU node that
+    makes Inductor skip its CUDA graphs, "skipping cudagraphs due to cpu device"). Without a GPU the default device
+    is made "meta" for the step, where a factory call without device= lands."""
+    trainer = tiny_trainer(train_split, "--loss", loss, *argv)
+    batches = trainer.stream.epoch(0)
+    with default_device_trace() as trace:
+        for _ in range(2):
+            trainer.step(next(batches), alpha=0.5, lr=0.1)
+    assert trace.on_default == []
+    with default_device_trace() as trace:  # the negative control
+        torch.zeros(3)
+    assert trace.on_default == ["aten.zeros.default"]

@@ -362,8 +362,10 @@ def _decode_split(classes: list[tuple[str, list[_FileEntry]]], labels: np.ndarra
     workers = max(1, min(8, os.cpu_count() or 1))
     bounds = np.linspace(0, len(paths), max(4 * workers, -(-len(paths) // _DECODE_CHUNK)) + 1).astype(int)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        futures = []
         try:
+            for a, b in zip(bounds[:-1], bounds[1:]):  # appended one by one: an interrupt here cancels those too
+                futures.append(pool.submit(decode_range, a, b))
             for future in futures:
                 future.result()  # re-raises the first DataError
         except BaseException:  # that error, or KeyboardInterrupt: the chunks not begun are not decoded

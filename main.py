@@ -1897,13 +1897,19 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
 
 
 def peer_gone(e: BaseException) -> bool:
-    """Whether a collective failed because another process of the job is gone: a c10d DistError (NCCL's
-    DistBackendError among them), or gloo's plain RuntimeError, which says "Connection closed by peer" or
-    "reset by peer" and blames "a remote worker"."""
-    dist_error = getattr(torch.distributed, "DistError", None)
+    """Whether a collective failed because another process of the job is gone, as its message says: gloo's plain
+    RuntimeError ("Connection closed by peer", "reset by peer", "caused by a remote worker"), NCCL's "remote process
+    exited". (Not any c10d DistError: NCCL raises those for its own faults too, a small /dev/shm, a lost GPU.)"""
     text = str(e)
-    return ((dist_error is not None and isinstance(e, dist_error))
-            or "by peer" in text or "caused by a remote worker" in text)
+    return any(sign in text for sign in ("by peer", "caused by a remote worker", "remote process exited"))
+
+
+def peer_gone_text(e: BaseException) -> str:
+    """What a peer_gone error says, short: gloo's source location in brackets and its advice left out."""
+    text = util.one_line(e)
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return f"{type(e).__name__}: {text.split('. This is typically')[0]}"
 
 
 def configure_backends(cfg: Config) -> None:
@@ -1948,7 +1954,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not (dist.enabled and peer_gone(e)):
             raise
         print(f"rank {dist.rank}: error: another process of this job ended (its message says why), so this one "
-              f"stops too", file=sys.stderr, flush=True)
+              f"stops too ({peer_gone_text(e)})", file=sys.stderr, flush=True)
         return 1
     finally:
         folder_lock.release()

@@ -310,11 +310,13 @@ def test_compiled_step_equals_the_eager_step(train_split):
 
 class MutationTrace(TorchDispatchMode):
     """The storages of the tensors that the operators dispatched inside the block write in place (their schema's
-    `Tensor(a!)` arguments)."""
+    `Tensor(a!)` arguments), and of those the block made (outputs that alias no argument): written minus made is
+    what the block wrote of the tensors that existed before it."""
 
     def __init__(self):
         super().__init__()
         self.written: set[int] = set()
+        self.made: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -324,7 +326,14 @@ class MutationTrace(TorchDispatchMode):
                 for t in value if isinstance(value, (list, tuple)) else (value,):
                     if isinstance(t, torch.Tensor):
                         self.written.add(t.untyped_storage().data_ptr())
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        for ret, value in zip(func._schema.returns, outs):
+            if ret.alias_info is None:
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, torch.Tensor):
+                        self.made.add(t.untyped_storage().data_ptr())
+        return out
 
 
 @pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
@@ -348,6 +357,7 @@ def test_the_compiled_forward_writes_no_input_but_the_models_buffers(train_split
         trainer._forward_loss(*inputs)
     assert trace.written & buffers  # the running statistics: the detector sees in-place writes
     assert sorted(others[s] for s in trace.written if s in others) == []
+    assert trace.written - trace.made <= buffers  # nor any other tensor that existed before the call
     with MutationTrace() as trace:  # the negative control: an input written in place is caught
         trainer.alpha.mul_(1.0)
     assert storage(trainer.alpha) in trace.written
@@ -375,7 +385,7 @@ def default_device_trace():
         try:
             yield trace
         finally:
-            torch.set_default_device(None)
+            torch.set_default_device(None)  # no override, as before (an explicit "cpu" would slow every later call)
 
 
 @pytest.mark.parametrize("loss", ["sc", "psc", "ce"])

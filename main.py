@@ -1275,16 +1275,17 @@ HPARAM_METRICS = ("test/top1", "test/best_top1", "test/many", "test/medium", "te
 HPARAMS_SWEPT = ("dataset", "imbalance_ratio", "imb_type", "loss", "seed")
 
 
-def hparams_record(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+def hparams_record(cfg: Config, world_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """(every recipe setting, those of them the run's loss reads) as TensorBoard hparams: the settings a resume
     compares (COMPARED_ON_RESUME) with the imbalance ratio first, defaults resolved (the PSC temperature, the SC
-    base temperature), lists as text. The HParams tab takes its columns from one run's experiment, so each run's
-    lists every setting and runs of every loss share one table; a run's own values leave out what its loss does
-    not read (USED_BY), as summarize.py does."""
+    base temperature), lists as text, and last the number of processes the run started with (batch norm's
+    statistics are per process: summarize.py splits rows on it too). The HParams tab takes its columns from one
+    run's experiment, so each run's lists every setting and runs of every loss share one table; a run's own values
+    leave out what its loss does not read (USED_BY), as summarize.py does."""
     values = {**dataclasses.asdict(cfg), "imbalance_ratio": cfg.imbalance_ratio, "psc_temp": cfg.psc_temperature,
-              "base_temp": cfg.temp if cfg.base_temp is None else cfg.base_temp}
+              "base_temp": cfg.temp if cfg.base_temp is None else cfg.base_temp, "world_size": world_size}
     every = {k: ",".join(map(str, values[k])) if isinstance(values[k], list) else values[k]
-             for k in ("imbalance_ratio", *COMPARED_ON_RESUME)}
+             for k in ("imbalance_ratio", *COMPARED_ON_RESUME, "world_size")}
     return every, {k: v for k, v in every.items() if cfg.loss in USED_BY.get(k, (cfg.loss,))}
 
 
@@ -1718,7 +1719,7 @@ class Run:
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
-        every, read = hparams_record(self.cfg)
+        every, read = hparams_record(self.cfg, self.dist.world_size)
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # hparams() reads the tags only
         _, session_start, session_end = hparams(read, metrics)
         writer = self.writer  # add_summary: as SummaryWriter.add_hparams writes them, without its subfolder

@@ -1504,7 +1504,7 @@ def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
     assert sorted(content) == sorted([metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG,
                                       metadata.SESSION_END_INFO_TAG])
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
-    assert [h.name for h in experiment.hparam_infos] == ["imbalance_ratio", *main.COMPARED_ON_RESUME]
+    assert [h.name for h in experiment.hparam_infos] == ["imbalance_ratio", *main.COMPARED_ON_RESUME, "world_size"]
     # The settings a sweep varies are marked as differing, so the tab shows them first; choices offer a filter.
     infos = {h.name: h for h in experiment.hparam_infos}
     assert {name for name, h in infos.items() if h.differs} == set(main.HPARAMS_SWEPT)
@@ -1517,10 +1517,10 @@ def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     values = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.hparams.items()}
     unread = {k for k, losses_ in main.USED_BY.items() if loss not in losses_}
-    assert set(values) == {"imbalance_ratio", *main.COMPARED_ON_RESUME} - unread
+    assert set(values) == {"imbalance_ratio", *main.COMPARED_ON_RESUME, "world_size"} - unread
     cfg = res["config"]
     expected = {"imbalance_ratio": 10.0, "loss": loss, "dataset": "cifar10", "model": "resnet8", "batch_size": 16,
-                "learning_rate": 0.05, "lr_decay_epochs": "1", "epochs": 2, "seed": 0,
+                "learning_rate": 0.05, "lr_decay_epochs": "1", "epochs": 2, "seed": 0, "world_size": 1,
                 "ce_sampler": "instance" if loss == "ce" else "class"}
     expected.update({"sc": {"temp": 0.1, "base_temp": 0.1}, "psc": {"psc_temp": 1.0, "psc_denominator": "negatives"},
                      "ce": {}}[loss])

@@ -295,6 +295,14 @@ def test_torchrun_trains_and_only_rank_0_writes(torchrun_sc):
     assert len(list(cwd.rglob("results.json"))) == 1 and len(list(cwd.rglob("config.json"))) == 1
     assert len(list(cwd.rglob("*.pt"))) == 2  # last.pt, best.pt
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    acc.Reload()
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["world_size"].number_value == WORLD_SIZE  # HParams tells it from a one-process run
     config = json.loads((out / "config.json").read_text())
     results = json.loads((out / "results.json").read_text())
     assert config["world_size"] == results["world_size"] == WORLD_SIZE

@@ -286,12 +286,18 @@ def _class_dirs(split_dir: Path) -> list[str]:
     with os.scandir(split_dir) as entries:
         entries = [e for e in entries if not e.name.startswith(".")]
     for e in entries:
-        if e.is_symlink():
-            try:
-                os.stat(e.path)  # a loop raises its own OSError, named by the caller
-            except FileNotFoundError:  # a class folder's link to nothing: not "9 class folders"
-                raise DataError(f"{e.path} is a broken symbolic link") from None
+        _refuse_broken_link(e)  # a class folder's link to nothing: not "9 class folders"
     return _by_name([e.path for e in entries if e.is_dir()])
+
+
+def _refuse_broken_link(entry: os.DirEntry) -> None:
+    """A symbolic link to nothing is a DataError naming it, where is_dir / is_file would skip it silently (leaving
+    out a class or an image); a link loop raises its own OSError, which the caller names by its path."""
+    if entry.is_symlink():
+        try:
+            os.stat(entry.path)
+        except FileNotFoundError:
+            raise DataError(f"{entry.path} is a broken symbolic link") from None
 
 
 def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list[tuple[str, list[_FileEntry]]]:
@@ -312,11 +318,10 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
                 for e in entries:
                     if e.name.startswith("."):
                         continue
+                    _refuse_broken_link(e)
                     if e.is_file():
                         stat = e.stat()
                         files.append((e.path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-                    elif e.is_symlink() and not os.path.exists(e.path):
-                        raise DataError(f"{e.path} is a broken symbolic link")
                     elif e.is_dir():  # its images would be left out silently, changing every class's size
                         raise DataError(f"{e.path} is a folder inside class folder {class_dir}: put the class's "
                                         f"images directly in its folder (train/<class>/<image>)")

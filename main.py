@@ -1971,8 +1971,8 @@ def exit_process(code: int) -> None:
     by then; interpreter teardown only frees memory. (A WORLD_SIZE that is not an integer was main()'s one-line
     error already: it ends as one process.)"""
     try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
+        world_size = _env_int("WORLD_SIZE", 1)
+    except UserError:
         world_size = 1
     if world_size > 1:
         sys.stdout.flush()

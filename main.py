@@ -1633,7 +1633,9 @@ class Run:
         elapsed = time.perf_counter() - t_epoch
         state.train_time += elapsed
         state.train_samples += steps_in_epoch * cfg.batch_size
-        self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9)
+        # None for an epoch of only this session's untimed first step (a resume before an epoch's last step, or an
+        # epoch of one step)
+        self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9) if steps_in_epoch else None
         self.epoch_alpha, self.epoch_lr = alpha, lr
 
     def agreed_signal(self) -> int:
@@ -1687,7 +1689,8 @@ class Run:
         entry = {"epoch": epoch + 1, "train_loss": total, "feature_loss": feat, "ce_loss": ce,
                  "alpha": self.epoch_alpha, "lr": self.epoch_lr, "samples_per_s": self.epoch_rate}
         line = f"epoch {epoch + 1}/{cfg.epochs} | loss {total:.4f} (feature {feat:.4f}, ce {ce:.4f}) | " \
-               f"alpha {self.epoch_alpha:.3f} | lr {self.epoch_lr:.4f} | {self.epoch_rate:.0f} samples/s"
+               f"alpha {self.epoch_alpha:.3f} | lr {self.epoch_lr:.4f} | " \
+               f"{'-' if self.epoch_rate is None else f'{self.epoch_rate:.0f}'} samples/s"
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             confusion = trainer.confusion(self.test_images, self.test_labels)

@@ -1488,6 +1488,19 @@ def test_an_interval_of_only_the_untimed_first_step_logs_no_rate(tmp_path, cifar
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 10))
 
 
+def test_an_epoch_of_only_the_untimed_first_step_has_no_rate(tmp_path, cifar10_root):
+    """An epoch of one step: the first epoch's only step is the session's untimed first step, so its history entry
+    and its epoch line have no rate (they showed a false 0); the second epoch's step is timed."""
+    out = tmp_path / "run"
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--batch_size", "128",
+                   "--lr_decay_epochs", "")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [e["samples_per_s"] is None for e in history] == [True, False] and history[1]["samples_per_s"] > 0
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert ["| - samples/s |" in line for line in epoch_lines] == [True, False], epoch_lines
+
+
 def test_tensorboard_hparams_hold_the_recipe_and_the_results(finished_run):
     """TensorBoard's HParams tab: the experiment lists every recipe setting (so runs of every loss share its
     columns) and metrics that are scalars of the run; the run's session holds the settings its loss reads, with

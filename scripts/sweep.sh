@@ -228,6 +228,15 @@ run_command() {
 
 # Runs (or skips) run $1 on GPU $2 ("" = no CUDA_VISIBLE_DEVICES, output to the terminal);
 # writes its status to $state_dir/status.$1.
+# The inode number of file $1 (empty if it is missing): main.py writes results.json atomically (a new file renamed
+# over the old, so a new inode). `ls -di` is POSIX, where stat's flags differ between GNU and BSD (macOS).
+inode_of() {
+  local line inode
+  line=$(ls -di -- "$1" 2>/dev/null) || return 0
+  read -r inode _ <<<"$line"
+  echo "$inode"
+}
+
 run_one() {
   local idx=$1 gpu=$2
   local name=${run_names[idx]}
@@ -252,7 +261,7 @@ run_one() {
     state_flag=(--overwrite) # a run that saved nothing (killed or diverged before its first checkpoint)
   fi
   local cmd results_before=""
-  [[ -z $finished ]] || results_before=$(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) || true
+  [[ -z $finished ]] || results_before=$(inode_of "$run_dir/results.json")
   run_command "$idx" "$run_dir"
   cmd+=(${state_flag[@]+"${state_flag[@]}"} ${extra_args[@]+"${extra_args[@]}"})
 
@@ -271,7 +280,7 @@ run_one() {
   local status interrupted=0 # the stop file read once, so that every branch below sees the same answer
   [[ ! -e $state_dir/stop ]] || interrupted=1
   local rewritten=0 # main.py wrote results.json again (atomically: a new inode), having found it damaged
-  [[ -z $finished || $(stat -c %y:%s:%i "$run_dir/results.json" 2>/dev/null) == "$results_before" ]] || rewritten=1
+  [[ -z $finished || $(inode_of "$run_dir/results.json") == "$results_before" ]] || rewritten=1
   if ((rewritten && (rc == 0 || interrupted))); then
     status="done (results.json written again: main.py could not read it)"
   elif [[ -n $finished ]] && ((rc == 0 || interrupted)); then

@@ -935,12 +935,13 @@ def log(event, **extra):
 
 def finish():
     open(os.path.join(out, "last.pt"), "w").close()
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, ".results.json.tmp"), "w") as f:  # atomically, as util.atomic_write: a new inode
         json.dump({{"dataset": value("--dataset"), "method": value("--loss"), "imb_type": "exp",
                    "imb_factor": float(value("--imb_factor")), "imbalance_ratio": 1.0 / float(value("--imb_factor")),
                    "seed": int(value("--seed")), "epochs": 200, "lr_decay_epochs": [120, 160],
                    "batch_size": 512, "best_top1": 80.0, "last_top1": 79.0, "many": 90.0,
                    "medium": 80.0, "few": 70.0, "wall_time_s": 12.0}}, f)
+    os.replace(os.path.join(out, ".results.json.tmp"), os.path.join(out, "results.json"))
     log("end")
 
 

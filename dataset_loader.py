@@ -596,7 +596,8 @@ def draw_augment_params(n: int, generator: torch.Generator, device: torch.device
 def apply_augment(images: Tensor, params: AugmentParams, mean: Tensor, std: Tensor) -> Tensor:
     """Crop from the zero-padded image, flip, grayscale, normalise; as torchvision's
     RandomCrop(32, padding=4) -> RandomHorizontalFlip -> RandomGrayscale(p) -> ToTensor -> Normalize
-    (p, 0.2 by default, is already in ``params``).
+    (p, 0.2 by default, is already in ``params``). The grey level stays a float, where PIL's convert("L") rounds it
+    to uint8: a grey image differs from torchvision's by at most 0.5 / 255 before normalisation.
 
     images: uint8 [B, 3, 32, 32]; mean, std: float [3] (0..1 scale) on the images' device.
     Returns float32 [B, 3, 32, 32].

@@ -1948,7 +1948,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code
-        prefix = f"rank {dist.rank}: " if dist.enabled else ""
+        prefix = f"rank {dist.rank}: " if dist.enabled else launched_rank_prefix()
         print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:
@@ -1964,6 +1964,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         folder_lock.release()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def launched_rank_prefix() -> str:
+    """'rank N: ' for a process that torchrun started as one of several but that stopped before it joined them
+    (a bad flag, say: each process says so), else '' (also for torchrun's variables left in a shell without
+    MASTER_ADDR and MASTER_PORT, whose error is about them)."""
+    try:
+        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    except UserError:  # the error being said is this one
+        return ""
+    launched = (world_size > 1 and 0 <= rank < world_size
+                and all(os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")))
+    return f"rank {rank}: " if launched else ""
 
 
 def exit_process(code: int) -> None:

@@ -541,6 +541,22 @@ def test_stray_torchrun_environment_is_one_line(env, needle, tmp_path, capsys, c
     assert not out.exists()
 
 
+def test_a_process_of_a_job_names_its_rank_in_an_error_before_it_joins_the_others(tmp_path, capsys, cifar10_root,
+                                                                                   monkeypatch):
+    """A bad flag stops each of torchrun's processes before they meet: each line says which process it is."""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29534")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "o"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), "--epochs", "0"], capsys)
+    assert code == 2 and err.strip() == "rank 1: error: --epochs must be positive (got 0)"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no rank named
+    monkeypatch.setenv("RANK", "0")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), "--epochs", "0"], capsys)
+    assert code == 2 and err.strip() == "error: --epochs must be positive (got 0)"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("world_size", ["abc", "", "2.0"])
 def test_a_world_size_that_is_not_an_integer_is_one_line_from_the_real_entry_point(world_size, tmp_path,
                                                                                     cifar10_root):

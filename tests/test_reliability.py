@@ -334,3 +334,50 @@ def test_read_only_output_folder(data_root, straight_run, tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("error: could not write") and len(proc.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(data_root, tmp_path, monkeypatch):
+    """The settings the two tests above leave at their defaults, all in one run (Hybrid-PSC with the 'all'
+    denominator, SupContrast's augmentation of the views, the class sampler for the views and sqrt for the images,
+    an lr warm-up that the first stop cuts, an evaluation every 2 epochs, the nearest class mean every epoch): stopped
+    by a SIGTERM during the warm-up and again mid-epoch between two evaluations, each time resumed, it ends with the
+    same weights, optimiser state and results as the run never stopped. In-process (main.main), a step counted to
+    signal this process itself."""
+    import main
+
+    steps_per_epoch = 9
+    argv = ["--data_root", str(data_root), *TINY, "--epochs", "4", "--lr_decay_epochs", "3", "--warm_epochs", "1.5",
+            "--loss", "psc", "--psc_denominator", "all", "--sc_aug", "supcon", "--sc_sampler", "class",
+            "--ce_sampler", "sqrt", "--eval_every", "2", "--ncm_every", "1"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main.main([*argv, "--output_dir", str(straight)]) == 0
+
+    real_step, taken, stop_at = main.Trainer.step, [0], set()
+
+    def step(self, *args, **kwargs):
+        terms = real_step(self, *args, **kwargs)
+        taken[0] += 1
+        if taken[0] in stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler takes it: stop after this step
+        return terms
+
+    monkeypatch.setattr(main.Trainer, "step", step)
+    stop_at.add(11)  # epoch 2, step 2 of 9: inside the 1.5-epoch warm-up
+    assert main.main([*argv, "--output_dir", str(out)]) == 128 + signal.SIGTERM
+    assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [1, 2]
+    taken[0], stop_at = 0, {steps_per_epoch + 2}  # epoch 3, step 5 (of a run resumed at epoch 2, step 2)
+    assert main.main([*argv, "--output_dir", str(out), "--resume"]) == 128 + signal.SIGTERM
+    assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [2, 4]
+    stop_at = set()
+    assert main.main([*argv, "--output_dir", str(out), "--resume"]) == 0
+
+    a, b = util.load_checkpoint(straight / "last.pt"), util.load_checkpoint(out / "last.pt")
+    assert same_state_dicts(a["model"], b["model"]), "weights differ from the run that was never stopped"
+    momenta = [(s["momentum_buffer"], t["momentum_buffer"])
+               for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    assert len(momenta) == len(a["optimizer"]["state"]) > 0 and all(torch.equal(s, t) for s, t in momenta)
+    ra, rb = (json.loads((folder / "results.json").read_text()) for folder in (straight, out))
+    assert without_timing(ra["history"]) == without_timing(rb["history"])
+    assert [("top1" in e, "ncm_top1" in e) for e in rb["history"]] == [(False, True), (True, True)] * 2
+    for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last", "ncm"):
+        assert ra[key] == rb[key], key

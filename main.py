@@ -1949,6 +1949,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code
         prefix = f"rank {dist.rank}: " if dist.enabled else launched_rank_prefix()
+        if prefix and str(e).startswith(prefix[:-2] + " "):  # it names the process already ("rank 1 of 2 ...")
+            prefix = ""
         print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:

@@ -32,6 +32,10 @@ def test_accuracy_report_by_hand():
     # averaging its classes' accuracies (50 and 0: 25).
     unequal = util.accuracy_report(np.array([[8, 2, 0], [5, 5, 0], [1, 1, 0]]), {"medium": [1, 2]})
     assert unequal["medium"] == pytest.approx(100 * 5 / 12) and unequal["per_class"][1:] == pytest.approx([50, 0])
+    # The float nearest each exact percentage, as results.json shows it: 827 / 1000 * 100 is 82.69999999999999.
+    tenths = util.accuracy_report(np.array([[827, 173], [297, 703]]), {"many": [0, 1]})
+    assert tenths["per_class"] == [82.7, 70.3] and tenths["top1"] == 76.5 and tenths["many"] == 76.5
+    assert repr(util.accuracy_report(np.array([[2996, 7004], [0, 0]]), {})["top1"]) == "29.96"
 
 
 def _ncm_by_loop(train, labels, test, num_classes):

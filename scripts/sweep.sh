@@ -226,8 +226,6 @@ run_command() {
     --imb_factor "${run_factors[$1]}" --loss "${run_methods[$1]}" --seed "${run_seeds[$1]}" --output_dir "$2")
 }
 
-# Runs (or skips) run $1 on GPU $2 ("" = no CUDA_VISIBLE_DEVICES, output to the terminal);
-# writes its status to $state_dir/status.$1.
 # The inode number of file $1 (empty if it is missing): main.py writes results.json atomically (a new file renamed
 # over the old, so a new inode). `ls -di` is POSIX, where stat's flags differ between GNU and BSD (macOS).
 inode_of() {
@@ -237,6 +235,8 @@ inode_of() {
   echo "$inode"
 }
 
+# Runs (or skips) run $1 on GPU $2 ("" = no CUDA_VISIBLE_DEVICES, output to the terminal);
+# writes its status to $state_dir/status.$1.
 run_one() {
   local idx=$1 gpu=$2
   local name=${run_names[idx]}

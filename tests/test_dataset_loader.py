@@ -347,6 +347,9 @@ def test_augment_rates_and_offsets():
     # 4.5 binomial standard deviations: a wrong rate (say 0.25 gray) is far outside.
     assert abs(params.flips.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / n)
     assert abs(params.grays.float().mean().item() - 0.2) < 4.5 * math.sqrt(0.16 / n)
+    # Independent choices: a gray image is flipped half the time (the same coin for both would flip every one).
+    flipped_grays = params.flips[params.grays].float()
+    assert abs(flipped_grays.mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / len(flipped_grays))
     for axis in range(2):
         observed = np.bincount(params.offsets[:, axis].numpy(), minlength=9)
         assert len(observed) == 9 and chi2_stat(observed, np.full(9, 1 / 9)) < chi2_critical(8)

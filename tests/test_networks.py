@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from losses import psc_loss
@@ -54,6 +55,36 @@ def test_backbone_feature_is_the_global_average_of_the_last_stage():
     [last_stage] = captured
     assert last_stage.shape == (3, 64, 8, 8)
     torch.testing.assert_close(features, torch.nn.functional.adaptive_avg_pool2d(last_stage, 1).flatten(1))
+
+
+@pytest.mark.parametrize("in_planes, planes, stride", [(16, 16, 1), (16, 32, 2), (32, 64, 2)])
+def test_basic_block_is_relu_of_its_branch_plus_the_option_a_shortcut(in_planes, planes, stride):
+    """With the convolutions zeroed the residual branch is 0 (eval-mode batch norm, bias 0), so the block's output
+    is ReLU(shortcut(x)): x itself, or x[:, :, ::2, ::2] with planes // 4 zero channels on each side (option A).
+    Fails without the residual add, without the last ReLU, or with another subsampling grid."""
+    from networks.resnet_cifar import BasicBlock
+
+    torch.manual_seed(0)
+    block = BasicBlock(in_planes, planes, stride).double().eval()
+    with torch.no_grad():
+        block.conv1.weight.zero_()
+        block.conv2.weight.zero_()
+    x = torch.randn(2, in_planes, 16, 16, dtype=torch.float64)  # negative values too: the ReLU matters
+    pad = planes // 4
+    shortcut = x if stride == 1 else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+    torch.testing.assert_close(block(x), F.relu(shortcut), rtol=0, atol=0)
+
+
+def test_backbone_weights_are_kaiming_normal_fan_in():
+    """He et al.'s init by fan-in, as akamaster's: where a convolution doubles the width (16 -> 32 channels) the
+    std is sqrt(2 / (16 * 9)) = 0.118, where fan-out would give sqrt(2 / (32 * 9)) = 0.083 (4,608 draws estimate
+    the std to about 1 %)."""
+    from networks.resnet_cifar import CifarResNet
+
+    torch.manual_seed(0)
+    backbone = CifarResNet(3)
+    assert backbone.layer2[0].conv1.weight.std().item() == pytest.approx((2 / (16 * 9)) ** 0.5, rel=0.05)
+    assert backbone.layer3[0].conv1.weight.std().item() == pytest.approx((2 / (32 * 9)) ** 0.5, rel=0.05)
 
 
 def test_hybrid_forward_fields_and_shapes():

@@ -126,6 +126,33 @@ def test_mean_and_sample_std_over_seeds(summarize, tmp_path, capsys):
     assert "ddof=1" in out and "last top-1 mean − paper top-1" in out
 
 
+def test_ratios_are_read_exactly_and_compared_with_the_paper_only_at_its_own(summarize, tmp_path, capsys):
+    """A ratio with float noise (1 / (1 / 49)) joins its row; a ratio known only from imb_factor is not rounded
+    (0.4: 2.5, not 2); ratio 100.4 is not the paper's 100, so it gets no paper value beside it."""
+    write_result(tmp_path, "r49_s0", ratio=49)
+    write_result(tmp_path, "r49_s1", ratio=1 / (1 / 49), seed=1)
+    record = result_dict(ratio=2.5)
+    del record["imbalance_ratio"]
+    record["imb_factor"] = 0.4
+    (tmp_path / "r2.5").mkdir()
+    (tmp_path / "r2.5" / "results.json").write_text(json.dumps(record))
+    write_result(tmp_path, "r100.4", ratio=100.4)
+    write_result(tmp_path, "r100", ratio=100)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0, err
+    rows = {row[2]: row for row in table_rows(out)}
+    assert sorted(rows) == ["100", "100.4", "2.5", "49"] and rows["49"][3] == "2 (0, 1)"
+    assert rows["100"][11] == "81.40" and rows["100.4"][11:] == ["—", "—"]
+
+
+def test_a_schedule_longer_than_the_papers_is_not_compared_with_it(summarize, tmp_path, capsys):
+    write_result(tmp_path, "sc_300", epochs=300)
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0, err
+    [row] = table_rows(out)
+    assert row[9] == "other schedule: 300 epochs, lr decay at 120,160, batch 512" and row[11:] == ["n/c", "n/c"]
+
+
 def test_nearest_class_mean_column_holds_the_mean_over_seeds_of_runs_that_record_it(summarize, tmp_path, capsys):
     for seed, ncm in enumerate([60.0, 63.0]):
         write_result(tmp_path, f"sc_s{seed}", seed=seed, ncm=ncm)

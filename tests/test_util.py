@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -36,6 +37,9 @@ def test_accuracy_report_by_hand():
     tenths = util.accuracy_report(np.array([[827, 173], [297, 703]]), {"many": [0, 1]})
     assert tenths["per_class"] == [82.7, 70.3] and tenths["top1"] == 76.5 and tenths["many"] == 76.5
     assert repr(util.accuracy_report(np.array([[2996, 7004], [0, 0]]), {})["top1"]) == "29.96"
+    # top-1 counts images: on a test set that is not balanced it is not the mean of the classes' accuracies
+    pooled = util.accuracy_report(np.array([[90, 10], [5, 5]]), {"many": [0], "few": [1]})
+    assert pooled["top1"] == pytest.approx(100 * 95 / 110)  # not (90 + 50) / 2
 
 
 def _ncm_by_loop(train, labels, test, num_classes):
@@ -88,13 +92,6 @@ def test_learning_rate_warm_up_and_decay():
     # learning rate at (nearly) zero instead of failing mid-run; a long but representable one is unchanged.
     assert util.learning_rate(3, **{**kw, "warm_epochs": 1e308}) == 0.0
     assert util.learning_rate(3, **{**kw, "warm_epochs": 1e6}) == pytest.approx(0.5 * 4 / 1e7)
-
-
-def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):
-    util.write_json({"a": 1}, tmp_path / "r.json")
-    util.write_json({"a": 2}, tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
 def test_checkpoint_round_trip_and_foreign_files(tmp_path):
@@ -150,3 +147,38 @@ def test_a_checkpoint_that_cannot_be_written_says_whether_an_earlier_one_is_kept
     with pytest.raises(util.UserError, match=r"No space left on device; the previous one is kept$"):
         util.save_checkpoint({"w": torch.zeros(2)}, path)
     assert path.read_bytes() == b"epoch 1"
+
+
+def test_lr_warm_up_ends_at_the_base_lr_and_never_passes_it():
+    """The warm-up reaches the base lr at its last step; the steps after it stay there, never above it."""
+    kw = dict(base_lr=0.5, steps_per_epoch=10, warm_epochs=2, decay_epochs=[5, 8], decay_rate=0.1)
+    lrs = [util.learning_rate(s, **kw) for s in range(100)]
+    assert lrs[20] == lrs[21] == 0.5 and max(lrs) == 0.5
+    # A warm-up of 7.5 steps (--warm_epochs 0.75 at 10 steps an epoch) is rounded to 8, not cut to 7
+    assert util.learning_rate(6, **{**kw, "warm_epochs": 0.75}) == pytest.approx(0.5 * 7 / 8)
+
+
+def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    """A rename, not a rewrite in place: a reader that opened the old file reads it whole, the path then holds a
+    new file (inode) with the new content, no temporary file is left, and the file is readable by others
+    (mkstemp makes it private)."""
+    path = tmp_path / "results.json"
+    util.write_json({"old": "x" * 1000}, path)
+    inode = path.stat().st_ino
+    with open(path, "rb") as reader:
+        util.write_json({"new": 1}, path)
+        assert json.loads(reader.read()) == {"old": "x" * 1000}
+    assert path.stat().st_ino != inode and json.loads(path.read_text()) == {"new": 1}
+    util.save_checkpoint({"model": {}, "config": {}}, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "results.json"]
+    for name in ("c.pt", "results.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_set_rng_states_restores_python_numpy_and_torch():
+    util.seed_everything(123)
+    states = util.rng_states()
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    util.seed_everything(999)
+    util.set_rng_states(states)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected

@@ -3,6 +3,7 @@ torchvision layout, and every bad input of the CLI issue (one line, non-zero exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -414,6 +415,15 @@ BAD_INPUTS = [
     (["--eval_only", "--checkpoint", "best.pt", "--overwrite"], "drop --overwrite"),
     (["--resume", "--overwrite"], "contradict"),
     (["--dry_run", "--eval_only", "--checkpoint", "best.pt"], "--dry_run checks a training run"),
+    # just outside a range: each would fail later (a division by zero after epoch 1, NaN losses, an lr of 0)
+    (["--eval_every", "0"], "--eval_every must be at least 1"),
+    (["--print_freq", "0"], "--print_freq must be at least 1"),
+    (["--loss", "psc", "--psc_temp", "0"], "--psc_temp must be positive"),
+    (["--psc_temp", "-1"], "--psc_temp must be positive"),
+    (["--weight_decay", "-0.0001"], "--weight_decay must not be negative"),
+    (["--warm_epochs", "-1"], "--warm_epochs must not be negative"),
+    (["--lr_decay_rate", "0"], "--lr_decay_rate must be in (0, 1]"),
+    (["--epochs", "2", "--lr_decay_epochs", "2"], "--lr_decay_epochs 2: epoch 2 is outside the run of 2 epochs"),
 ]
 
 
@@ -423,6 +433,53 @@ def test_bad_flags(argv, needle, tmp_path, capsys, cifar10_root):
     code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *argv], capsys)
     assert_one_line_error(code, err, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--imb_factor", "1"], ["--lr_decay_rate", "1"],
+                                  ["--epochs", "2", "--lr_decay_epochs", "1"], ["--momentum", "0"],
+                                  ["--warm_epochs", "0", "--weight_decay", "0"]])
+def test_values_at_the_closed_end_of_a_flags_range_are_taken(argv):
+    """imb_factor 1 (a balanced set), lr_decay_rate 1 (no decay), a decay after epoch 1 of 2, no momentum, no
+    warm-up or weight decay."""
+    main.parse_config(argv)  # no UserError
+
+
+# Every training setting with a value other than its default (and the loss that reads it): a resume under any of
+# them would continue another recipe. Written out, not read from main.COMPARED_ON_RESUME, so that a setting dropped
+# from that tuple fails here.
+RECIPE_CHANGES = {
+    "dataset": ("sc", "cifar100"), "imb_type": ("sc", "step"), "imb_factor": ("sc", "0.02"),
+    "data_seed": ("sc", "1"), "sc_sampler": ("sc", "class"), "ce_sampler": ("sc", "sqrt"),
+    "gray_prob": ("sc", "0.0"), "sc_aug": ("sc", "supcon"), "loss": ("sc", "psc"), "model": ("sc", "resnet8"),
+    "feat_dim": ("sc", "64"), "temp": ("sc", "0.2"), "base_temp": ("sc", "0.07"), "psc_temp": ("psc", "0.5"),
+    "psc_denominator": ("psc", "all"), "bn_stats": ("sc", "joint"), "alpha_schedule": ("sc", "linear"),
+    "batch_size": ("sc", "256"), "learning_rate": ("sc", "0.1"), "momentum": ("sc", "0.8"),
+    "weight_decay": ("sc", "0.0005"), "epochs": ("sc", "300"), "lr_decay_epochs": ("sc", "100,150"),
+    "lr_decay_rate": ("sc", "0.2"), "warm_epochs": ("sc", "1.0"), "seed": ("sc", "1"),
+}
+# How and where a run runs, not what it trains.
+RUN_OPTIONS = {"data_root", "download", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run",
+               "device", "amp", "channels_last", "compile", "compile_mode", "deterministic", "sync_bn", "eval_every",
+               "ncm_every", "print_freq"}
+
+
+def test_every_setting_is_either_the_recipe_or_how_a_run_runs():
+    """A new flag must be put on one side: a recipe setting that --resume does not compare lets a run continue
+    silently under another recipe."""
+    assert {f.name for f in dataclasses.fields(main.Config)} == set(RECIPE_CHANGES) | RUN_OPTIONS
+    assert not set(RECIPE_CHANGES) & RUN_OPTIONS
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_CHANGES))
+def test_a_resume_under_any_other_recipe_setting_is_refused_naming_it(name):
+    """Some of these would be refused later anyway (another split's data digest, another head's shapes), with a
+    worse message; --seed, --momentum, --warm_epochs, --lr_decay_rate or --sc_sampler would not be."""
+    loss, value = RECIPE_CHANGES[name]
+    saved = {"num_classes": 10, "config": dataclasses.asdict(main.parse_config(["--loss", loss]))}
+    now = main.parse_config(["--loss", loss, f"--{name}", value])
+    with pytest.raises(main.UserError, match=rf"other settings: (.*, )?--{name} "):
+        main.check_compatible(saved, now, Path("last.pt"), main.data.DATASETS[now.dataset])
+    main.check_compatible(saved, main.parse_config(["--loss", loss]), Path("last.pt"), 10)  # the same recipe resumes
 
 
 @pytest.mark.parametrize("dry_run", [True, False])

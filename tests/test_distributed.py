@@ -4,6 +4,7 @@
   DDP step on a fixed batch, once through main.Trainer (its TrainStream slices, DDP wrapping and gather; with
   the default --bn_stats per_branch, whose two backbone passes run inside one DDP forward, and with joint). The
   model has no batch norm, because on the CPU BN statistics are per rank (SyncBatchNorm is GPU-only).
+- An evaluation under DDP is rank 0's network (its batch-norm statistics broadcast) on every rank's shard.
 - `torchrun --nproc_per_node 2 main.py` trains, writes its files from rank 0 only, resumes (finished and
   interrupted runs), and stops every rank without hanging when one fails.
 """
@@ -143,6 +144,25 @@ def trainer_step(case: str, dist: main.Dist) -> dict:
             "params": {name: p.detach().clone() for name, p in named}}
 
 
+def ddp_confusion(dist: main.Dist) -> dict:
+    """Trainer.confusion on 1,100 test images (two evaluation batches of 1,000: each rank evaluates one) with the
+    real resnet8, whose batch-norm running statistics are made to differ on rank 1, as training leaves them."""
+    cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", "--no-amp",
+                             "--no-channels_last", "--loss", "ce"])
+    train, _ = make_synthetic(NUM_CLASSES, 16, 1, seed=0)
+    trainer = main.Trainer(cfg, train, NUM_CLASSES, torch.device("cpu"), dist)
+    if dist.rank == 1:
+        for module in trainer.net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean += 3.0
+                module.running_var *= 9.0
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (1100, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (1100,), generator=g)
+    return {"confusion": trainer.confusion(images, labels), "model": trainer.net.state_dict(), "images": images,
+            "labels": labels, "mean": trainer.mean, "std": trainer.std}
+
+
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank of the two-process run (torch.multiprocessing.spawn calls it); writes its results to a file."""
     torch.set_num_threads(1)  # two ranks on two cores, next to other people's tests
@@ -158,6 +178,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             },
             "detached_gather": explicit_step("sc", mine, gather=gather_detached_peers, ddp=True),
             "trainer": {case: trainer_step(case, main.Dist(rank, world_size, rank)) for case in TRAINER_CASES},
+            "confusion": ddp_confusion(main.Dist(rank, world_size, rank)),
         }
         partial = Path(out_dir) / f"rank{rank}.pt.tmp"
         torch.save(results, partial)
@@ -193,6 +214,19 @@ def assert_same_tensors(actual: dict, expected: dict, atol: float, what: str) ->
     assert actual.keys() == expected.keys(), what
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_evaluation_is_rank_0s_network_on_every_shard(two_ranks):
+    """Batch-norm running statistics drift apart per process in training: Trainer.confusion evaluates rank 0's
+    network (its statistics broadcast) on each rank's shard, so both ranks hold the matrix one process computes
+    from the saved (rank 0's) weights, as --eval_only does, and rank 1's own statistics never show."""
+    r0, r1 = (rank["confusion"] for rank in two_ranks)
+    assert (r0["confusion"] == r1["confusion"]).all()
+    net = networks.build_model("resnet8", NUM_CLASSES, 128)
+    net.load_state_dict(r0["model"])
+    single = main.test_confusion(net.eval(), r0["images"], r0["labels"], mean=r0["mean"], std=r0["std"],
+                                 num_classes=NUM_CLASSES, amp=False)
+    assert single.sum() == 1100 and (r0["confusion"] == single).all()
 
 
 def test_sc_loss_and_gradients_equal_one_process(two_ranks, one_process):

@@ -336,6 +336,23 @@ def test_read_only_output_folder(data_root, straight_run, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def after_each_step(monkeypatch, action) -> list[int]:
+    """main.Trainer.step, then action(trainer, n), n the number of steps this process has taken (also returned,
+    as a one-item list that a test may reset)."""
+    import main
+
+    real_step, taken = main.Trainer.step, [0]
+
+    def step(self, *args, **kwargs):
+        terms = real_step(self, *args, **kwargs)
+        taken[0] += 1
+        action(self, taken[0])
+        return terms
+
+    monkeypatch.setattr(main.Trainer, "step", step)
+    return taken
+
+
 def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(data_root, tmp_path, monkeypatch):
     """The settings the two tests above leave at their defaults, all in one run (Hybrid-PSC with the 'all'
     denominator, SupContrast's augmentation of the views, the class sampler for the views and sqrt for the images,
@@ -352,20 +369,14 @@ def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(dat
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main.main([*argv, "--output_dir", str(straight)]) == 0
 
-    real_step, taken, stop_at = main.Trainer.step, [0], set()
-
-    def step(self, *args, **kwargs):
-        terms = real_step(self, *args, **kwargs)
-        taken[0] += 1
-        if taken[0] in stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler takes it: stop after this step
-        return terms
-
-    monkeypatch.setattr(main.Trainer, "step", step)
-    stop_at.add(11)  # epoch 2, step 2 of 9: inside the 1.5-epoch warm-up
+    stop_at = {11}  # epoch 2, step 2 of 9: inside the 1.5-epoch warm-up
+    # the run's own handler takes the signal: it stops after this step
+    taken = after_each_step(monkeypatch, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n in stop_at
+                            else None)
     assert main.main([*argv, "--output_dir", str(out)]) == 128 + signal.SIGTERM
     assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [1, 2]
-    taken[0], stop_at = 0, {steps_per_epoch + 2}  # epoch 3, step 5 (of a run resumed at epoch 2, step 2)
+    taken[0] = 0  # epoch 3, step 5 (of a run resumed at epoch 2, step 2)
+    stop_at = {steps_per_epoch + 2}
     assert main.main([*argv, "--output_dir", str(out), "--resume"]) == 128 + signal.SIGTERM
     assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [2, 4]
     stop_at = set()
@@ -381,3 +392,148 @@ def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(dat
     assert [("top1" in e, "ncm_top1" in e) for e in rb["history"]] == [(False, True), (True, True)] * 2
     for key in ("best_top1", "best_epoch", "last_top1", "per_class", "best", "last", "ncm"):
         assert ra[key] == rb[key], key
+
+
+# In-process runs (main.main) on data_root: 159 images at ratio 10, 9 steps of 16 an epoch; CE keeps them short.
+LOOP = ["--model", "resnet8", "--batch_size", "16", "--learning_rate", "0.05", "--warm_epochs", "0",
+        "--device", "cpu", "--imb_factor", "0.1", "--print_freq", "3", "--loss", "ce"]
+LOOP_BATCH, LOOP_STEPS = 16, 9
+
+
+def call_main(argv: list[str], capsys) -> tuple[int, str]:
+    import main
+
+    code = main.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_warm_up_lr_rises_at_every_step_and_each_epochs_last_interval_is_logged(data_root, tmp_path, capsys):
+    """--warm_epochs 1: each step's lr is util.learning_rate of its global step (a linear rise within epoch 1, not
+    one lr for the epoch); --print_freq 4 with 9 steps an epoch logs after steps 4 and 8 and the epoch's last, 9."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2",
+                           "--lr_decay_epochs", "", "--warm_epochs", "1", "--print_freq", "4"], capsys)
+    assert code == 0, err
+    [events] = out.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("train/lr")]
+    assert [step for step, _ in logged] == [4, 8, 9, 13, 17, 18]
+    expected = [util.learning_rate(step - 1, base_lr=0.05, steps_per_epoch=LOOP_STEPS, warm_epochs=1,
+                                   decay_epochs=(), decay_rate=0.1) for step, _ in logged]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+    assert expected[0] < expected[1] < expected[2] == pytest.approx(0.05)
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [h["lr"] for h in history] == pytest.approx([expected[2], expected[5]])
+
+
+def test_a_mid_epoch_stop_counts_its_steps_and_the_rate_is_samples_over_training_time(data_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Stopped by SIGTERM after step 5 of epoch 1, the checkpoint counts steps 2..5 (the first is not timed) in
+    train_samples; resumed to the end, every step but each session's first; results.json's samples_per_s is
+    train_samples / train_time, not over the wall time."""
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    with monkeypatch.context() as m:
+        after_each_step(m, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == 5 else None)
+        code, err = call_main(argv, capsys)
+    assert code == 128 + signal.SIGTERM and "SIGTERM: stopped after step 5 of epoch 1" in err, err
+    stopped = util.load_checkpoint(out / "last.pt")["run"]
+    assert (stopped["epoch"], stopped["step"], stopped["train_samples"]) == (0, 5, 4 * LOOP_BATCH)
+    assert stopped["train_time"] > 0
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert code == 0, err
+    run = util.load_checkpoint(out / "last.pt")["run"]
+    assert run["train_samples"] == (2 * LOOP_STEPS - 2) * LOOP_BATCH  # two sessions, two untimed first steps
+    res = json.loads((out / "results.json").read_text())
+    assert res["train_time_s"] == run["train_time"] < res["wall_time_s"]
+    assert res["samples_per_s"] == pytest.approx(run["train_samples"] / run["train_time"], rel=1e-9)
+
+
+def test_the_last_epoch_is_evaluated_and_its_ncm_reported_where_the_intervals_do_not_divide_the_run(
+        data_root, tmp_path, monkeypatch, capsys):
+    """--epochs 3 --eval_every 2 --ncm_every 2: epochs 2 and 3 are evaluated (always after the last), so the last
+    epoch's top-1 is in its history entry and competes for best; the run's ncm is the final network's (epoch 3),
+    not the last --ncm_every one's (epoch 2), and no evaluate-only session is added for it."""
+    import main
+
+    reports = {}
+    real = main.Run.nearest_class_mean
+
+    def recording(self, *args, **kwargs):
+        reports[self.state.epoch] = report = real(self, *args, **kwargs)
+        return report
+
+    monkeypatch.setattr(main.Run, "nearest_class_mean", recording)
+    out = tmp_path / "run"
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "3",
+                           "--lr_decay_epochs", "2", "--eval_every", "2", "--ncm_every", "2"], capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert ["top1" in h for h in res["history"]] == [False, True, True]
+    assert res["last_top1"] == res["history"][2]["top1"]
+    assert res["best_top1"] == max(res["history"][1]["top1"], res["history"][2]["top1"])
+    assert len(res["sessions"]) == 1 and "evaluated_only" not in res["sessions"][0]
+    assert sorted(reports) == [2, 3] and res["ncm"] == reports[3]
+
+
+def poison(trainer) -> None:
+    with torch.no_grad():
+        trainer.net.classifier.weight[0, 0] = float("inf")
+
+
+def test_weights_made_non_finite_by_an_epochs_last_step_are_never_saved(data_root, tmp_path, monkeypatch, capsys):
+    """The epoch's last step returns a finite loss but leaves a weight non-finite: the run stops as diverged (exit
+    3) before it evaluates or saves, instead of writing those weights as last.pt."""
+    out = tmp_path / "run"
+    after_each_step(monkeypatch, lambda trainer, n: poison(trainer) if n == LOOP_STEPS else None)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2",
+                           "--lr_decay_epochs", "1"], capsys)
+    assert code == 3 and f"non-finite loss in epoch 1, by step {LOOP_STEPS} (of {LOOP_STEPS})" in err, err
+    assert "no checkpoint was written" in err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_a_signal_after_the_weights_went_non_finite_does_not_save_them(data_root, tmp_path, monkeypatch, capsys):
+    """A SIGTERM after a step that left a weight non-finite (its loss still finite): a divergence (exit 3), and no
+    mid-epoch last.pt for a resume to start from."""
+    out = tmp_path / "run"
+
+    def action(trainer, n):
+        if n == 2:
+            poison(trainer)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    after_each_step(monkeypatch, action)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2",
+                           "--lr_decay_epochs", "1"], capsys)
+    assert code == 3 and "non-finite loss in epoch 1, by step 2" in err, err
+    assert not (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["within 2 s", "later"])
+def test_a_second_signal_is_the_same_request_within_2_s_and_stops_at_once_later(later, data_root, tmp_path,
+                                                                                monkeypatch, capsys):
+    """Ctrl-C reaches every process of the group and torchrun relays it again: a second SIGINT within 2 s of the
+    first still stops after the step with a checkpoint (exit 130). One more than 2 s later stops at once:
+    'interrupted', exit 130 (which sweep.sh reads as INTERRUPTED), no checkpoint, the run's handlers gone."""
+    out = tmp_path / "run"
+
+    def action(trainer, n):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            if later:
+                signal.getsignal(signal.SIGINT).__self__.first_at -= 10.0  # the run's SignalFlag: 10 s ago
+            os.kill(os.getpid(), signal.SIGINT)
+
+    after_each_step(monkeypatch, action)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2",
+                           "--lr_decay_epochs", "1"], capsys)
+    if later:
+        assert (code, err) == (130, "interrupted\n") and not (out / "last.pt").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    else:
+        assert code == 130 and "SIGINT: stopped after step 3 of epoch 1" in err, err
+        assert util.load_checkpoint(out / "last.pt")["run"]["step"] == 3

@@ -39,7 +39,7 @@ def _run(cifar10_root, out, *argv: str) -> main.Run:
 # ----------------------------------------------------------------------------------------------- the optimiser
 
 
-@pytest.mark.parametrize("loss", ["sc", "ce"])
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
 def test_sgd_steps_use_the_configured_momentum_and_weight_decay(train_split, loss):
     """Two Trainer steps move the weights as torch.optim.SGD with --momentum and --weight_decay (non-default values
     here) moves a copy given the same gradients at the same lr: the second step carries the first one's momentum.
@@ -63,6 +63,8 @@ def test_sgd_steps_use_the_configured_momentum_and_weight_decay(train_split, los
         sgd.step()
         for ref, p in zip(reference, trainable):
             torch.testing.assert_close(p.detach(), ref, rtol=1e-6, atol=1e-8)
+    if loss == "psc":  # the prototypes learn from the loss, not only shrink by the decay
+        assert trainer.net.prototypes.grad is not None and trainer.net.prototypes.grad.abs().sum() > 0
     # The check can fail: plain SGD (no momentum, no decay) from the same weights lands elsewhere.
     plain = [b - lr * p.grad for b, p in zip(before, trainable)]
     assert not all(torch.allclose(a, p.detach(), rtol=1e-4, atol=1e-6) for a, p in zip(plain, trainable))

@@ -537,3 +537,23 @@ def test_a_second_signal_is_the_same_request_within_2_s_and_stops_at_once_later(
     else:
         assert code == 130 and "SIGINT: stopped after step 3 of epoch 1" in err, err
         assert util.load_checkpoint(out / "last.pt")["run"]["step"] == 3
+
+
+def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step(data_root, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Stopped once and resumed to the end, then its results.json damaged and written again by a --resume that
+    trains no step: first_step_s is the second session's (the last that took a step), not the first's."""
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    with monkeypatch.context() as m:
+        after_each_step(m, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == 3 else None)
+        assert call_main(argv, capsys)[0] == 128 + signal.SIGTERM
+    assert call_main([*argv, "--resume"], capsys)[0] == 0
+    results = out / "results.json"
+    results.write_text(results.read_text()[:40])
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert code == 0, err
+    res = json.loads(results.read_text())
+    first, second, evaluation = res["sessions"]
+    assert evaluation.get("evaluated_only") and "first_step_s" not in evaluation
+    assert first["first_step_s"] != second["first_step_s"] and res["first_step_s"] == second["first_step_s"]

@@ -354,7 +354,7 @@ def after_each_step(monkeypatch, action) -> list[int]:
 
 
 def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(data_root, tmp_path, monkeypatch):
-    """The settings the two tests above leave at their defaults, all in one run (Hybrid-PSC with the 'all'
+    """The settings test_stop_and_resume_equals_straight_through leaves at their defaults, all in one run (Hybrid-PSC with the 'all'
     denominator, SupContrast's augmentation of the views, the class sampler for the views and sqrt for the images,
     an lr warm-up that the first stop cuts, an evaluation every 2 epochs, the nearest class mean every epoch): stopped
     by a SIGTERM during the warm-up and again mid-epoch between two evaluations, each time resumed, it ends with the
@@ -369,13 +369,13 @@ def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(dat
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main.main([*argv, "--output_dir", str(straight)]) == 0
 
-    stop_at = {11}  # epoch 2, step 2 of 9: inside the 1.5-epoch warm-up
+    stop_at = {11}  # after step 2 of epoch 2 (9 steps an epoch): inside the 1.5-epoch warm-up
     # the run's own handler takes the signal: it stops after this step
     taken = after_each_step(monkeypatch, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n in stop_at
                             else None)
     assert main.main([*argv, "--output_dir", str(out)]) == 128 + signal.SIGTERM
     assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [1, 2]
-    taken[0] = 0  # epoch 3, step 5 (of a run resumed at epoch 2, step 2)
+    taken[0] = 0  # after step 4 of epoch 3: 7 steps to end epoch 2, then 4
     stop_at = {steps_per_epoch + 2}
     assert main.main([*argv, "--output_dir", str(out), "--resume"]) == 128 + signal.SIGTERM
     assert [util.load_checkpoint(out / "last.pt")["run"][k] for k in ("epoch", "step")] == [2, 4]

@@ -1,4 +1,5 @@
-"""Synthetic CIFAR-like data, writers for the real on-disk layouts, and a tiny Trainer, shared by the tests."""
+"""Synthetic CIFAR-like data, writers for the real on-disk layouts, a tiny Trainer and an in-process main(), shared by
+the tests."""
 from __future__ import annotations
 
 import os
@@ -127,3 +128,14 @@ def tiny_trainer(train: ArraySplit, *argv: str):
 
     cfg = main.parse_config(["--device", "cpu", "--model", "resnet8", "--batch_size", "8", *argv])
     return main.Trainer(cfg, train, 4, torch.device("cpu"))
+
+
+def call_main(argv: list[str], capsys) -> tuple[int, str]:
+    """main.main(argv) in this process: (exit code, what it wrote to stderr)."""
+    import main
+
+    try:
+        code = main.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err

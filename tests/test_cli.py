@@ -18,7 +18,7 @@ import torch
 import main
 import util
 from dataset_loader import ArraySplit
-from helpers import make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
+from helpers import call_main, make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 10  # per class
@@ -329,14 +329,6 @@ def test_classifier_sampler_default_follows_the_method(argv, expected):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-
-
-def call_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

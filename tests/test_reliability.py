@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import util
-from helpers import make_synthetic, write_pickled_cifar10
+from helpers import call_main, make_synthetic, write_pickled_cifar10
 
 ROOT = Path(__file__).resolve().parent.parent
 # --ncm_every 2: the history of a resumed run must also hold the same nearest-class-mean entries (epoch 2's).
@@ -398,13 +398,6 @@ def test_stops_and_resumes_of_the_other_settings_equal_the_run_never_stopped(dat
 LOOP = ["--model", "resnet8", "--batch_size", "16", "--learning_rate", "0.05", "--warm_epochs", "0",
         "--device", "cpu", "--imb_factor", "0.1", "--print_freq", "3", "--loss", "ce"]
 LOOP_BATCH, LOOP_STEPS = 16, 9
-
-
-def call_main(argv: list[str], capsys) -> tuple[int, str]:
-    import main
-
-    code = main.main(argv)
-    return code, capsys.readouterr().err
 
 
 def test_warm_up_lr_rises_at_every_step_and_each_epochs_last_interval_is_logged(data_root, tmp_path, capsys):

@@ -298,7 +298,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.gray_prob <= 1:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
     if not 0 < cfg.imb_factor <= 1:
-        raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}")
+        hint = f" (imbalance ratio {cfg.imb_factor:g} is --imb_factor {1 / cfg.imb_factor:g})" \
+            if cfg.imb_factor > 1 else ""
+        raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}{hint}")
     if not math.isfinite(cfg.imbalance_ratio):
         raise UserError(f"--imb_factor {cfg.imb_factor} is too small: its imbalance ratio 1 / imb_factor is not a "
                         f"finite number (every tail class would be empty)")

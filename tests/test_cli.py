@@ -372,6 +372,7 @@ BAD_INPUTS = [
     (["--lr_decay_epochs", "a,b"], "comma-separated"),
     (["--imb_factor", "0"], "--imb_factor"),
     (["--imb_factor", "1.5"], "--imb_factor"),
+    (["--imb_factor", "100"], "got 100.0 (imbalance ratio 100 is --imb_factor 0.01)"),  # a ratio for the factor
     (["--imb_factor", "1e-310"], "--imb_factor 1e-310 is too small: its imbalance ratio 1 / imb_factor is not"),
     (["--gray_prob", "1.5"], "--gray_prob must be in [0, 1]"),
     (["--gray_prob", "-0.1"], "--gray_prob must be in [0, 1]"),

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1696,6 +1697,23 @@ def test_readme_documents_every_flag():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
                 assert f"`{flag}`" in readme, flag
+
+
+def test_readme_flag_table_gives_each_default_and_choice():
+    """The README's table of flags lists every Config field once, in Config's order, with its default as the flag
+    takes it (off for a switch, auto or - where main.py decides, a list comma-separated) and all its choices."""
+    rows = re.findall(r"^\| `--(\w+)` \| `([^`]*)` \| (.*) \|$", (ROOT / "README.md").read_text(), re.M)
+    fields = dataclasses.fields(main.Config)
+    assert [name for name, _, _ in rows] == [f.name for f in fields]
+    for f, (name, shown, meaning) in zip(fields, rows):
+        if f.default is None:
+            assert shown in ("auto", "-"), name
+        elif isinstance(f.default, bool):
+            assert shown == ("on" if f.default else "off"), name
+        else:
+            assert shown == main.flag_text(list(f.default) if isinstance(f.default, tuple) else f.default), name
+        if "choices" in f.metadata:
+            assert f"({' / '.join(f.metadata['choices'])})" in meaning, name
 
 
 @pytest.mark.parametrize("loss, unused", [

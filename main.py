@@ -925,7 +925,8 @@ def _session_entry_ok(entry: Any) -> bool:
             and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
             and (entry.get("first_step_s") is None or _is_number(entry["first_step_s"]) and entry["first_step_s"] >= 0)
             and (entry.get("world_size") is None or _is_count(entry.get("world_size"), 1))
-            and (entry.get("device") is None or isinstance(entry.get("device"), str)))
+            and all(entry.get(k) is None or isinstance(entry.get(k), str) for k in ("device", "git_commit",
+                                                                                   "torch_version")))
 
 
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
@@ -1439,12 +1440,15 @@ class Run:
         except (OSError, ValueError, AttributeError):
             world_size = None
         return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),
-                "world_size": world_size if _is_count(world_size, 1) else None, "device": None}
+                "world_size": world_size if _is_count(world_size, 1) else None, "device": None, "git_commit": None,
+                "torch_version": None}
 
     def session(self, epoch: int, step: int) -> dict[str, Any]:
-        """This session's entry of RunState.sessions, from (`epoch`, `step`) on."""
+        """This session's entry of RunState.sessions, from (`epoch`, `step`) on, with the code and torch it ran (a
+        run resumed after a `git pull` or an upgrade was trained by more than one)."""
         return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
-                "world_size": self.dist.world_size, "device": device_name(self.device)}
+                "world_size": self.dist.world_size, "device": device_name(self.device), "git_commit": self.git_commit,
+                "torch_version": torch.__version__}
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()

@@ -91,7 +91,8 @@ def test_results_are_sane(finished_run):
     assert res["config"]["channels_last"] is None and saved["channels_last"] is True
     assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
     assert res["sessions"] == [{"epoch": 0, "step": 0, "amp": res["amp"], "channels_last": True, "world_size": 1,
-                                "device": res["device"], "first_step_s": res["first_step_s"]}]
+                                "device": res["device"], "git_commit": res["git_commit"],
+                                "torch_version": torch.__version__, "first_step_s": res["first_step_s"]}]
     assert res["first_step_s"] > 0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
@@ -966,6 +967,8 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     "session_without_its_start": lambda s: s["run"].update(sessions=[{"amp": True}]),
     "session_first_step_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
                                                                       "first_step_s": "1.5"}]),
+    "session_commit_as_a_number": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
+                                                                      "git_commit": 1234}]),
 }
 
 
@@ -975,7 +978,7 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "epoch_sums_of_another_shape", "epoch_negative", "epoch_past_the_run", "step_past_the_epoch",
                    "sessions_as_a_number", "session_amp_as_text", "session_amp_as_a_list",
                    "session_world_size_as_a_bool",
-                   "session_without_its_start", "session_first_step_as_text")
+                   "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -1215,8 +1218,10 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
 
     with monkeypatch.context() as m:
         m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)
+        m.setenv("GIT_COMMIT", "1111111")  # the code of the first session ...
         code, err = call_main(argv + ["--amp"], capsys)
     assert code == 128 + signal.SIGTERM and "stopped after epoch 1" in err, err
+    monkeypatch.setenv("GIT_COMMIT", "2222222")  # ... and of the resume (a `git pull` between them)
     code = main.main(argv + ["--resume", "--no-amp"])
     out_text, err = capsys.readouterr()
     assert code == 0, err
@@ -1226,6 +1231,8 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
     assert res["amp"] == "mixed" and res["world_size"] == 1
     assert [(s["epoch"], s["step"], s["amp"], s["world_size"]) for s in res["sessions"]] == [(0, 0, True, 1),
                                                                                            (1, 0, False, 1)]
+    assert [s["git_commit"] for s in res["sessions"]] == ["1111111", "2222222"] and res["git_commit"] == "2222222"
+    assert [s["torch_version"] for s in res["sessions"]] == [torch.__version__] * 2
     assert json.loads((out / "config.json").read_text())["amp"] is False  # the session's own, as it started
 
 

@@ -241,7 +241,8 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     # A checkpoint from before sessions were recorded: its precision and layout are the checkpoint's, its number of
     # processes that of the config.json beside it (unknown without one), its device unknown.
     del saved["run"]["sessions"]
-    earlier = {"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False, "world_size": 1, "device": None}
+    earlier = {"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False, "world_size": 1, "device": None,
+               "git_commit": None, "torch_version": None}
     assert resumed().state.sessions == [earlier]
     (out / "config.json").write_text(json.dumps({"world_size": 2}))
     run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")

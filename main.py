@@ -614,6 +614,21 @@ def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evalu
             + " and ".join(f'"{key}": "mixed"' for key, _, _ in changed))
 
 
+def code_note(sessions: list[dict[str, Any]], commit: Optional[str], torch_version: str) -> Optional[str]:
+    """A resume with other code (a `git pull`, an edit) or another torch than the run's `sessions` so far recorded
+    says so: its results come from both, and results.json's sessions say which part ran which. `commit` is None
+    where it is unknown (outside a checkout, or on a rank other than 0, which prints nothing)."""
+    changed = []
+    for key, now, name in (("git_commit", commit, "commit"), ("torch_version", torch_version, "torch")):
+        before = {s[key] for s in sessions if isinstance(s.get(key), str)}
+        if now is not None and before - {now}:
+            changed.append((f"{name} {' and '.join(sorted(before))}", f"{name} {now}"))
+    if not changed:
+        return None
+    return (f"note: this run trained with {', '.join(then for then, _ in changed)} so far and goes on with "
+            f"{', '.join(now for _, now in changed)}: results.json's sessions will say which part ran which")
+
+
 def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
     """A resume on another device type than the run's batches were drawn on says what that changes: the stream is
     a pure function of (seed, epoch, step) on one type, but the CPU's and CUDA's generators draw differently from
@@ -1393,7 +1408,8 @@ class Run:
             self.load(saved)
         self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
                              mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
-                                        evaluates_only=self.state.epoch >= cfg.epochs)]
+                                        evaluates_only=self.state.epoch >= cfg.epochs),
+                             code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag()

@@ -1227,6 +1227,8 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
     assert code == 0, err
     assert ('note: this run trained with --amp so far and goes on with --no-amp: its results.json will say '
             '"amp": "mixed"') in out_text.splitlines()
+    assert ("note: this run trained with commit 1111111 so far and goes on with commit 2222222: results.json's "
+            "sessions will say which part ran which") in out_text.splitlines()
     res = json.loads((out / "results.json").read_text())
     assert res["amp"] == "mixed" and res["world_size"] == 1
     assert [(s["epoch"], s["step"], s["amp"], s["world_size"]) for s in res["sessions"]] == [(0, 0, True, 1),
@@ -1442,6 +1444,23 @@ def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, worl
     else:
         expected = "mixed" if note and '"world_size"' in note else world_size
     assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp, "world_size": expected}
+
+
+@pytest.mark.parametrize("sessions, commit, torch_version, note", [
+    ([{"git_commit": "a1", "torch_version": "2.4.1"}], "a1", "2.4.1", None),
+    ([{"git_commit": "a1", "torch_version": "2.4.1"}], "a1", "2.14.1",
+     "note: this run trained with torch 2.4.1 so far and goes on with torch 2.14.1: results.json's sessions will "
+     "say which part ran which"),
+    ([{"git_commit": "b2", "torch_version": "2.4.1"}, {"git_commit": "a1", "torch_version": "2.4.1"}], "a1-dirty",
+     "2.4.1", "note: this run trained with commit a1 and b2 so far and goes on with commit a1-dirty: results.json's "
+     "sessions will say which part ran which"),
+    ([{"git_commit": "a1", "torch_version": "2.4.1"}], None, "2.4.1", None),  # this code's commit unknown
+    ([{"git_commit": None, "torch_version": None}], "a1", "2.4.1", None),  # unknown before (earlier_session)
+    ([{"amp": True}], "a1", "2.4.1", None),  # an entry written before sessions recorded either
+    ([], "a1", "2.4.1", None),  # nothing trained yet
+])
+def test_a_resume_with_other_code_or_torch_says_so(sessions, commit, torch_version, note):
+    assert main.code_note(sessions, commit, torch_version) == note
 
 
 def test_other_class_sizes_of_a_hundred_classes_are_summed_up():

@@ -280,11 +280,22 @@ def _by_name(items: list, path_of: Callable[[Any], str] = lambda item: item) -> 
     return [item for _, item in sorted(zip(keys, items), key=lambda pair: pair[0])]
 
 
+# What file systems and file managers leave in folders beside the data: Synology's thumbnail folders, Windows'
+# thumbnail cache and folder settings, the resource forks of a zip made on macOS. Skipped like hidden entries.
+SYSTEM_ENTRIES = frozenset({"@eaDir", "Thumbs.db", "desktop.ini", "__MACOSX"})
+
+
+def _skipped(name: str) -> bool:
+    """An entry of a data folder that is no class or image: hidden (.DS_Store, .ipynb_checkpoints) or one of
+    SYSTEM_ENTRIES."""
+    return name.startswith(".") or name in SYSTEM_ENTRIES
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
-    """The class folders of a split folder, sorted by name (_by_name); hidden entries are skipped. OSError when it
-    cannot be read."""
+    """The class folders of a split folder, sorted by name (_by_name); hidden and system entries are skipped
+    (_skipped). OSError when it cannot be read."""
     with os.scandir(split_dir) as entries:
-        entries = [e for e in entries if not e.name.startswith(".")]
+        entries = [e for e in entries if not _skipped(e.name)]
     for e in entries:
         _refuse_broken_link(e)  # a class folder's link to nothing: not "9 class folders"
     return _by_name([e.path for e in entries if e.is_dir()])
@@ -301,7 +312,8 @@ def _refuse_broken_link(entry: os.DirEntry) -> None:
 
 
 def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list[tuple[str, list[_FileEntry]]]:
-    """[(class name, files sorted by name)] with classes sorted by name (_by_name); hidden entries are skipped.
+    """[(class name, files sorted by name)] with classes sorted by name (_by_name); hidden and system entries are
+    skipped (_skipped).
 
     os.scandir rather than pathlib: one stat per file keeps listing 60,000 files well under a second.
     """
@@ -316,7 +328,7 @@ def _list_class_folders(split_dir: Path, num_classes: int, dataset: str) -> list
             files = []
             with os.scandir(class_dir) as entries:
                 for e in entries:
-                    if e.name.startswith("."):
+                    if _skipped(e.name):
                         continue
                     _refuse_broken_link(e)
                     if e.is_file():

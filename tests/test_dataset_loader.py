@@ -957,6 +957,26 @@ def test_a_folder_inside_a_class_folder_is_named_not_skipped(tmp_path):
         dl.load_cifar("cifar10", tmp_path)
 
 
+def test_what_file_managers_leave_in_data_folders_is_skipped(tmp_path):
+    """Synology's @eaDir thumbnail folders (in the split folder and in each class folder), Windows' Thumbs.db and
+    desktop.ini, macOS's __MACOSX: neither a class, nor an image, nor "a folder inside a class folder"."""
+    train, test = make_synthetic(10, 2, 1)
+    write_image_folder(tmp_path, train, test)
+    clean = dl.load_cifar("cifar10", tmp_path)
+    for split in ("train", "test"):
+        (tmp_path / split / "@eaDir" / "class_000").mkdir(parents=True)
+        (tmp_path / split / "__MACOSX").mkdir()
+        for class_dir in (tmp_path / split).glob("class_*"):
+            (class_dir / "@eaDir").mkdir()
+            (class_dir / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not an image")
+            (class_dir / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    for loaded, expected in zip(dl.load_cifar("cifar10", tmp_path), clean):
+        assert np.array_equal(loaded.images, expected.images) and np.array_equal(loaded.labels, expected.labels)
+    (tmp_path / "train" / "class_000" / "eaDir").mkdir()  # any other folder still is an error
+    with pytest.raises(DataError, match="eaDir is a folder inside class folder"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
 def test_a_bad_image_stops_the_decoding_without_decoding_the_rest(tmp_path, monkeypatch):
     """The first error ends the decoding: the chunks not yet begun are cancelled (the pool used to decode the whole
     split first, which on the real data meant tens of seconds before the message, or before Ctrl-C took effect)."""

@@ -49,6 +49,10 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   (the same step, so it compiles from a warm cache, as a sweep's later runs do, when
                   bench_graphs ran); results.json's first_step_s holds that compilation, train_time_s
                   the training -> results_compile.json
+  bench_joint     only when --only names it: bench_graphs' step with --bn_stats joint (one backbone pass
+                  over both branches' images: other maths, the upper bound of what a one-pass
+                  per-branch batch norm could gain), no reference, with the profile (cap 150 s, a cold
+                  compilation into its own Inductor cache included) -> bench_joint.json
   table1          only when --only names it (the default budget leaves it no time): the paper's Table 1
                   on CIFAR-10-LT at the two ratios without a 200-epoch run on a GPU yet, Hybrid-SC and
                   Hybrid-PSC at imbalance ratios 50 and 10 (main.py's defaults, seed 0), through
@@ -62,7 +66,7 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   after the cap's SIGTERM, such as a first step compiling, is killed)
 Then summary.md (scripts/summarize.py --per_class per run, and over the table1 runs) and log.txt: the
 environment (nvidia-smi, torch, the commit) and every step's output and status. At most 8 files, all
-directly in --out (so --only cannot name all seven steps: they would leave 9).
+directly in --out (so --only names at most six of the eight steps).
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
 than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile and table1
@@ -95,7 +99,7 @@ die_usage() {
 }
 
 data="" out="" device="cuda" budget_s=560 workers=6 smoke=0 only="" only_given=0
-all_steps="train_eager benchmark bench_supcon bench_graphs bench_options train_compile table1"
+all_steps="train_eager benchmark bench_supcon bench_graphs bench_options train_compile bench_joint table1"
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -134,7 +138,7 @@ if ((only_given)); then
     for name in $all_steps; do [[ $step == "$name" ]] && known=1; done
     ((known)) || die_usage "--only: no step '$step' (the steps: ${all_steps// /, })"
   done
-  # One file each, besides log.txt and summary.md; a lent machine returns at most 8 (all seven steps would leave 9).
+  # One file each, besides log.txt and summary.md; a lent machine returns at most 8 (so at most six steps).
   n_chosen=0
   for name in $all_steps; do [[ ",$only," != *",$name,"* ]] || n_chosen=$((n_chosen + 1)); done
   ((n_chosen + 2 <= 8)) ||
@@ -323,6 +327,13 @@ if compiled train_compile; then
   else
     inductor_cache=compile train train_compile compile "$budget_s" --compile --compile_mode reduce-overhead
   fi
+fi
+
+if ((!only_given)); then
+  leave_out bench_joint "not run (only when --only names it)"
+elif compiled bench_joint; then
+  run_step bench_joint 150 -- "${bench[@]}" --compile --compile_mode reduce-overhead --bn_stats joint --no_reference \
+    --profile --memory_batch_sizes "" --json "$out/bench_joint.json"
 fi
 
 table1_dir="$scratch/table1"

@@ -1899,27 +1899,33 @@ def test_gpu_checks_resumes_a_cut_off_eager_run_before_the_rest(tmp_path, checkp
 
 
 def test_gpu_checks_only_runs_the_steps_named(tmp_path):
-    """--only bench_graphs,train_compile: the data is decoded, then those two steps run in the script's order
-    (whatever the order named) and share one Inductor cache; the others are reported as not chosen, which is not
-    a failure."""
+    """--only bench_graphs,train_compile,bench_joint: the data is decoded, then those steps run in the script's
+    order (whatever the order named), the first two sharing one Inductor cache, bench_joint (another graph) with its
+    own; the others are reported as not chosen, which is not a failure."""
     results = tmp_path / "template.json"
     results.write_text(json.dumps(result_dict(epochs=200)))
     env = fake_python_env(tmp_path, results=str(results), checkpoint="0")
     calls = tmp_path / "calls.log"
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
-                           str(tmp_path / "out"), "--device", "cpu", "--only=train_compile,bench_graphs"],
+                           str(tmp_path / "out"), "--device", "cpu", "--only=bench_joint,train_compile,bench_graphs"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the fake main.py is always cut off
     lines = calls.read_text().splitlines()
     steps = [line.split() for line in lines if not line.startswith("-c") or "load_cifar" in line]  # not the environment's
-    assert [args[0] for args in steps] == ["-c", "scripts/benchmark.py", "main.py"]  # decode first
-    assert "reduce-overhead" in steps[1] and "--compile" in steps[2]
+    assert [args[0] for args in steps] == ["-c", "scripts/benchmark.py", "main.py", "scripts/benchmark.py"]  # decode first
+    assert "reduce-overhead" in steps[1] and "--compile" in steps[2] and "--bn_stats" not in steps[1]
+    joint = steps[3]
+    assert joint[joint.index("--bn_stats") + 1] == "joint" and joint[joint.index("--compile_mode") + 1] == "reduce-overhead"
+    assert {"--compile", "--no_reference", "--profile"} <= set(joint)
     caches = [line.split(" ", 2)[:2] for line in (tmp_path / "calls.log.inductor").read_text().splitlines()]
-    assert [cache for cache, program in caches if program != "-c"] == ["inductor_compile", "inductor_compile"]
-    for step in ("train_eager", "benchmark", "bench_supcon", "bench_options"):
+    assert [cache for cache, program in caches if program != "-c"] == ["inductor_compile", "inductor_compile",
+                                                                       "inductor_bench_joint"]
+    for step in ("train_eager", "benchmark", "bench_supcon", "bench_options", "table1"):
         assert f"{step}: not chosen (--only)" in proc.stdout
     assert "decode: ok" in proc.stdout and "bench_graphs: ok" in proc.stdout and "train_compile: CUT OFF" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_graphs.json", "log.txt", "summary.md"]
+    assert "bench_joint: ok" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_graphs.json", "bench_joint.json", "log.txt",
+                                                                     "summary.md"]
     # All chosen steps that run and pass: exit 0.
     (tmp_path / "out").rename(tmp_path / "out_1")
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
@@ -1997,7 +2003,8 @@ def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
                            str(tmp_path / "out_2"), "--device", "cpu", "--budget_s", "0"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert "table1: not run (only when --only names it)" in proc.stdout and "table1: skipped" not in proc.stdout
+    for step in ("bench_joint", "table1"):
+        assert f"{step}: not run (only when --only names it)" in proc.stdout and f"{step}: skipped" not in proc.stdout
 
 
 def test_gpu_checks_table1_kills_a_run_still_in_its_step_when_the_cap_comes(tmp_path):

@@ -41,7 +41,7 @@ with --imb_type step.
                      two runs at once. An entry is a device index, a GPU-/MIG- UUID or a comma
                      list of them (with PYTHON="torchrun --nproc_per_node 2"). Default: runs one
                      after another, output to the terminal.
-  -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --batch_size 256);
+  -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --lr_decay_epochs 12,16);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
                      --seed --output_dir --resume --overwrite), those that make main.py train nothing
                      (--dry_run --eval_only --checkpoint --help -h), and any start of them (--see, --output:
@@ -96,7 +96,7 @@ while (($#)); do
         --gpus) gpus=$2 ;;
       esac
       shift 2 ;;
-    *) die_usage "unknown argument '$1'" ;;
+    *) die_usage "unknown argument '$1' (main.py's flags go after --)" ;;
   esac
 done
 

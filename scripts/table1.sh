@@ -50,7 +50,7 @@ while (($#)); do
         --gpus) pass_gpus=(--gpus "$2") ;;
       esac
       shift 2 ;;
-    *) die_usage "unknown argument '$1'" ;;
+    *) die_usage "unknown argument '$1' (main.py's flags go after --)" ;;
   esac
 done
 [[ -n $dataset ]] || die_usage "--dataset is required"

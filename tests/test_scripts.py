@@ -1449,7 +1449,8 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"], "unknown argument '--bogus'"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"],
+     "unknown argument '--bogus' (main.py's flags go after --)"),
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),
     ("sweep.sh", ["--dataset", "cifar10"], "--imb_factors is required"),
     ("sweep.sh", ["--dataset", "imagenet", "--imb_factors", "0.01"], "cifar10 or cifar100"),
@@ -1485,7 +1486,7 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     ("table1.sh", ["--dataset", "cifar10", "--", "--amp", "-h"], "'-h' makes main.py train nothing"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--he"], "'--he' is the start of '--help'"),
     ("sweep.sh", ["--dataset"], "--dataset needs a value"),
-    ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors'"),
+    ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors' (main.py's flags go after --)"),
     ("table1.sh", ["--ce"], "--dataset is required"),
 ])
 def test_bad_arguments_give_one_line_and_nonzero_exit(fake, script, args, message):

@@ -287,6 +287,15 @@ def check_path(flag: str, path: Optional[str]) -> None:
         raise UserError(f"{flag} {path}: {e.strerror or e}") from None
 
 
+def paper_decay_hint(epochs: int) -> str:
+    """For a run shorter than the paper's: where its lr decays (after 120 and 160 of 200 epochs, 60 and 80 %) fall
+    in a run of `epochs`, as a hint to a refused --lr_decay_epochs; '' where they do not fit apart."""
+    decays = [round(epochs * e / 200) for e in (120, 160)]
+    if not 0 < decays[0] < decays[1] < epochs:
+        return ""
+    return f"; the paper's decays, after 60 % and 80 % of its run, are --lr_decay_epochs {flag_text(decays)} here"
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data; everything here fails before anything is read or written."""
     if cfg.batch_size < 2:
@@ -318,7 +327,7 @@ def validate(cfg: Config) -> None:
                   else "a 1-epoch run has no decay: pass ''")
         which = f"epoch {bad[0]} is" if len(bad) == 1 else f"epochs {', '.join(map(str, bad))} are"
         raise UserError(f"--lr_decay_epochs {flag_text(cfg.lr_decay_epochs)}: {which} outside the run of "
-                        f"{plural(cfg.epochs, 'epoch')} ({within})")
+                        f"{plural(cfg.epochs, 'epoch')} ({within}){paper_decay_hint(cfg.epochs)}")
     if any(a >= b for a, b in zip(cfg.lr_decay_epochs, cfg.lr_decay_epochs[1:])):
         raise UserError(f"--lr_decay_epochs must be strictly increasing (got {flag_text(cfg.lr_decay_epochs)})")
     for name in ("momentum", "weight_decay", "warm_epochs"):

@@ -368,6 +368,8 @@ BAD_INPUTS = [
      "--lr_decay_epochs 120,160: epochs 120, 160 are outside the run of 100 epochs (each must be in 1..99, or "
      "--lr_decay_epochs '' for no decay)"),
     (["--epochs", "100", "--lr_decay_epochs", "50,120"], "--lr_decay_epochs 50,120: epoch 120 is outside the run"),
+    (["--epochs", "20"], "outside the run of 20 epochs (each must be in 1..19, or --lr_decay_epochs '' for no decay); "
+                         "the paper's decays, after 60 % and 80 % of its run, are --lr_decay_epochs 12,16 here"),
     (["--epochs", "1", "--lr_decay_epochs", "300"], "(a 1-epoch run has no decay: pass '')"),
     (["--output_dir", ""], "--output_dir is empty"),
     (["--lr_decay_epochs", "160,120"], "strictly increasing (got 160,120)"),
@@ -1723,6 +1725,16 @@ def test_readme_documents_every_flag():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
                 assert f"`{flag}`" in readme, flag
+
+
+@pytest.mark.parametrize("epochs, decays", [(200, "120,160"), (20, "12,16"), (4, "2,3"), (3, None), (2, None),
+                                            (1, None)])
+def test_a_short_run_is_told_where_the_papers_lr_decays_fall(epochs, decays):
+    hint = main.paper_decay_hint(epochs)
+    assert hint == ("" if decays is None else f"; the paper's decays, after 60 % and 80 % of its run, are "
+                                              f"--lr_decay_epochs {decays} here")
+    if decays is not None:  # a schedule the run takes
+        main.parse_config(["--epochs", str(epochs), "--lr_decay_epochs", decays])
 
 
 def test_readme_flag_table_gives_each_default_and_choice():

@@ -1530,6 +1530,15 @@ class Run:
                      f"steps/epoch, device {device_name(self.device)}, output {self.out}")
         return lines
 
+    def resumes_at(self) -> str:
+        """Where a resume of the loaded checkpoint goes on: 'after step S of epoch E of T (N steps per epoch)' or
+        'after epoch E of T'."""
+        state, epochs = self.state, self.cfg.epochs
+        if state.step:
+            return (f"after step {state.step} of epoch {state.epoch + 1} of {epochs} "
+                    f"({self.trainer.steps_per_epoch} steps per epoch)")
+        return f"after epoch {state.epoch} of {epochs}"
+
     def dry_run(self) -> int:
         """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
         state, out = self.state, self.out
@@ -1540,9 +1549,7 @@ class Run:
         if self.cfg.resume and state.epoch >= self.cfg.epochs:  # stopped after its last step, before results.json
             what = f"evaluate the trained run in {out} and write its results.json"
         elif self.cfg.resume:
-            steps = self.trainer.steps_per_epoch
-            what = (f"resume {out} after step {state.step} of epoch {state.epoch + 1} ({steps} steps per epoch)"
-                    if state.step else f"resume {out} after epoch {state.epoch}")
+            what = f"resume {out} {self.resumes_at()}"
         elif holds_run(out):  # with --overwrite, else check_output_dir refused it
             what = f"start again in {out}, deleting the run there"
         else:
@@ -1564,6 +1571,10 @@ class Run:
                     self.write_hparams("start")
             for line in self.start_lines():
                 self.log(line)
+            if (state.epoch, state.step) != (0, 0):  # a resume: where it goes on (the epoch lines start there)
+                self.log(f"resuming {self.resumes_at()}" if state.epoch < cfg.epochs else
+                         f"resuming a run that trained all its {plural(cfg.epochs, 'epoch')}: evaluating it and "
+                         f"writing its results.json")
             self.signals.install()
             self.wall_mark = time.perf_counter()
             while state.epoch < cfg.epochs:

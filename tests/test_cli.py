@@ -864,7 +864,8 @@ def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(fi
     assert code == 0 and out.endswith(f"dry run: would evaluate the trained run in {run} and write its results.json; "
                                       f"nothing written\n")
     ckpt = torch.load(run / "last.pt", weights_only=False)
-    for (epoch, step), where in (((1, 0), "after epoch 1"), ((1, 3), "after step 3 of epoch 2 (9 steps per epoch)")):
+    for (epoch, step), where in (((1, 0), "after epoch 1 of 2"),
+                                 ((1, 3), "after step 3 of epoch 2 of 2 (9 steps per epoch)")):
         ckpt["run"].update(epoch=epoch, step=step)
         torch.save(ckpt, run / "last.pt")
         code, out, _ = dry_run("--output_dir", str(run), "--resume")
@@ -1231,6 +1232,7 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
             '"amp": "mixed"') in out_text.splitlines()
     assert ("note: this run trained with commit 1111111 so far and goes on with commit 2222222: results.json's "
             "sessions will say which part ran which") in out_text.splitlines()
+    assert "resuming after epoch 1 of 2" in out_text.splitlines()  # where it goes on, before the epoch lines
     res = json.loads((out / "results.json").read_text())
     assert res["amp"] == "mixed" and res["world_size"] == 1
     assert [(s["epoch"], s["step"], s["amp"], s["world_size"]) for s in res["sessions"]] == [(0, 0, True, 1),
@@ -1248,7 +1250,10 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
     (existing_run / "results.json").unlink()
     other = "--no-amp" if trained["amp"] else "--amp"
     code = main.main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", other, *TINY])
-    assert code == 0, capsys.readouterr().err
+    out_text, err = capsys.readouterr()
+    assert code == 0, err
+    assert ("resuming a run that trained all its 2 epochs: evaluating it and writing its results.json"
+            in out_text.splitlines())
     res = json.loads((existing_run / "results.json").read_text())
     evaluated = {k: v for k, v in trained["sessions"][0].items() if k != "first_step_s"}  # (it took no step)
     assert res["amp"] == "mixed" and res["sessions"] == [

@@ -1036,6 +1036,16 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
 
 
+def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
+    """recipe_differences between the run in `out`, as its config.json says, and cfg; [] where config.json cannot
+    be read (the checkpoint, read on --resume, judges then)."""
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        return recipe_differences(config, cfg) if isinstance(config, dict) else []
+    except (OSError, ValueError, TypeError):
+        return []
+
+
 def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder; fail before anything is written."""
     if out.exists() and not out.is_dir():
@@ -1057,7 +1067,11 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if not has_run or cfg.resume and (out / "last.pt").exists():  # (the latter not a file: a folder, say)
         raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
     instead = "pass --overwrite instead of --resume" if cfg.resume else "pass --overwrite"
-    if (out / "last.pt").exists():  # a plain rerun of a run that can be continued
+    if (out / "last.pt").exists():  # a plain rerun of a run that can be continued, or another run's folder
+        other = folder_recipe_differences(out, cfg)
+        if other:  # (a test run with --epochs 2 in the default folder of the paper's run, say)
+            raise UserError(f"{out} already holds another run, made with other settings ({', '.join(other)}): give "
+                            f"this run its own --output_dir, or --overwrite to replace that one")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
     if (out / "results.json").exists():  # a finished run whose last.pt was deleted
         raise UserError(f"{out} holds a finished run (results.json) whose last.pt was deleted, so it can be neither "
@@ -1206,20 +1220,27 @@ def as_compared(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
-    """A checkpoint must come from the same model and class count (and, to resume, the same recipe). Every recipe
-    flag that differs is named in one message (--model and --dataset among them), before the model check, which
-    then catches only a class count that its config's dataset does not explain (a checkpoint of other code)."""
+def recipe_differences(config: dict[str, Any], cfg: Config, keys=COMPARED_ON_RESUME) -> list[str]:
+    """'--flag then -> now' for each of `keys` (those cfg's loss reads) where a run's saved `config` (a checkpoint's
+    or config.json's) and cfg differ as a resume compares them (as_compared)."""
     now = dataclasses.asdict(cfg)
     keys = [k for k in keys if cfg.loss in USED_BY.get(k, (cfg.loss,))]  # --loss itself is among them
-    then = {k: saved["config"].get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
+    then = {k: config.get(k, FLAGS_ADDED_LATER.get(k)) for k in keys}
     same_then, same_now = as_compared(then), as_compared(now)  # compared so; said as given
+
     def said(k: str) -> tuple[str, str]:  # as flags take them; as Python values where those read alike
         then_text, now_text = flag_text(then[k]), flag_text(now[k])
         return (repr(then[k]), repr(now[k])) if then_text == now_text else (then_text, now_text)
 
-    diff = [f"--{k} {' -> '.join(said(k))}" for k in keys
+    return [f"--{k} {' -> '.join(said(k))}" for k in keys
             if same_then[k] != same_now[k] and then[k] != now[k]]  # (the same --base_temp at another --temp: --temp)
+
+
+def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes: int, keys=COMPARED_ON_RESUME):
+    """A checkpoint must come from the same model and class count (and, to resume, the same recipe). Every recipe
+    flag that differs is named in one message (--model and --dataset among them), before the model check, which
+    then catches only a class count that its config's dataset does not explain (a checkpoint of other code)."""
+    diff = recipe_differences(saved["config"], cfg, keys)
     if diff:
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")

@@ -853,6 +853,17 @@ def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(fi
 
     code, out, err = dry_run("--output_dir", str(run))
     assert_one_line_error(code, err, "already holds a run; pass --resume to continue it or --overwrite")
+    # Another recipe in that folder (a test run in the paper run's default folder, say): --resume would be refused,
+    # so the way out is another folder, and the settings that differ are named, from its config.json.
+    code, out, err = dry_run("--output_dir", str(run), "--batch_size", "8", "--alpha_schedule", "linear")
+    differ = "--alpha_schedule parabolic -> linear, --batch_size 16 -> 8" if loss != "ce" else "--batch_size 16 -> 8"
+    assert_one_line_error(code, err, f"{run} already holds another run, made with other settings ({differ}): give "
+                                     f"this run its own --output_dir, or --overwrite to replace that one")
+    config_json = (run / "config.json").read_bytes()
+    (run / "config.json").write_text("{cut off")  # unreadable: the plain message, the checkpoint judges on --resume
+    code, out, err = dry_run("--output_dir", str(run), "--batch_size", "8")
+    assert_one_line_error(code, err, "already holds a run; pass --resume to continue it or --overwrite")
+    (run / "config.json").write_bytes(config_json)
     code, out, _ = dry_run("--output_dir", str(run), "--overwrite")
     assert code == 0 and out.endswith(f"dry run: would start again in {run}, deleting the run there; nothing written\n")
     code, out, _ = dry_run("--output_dir", str(run), "--resume")

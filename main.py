@@ -1428,7 +1428,7 @@ class Run:
                 data.load_cifar(cfg.dataset, cfg.data_root, download=True)
             torch.distributed.barrier()
             download = False
-        train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=download)
+        train, test = load_data(cfg, saved, download=download)
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
@@ -1918,6 +1918,20 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
     return dataclasses.replace(cfg, **then)
 
 
+def load_data(cfg: Config, saved: Optional[dict[str, Any]], **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
+    """data.load_cifar of cfg's dataset and --data_root. Where that fails for a run resumed or evaluated from
+    `saved` (a checkpoint), and the run was trained with another --data_root, the error names it (the flag is a
+    path, not part of the recipe: it is given again, not read from the checkpoint)."""
+    try:
+        return data.load_cifar(cfg.dataset, cfg.data_root, **kwargs)
+    except data.DataError as e:
+        config = saved.get("config") if isinstance(saved, dict) else None
+        then = config.get("data_root") if isinstance(config, dict) else None
+        if not isinstance(then, str) or not then or os.path.normpath(then) == os.path.normpath(cfg.data_root):
+            raise
+        raise data.DataError(f"{e} (the run was trained with --data_root {then})") from None
+
+
 def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: set[str]) -> int:
     """--eval_only: the classifier branch of --checkpoint on the balanced test set, and the nearest class mean of
     its backbone features over the long-tailed training set it was trained on (dataset, model and long-tailed
@@ -1927,7 +1941,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
-    train, test = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download, dataset_of=str(path))
+    train, test = load_data(cfg, saved, download=cfg.download, dataset_of=str(path))
     try:
         train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
                                                          cfg.data_seed)

@@ -352,6 +352,36 @@ def existing_run(finished_run, tmp_path):
     return copy
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_data_missing_on_resume_or_eval_names_the_runs_data_root(existing_run, cifar10_root, tmp_path, capsys):
+    """--data_root is a path given again, not read from the checkpoint: where the data is not found under another
+    one, the error says which the run was trained with."""
+    nothing = str(tmp_path / "nothing")
+    hint = f"(the run was trained with --data_root {cifar10_root})"
+    code, err = call_main(["--eval_only", "--checkpoint", str(existing_run / "best.pt"), "--data_root", nothing], capsys)
+    assert_one_line_error(code, err, f"no cifar10 data in {nothing}", hint)
+    (existing_run / "results.json").unlink()  # trained to the end, not yet evaluated: a resume reads the data
+    before = snapshot(existing_run)
+    code, err = call_main(["--data_root", nothing, "--output_dir", str(existing_run), "--resume", *TINY], capsys)
+    assert_one_line_error(code, err, f"no cifar10 data in {nothing}", hint)
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("saved, hint", [
+    ({"config": {"data_root": "data/cifar10-jpeg"}}, " (the run was trained with --data_root data/cifar10-jpeg)"),
+    ({"config": {"data_root": "data/x/"}}, ""),  # the same folder, written otherwise
+    ({"config": {"data_root": None}}, ""), ({"config": "damaged"}, ""), ({}, ""), (None, ""),  # a fresh run: None
+])
+def test_a_data_error_names_another_data_root_the_run_was_trained_with(saved, hint, monkeypatch):
+    def load_cifar(dataset, root, **kwargs):
+        raise main.data.DataError(f"no {dataset} data in {root}")
+
+    monkeypatch.setattr(main.data, "load_cifar", load_cifar)
+    with pytest.raises(main.data.DataError) as caught:
+        main.load_data(main.parse_config(["--data_root", "data/x"]), saved)
+    assert str(caught.value) == f"no cifar10 data in data/x{hint}"
+
+
 BAD_INPUTS = [
     (["--dataset", "cifar1000"], "invalid choice"),
     (["--model", "resnet33"], "invalid choice"),

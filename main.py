@@ -1677,7 +1677,8 @@ class Run:
             t_log, steps_since_log = now, 0
             if not math.isfinite(total):
                 self.diverged(epoch, step)
-            bar.set_postfix(loss=f"{total / n:.3f}", alpha=f"{alpha:.3f}", lr=f"{lr:.4f}",
+            shown = {"alpha": f"{alpha:.3f}"} if trainer.feature_branch else {}  # (CE: no alpha, as below)
+            bar.set_postfix(loss=f"{total / n:.3f}", **shown, lr=f"{lr:.4f}",
                             samples_s="-" if rate is None else f"{rate:.0f}")
             if self.writer is not None:
                 scalars = [("loss/total", total / n), ("loss/ce", ce / n), ("train/lr", lr)]
@@ -1751,8 +1752,11 @@ class Run:
             self.diverged(epoch, trainer.steps_per_epoch - 1)
         entry = {"epoch": epoch + 1, "train_loss": total, "feature_loss": feat, "ce_loss": ce,
                  "alpha": self.epoch_alpha, "lr": self.epoch_lr, "samples_per_s": self.epoch_rate}
-        line = f"epoch {epoch + 1}/{cfg.epochs} | loss {total:.4f} (feature {feat:.4f}, ce {ce:.4f}) | " \
-               f"alpha {self.epoch_alpha:.3f} | lr {self.epoch_lr:.4f} | " \
+        # A CE run has no feature loss and no alpha (its history records 0 for both, the objective's weight and a
+        # term it never computes): the line leaves them out, as TensorBoard does.
+        terms = f"loss {total:.4f} (feature {feat:.4f}, ce {ce:.4f}) | alpha {self.epoch_alpha:.3f}" \
+            if trainer.feature_branch else f"loss {total:.4f}"
+        line = f"epoch {epoch + 1}/{cfg.epochs} | {terms} | lr {self.epoch_lr:.4f} | " \
                f"{'-' if self.epoch_rate is None else f'{self.epoch_rate:.0f}'} samples/s"
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

@@ -51,6 +51,17 @@ def finished_run(request, cifar10_root, tmp_path_factory):
     return request.param, out, proc
 
 
+def test_the_epoch_line_shows_the_terms_its_method_has(finished_run):
+    """Hybrid runs: the total, its two terms and alpha; a CE run has no feature loss and no alpha to show."""
+    loss, _, proc = finished_run
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("epoch 1/2 |")]
+    if loss == "ce":
+        assert re.match(r"epoch 1/2 \| loss \d+\.\d{4} \| lr \d\.\d{4} \| \d+ samples/s \| top1 ", line), line
+    else:
+        assert re.match(r"epoch 1/2 \| loss -?\d+\.\d{4} \(feature -?\d+\.\d{4}, ce \d+\.\d{4}\) \| alpha 1\.000 \| "
+                        r"lr \d\.\d{4} \| \d+ samples/s \| top1 ", line), line
+
+
 def test_run_leaves_its_files(finished_run):
     _, out, _ = finished_run
     for name in ("config.json", "last.pt", "best.pt", "results.json"):

@@ -1036,6 +1036,16 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
 
 
+def run_folders_in(out: Path) -> list[str]:
+    """The names of the folders directly in `out` that hold a run (holds_run), sorted; [] where `out` cannot be
+    listed (it does not exist yet, say)."""
+    try:
+        with os.scandir(out) as entries:
+            return sorted(e.name for e in entries if e.is_dir() and holds_run(Path(e.path)))
+    except OSError:
+        return []
+
+
 def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
     """recipe_differences between the run in `out`, as its config.json says, and cfg; [] where config.json cannot
     be read (the checkpoint, read on --resume, judges then)."""
@@ -1061,6 +1071,12 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot prepare output folder {out}: no permission to create folders in {parent}")
     has_run = holds_run(out)
+    if not has_run and not cfg.resume:
+        inside = run_folders_in(out)
+        if inside:  # a sweep's --runs_dir given as a run's folder: this run's files would sit among its runs
+            shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+            raise UserError(f"--output_dir {out} holds run folders ({shown}), so it is not a run's own folder: give "
+                            f"this run a folder of its own (e.g. {out / 'my_run'})")
     if cfg.resume and (out / "last.pt").is_file() or not cfg.resume and (not has_run or cfg.overwrite):
         return
     # No last.pt to resume from: say what the folder holds instead, and the way out.

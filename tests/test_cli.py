@@ -378,6 +378,16 @@ def test_data_missing_on_resume_or_eval_names_the_runs_data_root(existing_run, c
     assert snapshot(existing_run) == before
 
 
+def test_a_folder_of_many_runs_is_named_by_its_first_three(tmp_path):
+    for name in ("r5", "r1", "r3", "r2", "r4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "logs").mkdir()  # a folder that holds no run is not one of them
+    with pytest.raises(main.UserError, match=r"holds run folders \(r1, r2, r3 and 2 more\), so it is not"):
+        main.check_output_dir(main.parse_config(["--output_dir", str(tmp_path)]), tmp_path)
+    main.check_output_dir(main.parse_config(["--output_dir", str(tmp_path / "r6")]), tmp_path / "r6")  # a new one
+
+
 @pytest.mark.parametrize("saved, hint", [
     ({"config": {"data_root": "data/cifar10-jpeg"}}, " (the run was trained with --data_root data/cifar10-jpeg)"),
     ({"config": {"data_root": "data/x/"}}, ""),  # the same folder, written otherwise
@@ -900,6 +910,11 @@ def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(fi
     differ = "--alpha_schedule parabolic -> linear, --batch_size 16 -> 8" if loss != "ce" else "--batch_size 16 -> 8"
     assert_one_line_error(code, err, f"{run} already holds another run, made with other settings ({differ}): give "
                                      f"this run its own --output_dir, or --overwrite to replace that one")
+    # The folder that holds the runs (a sweep's --runs_dir) is not a run's folder, --overwrite or not.
+    for extra in ((), ("--overwrite",)):
+        code, out, err = dry_run("--output_dir", str(tmp_path), *extra)
+        assert_one_line_error(code, err, f"--output_dir {tmp_path} holds run folders (run), so it is not a run's own "
+                                         f"folder: give this run a folder of its own (e.g. {tmp_path / 'my_run'})")
     config_json = (run / "config.json").read_bytes()
     (run / "config.json").write_text("{cut off")  # unreadable: the plain message, the checkpoint judges on --resume
     code, out, err = dry_run("--output_dir", str(run), "--batch_size", "8")

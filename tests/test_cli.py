@@ -768,10 +768,17 @@ def test_batch_larger_than_the_training_set(tmp_path, capsys, cifar10_root):
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_run_is_not_overwritten(existing_run, capsys, cifar10_root):
+def test_existing_run_is_not_overwritten(finished_run, existing_run, capsys, cifar10_root):
+    """The same command again: --resume or --overwrite; another method's run there: its own --output_dir."""
+    loss = finished_run[0]
     before = snapshot(existing_run)
-    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY], capsys)
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+    code, err = call_main([*argv, "--loss", loss], capsys)
     assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
+    other = "psc" if loss == "sc" else "sc"
+    code, err = call_main([*argv, "--loss", other], capsys)
+    assert_one_line_error(code, err, "already holds another run, made with other settings (", f"--loss {loss} -> {other}",
+                          "give this run its own --output_dir, or --overwrite to replace that one")
     assert snapshot(existing_run) == before
 
 

@@ -1046,6 +1046,13 @@ def run_folders_in(out: Path) -> list[str]:
         return []
 
 
+def config_text(config: dict[str, Any]) -> str:
+    """A run's settings as it prints them at its start: JSON, one setting a line (a list, such as CIFAR-100's 100
+    class sizes, on its line rather than one line a number as indent=2 would have it)."""
+    items = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in config.items()]
+    return "{\n" + ",\n".join(items) + "\n}" if items else "{}"
+
+
 def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
     """recipe_differences between the run in `out`, as its config.json says, and cfg; [] where config.json cannot
     be read (the checkpoint, read on --resume, judges then)."""
@@ -1580,7 +1587,7 @@ class Run:
         """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
         state, out = self.state, self.out
         if self.dist.main:
-            print(json.dumps(self.config_record(), indent=2), flush=True)
+            print(config_text(self.config_record()), flush=True)
         for line in self.start_lines():
             self.log(line)
         if self.cfg.resume and state.epoch >= self.cfg.epochs:  # stopped after its last step, before results.json
@@ -1601,7 +1608,7 @@ class Run:
             if dist.main:
                 prepare_output_dir(self.out, cfg.overwrite, self.folder_lock, cfg)
                 config = self.config_record()
-                print(json.dumps(config, indent=2), flush=True)
+                print(config_text(config), flush=True)
                 util.write_json(config, self.out / "config.json")
                 self.writer = EventWriter(self.out, purge_step=state.epoch * trainer.steps_per_epoch + state.step + 1)
                 if state.epoch == 0 and state.step == 0:  # a resume keeps the first start's (one session per run)

@@ -898,6 +898,8 @@ def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(fi
     code, out, err = dry_run("--output_dir", str(fresh), "--alpha_schedule", "linear")
     assert code == 0 and err == "" and not fresh.exists()
     config = json.loads(out[:out.index("\n}\n") + 2])  # the settings, as config.json would hold them
+    assert f'  "class_counts": {json.dumps(EXPECTED_COUNTS)},' in out.splitlines()  # a list on one line
+    assert len(out[:out.index("\n}\n") + 2].splitlines()) == len(config) + 2  # a line a setting, and the braces
     saved = json.loads((finished / "config.json").read_text())
     assert config["class_counts"] == EXPECTED_COUNTS and config["dry_run"] is True
     assert {k: v for k, v in config.items() if k not in ("dry_run", "output_dir", "alpha_schedule")} == \

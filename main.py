@@ -307,8 +307,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.gray_prob <= 1:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
     if not 0 < cfg.imb_factor <= 1:
-        hint = f" (imbalance ratio {cfg.imb_factor:g} is --imb_factor {1 / cfg.imb_factor:g})" \
-            if cfg.imb_factor > 1 else ""
+        factor = f"{1 / cfg.imb_factor:g}" if cfg.imb_factor > 1 else "1"  # (inf: 0; just above 1: "1")
+        hint = f" (imbalance ratio {cfg.imb_factor:g} is --imb_factor {factor})" if 0 < float(factor) < 1 else ""
         raise UserError(f"--imb_factor must be in (0, 1] (n_min / n_max), got {cfg.imb_factor}{hint}")
     if not math.isfinite(cfg.imbalance_ratio):
         raise UserError(f"--imb_factor {cfg.imb_factor} is too small: its imbalance ratio 1 / imb_factor is not a "
@@ -627,10 +627,16 @@ def code_note(sessions: list[dict[str, Any]], commit: Optional[str], torch_versi
     """A resume with other code (a `git pull`, an edit) or another torch than the run's `sessions` so far recorded
     says so: its results come from both, and results.json's sessions say which part ran which. `commit` is None
     where it is unknown (outside a checkout, or on a rank other than 0, which prints nothing)."""
+    def same(then: str, now: str, key: str) -> bool:  # a commit's short and full hash (GIT_COMMIT may give either)
+        if key != "git_commit" or then.endswith(DIRTY) != now.endswith(DIRTY):
+            return then == now
+        then, now = then.removesuffix(DIRTY), now.removesuffix(DIRTY)
+        return then == now or min(len(then), len(now)) >= 7 and (then.startswith(now) or now.startswith(then))
+
     changed = []
     for key, now, name in (("git_commit", commit, "commit"), ("torch_version", torch_version, "torch")):
         before = {s[key] for s in sessions if isinstance(s.get(key), str)}
-        if now is not None and before - {now}:
+        if now is not None and any(not same(then, now, key) for then in before):
             changed.append((f"{name} {' and '.join(sorted(before))}", f"{name} {now}"))
     if not changed:
         return None
@@ -1036,12 +1042,30 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
 
 
+def run_config(out: Path) -> Optional[dict[str, Any]]:
+    """The settings in `out`/config.json as main.py writes them (a JSON object with the run's loss, imb_factor and
+    epochs), else None: missing, unreadable, not a regular file (a pipe would block the read), or another tool's
+    config.json."""
+    path = out / "config.json"
+    try:
+        if not path.is_file():
+            return None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and {"loss", "imb_factor", "epochs"} <= config.keys() else None
+
+
 def run_folders_in(out: Path) -> list[str]:
-    """The names of the folders directly in `out` that hold a run (holds_run), sorted; [] where `out` cannot be
-    listed (it does not exist yet, say)."""
+    """The names of the folders directly in `out` that hold a run of main.py's (a checkpoint, results or its
+    config.json: not another tool's folder with a config.json of its own), sorted; [] where `out` cannot be listed
+    (it does not exist yet, say)."""
+    def is_run(folder: Path) -> bool:
+        return any((folder / f).exists() for f in RUN_FILES if f != "config.json") or run_config(folder) is not None
+
     try:
         with os.scandir(out) as entries:
-            return sorted(e.name for e in entries if e.is_dir() and holds_run(Path(e.path)))
+            return sorted(e.name for e in entries if e.is_dir() and is_run(Path(e.path)))
     except OSError:
         return []
 
@@ -1056,10 +1080,10 @@ def config_text(config: dict[str, Any]) -> str:
 def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
     """recipe_differences between the run in `out`, as its config.json says, and cfg; [] where config.json cannot
     be read (the checkpoint, read on --resume, judges then)."""
+    config = run_config(out)
     try:
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        return recipe_differences(config, cfg) if isinstance(config, dict) else []
-    except (OSError, ValueError, TypeError):
+        return [] if config is None else recipe_differences(config, cfg)
+    except (TypeError, ValueError):
         return []
 
 
@@ -1312,6 +1336,9 @@ def check_numerics_entries(saved: dict[str, Any]) -> None:
             raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
 
 
+DIRTY = "-dirty"  # after git_commit's hash where the checkout has uncommitted changes to tracked files
+
+
 def git_commit() -> Optional[str]:
     """$GIT_COMMIT when the caller sets it (a copy of the tree on another machine may carry no .git, or a stale
     one: a lent GPU machine's copy once recorded the commit before the one it ran); else the checkout's commit
@@ -1324,7 +1351,7 @@ def git_commit() -> Optional[str]:
         if sha.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                    capture_output=True, text=True, timeout=5).stdout.strip()
-            return sha.stdout.strip() + ("-dirty" if dirty else "")
+            return sha.stdout.strip() + (DIRTY if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return None
@@ -1954,7 +1981,7 @@ def load_data(cfg: Config, saved: Optional[dict[str, Any]], **kwargs: Any) -> tu
     except data.DataError as e:
         config = saved.get("config") if isinstance(saved, dict) else None
         then = config.get("data_root") if isinstance(config, dict) else None
-        if not isinstance(then, str) or not then or os.path.normpath(then) == os.path.normpath(cfg.data_root):
+        if not isinstance(then, str) or not then or os.path.abspath(then) == os.path.abspath(cfg.data_root):
             raise
         raise data.DataError(f"{e} (the run was trained with --data_root {then})") from None
 

@@ -52,7 +52,8 @@ Runs these steps in order, each under its own cap and what is left of the time b
   bench_joint     only when --only names it: bench_graphs' step with --bn_stats joint (one backbone pass
                   over both branches' images: other maths, the upper bound of what a one-pass
                   per-branch batch norm could gain), no reference, with the profile (cap 150 s, a cold
-                  compilation into its own Inductor cache included) -> bench_joint.json
+                  compilation into its own Inductor cache included; after train_compile, which takes
+                  what it needs of the budget first) -> bench_joint.json
   table1          only when --only names it (the default budget leaves it no time): the paper's Table 1
                   on CIFAR-10-LT at the two ratios without a 200-epoch run on a GPU yet, Hybrid-SC and
                   Hybrid-PSC at imbalance ratios 50 and 10 (main.py's defaults, seed 0), through
@@ -142,7 +143,7 @@ if ((only_given)); then
   n_chosen=0
   for name in $all_steps; do [[ ",$only," != *",$name,"* ]] || n_chosen=$((n_chosen + 1)); done
   ((n_chosen + 2 <= 8)) ||
-    die_usage "--only: $n_chosen steps would leave $((n_chosen + 2)) files in --out, more than a lent machine returns (8); leave one out"
+    die_usage "--only: $n_chosen steps would leave $((n_chosen + 2)) files in --out, more than a lent machine returns (8); name at most 6 (leave $((n_chosen - 6)) out)"
 fi
 [[ ! -e $out || -d $out ]] || die_usage "--out '$out' exists and is not a folder: give a new folder"
 if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then

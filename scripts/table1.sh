@@ -27,6 +27,14 @@ Then: python scripts/summarize.py DIR
 EOF2
 }
 
+# main_flag ARG: whether ARG is one of main.py's flags (a field of its Config) that the sweep passes on after --.
+main_flag() {
+  local name=${1%%=*}
+  name=${name#--}
+  [[ $name =~ ^[a-z_]+$ && ! $name =~ ^(dataset|imb_type|imb_factor|loss|seed|output_dir|resume|overwrite|dry_run|eval_only|checkpoint)$ ]] &&
+    grep -qE "^    $name: [^=]+= _opt\(" "$script_dir/../main.py" 2>/dev/null
+}
+
 die_usage() {
   echo "$prog: error: $1 (see --help)" >&2
   exit 2
@@ -50,7 +58,8 @@ while (($#)); do
         --gpus) pass_gpus=(--gpus "$2") ;;
       esac
       shift 2 ;;
-    *) die_usage "unknown argument '$1' (main.py's flags go after --)" ;;
+    *) main_flag "$1" && die_usage "unknown argument '$1' (a main.py flag: pass it after --)"
+       die_usage "unknown argument '$1'" ;;
   esac
 done
 [[ -n $dataset ]] || die_usage "--dataset is required"

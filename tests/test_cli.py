@@ -379,13 +379,30 @@ def test_data_missing_on_resume_or_eval_names_the_runs_data_root(existing_run, c
 
 
 def test_a_folder_of_many_runs_is_named_by_its_first_three(tmp_path):
-    for name in ("r5", "r1", "r3", "r2", "r4"):
+    """Run folders are those with a checkpoint, results or main.py's config.json (a run that failed before its first
+    checkpoint leaves only that); another tool's folder with a config.json of its own is none."""
+    for name, file, text in (("r5", "last.pt", ""), ("r1", "results.json", "{}"), ("r3", "best.pt", ""),
+                             ("r2", "config.json", '{"loss": "sc", "imb_factor": 0.01, "epochs": 2}'),
+                             ("r4", "config.json", '{"loss": "ce", "imb_factor": 0.1, "epochs": 200, "seed": 1}'),
+                             ("hf_model", "config.json", '{"model_type": "bert"}'), ("logs", "run.log", "")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-    (tmp_path / "logs").mkdir()  # a folder that holds no run is not one of them
+        (tmp_path / name / file).write_text(text)
     with pytest.raises(main.UserError, match=r"holds run folders \(r1, r2, r3 and 2 more\), so it is not"):
         main.check_output_dir(main.parse_config(["--output_dir", str(tmp_path)]), tmp_path)
     main.check_output_dir(main.parse_config(["--output_dir", str(tmp_path / "r6")]), tmp_path / "r6")  # a new one
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.move(tmp_path / "hf_model", other / "hf_model")
+    main.check_output_dir(main.parse_config(["--output_dir", str(other)]), other)  # no run inside
+
+
+def test_a_config_json_that_is_a_pipe_is_not_read(tmp_path):
+    """A read of a FIFO would block (with the folder lock held); run_config only reads regular files."""
+    os.mkfifo(tmp_path / "config.json")
+    assert main.run_config(tmp_path) is None
+    (tmp_path / "last.pt").write_text("")
+    with pytest.raises(main.UserError, match="already holds a run; pass --resume"):
+        main.check_output_dir(main.parse_config(["--output_dir", str(tmp_path)]), tmp_path)
 
 
 @pytest.mark.parametrize("saved, hint", [
@@ -1538,6 +1555,10 @@ def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, worl
      "2.4.1", "note: this run trained with commit a1 and b2 so far and goes on with commit a1-dirty: results.json's "
      "sessions will say which part ran which"),
     ([{"git_commit": "a1", "torch_version": "2.4.1"}], None, "2.4.1", None),  # this code's commit unknown
+    ([{"git_commit": "65c6cb7", "torch_version": "2.4.1"}], "65c6cb7" + "0" * 33, "2.4.1", None),  # short and full
+    ([{"git_commit": "65c6cb7", "torch_version": "2.4.1"}], "65c6cb7" + "0" * 33 + "-dirty", "2.4.1",
+     f"note: this run trained with commit 65c6cb7 so far and goes on with commit 65c6cb7{'0' * 33}-dirty: "
+     "results.json's sessions will say which part ran which"),
     ([{"git_commit": None, "torch_version": None}], "a1", "2.4.1", None),  # unknown before (earlier_session)
     ([{"amp": True}], "a1", "2.4.1", None),  # an entry written before sessions recorded either
     ([], "a1", "2.4.1", None),  # nothing trained yet
@@ -1806,6 +1827,13 @@ def test_readme_documents_every_flag():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
                 assert f"`{flag}`" in readme, flag
+
+
+@pytest.mark.parametrize("factor", ["inf", "1.0000001"])
+def test_an_imb_factor_above_1_gets_no_hint_that_would_be_refused_too(factor):
+    with pytest.raises(main.UserError) as caught:
+        main.parse_config(["--imb_factor", factor])
+    assert str(caught.value).endswith(f"got {float(factor)}")  # no "--imb_factor 0" or "--imb_factor 1" to try
 
 
 @pytest.mark.parametrize("epochs, decays", [(200, "120,160"), (20, "12,16"), (4, "2,3"), (3, None), (2, None),

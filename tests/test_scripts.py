@@ -1449,8 +1449,10 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"],
-     "unknown argument '--bogus' (main.py's flags go after --)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"], "unknown argument '--bogus' (see --help)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--epochs", "2"],
+     "unknown argument '--epochs' (a main.py flag: pass it after --)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factor", "0.01"], "unknown argument '--imb_factor' (see --help)"),
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),
     ("sweep.sh", ["--dataset", "cifar10"], "--imb_factors is required"),
     ("sweep.sh", ["--dataset", "imagenet", "--imb_factors", "0.01"], "cifar10 or cifar100"),
@@ -1486,7 +1488,9 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     ("table1.sh", ["--dataset", "cifar10", "--", "--amp", "-h"], "'-h' makes main.py train nothing"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--", "--he"], "'--he' is the start of '--help'"),
     ("sweep.sh", ["--dataset"], "--dataset needs a value"),
-    ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors' (main.py's flags go after --)"),
+    ("table1.sh", ["--dataset", "cifar10", "--imb_factors", "0.01"], "unknown argument '--imb_factors' (see --help)"),
+    ("table1.sh", ["--dataset", "cifar10", "--warm_epochs=0"], "unknown argument '--warm_epochs=0' (a main.py flag: "
+                                                               "pass it after --)"),
     ("table1.sh", ["--ce"], "--dataset is required"),
 ])
 def test_bad_arguments_give_one_line_and_nonzero_exit(fake, script, args, message):
@@ -2056,7 +2060,10 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark\nbench_supcon"], "without spaces"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "bench*"], "no step 'bench*'"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
-          "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,table1"], "leave one out"),
+          "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,table1"], "leave 1 out"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
+          "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,bench_joint,table1"],
+         "8 steps would leave 10 files in --out, more than a lent machine returns (8); name at most 6 (leave 2 out)"),
     ):
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

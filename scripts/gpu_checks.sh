@@ -70,7 +70,7 @@ environment (nvidia-smi, torch, the commit) and every step's output and status. 
 directly in --out (so --only names at most six of the eight steps).
 
 A step that fails or runs out of time is reported and the next one still runs; one with less
-than 30 s left is skipped; 15 s stay for the summary. Each step but train_compile and table1
+than 30 s left (3 x GPU_CHECKS_GRACE_S) is skipped; 15 s stay for the summary. Each step but train_compile and table1
 compiles into its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
 was skipped (a step that --only leaves out is not skipped).
 
@@ -89,8 +89,10 @@ was skipped (a step that --only leaves out is not skipped).
   -h, --help     this message
 
 Python: \${PYTHON:-python3}. GIT_COMMIT, if set, is the commit written to log.txt and to the runs'
-results.json and the benchmark JSON as their git_commit (else the checkout's, if it is one). Run
-folders and the unpacked data go to a scratch folder removed at the end.
+results.json and the benchmark JSON as their git_commit (else the checkout's, if it is one).
+GPU_CHECKS_GRACE_S (default 10): a step's SIGTERM comes that long before its cap, its SIGKILL at
+the cap, and a step with less than three times that left is skipped. Run folders and the unpacked
+data go to a scratch folder removed at the end.
 EOF
 }
 
@@ -151,6 +153,8 @@ if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then
 fi
 
 python=${PYTHON:-python3}
+grace=${GPU_CHECKS_GRACE_S:-10}
+[[ $grace =~ ^[1-9][0-9]{0,3}$ ]] || die_usage "GPU_CHECKS_GRACE_S must be a whole number of seconds from 1 to 9999, got '$grace'"
 data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # before the cd below
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
@@ -193,7 +197,7 @@ run_step() {
   local left=$((budget_s - reserve - (SECONDS - start)))
   local limit=$((cap < left ? cap : left))
   last_cut=0
-  if ((limit < 30)); then
+  if ((limit < 3 * grace)); then
     statuses+=("$name: skipped (${left}s of the budget left)")
     any_failed=1
     note "== $name: skipped, ${left}s of the budget left"
@@ -203,14 +207,14 @@ run_step() {
   printf -v shown '%q ' "$@" # as it can be run again by copy and paste
   note "== $name (at most ${limit}s): ${shown% }"
   local t0=$SECONDS rc=0
-  # TERM at limit - 10 s (main.py then saves last.pt and stops), KILL 10 s later. The Inductor cache is the
+  # TERM at limit - grace (main.py then saves last.pt and stops), KILL at the limit. The Inductor cache is the
   # step's own unless the caller names a shared one (inductor_cache=NAME run_step ...).
   PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_${inductor_cache:-$name}" \
-    timeout --signal=TERM --kill-after=10 $((limit - 10)) "$@" >>"$log" 2>&1 || rc=$?
+    timeout --signal=TERM --kill-after="$grace" $((limit - grace)) "$@" >>"$log" 2>&1 || rc=$?
   local took=$((SECONDS - t0))
   # 124: the TERM ended it; 137: the KILL did, or something else's SIGKILL (the kernel's out-of-memory killer)
   # did, which before the TERM's time is a failure, not the cap.
-  if ((rc == 124 || (rc == 137 && took >= limit - 10))); then
+  if ((rc == 124 || (rc == 137 && took >= limit - grace))); then
     last_cut=1
   fi
   if ((rc == 0)); then
@@ -353,14 +357,14 @@ elif chosen table1; then
     --dataset cifar10 --imb_factors "0.02 0.1" --methods "sc psc" --runs_dir "$table1_dir" -- --data_root "$data_root" \
     --device "$device" --print_freq 24 --eval_every 5 "${table1_args[@]}"
   # At its cap the sweep passed its TERM on to the running main.py, which stops after the current step; the KILL
-  # 10 s later reaches the sweep alone (each run has a process group of its own). A run still in a step that long
+  # $grace s later reaches the sweep alone (each run has a process group of its own). A run still in a step that long
   # (the first one, compiling) is killed here, before the packing below and the removal of the scratch folder; its
   # folder keeps the last.pt of its last epoch, if any (written atomically).
   for pid_file in "$sweep_tmp"/sweep.*/pid.*; do
     [[ -f $pid_file ]] || continue
     pid=$(<"$pid_file") || continue
     if [[ $pid =~ ^[0-9]+$ ]] && kill -KILL "$pid" 2>/dev/null; then
-      note "   table1: killed a run that was still in a step 10 s after its SIGTERM (pid $pid)"
+      note "   table1: killed a run that was still in a step ${grace} s after its SIGTERM (pid $pid)"
       for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done

@@ -2013,23 +2013,36 @@ def test_gpu_checks_table1_compiles_and_brings_back_a_cut_off_run_to_resume(tmp_
 
 
 def test_gpu_checks_table1_kills_a_run_still_in_its_step_when_the_cap_comes(tmp_path):
-    """The cap's SIGTERM reaches the running main.py through the sweep, the KILL 10 s later only the sweep (each run
-    has a process group of its own): a run still in its step then (a first step compiling takes about 50 s) is
-    killed before its folder is packed and the scratch folder removed, not left running on the GPU."""
+    """The cap's SIGTERM reaches the running main.py through the sweep, the KILL GPU_CHECKS_GRACE_S (10 s; 4 here, to
+    keep the test short) later only the sweep (each run has a process group of its own): a run still in its step then
+    (a first step compiling takes about 50 s) is killed before its folder is packed and the scratch folder removed,
+    not left running on the GPU."""
     import tarfile
 
-    env = fake_python_env(tmp_path, checkpoint="0", run_until_term="1", step_s="120")
+    env = {**fake_python_env(tmp_path, checkpoint="0", run_until_term="1", step_s="120"), "GPU_CHECKS_GRACE_S": "4"}
     calls = tmp_path / "calls.log"
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
-                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "55"],
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "32"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "table1: CUT OFF" in proc.stdout, proc.stdout + proc.stderr
     (pid,) = map(int, Path(f"{calls}.pids").read_text().split())  # the first run, stopped in its step
-    assert "table1: killed a run that was still in a step 10 s after its SIGTERM" in proc.stdout
+    assert "table1: killed a run that was still in a step 4 s after its SIGTERM" in proc.stdout
+    assert re.search(r"== table1 \(at most (1[2-7])s\)", proc.stdout), proc.stdout  # 32 - 15 for the summary - decode
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
     with tarfile.open(tmp_path / "out" / "table1_runs.tar.gz") as tar:
         assert tar.getnames() == ["cifar10_sc_r50_s0/config.json"]  # no last.pt: killed before it wrote one
+
+
+@pytest.mark.parametrize("grace", ["0", "abc", "1.5", "10000"])
+def test_gpu_checks_refuses_a_bad_grace(tmp_path, grace):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "out")], env={**os.environ, "GPU_CHECKS_GRACE_S": grace},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"GPU_CHECKS_GRACE_S must be a whole number of seconds from 1 to 9999, got '{grace}'" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):

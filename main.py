@@ -288,12 +288,16 @@ def check_path(flag: str, path: Optional[str]) -> None:
 
 
 def paper_decay_hint(epochs: int) -> str:
-    """For a run shorter than the paper's: where its lr decays (after 120 and 160 of 200 epochs, 60 and 80 %) fall
-    in a run of `epochs`, as a hint to a refused --lr_decay_epochs; '' where they do not fit apart."""
-    decays = [round(epochs * e / 200) for e in (120, 160)]
+    """For a run shorter than the paper's: where its lr decays (Config's defaults, the paper's: after 120 and 160 of
+    200 epochs, 60 and 80 %) fall in a run of `epochs`, as a hint to a refused --lr_decay_epochs; '' where they do
+    not fit apart."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    shares = [e / defaults["epochs"] for e in defaults["lr_decay_epochs"]]
+    decays = [round(epochs * share) for share in shares]
     if not 0 < decays[0] < decays[1] < epochs:
         return ""
-    return f"; the paper's decays, after 60 % and 80 % of its run, are --lr_decay_epochs {flag_text(decays)} here"
+    return (f"; the paper's decays, after {' and '.join(f'{100 * share:g} %' for share in shares)} of its run, are "
+            f"--lr_decay_epochs {flag_text(decays)} here")
 
 
 def validate(cfg: Config) -> None:

@@ -70,12 +70,15 @@ PYTHON="torchrun ..." such a run is FAILED: torchrun's exit status hides main.py
 EOF
 }
 
+# main.py's flags that the sweep sets for each run, and those that make main.py train nothing: refused after --.
+sweep_flags=(--dataset --imb_type --imb_factor --loss --seed --output_dir --resume --overwrite)
+not_training=(--dry_run --eval_only --checkpoint --help)
+
 # main_flag ARG: whether ARG is one of main.py's flags (a field of its Config) that the sweep passes on after --.
 main_flag() {
-  local name=${1%%=*}
-  name=${name#--}
-  [[ $name =~ ^[a-z_]+$ && ! $name =~ ^(dataset|imb_type|imb_factor|loss|seed|output_dir|resume|overwrite|dry_run|eval_only|checkpoint)$ ]] &&
-    grep -qE "^    $name: [^=]+= _opt\(" "$repo_root/main.py" 2>/dev/null
+  local flag=${1%%=*}
+  [[ $flag =~ ^--[a-z_]+$ && " ${sweep_flags[*]} ${not_training[*]} " != *" $flag "* ]] &&
+    grep -qE "^    ${flag#--}: [^=]+= _opt\(" "$repo_root/main.py" 2>/dev/null
 }
 
 die_usage() {
@@ -167,9 +170,8 @@ done
 # disagree with the folder name: refuse it. argparse also takes any unambiguous start of a flag for
 # the flag (--see for --seed, --output for --output_dir: every run in one folder, where another
 # run's --overwrite would then clear it), so refuse those starts too.
-# Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too.
-sweep_flags=(--dataset --imb_type --imb_factor --loss --seed --output_dir --resume --overwrite)
-not_training=(--dry_run --eval_only --checkpoint --help)
+# Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too
+# (sweep_flags and not_training, above).
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
   flag=${arg%%=*}
   [[ $flag != -h ]] || die_usage "'-h' makes main.py train nothing, and a sweep trains its runs; remove it after --"

@@ -3,10 +3,14 @@
 
     python scripts/summarize.py runs/table1 [more dirs or results.json files] [--csv] [--out FILE]
     python scripts/summarize.py runs/table1 --per_class    # and each row's top-1 per class
+    python scripts/summarize.py runs/table1 --per_run      # and each run behind the rows, with its folder
 
 With --per_class, the markdown adds a table per dataset and ratio (one column per row above, one line per
 class with its training images) of each class's top-1 at the last epoch, mean over the row's seeds; with
 --csv it prints those numbers instead of the rows, one line per row and class (with the std over seeds).
+With --per_run, it adds one line per run under the row it belongs to (seed, best top-1 with its epoch, last top-1,
+many / medium / few, NCM top-1, training samples/s, training and wall time, folder); with --csv it prints those
+instead (one of --per_class and --per_run with --csv).
 
 Reads every results.json under the given folders (recursively), groups the runs by
 (dataset, method, imb_type, imbalance ratio, schedule, recipe) and reports per group: the seeds, best and
@@ -188,6 +192,14 @@ class RunResult:
     class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
     ncm_top1: float | None = None  # the nearest-class-mean top-1 at the end; None when not recorded
     train_digest: str | None = None  # SHA-256 of the training images and labels; None when not recorded
+    best_epoch: int | None = None  # the epoch of best_top1 (from 1); None when not recorded
+    samples_per_s: float | None = None  # training rate; None when not recorded or unusable (bookkeeping)
+    train_time_s: float | None = None  # training time without evaluations; likewise
+
+    @property
+    def folder(self) -> str:
+        """The run's folder, as found (the results.json's parent)."""
+        return str(Path(self.path).parent)
 
     @property
     def full_split(self) -> bool:
@@ -246,6 +258,7 @@ class GroupSummary:
     train_sets: int = 1
     # False when a run of the row was trained on another split than the full dataset's (RunResult.full_split).
     full_split: bool = True
+    runs: tuple[RunResult, ...] = ()  # the row's runs, by seed (--per_run lists them)
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -278,7 +291,7 @@ def _shot_accuracy(data: dict, key: str) -> float | None:
 
 
 def _duration(data: dict, key: str) -> float | None:
-    """A wall time in seconds; None when missing, null or unusable (NaN, infinite, negative), since it is
+    """A time in seconds (or a rate); None when missing, null or unusable (NaN, infinite, negative), since it is
     bookkeeping and the run's accuracies are still good."""
     value = _number(data, key, optional=True)
     return value if value is not None and math.isfinite(value) and value >= 0.0 else None
@@ -310,6 +323,14 @@ def _ncm_top1(data: dict) -> float | None:
     if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0.0 <= top1 <= 100.0:
         raise ValueError(f"'ncm' must be an object whose 'top1' is a percentage in 0..100, got {ncm!r:.80}")
     return float(top1)
+
+
+def _best_epoch(data: dict) -> int | None:
+    """The "best_epoch" entry (None when the run does not record one), checked: an epoch counted from 1."""
+    epoch = data.get("best_epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise ValueError(f"'best_epoch' must be an epoch number from 1, got {epoch!r:.80}")
+    return epoch
 
 
 def _train_digest(data: dict) -> str | None:
@@ -387,7 +408,8 @@ def parse_result(data: object, path: str) -> RunResult:
         few=_shot_accuracy(data, "few"),
         wall_time_s=_duration(data, "wall_time_s"),
         recipe=recipe, per_class=per_class, class_counts=class_counts, ncm_top1=_ncm_top1(data),
-        train_digest=_train_digest(data),
+        train_digest=_train_digest(data), best_epoch=_best_epoch(data),
+        samples_per_s=_duration(data, "samples_per_s"), train_time_s=_duration(data, "train_time_s"),
     )
 
 
@@ -517,7 +539,7 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         ncm_top1=(None if any(run.ncm_top1 is None for run in runs)
                   else float(np.mean([run.ncm_top1 for run in runs]))),
         train_sets=max(len({run.train_digest for run in runs if run.train_digest is not None}), 1),
-        full_split=full_split,
+        full_split=full_split, runs=tuple(runs),
     )
 
 
@@ -732,6 +754,49 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
+def format_per_run_markdown(rows: list[GroupSummary]) -> str:
+    """One line per run, under the row it belongs to (in the table's order, by seed): its seed, accuracies, rate,
+    times and folder, so that a row's mean can be traced to the runs behind it."""
+    with_ncm = any(run.ncm_top1 is not None for row in rows for run in row.runs)
+    header = ("dataset", "method", "imb. ratio", "epochs", "seed", "best top-1 (epoch)", "last top-1", "many",
+              "medium", "few", *(("NCM top-1",) if with_ncm else ()), "samples/s", "train time", "wall time",
+              "folder")
+    lines = ["Runs, one line each:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    schedules = distinct_schedules(rows, lambda row: (row.key.dataset, _method_text(row.key), _ratio_text(row.key)))
+    for row, schedule in zip(rows, schedules):
+        key = row.key
+        for run in row.runs:
+            best = f"{run.best_top1:.2f}" + ("" if run.best_epoch is None else f" ({run.best_epoch})")
+            rate = "—" if run.samples_per_s is None else f"{run.samples_per_s:,.0f}"
+            cells = (DATASET_LABELS.get(key.dataset, key.dataset), _method_text(key), _ratio_text(key), schedule,
+                     str(run.seed), best, f"{run.last_top1:.2f}", _opt(run.many), _opt(run.medium), _opt(run.few),
+                     *((_opt(run.ncm_top1),) if with_ncm else ()), rate, format_duration(run.train_time_s),
+                     format_duration(run.wall_time_s), f"`{run.folder}`".replace("|", "\\|"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PER_RUN_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "lr_decay_epochs",
+                       "batch_size", "paper_schedule", "seed", "best_top1", "best_epoch", "last_top1", "many",
+                       "medium", "few", "ncm_top1", "samples_per_s", "train_time_s", "wall_time_s", "folder")
+
+
+def format_per_run_csv(rows: list[GroupSummary]) -> str:
+    """One line per run (format_per_run_markdown's), unformatted; empty cells where a value is not recorded."""
+    lines = []
+    for row in rows:
+        cells = {name: value for name, value in _key_cells(row).items() if name not in ("n_seeds", "seeds")}
+        for run in row.runs:
+            lines.append({**cells, "seed": run.seed, "best_top1": repr(run.best_top1),
+                          "best_epoch": "" if run.best_epoch is None else run.best_epoch,
+                          "last_top1": repr(run.last_top1), "many": _csv_number(run.many),
+                          "medium": _csv_number(run.medium), "few": _csv_number(run.few),
+                          "ncm_top1": _csv_number(run.ncm_top1), "samples_per_s": _csv_number(run.samples_per_s),
+                          "train_time_s": _csv_number(run.train_time_s),
+                          "wall_time_s": _csv_number(run.wall_time_s), "folder": run.folder})
+    return _write_csv(PER_RUN_CSV_COLUMNS, lines)
+
+
 PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "lr_decay_epochs",
                          "batch_size", "paper_schedule", "n_seeds", "seeds", "class", "train_images", "top1_mean",
                          "top1_std")
@@ -923,6 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--per_class", action="store_true",
                         help="add each row's last-epoch top-1 per class (with --csv: print those instead)")
+    parser.add_argument("--per_run", action="store_true",
+                        help="add one line per run under its row: seed, best top-1 and its epoch, last top-1, "
+                             "shot groups, samples/s, times and folder (with --csv: print those instead)")
     return parser
 
 
@@ -933,6 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SummaryError("an empty folder name; give run folders or their parents")
         if args.out == "":
             raise SummaryError("--out is empty: give a file name, or drop --out to print the table")
+        if args.csv and args.per_class and args.per_run:
+            raise SummaryError("--csv prints one table: give --per_class or --per_run, not both (markdown takes both)")
         files = find_result_files(args.paths)
         if not files:
             raise SummaryError(f"no results.json found under {' '.join(args.paths)}")
@@ -949,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summarize.py: note: left out {_plural(len(unfinished), 'run folder')} without results.json "
               f"(running, stopped or failed): {named}{more}", file=sys.stderr)
     if args.csv:
-        text = format_per_class_csv(rows) if args.per_class else format_csv(rows)
+        text = (format_per_class_csv(rows) if args.per_class else format_per_run_csv(rows) if args.per_run
+                else format_csv(rows))
         left_out = sum(row.per_class_mean is None for row in rows) if args.per_class else 0
         if left_out:
             print(f"summarize.py: {left_out} rows without per-class values left out (a run that does not record "
@@ -958,6 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
         text = format_markdown(rows)
         if args.per_class:
             text += "\n" + format_per_class_markdown(rows)
+        if args.per_run:
+            text += "\n" + format_per_run_markdown(rows)
     if args.out:
         try:
             write_atomic(_resolved(Path(args.out)), text)  # through a symlink, as write_text did, not over it
@@ -965,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = error.strerror or str(error) or type(error).__name__
             print(f"summarize.py: error: cannot write {args.out}: {reason}", file=sys.stderr)
             return 1
-        what = f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class else f"{len(rows)} rows"
+        what = (f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class
+                else f"{text.count(chr(10)) - 1} run lines" if args.csv and args.per_run else f"{len(rows)} rows")
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:
         try:

@@ -374,6 +374,67 @@ def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, ca
     assert [line["top1_std"] for line in lines if line["method"] == "Hybrid-PSC"] == [""] * 10
 
 
+def test_per_run_lists_each_run_under_its_row_with_its_folder(summarize, tmp_path, capsys):
+    """--per_run: one line per run, in the table's row order and by seed, with what results.json holds of it that
+    the rows average away (the best epoch, the rate, the times) and its folder; with --csv the same, unformatted.
+    A run without a value (older, or bookkeeping that is unusable) gets '—' or an empty cell."""
+    write_result(tmp_path, "sc_s1", seed=1, best=83.0, last=82.0, ncm=70.0)
+    write_result(tmp_path, "sc_s0", seed=0, best=81.0, last=80.0, ncm=69.0, wall_time_s=100.0)
+    older = result_dict(method="psc", epochs=20, decay=(12, 16), best=75.5)
+    for key in ("best_epoch", "samples_per_s"):
+        del older[key]
+    older["train_time_s"] = -1.0  # unusable: bookkeeping, so left out rather than an error
+    (tmp_path / "psc|a").mkdir()
+    (tmp_path / "psc|a" / "results.json").write_text(json.dumps(older))
+    data = json.loads((tmp_path / "sc_s0" / "results.json").read_text())
+    data["train_time_s"] = 61.5
+    (tmp_path / "sc_s0" / "results.json").write_text(json.dumps(data))
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_run")
+    assert code == 0 and err == ""
+    main_table, runs = out.split("Runs, one line each:\n")
+    assert len(table_rows(main_table.split("\n\n")[0])) == 2  # the table itself is unchanged
+    header = [line for line in runs.splitlines() if line.startswith("| dataset")][0]
+    assert header == ("| dataset | method | imb. ratio | epochs | seed | best top-1 (epoch) | last top-1 | many | medium "
+                      "| few | NCM top-1 | samples/s | train time | wall time | folder |")
+    lines = [line for line in runs.splitlines() if line.startswith("| CIFAR")]
+    assert lines == [
+        f"| CIFAR-10-LT | Hybrid-SC | 100 | 200 | 0 | 81.00 (199) | 80.00 | 90.00 | 80.00 | 70.00 | 69.00 | 1,000 | 1m "
+        f"02s | 1m 40s | `{tmp_path / 'sc_s0'}` |",
+        f"| CIFAR-10-LT | Hybrid-SC | 100 | 200 | 1 | 83.00 (199) | 82.00 | 90.00 | 80.00 | 70.00 | 70.00 | 1,000 | — | "
+        f"1h 00m | `{tmp_path / 'sc_s1'}` |",
+        f"| CIFAR-10-LT | Hybrid-PSC | 100 | short schedule: 20 epochs | 0 | 75.50 | 81.00 | 90.00 | 80.00 | 70.00 | — "
+        f"| — | — | 1h 00m | `{tmp_path}/psc\\|a` |"]
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_run", "--csv")
+    assert code == 0 and err == ""
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["method"], r["seed"], r["folder"]) for r in rows] == [
+        ("Hybrid-SC", "0", str(tmp_path / "sc_s0")), ("Hybrid-SC", "1", str(tmp_path / "sc_s1")),
+        ("Hybrid-PSC", "0", str(tmp_path / "psc|a"))]
+    assert rows[0]["best_epoch"] == "199" and float(rows[0]["train_time_s"]) == 61.5
+    assert float(rows[0]["samples_per_s"]) == 1000.0 and float(rows[0]["wall_time_s"]) == 100.0
+    assert (rows[2]["best_epoch"], rows[2]["samples_per_s"], rows[2]["train_time_s"], rows[2]["ncm_top1"]) == \
+        ("", "", "", "")
+    assert rows[2]["epochs"] == "20" and rows[2]["paper_schedule"] == "False" and float(rows[2]["best_top1"]) == 75.5
+    out_file = tmp_path / "runs.csv"
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_run", "--csv", "--out", out_file)
+    assert code == 0 and out == "" and err == f"summarize.py: wrote 3 run lines from 3 runs to {out_file}\n"
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_run", "--per_class", "--csv")
+    assert (code, out) == (1, "") and err == ("summarize.py: error: --csv prints one table: give --per_class or "
+                                              "--per_run, not both (markdown takes both)\n")
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_run", "--per_class")
+    assert code == 0 and out.index("Per-class top-1") < out.index("Runs, one line each:")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "true", '"3"'])
+def test_a_best_epoch_that_is_not_an_epoch_is_a_malformed_file(summarize, tmp_path, capsys, value):
+    path = write_result(tmp_path, "a")
+    path.write_text(path.read_text().replace('"best_epoch": 199', f'"best_epoch": {value}'))
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert (code, out) == (1, "")
+    assert err == (f"summarize.py: error: malformed results file {path}: 'best_epoch' must be an epoch number from 1, "
+                   f"got {json.loads(value)!r}\n")
+
+
 def test_rows_that_differ_only_in_lr_decay_or_batch_say_so(summarize, tmp_path, capsys):
     """Two 20-epoch rows with other lr decay epochs, and a step-profile run: no two columns or rows look alike."""
     write_result(tmp_path, "a", epochs=20, decay=(12, 16), batch_size=128)

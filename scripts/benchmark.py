@@ -32,9 +32,13 @@ Three measurements, the last two skippable (--no_reference, --memory_batch_sizes
      its RSS high-water mark ('5' to /proc/self/clear_refs), reads its resident set size (VmRSS in
      /proc/self/status), runs forward + backward and reads the high-water mark (VmHWM; ru_maxrss where /proc is
      missing): peak = high-water mark - RSS after the inputs. The probe runs with MALLOC_MMAP_THRESHOLD_=65536,
-     so glibc gives every buffer of 64 KiB or more its own mapping and returns it on free: the high-water mark
-     then counts what the loss holds at once rather than what the allocator happened to keep. Buffers under
-     64 KiB can come from memory already resident, so very small batches read as (nearly) zero.
+     so glibc gives every buffer of 64 KiB or more its own mapping and returns it on free, and it calls glibc's
+     malloc_trim(0) before each pass, so that the heap's free pages are not resident: the high-water mark then
+     counts what the loss holds at once rather than what the allocator happened to keep. Buffers under 64 KiB
+     can still come from memory already resident, so very small batches read as (nearly) zero. Which buffers
+     are alive at the peak varies from pass to pass (by about one [2B, C] buffer, half of PSC's peak at small
+     batches), so the probe makes three passes on new inputs and keeps the least peak (a process can stay at the
+     larger peak in all three: rows of a few MiB carry that much noise).
    SC's similarity matrix is [2B, 2B], so its memory should grow ~4x per doubling of B; PSC's logits are
    [2B, C], ~2x. The table shows the ratio to the previous row and the growth exponent log(ratio)/log(B ratio).
 
@@ -62,6 +66,7 @@ refused and hidden from --help); the data is synthetic random uint8 images with 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -96,8 +101,10 @@ from util import UserError  # noqa: E402
 
 DEFAULT_MEMORY_BATCH_SIZES = "512,1024,2048,4096,8192"
 MEMORY_VIEWS, MEMORY_FEAT_DIM, MEMORY_CLASSES, MEMORY_TEMPERATURE = 2, 128, 100, 0.1
+PROBE_REPEATS = 3  # passes per CPU memory row; the least peak counts (memory_probe)
 MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the inputs exist) minus RSS then, "
-                     "glibc MALLOC_MMAP_THRESHOLD_=65536")
+                     "glibc MALLOC_MMAP_THRESHOLD_=65536 and malloc_trim(0) before each pass, the least of "
+                     f"{PROBE_REPEATS} passes")
 MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated once the inputs exist"
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
@@ -634,24 +641,45 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's malloc_trim(0)), so that memory the loss allocates
+    shows as new resident pages rather than reusing pages an earlier pass left resident; False where the C
+    library has no malloc_trim (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 def memory_probe(loss: str, batch_size: int) -> dict[str, Any]:
-    """In a fresh process: peak RSS of one forward + backward of the feature loss over the RSS before it."""
+    """In a fresh process: peak RSS of one forward + backward of the feature loss over the RSS before it; the
+    least of PROBE_REPEATS passes, each on new inputs, where the high-water mark can be reset (one pass
+    elsewhere). At small batches the passes differ by about one [2B, C] buffer (which buffers happen to be alive
+    at the peak), enough to move PSC's growth exponent by half between two rows; the least is the loss's need.
+    Some processes stay at the larger of the two peaks in every pass, so a row can still read one buffer high."""
     can_reset = _reset_peak_rss()
     # A batch big enough for the ops to go parallel starts the intra-op and autograd threads (their stacks)
     # before the baseline is read. Without a resettable high-water mark its peak would count, so stay tiny then.
     warm_inputs = memory_inputs(loss, PROBE_WARMUP_BATCH if can_reset else 8, torch.device("cpu"))
     feature_loss_backward(loss, *warm_inputs)
     del warm_inputs
-    inputs = memory_inputs(loss, batch_size, torch.device("cpu"))
-    if can_reset:
-        _reset_peak_rss()
-    base = _proc_status_bytes("VmRSS") or _max_rss_bytes()
-    start = time.perf_counter()
-    feature_loss_backward(loss, *inputs)
-    seconds = time.perf_counter() - start
-    peak = _proc_status_bytes("VmHWM") or _max_rss_bytes()
-    return {"peak_bytes": max(peak - base, 0), "baseline_rss_bytes": base, "peak_reset": can_reset,
-            "seconds": seconds}
+    runs, seconds, base = [], [], 0
+    for _ in range(PROBE_REPEATS if can_reset else 1):
+        inputs = memory_inputs(loss, batch_size, torch.device("cpu"))
+        trimmed = _release_free_heap()
+        if can_reset:
+            _reset_peak_rss()
+        base = _proc_status_bytes("VmRSS") or _max_rss_bytes()
+        start = time.perf_counter()
+        feature_loss_backward(loss, *inputs)
+        seconds.append(time.perf_counter() - start)
+        peak = _proc_status_bytes("VmHWM") or _max_rss_bytes()
+        runs.append(max(peak - base, 0))
+        del inputs
+    return {"peak_bytes": min(runs), "peak_bytes_runs": runs, "baseline_rss_bytes": base, "peak_reset": can_reset,
+            "heap_trimmed": trimmed, "seconds": min(seconds)}
 
 
 def cpu_memory_row(loss: str, batch_size: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import dataset_loader as dl
+import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
@@ -1507,6 +1508,17 @@ def test_sweep_interrupted_as_a_run_finishes_lists_it_done(fake, tmp_path):
     assert stopped["name"] == "cifar10_sc_r100_s0"
     statuses = summary_statuses(stdout)
     assert statuses == {"cifar10_sc_r100_s0": "done", "cifar10_psc_r100_s0": "not started"}, stdout
+
+
+def test_table1_leaves_out_the_main_py_flags_sweep_sh_leaves_out():
+    """table1.sh runs before it execs sweep.sh, so it has its own main_flag, with sweep.sh's two lists (the flags the
+    sweep sets for each run, and those that make main.py train nothing) written out: they must stay the same."""
+    sweep = (SCRIPTS / "sweep.sh").read_text()
+    arrays = [re.search(rf"^{name}=\(([^)]*)\)$", sweep, re.M).group(1).split() for name in ("sweep_flags", "not_training")]
+    config = {field.name for field in dataclasses.fields(main.Config)}
+    left_out = {flag.removeprefix("--") for flag in arrays[0] + arrays[1]} & config  # --help is argparse's
+    [listed] = re.findall(r"! \$name =~ \^\(([a-z_|]+)\)\$", (SCRIPTS / "table1.sh").read_text())
+    assert set(listed.split("|")) == left_out and len(left_out) == len(arrays[0]) + len(arrays[1]) - 1
 
 
 @pytest.mark.parametrize("script, args, message", [

@@ -104,7 +104,7 @@ MEMORY_VIEWS, MEMORY_FEAT_DIM, MEMORY_CLASSES, MEMORY_TEMPERATURE = 2, 128, 100,
 PROBE_REPEATS = 3  # passes per CPU memory row; the least peak counts (memory_probe)
 MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the inputs exist) minus RSS then, "
                      "glibc MALLOC_MMAP_THRESHOLD_=65536 and malloc_trim(0) before each pass, the least of "
-                     f"{PROBE_REPEATS} passes")
+                     f"{PROBE_REPEATS} passes (one where VmHWM cannot be reset: a row's peak_reset)")
 MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated once the inputs exist"
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
@@ -656,16 +656,17 @@ def _release_free_heap() -> bool:
 def memory_probe(loss: str, batch_size: int) -> dict[str, Any]:
     """In a fresh process: peak RSS of one forward + backward of the feature loss over the RSS before it; the
     least of PROBE_REPEATS passes, each on new inputs, where the high-water mark can be reset (one pass
-    elsewhere). At small batches the passes differ by about one [2B, C] buffer (which buffers happen to be alive
-    at the peak), enough to move PSC's growth exponent by half between two rows; the least is the loss's need.
-    Some processes stay at the larger of the two peaks in every pass, so a row can still read one buffer high."""
+    elsewhere). At small batches the passes differ by up to about one [2B, C] buffer (which buffers happen to be
+    alive at the peak; the first pass often reads higher), enough to move PSC's growth exponent by half between two
+    rows; the least is the loss's need. Some processes stay high in every pass, so a row can still read up to one
+    buffer high. The row's other fields (baseline, time, trim) are those of the pass it keeps."""
     can_reset = _reset_peak_rss()
     # A batch big enough for the ops to go parallel starts the intra-op and autograd threads (their stacks)
     # before the baseline is read. Without a resettable high-water mark its peak would count, so stay tiny then.
     warm_inputs = memory_inputs(loss, PROBE_WARMUP_BATCH if can_reset else 8, torch.device("cpu"))
     feature_loss_backward(loss, *warm_inputs)
     del warm_inputs
-    runs, seconds, base = [], [], 0
+    passes = []
     for _ in range(PROBE_REPEATS if can_reset else 1):
         inputs = memory_inputs(loss, batch_size, torch.device("cpu"))
         trimmed = _release_free_heap()
@@ -674,12 +675,13 @@ def memory_probe(loss: str, batch_size: int) -> dict[str, Any]:
         base = _proc_status_bytes("VmRSS") or _max_rss_bytes()
         start = time.perf_counter()
         feature_loss_backward(loss, *inputs)
-        seconds.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         peak = _proc_status_bytes("VmHWM") or _max_rss_bytes()
-        runs.append(max(peak - base, 0))
+        passes.append({"peak_bytes": max(peak - base, 0), "baseline_rss_bytes": base, "heap_trimmed": trimmed,
+                       "seconds": seconds})
         del inputs
-    return {"peak_bytes": min(runs), "peak_bytes_runs": runs, "baseline_rss_bytes": base, "peak_reset": can_reset,
-            "heap_trimmed": trimmed, "seconds": min(seconds)}
+    kept = min(passes, key=lambda one: one["peak_bytes"])
+    return {**kept, "peak_bytes_runs": [one["peak_bytes"] for one in passes], "peak_reset": can_reset}
 
 
 def cpu_memory_row(loss: str, batch_size: int) -> dict[str, Any]:

@@ -58,8 +58,9 @@ Choices, documented here and in the table's footnotes:
   one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
   change the means. No results at all is an error too. Run folders with a config.json but no
   results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
-  time that is not a finite number of seconds >= 0 counts as not recorded ('—'): it is
-  bookkeeping, not a result.
+  time (or --per_run's training time and samples/s) that is not a finite number >= 0, and a
+  best_epoch that is not a whole number >= 1, count as not recorded ('—'): they are bookkeeping,
+  not results.
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
   summary reads (a results.json, or the config.json beside one), nor a file main.py writes in a run
@@ -76,6 +77,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -326,11 +328,12 @@ def _ncm_top1(data: dict) -> float | None:
 
 
 def _best_epoch(data: dict) -> int | None:
-    """The "best_epoch" entry (None when the run does not record one), checked: an epoch counted from 1."""
+    """The "best_epoch" entry, an epoch counted from 1 (a whole float such as 199.0 counts as that epoch); None when
+    missing or unusable (0, a fraction, text), since it is bookkeeping beside best_top1 and moves no mean."""
     epoch = data.get("best_epoch")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
-        raise ValueError(f"'best_epoch' must be an epoch number from 1, got {epoch!r:.80}")
-    return epoch
+    if isinstance(epoch, float) and epoch.is_integer():
+        epoch = int(epoch)
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 else None
 
 
 def _train_digest(data: dict) -> str | None:
@@ -754,6 +757,15 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
+def _code_cell(text: str) -> str:
+    """text as inline code in one markdown table cell: a newline shown as \\n, '|' escaped (GFM ends a cell at
+    it, in code too), and a fence of more backticks than any run of them inside (with spaces, as CommonMark
+    strips one from each end)."""
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    return f"`{text}`" if not longest else f"{'`' * (longest + 1)} {text} {'`' * (longest + 1)}"
+
+
 def format_per_run_markdown(rows: list[GroupSummary]) -> str:
     """One line per run, under the row it belongs to (in the table's order, by seed): its seed, accuracies, rate,
     times and folder, so that a row's mean can be traced to the runs behind it."""
@@ -771,7 +783,7 @@ def format_per_run_markdown(rows: list[GroupSummary]) -> str:
             cells = (DATASET_LABELS.get(key.dataset, key.dataset), _method_text(key), _ratio_text(key), schedule,
                      str(run.seed), best, f"{run.last_top1:.2f}", _opt(run.many), _opt(run.medium), _opt(run.few),
                      *((_opt(run.ncm_top1),) if with_ncm else ()), rate, format_duration(run.train_time_s),
-                     format_duration(run.wall_time_s), f"`{run.folder}`".replace("|", "\\|"))
+                     format_duration(run.wall_time_s), _code_cell(run.folder))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -990,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add each row's last-epoch top-1 per class (with --csv: print those instead)")
     parser.add_argument("--per_run", action="store_true",
                         help="add one line per run under its row: seed, best top-1 and its epoch, last top-1, "
-                             "shot groups, samples/s, times and folder (with --csv: print those instead)")
+                             "shot groups, NCM top-1, samples/s, times and folder (with --csv: print those instead)")
     return parser
 
 
@@ -1039,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"summarize.py: error: cannot write {args.out}: {reason}", file=sys.stderr)
             return 1
         what = (f"{text.count(chr(10)) - 1} per-class lines" if args.csv and args.per_class
-                else f"{text.count(chr(10)) - 1} run lines" if args.csv and args.per_run else f"{len(rows)} rows")
+                else f"{sum(len(row.runs) for row in rows)} run lines" if args.csv and args.per_run
+                else f"{len(rows)} rows")
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
     else:
         try:

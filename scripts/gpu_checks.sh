@@ -65,7 +65,7 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   table1_runs.tar.gz (each run's folder with its config.json and results.json, or its
                   last.pt if it was cut off, to continue it with --resume; a run still in its step 10 s
                   after the cap's SIGTERM, such as a first step compiling, is killed)
-Then summary.md (scripts/summarize.py --per_class per run, and over the table1 runs) and log.txt: the
+Then summary.md (scripts/summarize.py --per_class --per_run per run, and over the table1 runs) and log.txt: the
 environment (nvidia-smi, torch, the commit) and every step's output and status. At most 8 files, all
 directly in --out (so --only names at most six of the eight steps).
 
@@ -389,13 +389,14 @@ fi
 # A step killed while writing its JSON can leave the temporary file of that write (util.atomic_write) behind.
 rm -f "$out"/.*.tmp
 summarised=0
-# summarise TITLE PATH: a section of summary.md, scripts/summarize.py --per_class on PATH (a results.json, or a runs
-# folder, whose runs without a results.json, cut off or failed, its stderr names).
+# summarise TITLE PATH: a section of summary.md, scripts/summarize.py --per_class --per_run on PATH (a results.json,
+# or a runs folder, whose runs without a results.json, cut off or failed, its stderr names); --per_run adds each
+# run's best epoch, samples/s and training time, which the rows leave out.
 summarise() {
   {
     echo "## $1"
     echo
-    "$python" scripts/summarize.py "$2" --per_class 2>&1 || echo "(summarize failed on $2)"
+    "$python" scripts/summarize.py "$2" --per_class --per_run 2>&1 || echo "(summarize failed on $2)"
     echo
   } >>"$out/summary.md"
   summarised=1

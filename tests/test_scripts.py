@@ -1863,6 +1863,8 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.startswith("## eager") and "| CIFAR-10-LT | Hybrid-SC [model=resnet8] |" in summary
     assert "Per-class top-1 at the last epoch, CIFAR-10-LT, imbalance ratio 10, " in summary
+    # --per_run: the run's own line, with its training rate and time (the rows hold neither)
+    assert "Runs, one line each:" in summary and "| samples/s | train time |" in summary
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
 
 

@@ -41,6 +41,24 @@ def _interrupted_while_importing(signum, frame) -> None:
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_importing)
 
+
+def _null_on_closed_std_fds() -> None:
+    """/dev/null on file descriptors 0, 1 and 2 where the program was started with them closed (`>&-`): else the
+    first files opened would get them, and a library's output to stdout would go into a checkpoint or an events
+    file. Before torch is imported, which opens files of its own."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, as those before are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+if __name__ == "__main__":
+    _null_on_closed_std_fds()
+
 import numpy as np
 import torch
 
@@ -2072,7 +2090,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         dist, device = setup_distributed(cfg)
         configure_backends(cfg)
         if cfg.eval_only:
-            return evaluate_checkpoint(cfg, dist, device, given_flags(argv))
+            return printed(evaluate_checkpoint(cfg, dist, device, given_flags(argv)))
         if dist.main:  # an existing folder, before its state is read: what resume_point sees stays so
             folder_lock.acquire(resolve_output_dir(cfg), create=not cfg.dry_run)
         out, saved, finished = resume_point(cfg, dist)
@@ -2081,7 +2099,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{out} already finished {plural(cfg.epochs, 'epoch')}; nothing to do", flush=True)
             return 0
         run = Run(cfg, dist, device, out, saved, folder_lock)
-        return run.dry_run() if cfg.dry_run else run.run()
+        return printed(run.dry_run()) if cfg.dry_run else run.run()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code
@@ -2103,6 +2121,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         folder_lock.release()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def printed(code: int) -> int:
+    """The exit status of a program whose result is what it prints (--eval_only, --dry_run): 1 where standard output
+    failed (util.GuardedOutput said so on stderr), so that a script reading the output does not take it as done."""
+    sys.stdout.flush()
+    if code == 0 and getattr(sys.stdout, "failed", False):
+        print("error: what this command prints is its result, and printing it failed", file=sys.stderr, flush=True)
+        return 1
+    return code
 
 
 def launched_rank_prefix() -> str:
@@ -2137,4 +2165,5 @@ def exit_process(code: int) -> None:
 
 
 if __name__ == "__main__":
+    util.guard_stdout("main.py goes on without printing (a training run's record is its folder and TensorBoard)")
     exit_process(main())

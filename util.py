@@ -2,11 +2,14 @@
 and the TensorBoard figures (rendered with numpy, so no plotting dependency)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
 import random
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -135,11 +138,84 @@ def exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class GuardedOutput(io.TextIOBase):
+    """A program's sys.stdout that its own failure does not stop: the first failed write or flush (the reader gone,
+    as with `| head`; a full disk under `> log`; an I/O error) is one `warning:` line on stderr, and later output is
+    dropped while the program goes on. For programs whose record is their files (a training run, a benchmark
+    with --json), not their printed lines. Characters the stream's encoding lacks print as '?'."""
+
+    def __init__(self, stream: Any, goes_on: str):
+        super().__init__()
+        self.stream, self.goes_on, self.failed = stream, goes_on, False
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")
+
+    def _failure(self, error: BaseException) -> None:
+        self.failed = True
+        try:  # Python flushes the real stdout at exit: let what its buffer holds go somewhere that takes it
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+        print(f"warning: standard output failed ({reason}); {self.goes_on}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError) as error:  # ValueError: the stream was closed
+                self._failure(error)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as error:
+                self._failure(error)
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return not self.failed and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+
+def guard_stdout(goes_on: str) -> None:
+    """sys.stdout as a GuardedOutput (see there), or on /dev/null where the program was started with it closed
+    (`>&-`, when Python leaves sys.stdout None, which print() takes but a flush() does not)."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:  # (`2>&-`): tqdm and the error lines write there
+        sys.stderr = open(os.devnull, "w")
+    if not isinstance(sys.stdout, GuardedOutput):
+        sys.stdout = GuardedOutput(sys.stdout, goes_on)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(file_object)` to a temporary file beside `path`, fsync it, then rename it over
     `path`: a reader (or a resume after `kill -9`) sees the old complete file or the new complete one, never
-    half of one. A failed write (disk full, read-only folder) leaves the old file as it was."""
+    half of one. A failed write (disk full, read-only folder) leaves the old file as it was. A path that holds
+    something other than a regular file (a device such as /dev/null, a pipe, a socket) is an OSError instead:
+    the rename would put a file in its place."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there yet, or what mkstemp or the rename will meet and say too
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: the rename says so
+        raise OSError(errno.EEXIST, "not a regular file (a device, a pipe or a socket), which this write would "
+                                    "replace: give a file name")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

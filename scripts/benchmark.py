@@ -967,6 +967,10 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
             print(f"error: {len(failed)} of {len(result['project'])} project rows failed, the first ("
                   f"{failed[0]['label']}): {failed[0]['error']}", file=sys.stderr, flush=True)
             return 1
+        sys.stdout.flush()
+        if getattr(sys.stdout, "failed", False) and not json_path:  # (util.guard_stdout) the table was the result
+            print("error: the table could not be printed, and no --json was given", file=sys.stderr, flush=True)
+            return 1
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -977,4 +981,5 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    util.guard_stdout("the benchmark goes on without printing (its numbers go to --json, where given)")
     sys.exit(main_cli())

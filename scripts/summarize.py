@@ -883,6 +883,8 @@ def find_result_files(paths: list[str]) -> list[Path]:
         else:
             raise SummaryError(f"no such file or folder: {name}")
         for candidate in candidates:
+            if _kind(candidate) != "file":  # a folder, or a pipe that reading would wait on forever
+                raise SummaryError(f"{candidate} is not a file, so not a run's results: move it away")
             found.setdefault(candidate.resolve(), candidate)  # overlapping folders count once
     return list(found.values())
 
@@ -946,8 +948,12 @@ def check_out(out: str, files: list[Path]) -> None:
     beside one), or a file main.py writes in a run folder the summary reads (a checkpoint, TensorBoard events):
     replacing a run's record with the table would lose it."""
     target = _resolved(Path(out))
-    if _kind(target) == "dir":
+    kind = _kind(target)
+    if kind == "dir":
         raise SummaryError(f"--out {out} is a folder; give a file name")
+    if kind is None and os.path.lexists(target):  # a device (/dev/null, /dev/stdout), a pipe, a socket
+        raise SummaryError(f"--out {out} is not a regular file (a device, a pipe or a socket), which writing the "
+                           "table would replace; give a file name, or leave --out out to print the table")
     for file in files:
         for read in (file, file.parent / "config.json"):
             if target == _resolved(read):
@@ -1054,6 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{sum(len(row.runs) for row in rows)} run lines" if args.csv and args.per_run
                 else f"{len(rows)} rows")
         print(f"summarize.py: wrote {what} from {len(files)} runs to {args.out}", file=sys.stderr)
+    elif sys.stdout is None:  # started with standard output closed (`>&-`)
+        print("summarize.py: error: standard output is closed; give --out FILE", file=sys.stderr)
+        return 1
     else:
         try:
             # A terminal whose encoding lacks '±' or '—' (LANG=C on an old Python, PYTHONIOENCODING=latin-1)
@@ -1063,9 +1072,16 @@ def main(argv: list[str] | None = None) -> int:
                 reconfigure(errors="replace")
             sys.stdout.write(text)
             sys.stdout.flush()
-        except BrokenPipeError:  # `summarize.py runs | head`: the reader stopped reading, no traceback for that
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
-            return 1  # as Python's own documentation of SIGPIPE advises
+        except OSError as error:
+            try:  # else Python's flush of stdout at exit fails again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # a stream with no file behind it
+                pass
+            if isinstance(error, BrokenPipeError):  # `summarize.py runs | head`: the reader stopped reading
+                return 1  # quietly, as Python's own documentation of SIGPIPE advises
+            print(f"summarize.py: error: cannot write the table to standard output: {error.strerror or error}",
+                  file=sys.stderr)  # a full disk under `> table.md`, say
+            return 1
     return 0
 
 

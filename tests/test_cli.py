@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import os
 import re
 import shutil
@@ -2066,3 +2067,28 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
     with pytest.raises(main.UserError, match=r"--alpha_schedule parabolic -> cosine"):
         main.check_compatible({"num_classes": 10, "config": before_alpha_schedule},
                               main.parse_config(["--alpha_schedule", "cosine"]), Path("last.pt"), 10)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: no space left)")
+def test_a_run_whose_stdout_fails_or_is_closed_goes_on_and_a_dry_run_says_it_failed(cifar10_root, tmp_path):
+    """A run printing into a full disk (or into `| head` once head has left) used to die with a traceback in the
+    middle of training. It now says so once on stderr and trains on: its record is its folder. A dry run's output
+    is its result: it exits 1. A run started with stdout closed (`>&-`) trains with it on /dev/null (else the first
+    file it opened, a checkpoint, would have taken descriptor 1)."""
+    args = [sys.executable, str(ROOT / "main.py"), "--data_root", str(cifar10_root), *TINY, "--epochs", "1",
+            "--lr_decay_epochs", ""]
+    full = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'full'))} > /dev/full"
+    closed = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'closed'))} >&-"
+    dry = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'dry'))} --dry_run > /dev/full"
+    warning = ("warning: standard output failed (No space left on device); main.py goes on without printing (a "
+               "training run's record is its folder and TensorBoard)")
+    for command, code, err in ((full, 0, [warning]), (closed, 0, []),
+                               (dry, 1, [warning, "error: what this command prints is its result, and printing it "
+                                                  "failed"])):
+        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=240)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert [line for line in proc.stderr.splitlines() if not line.startswith("note:")] == err, proc.stderr
+    for run in ("full", "closed"):
+        assert json.loads((tmp_path / run / "results.json").read_text())["epochs"] == 1
+        assert util.load_checkpoint(tmp_path / run / "last.pt")["run"]["epoch"] == 1
+    assert not (tmp_path / "dry").exists()

@@ -442,6 +442,46 @@ def test_a_best_epoch_that_is_not_an_epoch_is_not_recorded(summarize, tmp_path, 
     assert row["best_epoch"] == ("" if shown is None else str(shown))
 
 
+def test_summarize_leaves_devices_and_pipes_alone_and_says_when_its_output_fails(summarize, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--out on a pipe or a device (/dev/null) would have been replaced by a file (for root, the machine's /dev/null);
+    a pipe named results.json would have been read forever; a table that cannot be written to stdout (a full
+    disk) was a traceback. Each is one line and exit 1; a reader that left (`| head`) stays quiet."""
+    write_result(tmp_path, "runs/a")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, out, err = run_summarize(summarize, capsys, tmp_path / "runs", "--out", fifo)
+    assert (code, out) == (1, "") and err == (f"summarize.py: error: --out {fifo} is not a regular file (a device, a "
+                                              "pipe or a socket), which writing the table would replace; give a file "
+                                              "name, or leave --out out to print the table\n")
+    code, _, err = run_summarize(summarize, capsys, tmp_path / "runs", "--out", os.devnull)
+    assert code == 1 and "is not a regular file" in err and not Path(os.devnull).is_file()
+    (tmp_path / "runs" / "b").mkdir()
+    os.mkfifo(tmp_path / "runs" / "b" / "results.json")
+    code, out, err = run_summarize(summarize, capsys, tmp_path / "runs")
+    assert (code, out) == (1, "") and err == (f"summarize.py: error: {tmp_path / 'runs' / 'b' / 'results.json'} is not "
+                                              "a file, so not a run's results: move it away\n")
+    os.unlink(tmp_path / "runs" / "b" / "results.json")
+
+    class Failing(io.StringIO):
+        def __init__(self, error):
+            super().__init__()
+            self.error = error
+
+        def write(self, text):
+            raise self.error
+
+    for error, said in ((OSError(errno.ENOSPC, "No space left on device"),
+                         "summarize.py: error: cannot write the table to standard output: No space left on device\n"),
+                        (BrokenPipeError(errno.EPIPE, "Broken pipe"), "")):
+        monkeypatch.setattr(sys, "stdout", Failing(error))
+        assert summarize.main([str(tmp_path / "runs")]) == 1
+        assert capsys.readouterr().err == said
+    monkeypatch.setattr(sys, "stdout", None)  # started with stdout closed (`>&-`)
+    assert summarize.main([str(tmp_path / "runs")]) == 1
+    assert capsys.readouterr().err == "summarize.py: error: standard output is closed; give --out FILE\n"
+
+
 def test_rows_that_differ_only_in_lr_decay_or_batch_say_so(summarize, tmp_path, capsys):
     """Two 20-epoch rows with other lr decay epochs, and a step-profile run: no two columns or rows look alike."""
     write_result(tmp_path, "a", epochs=20, decay=(12, 16), batch_size=128)

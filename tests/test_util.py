@@ -182,3 +182,59 @@ def test_set_rng_states_restores_python_numpy_and_torch():
     util.seed_everything(999)
     util.set_rng_states(states)
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_an_atomic_write_does_not_replace_a_device_or_a_pipe(tmp_path, kind):
+    """The rename would put a file where /dev/null (say, as `--json /dev/null`) or a named pipe was: for root, the
+    machine's /dev/null. Refused as an OSError, which write_json turns into one line; the path is left as it was."""
+    import os
+    import stat
+
+    if kind == "pipe":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "null"
+        os.symlink(os.devnull, path)  # a device, reached as the flag would name it
+    with pytest.raises(util.UserError, match=rf"could not write {path}: not a regular file \(a device, a pipe or a "
+                                             r"socket\), which this write would replace: give a file name"):
+        util.write_json({"a": 1}, path)
+    mode = os.stat(path).st_mode
+    assert stat.S_ISFIFO(mode) if kind == "pipe" else stat.S_ISCHR(mode)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left either
+
+
+class _FailingStream:
+    """A text stream whose writes and flushes fail as a pipe whose reader left, or a full disk, does."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def write(self, text):
+        self.calls += 1
+        raise self.error
+
+    def flush(self):
+        raise self.error
+
+    def fileno(self):
+        import io
+        raise io.UnsupportedOperation("fileno")
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("error, reason", [(BrokenPipeError(32, "Broken pipe"), "Broken pipe"),
+                                           (OSError(28, "No space left on device"), "No space left on device"),
+                                           (ValueError("I/O operation on closed file."), "I/O operation on closed file.")])
+def test_guarded_output_says_once_that_it_failed_and_drops_the_rest(capsys, error, reason):
+    stream = _FailingStream(error)
+    out = util.GuardedOutput(stream, "the program goes on")
+    assert out.isatty() and out.write("first line\n") == len("first line\n")
+    assert out.failed and not out.isatty()
+    print("more", file=out, flush=True)
+    out.flush()
+    assert stream.calls == 1  # nothing more reaches the failed stream
+    assert capsys.readouterr().err == f"warning: standard output failed ({reason}); the program goes on\n"

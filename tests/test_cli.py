@@ -2092,3 +2092,19 @@ def test_a_run_whose_stdout_fails_or_is_closed_goes_on_and_a_dry_run_says_it_fai
         assert json.loads((tmp_path / run / "results.json").read_text())["epochs"] == 1
         assert util.load_checkpoint(tmp_path / run / "last.pt")["run"]["epoch"] == 1
     assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--dry_run"]])
+def test_another_programs_config_json_is_not_taken_for_a_run(tmp_path, capsys, cifar10_root, extra):
+    """A folder whose only file of a run's names is a config.json that main.py did not write (no loss, imb_factor
+    and epochs in it): before, it was "a run that saved no checkpoint ... pass --overwrite", which then replaced
+    that file. Refused whatever the flags; nothing changes."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text('{"model_type": "bert"}')
+    before = snapshot(tmp_path / "out")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "out"), *TINY, *extra],
+                          capsys)
+    assert_one_line_error(code, err, f"{tmp_path / 'out' / 'config.json'} is not a run's (it lacks the loss, "
+                                     "imb_factor and epochs main.py writes there; another program's?), and a run "
+                                     "would replace it: give this run its own --output_dir, or move that file away")
+    assert snapshot(tmp_path / "out") == before

@@ -355,7 +355,7 @@ def _listing_key(listing: dict[str, list[tuple[str, list[_FileEntry]]]]) -> str:
         for class_name, files in classes:
             for path, size, mtime_ns, ctime_ns in files:
                 digest.update(f"{split}/{class_name}/{os.path.basename(path)}\0{size}\0{mtime_ns}\0{ctime_ns}\n"
-                              .encode())
+                              .encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]
 
 
@@ -429,7 +429,7 @@ def _cache_candidates(root: Path, key: str) -> list[Path]:
 
 
 def _root_tag(root: Path) -> str:
-    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    return hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:12]
 
 
 def _read_cache(root: Path, key: str, labels: dict[str, np.ndarray]) -> tuple[ArraySplit, ArraySplit] | None:

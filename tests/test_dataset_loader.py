@@ -9,6 +9,7 @@ import struct
 import sys
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -767,6 +768,22 @@ def test_image_folder_loads_and_caches(tmp_path, monkeypatch, cifar10_like):
     train, _ = dl.load_cifar("cifar10", tmp_path)
     np.testing.assert_array_equal(train.images[20], changed)
     assert len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 1
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+def test_names_that_are_not_utf8_load_and_cache(tmp_path, monkeypatch, cifar10_like):
+    """Folders and files named in Latin-1 (a zip made on Windows, say): the cache key hashed the names as UTF-8 text
+    and stopped on them with a UnicodeEncodeError. Python hands such names over with surrogates, and they hash as the
+    bytes they are."""
+    root = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    write_image_folder(root, *cifar10_like)
+    for split in ("train", "test"):  # class_000 keeps its place: 'a\xe9' sorts first too
+        (root / split / "class_000").rename(root / split / os.fsdecode(b"a\xe9"))
+    image = max((root / "train" / os.fsdecode(b"a\xe9")).iterdir())
+    image.rename(image.with_name(os.fsdecode(b"\xe9") + image.name))  # still last in its class
+    assert_splits_equal(dl.load_cifar("cifar10", root), cifar10_like)
+    monkeypatch.setattr(dl, "_decode_image", lambda path: pytest.fail(f"decoded {path} although the cache is valid"))
+    assert_splits_equal(dl.load_cifar("cifar10", root), cifar10_like)
 
 
 def test_a_cache_write_removes_old_temporary_files_of_killed_processes_only(tmp_path, cifar10_like):

@@ -142,6 +142,10 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) 
     return ""
 
 
+# The image-folder layout's split folders under a --data_root (train/<class>/*, test/<class>/*).
+IMAGE_FOLDER_SPLITS = ("train", "test")
+
+
 def _image_folders_of(dataset: str, root: Path) -> bool:
     """Whether ``root`` holds train/ and test/ image folders with ``dataset``'s number of classes (so that a
     CIFAR-10 folder is not offered for CIFAR-100)."""
@@ -246,7 +250,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
 def _read_image_folders(dataset: str, root: Path) -> tuple[ArraySplit, ArraySplit]:
     """``root/{train,test}/<class>/*`` decoded once, then served from an .npz cache keyed on the files."""
     num_classes = DATASETS[dataset]
-    listing = {split: _list_class_folders(root / split, num_classes, dataset) for split in ("train", "test")}
+    listing = {split: _list_class_folders(root / split, num_classes, dataset) for split in IMAGE_FOLDER_SPLITS}
     train_names, test_names = ([name for name, _ in listing[split]] for split in ("train", "test"))
     if train_names != test_names:
         only = [f"only in {split}: {', '.join(sorted(set(names) - set(other)))}"

@@ -1110,9 +1110,15 @@ def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
 
 
 def check_output_dir(cfg: Config, out: Path) -> None:
-    """Refuse to mix two runs in one folder; fail before anything is written."""
+    """Refuse to mix two runs in one folder, or a run and the data; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
+    where = Path(os.path.realpath(out))
+    for split in data.IMAGE_FOLDER_SPLITS:  # the run's folders (its projections) would be read as classes or images
+        images = Path(os.path.realpath(Path(cfg.data_root) / split))
+        if where == images or images in where.parents:
+            raise UserError(f"--output_dir {out} is inside {Path(cfg.data_root) / split}, image folders of --data_root: "
+                            f"the run's own folders and files would then be read as data; put it elsewhere")
     if not out.exists() and not cfg.resume:  # a new folder: where it would be made (a dry run makes none)
         parent = Path(os.path.abspath(out))
         while not os.path.lexists(parent) and parent != parent.parent:

@@ -2108,3 +2108,20 @@ def test_another_programs_config_json_is_not_taken_for_a_run(tmp_path, capsys, c
                                      "imb_factor and epochs main.py writes there; another program's?), and a run "
                                      "would replace it: give this run its own --output_dir, or move that file away")
     assert snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("inside", ["train", "test/class_003/run"])
+def test_an_output_folder_inside_the_image_folders_is_refused(tmp_path, capsys, cifar10_root, inside):
+    """Its projector folder (<step>/) would have become an 11th class of train/, or a folder inside a class folder:
+    every later load of the data would fail. Refused before anything is written (in any layout: the image folders
+    are read whenever the pickled files are missing)."""
+    data_root = tmp_path / "data"
+    shutil.copytree(cifar10_root, data_root)
+    (data_root / "test" / "class_003").mkdir(parents=True)
+    before = snapshot(data_root)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(data_root / inside), *TINY], capsys)
+    split = inside.split("/")[0]
+    assert_one_line_error(code, err, f"--output_dir {data_root / inside} is inside {data_root / split}, image folders "
+                                     "of --data_root: the run's own folders and files would then be read as data; "
+                                     "put it elsewhere")
+    assert snapshot(data_root) == before

@@ -189,6 +189,12 @@ def _read_pickled(dataset: str, folder: Path) -> tuple[ArraySplit, ArraySplit]:
         if not len(split.labels):
             # Caught here rather than at the end of training, where evaluating an empty test set fails.
             raise DataError(f"the {split_name} split in {folder} ({', '.join(names)}) holds no images")
+        missing = np.flatnonzero(np.bincount(split.labels, minlength=num_classes) == 0)
+        if split_name == "test" and len(missing):  # (a class without training images: long_tailed_subset says so)
+            shown = ", ".join(str(c) for c in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10
+                                                                else "")
+            raise DataError(f"the test split in {folder} ({', '.join(names)}) has no image of class {shown}: its "
+                            f"accuracy, and the mean over classes, would be undefined")
         splits.append(split)
     return splits[0], splits[1]
 

@@ -367,6 +367,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
+        if value is not None and value < 1 / FLOAT32_MAX:  # the loss's logits, similarity / temperature, overflow
+            raise UserError(f"--{name} must be at least {1 / FLOAT32_MAX:.4g} (1 / float32's largest number): the loss "
+                            f"divides by it in float32 (got {value})")
     for name in ("feat_dim", "eval_every", "print_freq"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
@@ -1356,9 +1359,17 @@ def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, 
 FOREIGN_CHECKPOINT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, RuntimeError)
 
 
+# The longest cause a foreign checkpoint's one-line error quotes: load_state_dict lists every missing and unexpected
+# key (a ResNet-110's config beside a ResNet-8's weights made a line of 17,889 characters).
+CAUSE_LIMIT = 300
+
+
 def foreign_checkpoint(path: Path, e: Exception) -> UserError:
+    cause = util.exception_text(e)
+    if len(cause) > CAUSE_LIMIT:
+        cause = f"{cause[:CAUSE_LIMIT].rstrip()} ... ({len(cause) - CAUSE_LIMIT:,} more characters)"
     return UserError(f"{path} does not hold what this program's checkpoints hold (damaged, or written by other "
-                     f"code): {util.exception_text(e)}")
+                     f"code): {cause}")
 
 
 def check_numerics_entries(saved: dict[str, Any]) -> None:
@@ -2055,6 +2066,9 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     ncm = ncm_report(embed(net, train_images, **numerics)[0], train_labels, embed(net, images, **numerics)[0], labels,
                      num_classes, groups)
     keys = (*SHOT_KEYS, "per_class")
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):
+        print(f"note: {path} holds weights or batch-norm statistics that are not finite numbers (NaN or inf; a run of "
+              f"this program keeps those out of its checkpoints): the accuracy below is that of a broken network")
     if other_images:  # check_same_data compared the class sizes only: a resume refuses this, an evaluation need not
         print(f"note: these training images are not those {path} was trained on (the same class sizes, other pixels "
               f"or labels: another copy of the data, or JPEG files decoded by another libjpeg); the test accuracy does "

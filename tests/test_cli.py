@@ -486,6 +486,10 @@ BAD_INPUTS = [
     (["--print_freq", "0"], "--print_freq must be at least 1"),
     (["--loss", "psc", "--psc_temp", "0"], "--psc_temp must be positive"),
     (["--psc_temp", "-1"], "--psc_temp must be positive"),
+    # rounds to 0 in float32, or its reciprocal overflows: the loss's logits would be inf and the run "diverge"
+    (["--temp", "1e-300"], "--temp must be at least 2.939e-39 (1 / float32's largest number): the loss divides by it "
+                           "in float32 (got 1e-300)"),
+    (["--loss", "psc", "--psc_temp", "1e-45"], "--psc_temp must be at least 2.939e-39"),
     (["--weight_decay", "-0.0001"], "--weight_decay must not be negative"),
     (["--warm_epochs", "-1"], "--warm_epochs must not be negative"),
     (["--lr_decay_rate", "0"], "--lr_decay_rate must be in (0, 1]"),
@@ -883,7 +887,10 @@ def test_eval_only_of_a_config_that_names_no_model_takes_the_flags(existing_run,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == \
         json.loads((existing_run / "results.json").read_text())["last_top1"]
     code, err = call_main(argv, capsys)  # --model's default, resnet32: not these weights
-    assert_one_line_error(code, err, f"{ckpt}", "does not hold what this program's checkpoints hold")
+    assert_one_line_error(code, err, f"{ckpt}", "does not hold what this program's checkpoints hold",
+                          "RuntimeError: Error(s) in loading state_dict for HybridNet: Missing key(s)")
+    # load_state_dict names every missing key (thousands of characters): the line quotes the start of it
+    assert re.search(r" \.\.\. \([\d,]+ more characters\)$", err.strip()) and len(err) < len(str(ckpt)) + 500
 
 
 def test_device_name_counts_threads(monkeypatch):
@@ -2125,3 +2132,18 @@ def test_an_output_folder_inside_the_image_folders_is_refused(tmp_path, capsys, 
                                      "of --data_root: the run's own folders and files would then be read as data; "
                                      "put it elsewhere")
     assert snapshot(data_root) == before
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_eval_only_of_weights_that_are_not_finite_says_so(existing_run, capsys, cifar10_root):
+    """Other code's checkpoint with a NaN weight evaluated as a plain 10 % (every image one class) without a word."""
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    saved["model"]["backbone.bn1.running_var"][3] = float("nan")
+    torch.save(saved, ckpt)
+    argv = ["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root), "--device", "cpu"]
+    assert main.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {ckpt} holds weights or batch-norm statistics that are not finite numbers (NaN or inf; a "
+                     "run of this program keeps those out of its checkpoints): the accuracy below is that of a broken "
+                     "network"]

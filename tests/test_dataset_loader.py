@@ -1122,6 +1122,21 @@ def test_empty_pickled_split_is_refused(tmp_path, cifar10_like, split, names):
     assert "\n" not in str(info.value)
 
 
+def test_a_pickled_test_set_without_some_class_is_refused(tmp_path, cifar10_like):
+    """Those classes' test accuracy is 0 / 0: it was reported as 0.0 and pulled the means down. (The image-folder
+    layout refuses an empty test class folder; a class without training images, long_tailed_subset refuses.)"""
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+
+    def only_classes_0_to_2(entry: dict) -> None:
+        entry[b"labels"] = [label % 3 for label in entry[b"labels"]]
+
+    rewrite_batch(folder, "test_batch", only_classes_0_to_2)
+    with pytest.raises(DataError, match=r"^the test split in .*cifar-10-batches-py \(test_batch\) has no image of "
+                                        r"class 3, 4, 5, 6, 7, 8, 9: its accuracy, and the mean over classes, would "
+                                        r"be undefined$"):
+        dl.load_cifar("cifar10", tmp_path)
+
+
 @pytest.mark.parametrize("damage, error", [
     (lambda raw: raw.replace(b"multiarray", b"mulXiarray"), "ModuleNotFoundError"),
     (lambda raw: raw.replace(b"latin1", b"latNn1"), "LookupError"),  # protocol 2 stores bytes via codecs.encode

@@ -1624,6 +1624,8 @@ def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_comma
     """Else every run fails on its own, each with its own lines, instead of one line before any run."""
     env, read_log = fake
     (tmp_path / "a file").write_text("kept")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "logs").write_text("kept")  # with --gpus: each run's output goes into runs/logs/<run>.log
     args = ["--dataset", "cifar10", "--imb_factors", "0.01"]
     for script, extra, environ, message in (
         ("sweep.sh", ["--runs_dir", str(tmp_path / "a file")], env, "exists and is not a folder"),
@@ -1631,11 +1633,14 @@ def test_sweep_refuses_a_runs_dir_that_is_a_file_or_a_python_that_is_not_a_comma
         ("sweep.sh", ["--runs_dir", str(tmp_path / "a file" / "runs" / "x")], env,
          f"'{tmp_path / 'a file'}' exists and is not a folder"),
         ("sweep.sh", [], {**env, "PYTHON": str(tmp_path / "no_python")}, "is not a command"),
+        ("sweep.sh", ["--runs_dir", str(tmp_path / "runs"), "--gpus", "0"], env,
+         f"--gpus writes each run's output into '{tmp_path / 'runs' / 'logs'}/', which exists and is not a folder: "
+         "move it away"),
     ):
         result = run_script(script, [*(args if script == "sweep.sh" else args[:2]), *extra], environ)
         assert result.returncode == 2 and result.stdout == "", (extra, result.stdout + result.stderr)
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-    assert read_log() == [] and (tmp_path / "a file").read_text() == "kept"
+    assert read_log() == [] and (tmp_path / "a file").read_text() == (tmp_path / "runs" / "logs").read_text() == "kept"
 
 
 @pytest.mark.parametrize("gpus, fail_factor", [("", ""), ("1 0", ""), ("", "0.1")])

@@ -1133,7 +1133,7 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot prepare output folder {out}: no permission to create folders in {parent}")
     has_run = holds_run(out)
-    if has_run and not cfg.resume and run_config(out) is None and \
+    if has_run and not cfg.resume and (out / "config.json").is_file() and run_config(out) is None and \
             not any((out / f).exists() for f in RUN_FILES if f != "config.json"):  # a config.json alone, not ours
         raise UserError(f"{out / 'config.json'} is not a run's (it lacks the loss, imb_factor and epochs main.py "
                         f"writes there; another program's?), and a run would replace it: give this run its own "

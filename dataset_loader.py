@@ -146,6 +146,12 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) 
 IMAGE_FOLDER_SPLITS = ("train", "test")
 
 
+def image_folders_read(dataset: str, data_root: str | os.PathLike) -> bool:
+    """Whether load_cifar reads ``data_root``'s image folders for ``dataset`` (no pickled folder takes precedence),
+    as far as the pickled folder decides it: main.py keeps a run's folder out of them."""
+    return not (Path(data_root).expanduser() / _PICKLED_DIRS[dataset]).is_dir()
+
+
 def _image_folders_of(dataset: str, root: Path) -> bool:
     """Whether ``root`` holds train/ and test/ image folders with ``dataset``'s number of classes (so that a
     CIFAR-10 folder is not offered for CIFAR-100)."""

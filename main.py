@@ -1081,6 +1081,18 @@ def run_config(out: Path) -> Optional[dict[str, Any]]:
     return config if isinstance(config, dict) and {"loss", "imb_factor", "epochs"} <= config.keys() else None
 
 
+def foreign_config_reason(path: Path) -> str:
+    """Why the config.json at `path` (a regular file) is not one main.py wrote (run_config None), in a few words."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        return f"it cannot be read: {e.strerror or e}"
+    except ValueError:
+        return "it is not JSON"
+    return "it lacks the loss, imb_factor and epochs main.py writes there" if isinstance(config, dict) else \
+        "it is not a JSON object"
+
+
 def run_folders_in(out: Path) -> list[str]:
     """The names of the folders directly in `out` that hold a run of main.py's (a checkpoint, results or its
     config.json: not another tool's folder with a config.json of its own), sorted; [] where `out` cannot be listed
@@ -1117,8 +1129,9 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
     where = Path(os.path.realpath(out))
-    for split in data.IMAGE_FOLDER_SPLITS:  # the run's folders (its projections) would be read as classes or images
-        images = Path(os.path.realpath(Path(cfg.data_root) / split))
+    image_splits = data.IMAGE_FOLDER_SPLITS if data.image_folders_read(cfg.dataset, cfg.data_root) else ()
+    for split in image_splits:  # the run's folders (its projections) would be read as classes or images
+        images = Path(os.path.realpath(Path(cfg.data_root).expanduser() / split))
         if where == images or images in where.parents:
             raise UserError(f"--output_dir {out} is inside {Path(cfg.data_root) / split}, image folders of --data_root: "
                             f"the run's own folders and files would then be read as data; put it elsewhere")
@@ -1135,9 +1148,9 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     has_run = holds_run(out)
     if has_run and not cfg.resume and (out / "config.json").is_file() and run_config(out) is None and \
             not any((out / f).exists() for f in RUN_FILES if f != "config.json"):  # a config.json alone, not ours
-        raise UserError(f"{out / 'config.json'} is not a run's (it lacks the loss, imb_factor and epochs main.py "
-                        f"writes there; another program's?), and a run would replace it: give this run its own "
-                        f"--output_dir, or move that file away")
+        raise UserError(f"{out / 'config.json'} is not a run's ({foreign_config_reason(out / 'config.json')}; another "
+                        f"program's?), and a run would replace it: give this run its own --output_dir, or move that "
+                        f"file away")
     if not has_run and not cfg.resume:
         inside = run_folders_in(out)
         if inside:  # a sweep's --runs_dir given as a run's folder: this run's files would sit among its runs
@@ -1359,6 +1372,9 @@ def check_same_data(saved: dict[str, Any], class_counts: list[int], path: Path, 
 FOREIGN_CHECKPOINT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, RuntimeError)
 
 
+# Below this, a feature-loss temperature is named in a divergence's advice: its logits, similarity / temperature, reach
+# a thousand and more (SupContrast and the paper use 0.07 to 1).
+SMALL_TEMPERATURE = 1e-3
 # The longest cause a foreign checkpoint's one-line error quotes: load_state_dict lists every missing and unexpected
 # key (a ResNet-110's config beside a ResNet-8's weights made a line of 17,889 characters).
 CAUSE_LIMIT = 300
@@ -1833,8 +1849,16 @@ class Run:
                 pass
         last = self.out / "last.pt"
         kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+        cfg = self.cfg
+        flag, temperature = {"sc": ("--temp", cfg.temp), "psc": ("--psc_temp", cfg.psc_temperature)}.get(
+            cfg.loss, ("", None))
+        if cfg.loss == "sc" and cfg.base_temp is not None and cfg.base_temp < cfg.temp:
+            flag, temperature = "--base_temp", cfg.base_temp  # the factor temp / base_temp on the loss
+        way = "Lower --learning_rate or raise --warm_epochs"
+        if temperature is not None and temperature < SMALL_TEMPERATURE:  # logits of 1 / temperature
+            way += f", or raise {flag} {temperature:g} (the usual ones are 0.05 to 1)"
         raise Stop(f"non-finite loss in epoch {epoch + 1}, by step {step + 1} (of {self.trainer.steps_per_epoch}); "
-                   f"{kept}. Lower --learning_rate or raise --warm_epochs.", 3)
+                   f"{kept}. {way}.", 3)
 
     def end_epoch(self) -> None:
         cfg, state, trainer = self.cfg, self.state, self.trainer
@@ -2122,7 +2146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if finished:
             if dist.main:
                 print(f"{out} already finished {plural(cfg.epochs, 'epoch')}; nothing to do", flush=True)
-            return 0
+            return printed(0) if cfg.dry_run else 0
         run = Run(cfg, dist, device, out, saved, folder_lock)
         return printed(run.dry_run()) if cfg.dry_run else run.run()
     except (UserError, Stop) as e:

@@ -12,7 +12,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -139,28 +139,33 @@ def exception_text(exc: BaseException) -> str:
 
 
 class GuardedOutput(io.TextIOBase):
-    """A program's sys.stdout that its own failure does not stop: the first failed write or flush (the reader gone,
-    as with `| head`; a full disk under `> log`; an I/O error) is one `warning:` line on stderr, and later output is
-    dropped while the program goes on. For programs whose record is their files (a training run, a benchmark
-    with --json), not their printed lines. Characters the stream's encoding lacks print as '?'."""
+    """A program's sys.stdout (or sys.stderr) that its own failure does not stop: the first failed write or flush
+    (the reader gone, as with `| head`; a full disk under `> log`; an I/O error) is one `warning:` line on stderr
+    (for stdout, `said` names what goes on; stderr itself fails silently: nowhere is left to say it), and later
+    output is dropped while the program goes on. For programs whose record is their files (a training run, a
+    benchmark with --json), not their printed lines. Characters the stream's encoding lacks print as '?'."""
 
-    def __init__(self, stream: Any, goes_on: str):
+    def __init__(self, stream: Any, said: Optional[str]):
         super().__init__()
-        self.stream, self.goes_on, self.failed = stream, goes_on, False
+        self.stream, self.said, self.failed = stream, said, False
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="replace")
 
     def _failure(self, error: BaseException) -> None:
         self.failed = True
-        try:  # Python flushes the real stdout at exit: let what its buffer holds go somewhere that takes it
+        try:  # Python flushes the real stream at exit: let what its buffer holds go somewhere that takes it
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self.stream.fileno())
             os.close(null)
         except (OSError, ValueError):
             pass
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
-        print(f"warning: standard output failed ({reason}); {self.goes_on}", file=sys.stderr, flush=True)
+        if self.said is not None:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+            try:  # stderr may be failing too (`> log 2>&1` on a full disk), wrapped or not
+                print(f"warning: standard output failed ({reason}); {self.said}", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
 
     def write(self, text: str) -> int:
         if not self.failed:
@@ -190,16 +195,19 @@ class GuardedOutput(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return self.stream.encoding
 
+    def __getattr__(self, name: str) -> Any:  # what else a caller may ask of a text stream (buffer, line_buffering)
+        return getattr(self.stream, name)
+
 
 def guard_stdout(goes_on: str) -> None:
-    """sys.stdout as a GuardedOutput (see there), or on /dev/null where the program was started with it closed
-    (`>&-`, when Python leaves sys.stdout None, which print() takes but a flush() does not)."""
-    if sys.stdout is None:
-        sys.stdout = open(os.devnull, "w")
-    if sys.stderr is None:  # (`2>&-`): tqdm and the error lines write there
-        sys.stderr = open(os.devnull, "w")
-    if not isinstance(sys.stdout, GuardedOutput):
-        sys.stdout = GuardedOutput(sys.stdout, goes_on)
+    """sys.stdout and sys.stderr as GuardedOutput (see there), each on /dev/null where the program was started with
+    it closed (`>&-`, when Python leaves it None, which print() takes but a flush() does not). `goes_on`: what the
+    warning about a failed stdout says happens next."""
+    for name, said in (("stderr", None), ("stdout", goes_on)):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        if not isinstance(getattr(sys, name), GuardedOutput):
+            setattr(sys, name, GuardedOutput(getattr(sys, name), said))
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

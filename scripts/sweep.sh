@@ -139,7 +139,7 @@ while [[ ! -e $ancestor && $ancestor == */* ]]; do ancestor=${ancestor%/*}; done
 [[ -z $ancestor || ! -e $ancestor || -d $ancestor ]] ||
   die_usage "--runs_dir '$runs_dir': '$ancestor' exists and is not a folder"
 # --gpus appends each run's output to a file in it: else every run would fail at its log.
-[[ -z ${gpus//[[:space:]]/} || ! -e $runs_dir/logs || -d $runs_dir/logs ]] ||
+[[ -z ${gpus//[[:space:]]/} || ! -e $runs_dir/logs && ! -L $runs_dir/logs || -d $runs_dir/logs ]] ||
   die_usage "--gpus writes each run's output into '$runs_dir/logs/', which exists and is not a folder: move it away"
 
 # ratio = 1/imb_factor rounded halves up (as main.py names its default folder), only for the folder name;

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import io
 import json
-import shlex
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,8 @@ import torch
 import main
 import util
 from dataset_loader import ArraySplit
-from helpers import call_main, make_synthetic, snapshot, write_pickled_cifar10, write_pickled_cifar100
+from helpers import (call_main, make_synthetic, snapshot, write_image_folder, write_pickled_cifar10,
+                     write_pickled_cifar100)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 10  # per class
@@ -2079,7 +2082,8 @@ def test_resume_takes_a_flag_an_older_checkpoint_lacks_as_its_default():
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: no space left)")
 def test_a_run_whose_stdout_fails_or_is_closed_goes_on_and_a_dry_run_says_it_failed(cifar10_root, tmp_path):
     """A run printing into a full disk (or into `| head` once head has left) used to die with a traceback in the
-    middle of training. It now says so once on stderr and trains on: its record is its folder. A dry run's output
+    middle of training. It now says so once on stderr and trains on: its record is its folder (also where stderr
+    fails too, `> log 2>&1` on a full disk, and the warning has nowhere to go). A dry run's output
     is its result: it exits 1. A run started with stdout closed (`>&-`) trains with it on /dev/null (else the first
     file it opened, a checkpoint, would have taken descriptor 1)."""
     args = [sys.executable, str(ROOT / "main.py"), "--data_root", str(cifar10_root), *TINY, "--epochs", "1",
@@ -2087,15 +2091,16 @@ def test_a_run_whose_stdout_fails_or_is_closed_goes_on_and_a_dry_run_says_it_fai
     full = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'full'))} > /dev/full"
     closed = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'closed'))} >&-"
     dry = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'dry'))} --dry_run > /dev/full"
+    both = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'both'))} > /dev/full 2>&1"  # nowhere to say it
     warning = ("warning: standard output failed (No space left on device); main.py goes on without printing (a "
                "training run's record is its folder and TensorBoard)")
-    for command, code, err in ((full, 0, [warning]), (closed, 0, []),
+    for command, code, err in ((full, 0, [warning]), (closed, 0, []), (both, 0, []),
                                (dry, 1, [warning, "error: what this command prints is its result, and printing it "
                                                   "failed"])):
         proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=240)
         assert proc.returncode == code, proc.stderr[-3000:]
         assert [line for line in proc.stderr.splitlines() if not line.startswith("note:")] == err, proc.stderr
-    for run in ("full", "closed"):
+    for run in ("full", "closed", "both"):
         assert json.loads((tmp_path / run / "results.json").read_text())["epochs"] == 1
         assert util.load_checkpoint(tmp_path / run / "last.pt")["run"]["epoch"] == 1
     assert not (tmp_path / "dry").exists()
@@ -2115,23 +2120,30 @@ def test_another_programs_config_json_is_not_taken_for_a_run(tmp_path, capsys, c
                                      "imb_factor and epochs main.py writes there; another program's?), and a run "
                                      "would replace it: give this run its own --output_dir, or move that file away")
     assert snapshot(tmp_path / "out") == before
+    for text, reason in (("model_type: bert", "it is not JSON"), ("[1, 2]", "it is not a JSON object")):
+        (tmp_path / "out" / "config.json").write_text(text)
+        code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "out"), *TINY, *extra],
+                              capsys)
+        assert_one_line_error(code, err, f"is not a run's ({reason}; another program's?)")
 
 
 @pytest.mark.parametrize("inside", ["train", "test/class_003/run"])
-def test_an_output_folder_inside_the_image_folders_is_refused(tmp_path, capsys, cifar10_root, inside):
+def test_an_output_folder_inside_the_image_folders_is_refused(tmp_path, capsys, inside):
     """Its projector folder (<step>/) would have become an 11th class of train/, or a folder inside a class folder:
-    every later load of the data would fail. Refused before anything is written (in any layout: the image folders
-    are read whenever the pickled files are missing)."""
+    every later load of the data would fail. Refused before anything is written; beside a pickled folder, which is
+    read instead, train/ and test/ are not the data and the same folder is taken."""
     data_root = tmp_path / "data"
-    shutil.copytree(cifar10_root, data_root)
-    (data_root / "test" / "class_003").mkdir(parents=True)
+    write_image_folder(data_root, *make_synthetic(10, N_TRAIN, N_TEST, seed=0))
     before = snapshot(data_root)
-    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(data_root / inside), *TINY], capsys)
+    argv = ["--data_root", str(data_root), "--output_dir", str(data_root / inside), *TINY, "--dry_run"]
+    code, err = call_main(argv, capsys)
     split = inside.split("/")[0]
     assert_one_line_error(code, err, f"--output_dir {data_root / inside} is inside {data_root / split}, image folders "
                                      "of --data_root: the run's own folders and files would then be read as data; "
                                      "put it elsewhere")
     assert snapshot(data_root) == before
+    write_pickled_cifar10(data_root, *make_synthetic(10, N_TRAIN, N_TEST, seed=0))
+    assert main.main(argv) == 0 and "dry run: would start" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
@@ -2147,3 +2159,30 @@ def test_eval_only_of_weights_that_are_not_finite_says_so(existing_run, capsys, 
     assert notes == [f"note: {ckpt} holds weights or batch-norm statistics that are not finite numbers (NaN or inf; a "
                      "run of this program keeps those out of its checkpoints): the accuracy below is that of a broken "
                      "network"]
+
+
+def test_a_divergence_under_a_tiny_temperature_names_it(tmp_path, capsys, cifar10_root):
+    """--temp 1e-30 makes logits of 1e30: the run diverges, and lowering the lr (all the message said) cannot help."""
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--temp",
+                           "1e-30"], capsys)
+    assert code == 3 and err.strip().splitlines()[-1].endswith(
+        "Lower --learning_rate or raise --warm_epochs, or raise --temp 1e-30 (the usual ones are 0.05 to 1).")
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_a_dry_run_of_a_finished_run_whose_output_fails_exits_1(finished_run, cifar10_root, monkeypatch, capsys):
+    """Its one line ("... nothing to do") is its result, as every dry run's: a stdout that failed (util.GuardedOutput,
+    which main.py's __main__ installs) makes it exit 1, as it does the others."""
+    _, out, _ = finished_run
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--loss", "sc", "--resume", "--dry_run"]
+    assert main.main(argv) == 0
+    monkeypatch.setattr(sys, "stdout", util.GuardedOutput(Full(), "main.py goes on"))
+    assert main.main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "warning: standard output failed (No space left on device); main.py goes on",
+        "error: what this command prints is its result, and printing it failed"]

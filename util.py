@@ -196,6 +196,8 @@ class GuardedOutput(io.TextIOBase):
         return self.stream.encoding
 
     def __getattr__(self, name: str) -> Any:  # what else a caller may ask of a text stream (buffer, line_buffering)
+        if name == "stream":  # not set yet (a copy being made): no endless lookup through this method
+            raise AttributeError(name)
         return getattr(self.stream, name)
 
 

@@ -238,3 +238,13 @@ def test_guarded_output_says_once_that_it_failed_and_drops_the_rest(capsys, erro
     out.flush()
     assert stream.calls == 1  # nothing more reaches the failed stream
     assert capsys.readouterr().err == f"warning: standard output failed ({reason}); the program goes on\n"
+
+
+def test_guarded_output_passes_on_what_else_a_text_stream_has():
+    import io
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="latin-1", line_buffering=True)
+    out = util.GuardedOutput(stream, "goes on")
+    assert out.encoding == "latin-1" and out.line_buffering is True and out.buffer is stream.buffer
+    out.write("é ✓\n")  # what latin-1 lacks prints as '?'
+    out.flush()
+    assert stream.buffer.getvalue() == "é ?\n".encode("latin-1")

@@ -1124,6 +1124,15 @@ def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
         return []
 
 
+def unwritable(folder: Path, what: str) -> str:
+    """Why `folder` cannot be written in (os.access said so): a read-only file system, or no permission."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        read_only = False
+    return f"{folder} is on a read-only file system" if read_only else f"no permission to {what} in {folder}"
+
+
 def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder, or a run and the data; fail before anything is written."""
     if out.exists() and not out.is_dir():
@@ -1144,7 +1153,10 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         if not parent.is_dir():
             raise UserError(f"cannot prepare output folder {out}: {parent} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"cannot prepare output folder {out}: no permission to create folders in {parent}")
+            raise UserError(f"cannot prepare output folder {out}: {unwritable(parent, 'create folders')}")
+    elif out.is_dir() and not cfg.resume and not os.access(out, os.W_OK | os.X_OK):  # else the run fails at its first
+        # file, config.json (a resume may find a finished run, read-only in an archive, which it only checks)
+        raise UserError(f"cannot write in output folder {out}: {unwritable(out, 'write')}")
     has_run = holds_run(out)
     if has_run and not cfg.resume and (out / "config.json").is_file() and run_config(out) is None and \
             not any((out / f).exists() for f in RUN_FILES if f != "config.json"):  # a config.json alone, not ours

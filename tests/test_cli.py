@@ -2186,3 +2186,27 @@ def test_a_dry_run_of_a_finished_run_whose_output_fails_exits_1(finished_run, ci
     assert capsys.readouterr().err.splitlines()[-2:] == [
         "warning: standard output failed (No space left on device); main.py goes on",
         "error: what this command prints is its result, and printing it failed"]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["no permission", "read-only file system"])
+def test_an_output_folder_that_cannot_be_written_is_found_before_the_run(tmp_path, capsys, cifar10_root, monkeypatch,
+                                                                         read_only):
+    """An existing folder that cannot be written in passed the dry run, and the run then failed at config.json; a
+    read-only mount (os.access says no to root there too) was reported as a missing permission."""
+    (tmp_path / "out").mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+    blocked = {tmp_path, tmp_path / "out"}
+    monkeypatch.setattr(main.os, "access", lambda path, mode, **kw: False if Path(path) in blocked else
+                        real_access(path, mode, **kw))
+
+    class Stat:
+        f_flag = os.ST_RDONLY if read_only else 0
+
+    monkeypatch.setattr(main.os, "statvfs", lambda path: Stat() if Path(path) in blocked else real_statvfs(path))
+    for out, message in ((tmp_path / "out", f"cannot write in output folder {tmp_path / 'out'}: "),
+                         (tmp_path / "new", f"cannot prepare output folder {tmp_path / 'new'}: ")):
+        folder = out if out.exists() else tmp_path
+        why = f"{folder} is on a read-only file system" if read_only else \
+            f"no permission to {'write' if out.exists() else 'create folders'} in {folder}"
+        code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--dry_run"], capsys)
+        assert_one_line_error(code, err, message + why)

@@ -72,7 +72,9 @@ directly in --out (so --only names at most six of the eight steps).
 A step that fails or runs out of time is reported and the next one still runs; one with less
 than 30 s left (3 x GPU_CHECKS_GRACE_S) is skipped; 15 s stay for the summary. Each step but train_compile and table1
 compiles into its own fresh Inductor cache. Exits 1 if any step failed, was cut off or
-was skipped (a step that --only leaves out is not skipped).
+was skipped (a step that --only leaves out is not skipped). Ctrl-C or SIGTERM sends the running
+step one SIGTERM (a run saves its last.pt), runs no later step, still writes the summary, and
+exits 130 or 143.
 
   --data P       CIFAR-10 as a train/<class>/ + test/<class>/ folder (or a folder holding
                  cifar-10-batches-py/), or a .tar.gz of one (e.g. cifar10-jpeg.tar.gz),
@@ -182,6 +184,19 @@ cd "$repo_root"
 
 statuses=()
 any_failed=0
+# Ctrl-C or SIGTERM: the running step gets one SIGTERM (through timeout, which passes it on; main.py then saves its
+# last.pt and stops), the steps after it are not run, and the summary is still written; exit 130 or 143. (timeout
+# runs each step in a process group of its own, so a Ctrl-C at the terminal reaches this script alone.)
+interrupted="" step_pid="" trapped=0
+on_signal() {
+  trapped=1
+  [[ -n $interrupted ]] && return # one SIGTERM per step, as sweep.sh sends its runs
+  interrupted=$1
+  echo "$prog: interrupted ($1): stopping the running step; the summary follows" >&2
+  [[ -z $step_pid ]] || kill -TERM "$step_pid" 2>/dev/null || true
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
 last_cut=0  # 1 when the last step run_step ran was cut off by its cap
 reserve=15  # seconds kept for the summary at the end
 
@@ -197,6 +212,12 @@ run_step() {
   local left=$((budget_s - reserve - (SECONDS - start)))
   local limit=$((cap < left ? cap : left))
   last_cut=0
+  if [[ -n $interrupted ]]; then
+    statuses+=("$name: not run (interrupted)")
+    any_failed=1
+    note "== $name: not run (interrupted by SIG$interrupted)"
+    return
+  fi
   if ((limit < 3 * grace)); then
     statuses+=("$name: skipped (${left}s of the budget left)")
     any_failed=1
@@ -209,8 +230,17 @@ run_step() {
   local t0=$SECONDS rc=0
   # TERM at limit - grace (main.py then saves last.pt and stops), KILL at the limit. The Inductor cache is the
   # step's own unless the caller names a shared one (inductor_cache=NAME run_step ...).
+  # In the background, so that a signal's trap runs at once rather than once the step has ended.
   PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor_${inductor_cache:-$name}" \
-    timeout --signal=TERM --kill-after="$grace" $((limit - grace)) "$@" >>"$log" 2>&1 || rc=$?
+    timeout --signal=TERM --kill-after="$grace" $((limit - grace)) "$@" >>"$log" 2>&1 </dev/null &
+  step_pid=$!
+  [[ -z $interrupted ]] || kill -TERM "$step_pid" 2>/dev/null || true # a signal just before the line above
+  while :; do # wait also returns when a trapped signal arrives: then wait again, for the step's own status
+    trapped=0 rc=0
+    wait "$step_pid" || rc=$?
+    ((trapped)) || break
+  done
+  step_pid=""
   local took=$((SECONDS - t0))
   # 124: the TERM ended it; 137: the KILL did, or something else's SIGKILL (the kernel's out-of-memory killer)
   # did, which before the TERM's time is a failure, not the cap.
@@ -219,6 +249,9 @@ run_step() {
   fi
   if ((rc == 0)); then
     statuses+=("$name: ok (${took}s)")
+  elif [[ -n $interrupted ]]; then
+    statuses+=("$name: INTERRUPTED after ${took}s (exit $rc)")
+    any_failed=1
   elif ((last_cut)); then
     statuses+=("$name: CUT OFF after ${took}s (limit ${limit}s)")
     any_failed=1
@@ -417,5 +450,7 @@ done
 note "== done in $((SECONDS - start))s; files in $out:"
 printf '   %s\n' "${statuses[@]}" | tee -a "$log"
 ls "$out" | sed 's/^/   /'
+[[ $interrupted != INT ]] || exit 130
+[[ $interrupted != TERM ]] || exit 143
 exit "$any_failed"
 }

@@ -2232,3 +2232,40 @@ def test_gpu_checks_takes_relative_paths_that_start_with_a_dash(tmp_path):
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr  # 1: no time for any step
     assert sorted(p.name for p in (tmp_path / "-out").iterdir()) == ["log.txt", "summary.md"]
     assert f"data: {tmp_path / '-data'}\n" in (tmp_path / "-out" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_gpu_checks_interrupted_stops_its_step_skips_the_rest_and_still_writes_the_summary(tmp_path, sig, code):
+    """Ctrl-C did nothing (timeout runs each step in a process group of its own, so only the script got it, and it
+    waited the step out and ran every later one); a SIGTERM ended the script at once and left the step running on,
+    the GPU held and the scratch folder written again. Now the step gets one SIGTERM (main.py saves last.pt), the
+    later steps are not run, and the summary is written; exit 130 / 143."""
+    env = fake_python_env(tmp_path, checkpoint="0", run_until_term="1", step_s="1")
+    calls = tmp_path / "calls.log"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen([*WITH_DEFAULT_SIGINT, "bash", str(SCRIPTS / "gpu_checks.sh"), "--data",
+                                str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--device", "cpu", "--only",
+                                "train_eager,benchmark"], env={**env, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not Path(f"{calls}.pids").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (pid,) = map(int, Path(f"{calls}.pids").read_text().split())  # the fake main.py, training
+    process.send_signal(sig)  # the script alone, as a terminal's Ctrl-C reaches it
+    try:
+        stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("gpu_checks.sh did not stop within 30 s of the signal")
+    assert process.returncode == code, stdout + stderr
+    name = signal.Signals(sig).name.removeprefix("SIG")
+    assert stderr.splitlines()[-1] == f"gpu_checks.sh: interrupted ({name}): stopping the running step; the summary " \
+                                      "follows", stderr
+    assert re.search(r"train_eager: INTERRUPTED after \d+s \(exit 130\)", stdout), stdout
+    assert "benchmark: not run (interrupted)" in stdout and "train_eager_resumed" not in stdout
+    assert (tmp_path / "out" / "summary.md").read_text() == "no run finished: see log.txt\n"
+    assert [line.split()[0] for line in calls.read_text().splitlines() if not line.startswith("-c ")] == ["main.py"]
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
+    assert not list(scratch.glob("gpu_checks.*"))  # its scratch removed, and not written again by a step left running

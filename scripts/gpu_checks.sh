@@ -83,7 +83,8 @@ exits 130 or 143.
   --device D     cuda (default) or cpu
   --budget_s S   seconds for everything, unpacking included (default: 560)
   --workers N    DataLoader workers per loader of the benchmark's reference (default: 6)
-  --only LIST    run only these steps, comma-separated, in the order above (decode always runs first;
+  --only LIST    run only these steps, comma-separated; they run in the order above whatever the
+                 order given (decode always runs first;
                  e.g. --only bench_graphs,train_compile)
   --smoke        tiny settings (1 epoch, resnet8, a few benchmark steps, no compile) on
                  the data given: checks this script itself on a CPU, in seconds on a tiny

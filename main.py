@@ -1067,30 +1067,34 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
 
 
-def run_config(out: Path) -> Optional[dict[str, Any]]:
-    """The settings in `out`/config.json as main.py writes them (a JSON object with the run's loss, imb_factor and
-    epochs), else None: missing, unreadable, not a regular file (a pipe would block the read), or another tool's
-    config.json."""
+def read_run_config(out: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """(the settings in `out`/config.json as main.py writes them: a JSON object with the run's loss, imb_factor and
+    epochs, '') or (None, why not, in a few words): missing, not a regular file (a pipe would block the read),
+    unreadable, or another tool's config.json."""
     path = out / "config.json"
     try:
         if not path.is_file():
-            return None
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and {"loss", "imb_factor", "epochs"} <= config.keys() else None
-
-
-def foreign_config_reason(path: Path) -> str:
-    """Why the config.json at `path` (a regular file) is not one main.py wrote (run_config None), in a few words."""
-    try:
+            return None, "it is not a regular file"
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        return f"it cannot be read: {e.strerror or e}"
+        return None, f"it cannot be read: {e.strerror or e}"
     except ValueError:
-        return "it is not JSON"
-    return "it lacks the loss, imb_factor and epochs main.py writes there" if isinstance(config, dict) else \
-        "it is not a JSON object"
+        return None, "it is not JSON"
+    if not isinstance(config, dict):
+        return None, "it is not a JSON object"
+    if not {"loss", "imb_factor", "epochs"} <= config.keys():
+        return None, "it lacks the loss, imb_factor and epochs main.py writes there"
+    return config, ""
+
+
+def run_config(out: Path) -> Optional[dict[str, Any]]:
+    """read_run_config's settings, or None."""
+    return read_run_config(out)[0]
+
+
+def holds_saved_state(folder: Path) -> bool:
+    """Whether `folder` holds a file of a run's besides its config.json: a checkpoint or results."""
+    return any((folder / f).exists() for f in RUN_FILES if f != "config.json")
 
 
 def run_folders_in(out: Path) -> list[str]:
@@ -1098,7 +1102,7 @@ def run_folders_in(out: Path) -> list[str]:
     config.json: not another tool's folder with a config.json of its own), sorted; [] where `out` cannot be listed
     (it does not exist yet, say)."""
     def is_run(folder: Path) -> bool:
-        return any((folder / f).exists() for f in RUN_FILES if f != "config.json") or run_config(folder) is not None
+        return holds_saved_state(folder) or run_config(folder) is not None
 
     try:
         with os.scandir(out) as entries:
@@ -1158,11 +1162,11 @@ def check_output_dir(cfg: Config, out: Path) -> None:
         # file, config.json (a resume may find a finished run, read-only in an archive, which it only checks)
         raise UserError(f"cannot write in output folder {out}: {unwritable(out, 'write')}")
     has_run = holds_run(out)
-    if has_run and not cfg.resume and (out / "config.json").is_file() and run_config(out) is None and \
-            not any((out / f).exists() for f in RUN_FILES if f != "config.json"):  # a config.json alone, not ours
-        raise UserError(f"{out / 'config.json'} is not a run's ({foreign_config_reason(out / 'config.json')}; another "
-                        f"program's?), and a run would replace it: give this run its own --output_dir, or move that "
-                        f"file away")
+    if has_run and not cfg.resume and (out / "config.json").is_file() and not holds_saved_state(out):
+        config, why_not = read_run_config(out)  # a config.json alone: another program's, where not main.py's
+        if config is None:
+            raise UserError(f"{out / 'config.json'} is not a run's ({why_not}; another program's?), and a run would "
+                            f"replace it: give this run its own --output_dir, or move that file away")
     if not has_run and not cfg.resume:
         inside = run_folders_in(out)
         if inside:  # a sweep's --runs_dir given as a run's folder: this run's files would sit among its runs

@@ -640,6 +640,11 @@ def _row_place(row: GroupSummary) -> str:
     return f"{DATASET_LABELS.get(key.dataset, key.dataset)} {_method_text(key)} at ratio {_ratio_text(key)}"
 
 
+def _table_place(row: GroupSummary) -> tuple:
+    """What tells a row of the main table (and its runs under --per_run) from the others but for its schedule."""
+    return row.key.dataset, _method_text(row.key), _ratio_text(row.key)
+
+
 def format_markdown(rows: list[GroupSummary]) -> str:
     """The markdown table with its footnotes; the NCM column only where some row has the value (runs made before
     results.json recorded it keep the table they had)."""
@@ -648,7 +653,7 @@ def format_markdown(rows: list[GroupSummary]) -> str:
               "many", "medium", "few", *(("NCM top-1",) if with_ncm else ()), "epochs", "wall time", "paper top-1",
               "diff")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    schedules = distinct_schedules(rows, lambda row: (row.key.dataset, _method_text(row.key), _ratio_text(row.key)))
+    schedules = distinct_schedules(rows, _table_place)
     for row, schedule in zip(rows, schedules):
         key = row.key
         if not row.paper_schedule:
@@ -774,7 +779,7 @@ def format_per_run_markdown(rows: list[GroupSummary]) -> str:
               "medium", "few", *(("NCM top-1",) if with_ncm else ()), "samples/s", "train time", "wall time",
               "folder")
     lines = ["Runs, one line each:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    schedules = distinct_schedules(rows, lambda row: (row.key.dataset, _method_text(row.key), _ratio_text(row.key)))
+    schedules = distinct_schedules(rows, _table_place)
     for row, schedule in zip(rows, schedules):
         key = row.key
         for run in row.runs:

@@ -509,7 +509,8 @@ def long_tailed_counts(n_max: int, num_classes: int, imb_factor: float, imb_type
     """Images kept per class, LDAM-DRW's generator; ``imb_factor`` = n_min / n_max in (0, 1].
 
     exp:  n_c = int(n_max * imb_factor ** (c / (C - 1)))
-    step: the first C // 2 classes keep n_max, the rest int(n_max * imb_factor).
+    step: the first C // 2 classes keep n_max, the rest int(n_max * imb_factor). (CIFAR's C is even; for an odd C,
+    LDAM-DRW's code would drop the last class, which here gets the tail size.)
     """
     try:
         in_range = 0 < float(imb_factor) <= 1  # NaN fails the comparison too

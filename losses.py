@@ -40,7 +40,8 @@ def supcon_loss(
 
     For anchor i among the B*V views, with P(i) the other views of the same label:
         L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{k != i} exp(z_i.z_k/t) )
-    and the loss is the mean of L_i over ALL B*V anchors, as the paper writes it. base_temperature
+    and the loss is the mean of L_i over ALL B*V anchors (Khosla et al.'s Eq. 2 sums over them; the mean, as in
+    SupContrast's code, only rescales it, and keeps it on CE's per-sample scale in the hybrid sum). base_temperature
     b, when given, multiplies the loss by t / b as SupContrast's code does (its default b = 0.07
     with t = 0.1 gives 1.43); None (the default) is b = t, no factor. An anchor with no positive
     (only possible with V = 1 and a label seen once in the batch) has L_i = 0 and still counts in

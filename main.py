@@ -1188,10 +1188,9 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if (out / "results.json").exists():  # a finished run whose last.pt was deleted
         raise UserError(f"{out} holds a finished run (results.json) whose last.pt was deleted, so it can be neither "
                         f"continued nor checked: use another --output_dir (--overwrite would delete its results)")
-    if (out / "best.pt").exists():  # killed or out of disk between the two writes at an epoch's end (best.pt first)
-        raise UserError(f"{out} holds a run's best.pt but no last.pt (its process ended, or the disk filled, before "
-                        f"last.pt was written; or last.pt was deleted), so it cannot be resumed: move the folder away "
-                        f"to keep best.pt, or {instead} to start again (which deletes it)")
+    if (out / "best.pt").exists():  # (a run writes last.pt before best.pt: this one's last.pt was removed)
+        raise UserError(f"{out} holds a run's best.pt but no last.pt (deleted, or lost), so it cannot be resumed: "
+                        f"move the folder away to keep best.pt, or {instead} to start again (which deletes it)")
     # A run that left no checkpoint and no results (it failed, diverged or was killed before its first checkpoint).
     prefix = "--resume: " if cfg.resume else ""
     raise UserError(f"{prefix}{out} {'holds' if cfg.resume else 'already holds'} a run that saved no checkpoint "
@@ -1686,6 +1685,27 @@ class Run:
                     f"({self.trainer.steps_per_epoch} steps per epoch)")
         return f"after epoch {state.epoch} of {epochs}"
 
+    def mend_best(self) -> None:
+        """best.pt as the run's record says, where the run stopped between the two writes at the end of an epoch that
+        was its best so far (last.pt, then best.pt: Run.end_epoch): last.pt holds that epoch's state, which best.pt
+        is then written from (a copy of the file). A best.pt of that epoch already is left alone."""
+        state, last, best = self.state, self.out / "last.pt", self.out / "best.pt"
+        if state.step or not state.epoch or state.best_epoch != state.epoch:
+            return
+        try:
+            if util.load_checkpoint(best)["run"]["epoch"] == state.epoch:
+                return
+        except (UserError, KeyError, TypeError):  # none, damaged, or not a run's: written again below
+            pass
+        what = f"is not the checkpoint of epoch {state.epoch}," if best.exists() else f"is missing; epoch {state.epoch} is"
+        print(f"note: {best} {what} the run's best so far (the run stopped between writing {last.name} and "
+              f"{best.name}): writing it from {last}", flush=True)
+        content = last.read_bytes()
+        try:
+            util.atomic_write(best, lambda f: f.write(content))
+        except OSError as e:
+            raise UserError(f"could not write checkpoint {best}: {e.strerror or e}") from e
+
     def dry_run(self) -> int:
         """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
         state, out = self.state, self.out
@@ -1718,6 +1738,8 @@ class Run:
                     self.write_hparams("start")
             for line in self.start_lines():
                 self.log(line)
+            if dist.main and cfg.resume:
+                self.mend_best()
             if (state.epoch, state.step) != (0, 0):  # a resume: where it goes on (the epoch lines start there)
                 self.log(f"resuming {self.resumes_at()}" if state.epoch < cfg.epochs else
                          f"resuming a run that trained all its {plural(cfg.epochs, 'epoch')}: evaluating it and "
@@ -1914,9 +1936,12 @@ class Run:
             self.log_shots(epoch + 1, ncm, "ncm_")
         state.history.append(entry)
         self.log(line)
-        if is_best:  # best.pt first: a kill between the two writes then never leaves best.pt behind last.pt
-            self.save("best.pt")
+        # last.pt first: a run stopped between the two writes (killed, or the disk full) then leaves best.pt behind
+        # last.pt, which the resume mends exactly (mend_best), never ahead of it, from an epoch the resume trains again
+        # (on CUDA not bitwise alike), which the run's own record of its best would then not describe.
         self.save("last.pt")
+        if is_best:
+            self.save("best.pt")
 
     def write_hparams(self, when: str) -> None:
         """TensorBoard's HParams records (hparams_record): at a run's start ("start") the experiment (the columns)

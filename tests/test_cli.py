@@ -822,8 +822,8 @@ def test_a_finished_run_without_last_pt_is_not_sent_to_overwrite(existing_run, c
 
 
 def test_a_run_with_best_pt_but_no_last_pt_says_why_it_cannot_be_resumed(existing_run, capsys, cifar10_root):
-    """An epoch's end writes best.pt, then last.pt: a process killed (or a disk full) between the two leaves best.pt
-    alone. Both messages say that, not "pass --resume" (plain) and "no checkpoint" (--resume) in a circle."""
+    """best.pt without last.pt (deleted; or left by earlier code, which wrote best.pt first, killed between the two
+    writes). Both messages say that, not "pass --resume" (plain) and "no checkpoint" (--resume) in a circle."""
     for name in ("last.pt", "results.json"):
         (existing_run / name).unlink()
     before = snapshot(existing_run)

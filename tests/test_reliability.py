@@ -550,3 +550,68 @@ def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step
     first, second, evaluation = res["sessions"]
     assert evaluation.get("evaluated_only") and "first_step_s" not in evaluation
     assert first["first_step_s"] != second["first_step_s"] and res["first_step_s"] == second["first_step_s"]
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_a_stop_between_the_checkpoint_writes_leaves_best_pt_behind_and_the_resume_mends_it(
+        data_root, tmp_path, monkeypatch, capsys, fails_at):
+    """Every epoch a new best (the test accuracy made to rise): the disk fills as best.pt of epoch `fails_at` is
+    written, after last.pt (the order at an epoch's end), so best.pt is missing (epoch 1) or epoch 1's (epoch 2),
+    never ahead of last.pt. The resume writes it from last.pt, says so, and results.json's best is best.pt's."""
+    import main
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    real_report, real_save, real_confusion = util.accuracy_report, util.save_checkpoint, main.Trainer.confusion
+    written, evaluations = [], []
+
+    def confusion(self, *args, **kwargs):
+        evaluations.append(1)
+        return real_confusion(self, *args, **kwargs)
+
+    def rising(confusion, shot_groups):  # the n-th evaluation: top1 10 * n
+        return {**real_report(confusion, shot_groups), "top1": 10.0 * len(evaluations)}
+
+    def save(state, path):
+        if Path(path).name == "best.pt" and state["run"]["epoch"] == fails_at:
+            raise main.UserError(f"could not write checkpoint {path}: No space left on device; the previous one is kept")
+        real_save(state, path)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(main.Trainer, "confusion", confusion)
+    with monkeypatch.context() as m:
+        m.setattr(util, "accuracy_report", rising)
+        m.setattr(util, "save_checkpoint", save)
+        code, err = call_main(argv, capsys)
+    assert code == 2 and "No space left on device" in err
+    assert written == ["last.pt", "best.pt"] * (fails_at - 1) + ["last.pt"]
+    last = util.load_checkpoint(out / "last.pt")["run"]
+    assert (last["epoch"], last["best_epoch"]) == (fails_at, fails_at)
+    assert (out / "best.pt").exists() == (fails_at == 2)
+    with monkeypatch.context() as m:
+        m.setattr(util, "accuracy_report", rising)
+        code = main.main([*argv, "--resume"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.out.splitlines() if "best so far" in line]
+    what = "is missing; epoch 1 is" if fails_at == 1 else "is not the checkpoint of epoch 2,"
+    assert notes == [f"note: {out / 'best.pt'} {what} the run's best so far (the run stopped between writing "
+                     f"last.pt and best.pt): writing it from {out / 'last.pt'}"]
+    best = util.load_checkpoint(out / "best.pt")["run"]
+    results = json.loads((out / "results.json").read_text())
+    assert (best["epoch"], best["best_top1"]) == (results["best_epoch"], results["best_top1"]) == (2, 20.0)
+
+
+def test_a_resume_leaves_a_best_pt_that_is_the_runs_best_as_it_is(data_root, straight_run, tmp_path, capsys):
+    """A run whose results.json is lost, resumed: best.pt is already the best epoch's, so it is not written again."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    (out / "results.json").unlink()
+    before = (out / "best.pt").stat().st_mtime_ns, (out / "best.pt").read_bytes()
+    import main
+
+    code = main.main(["--data_root", str(data_root), "--output_dir", str(out), "--resume", *TINY])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "evaluating it" in captured.out and "best so far" not in captured.out
+    assert ((out / "best.pt").stat().st_mtime_ns, (out / "best.pt").read_bytes()) == before

@@ -629,14 +629,20 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
-def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool) -> Optional[str]:
-    """A resume in another precision or with another number of processes than the run's `sessions` so far
+def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool,
+               eval_every: Optional[int] = None, sync_bn: Optional[bool] = None) -> Optional[str]:
+    """A resume in another precision, with another number of processes, another --eval_every (the epochs a best is
+    picked from) or batch norm synchronised where it was not (or the reverse) than the run's `sessions` so far
     (RunState.sessions, as loaded) says that its results will come from both (results.json: "mixed",
-    mixed_setting); one that only evaluates (`evaluates_only`) only of the precision (trained_with)."""
+    mixed_setting); one that only evaluates (`evaluates_only`) only of the precision (trained_with). eval_every and
+    sync_bn None: not compared."""
     changed = []
     for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
-                           ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}")):
-        if evaluates_only and key == "world_size":
+                           ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}"),
+                           ("eval_every", eval_every, lambda n: f"--eval_every {n}"),
+                           ("sync_bn", sync_bn, lambda on: "batch norm synchronised across processes" if on else
+                            "batch norm per process")):
+        if now is None or evaluates_only and key in NOT_IN_AN_EVALUATION:
             continue
         before = trained_with(sessions, key)
         if before - {now}:
@@ -919,8 +925,8 @@ class RunState:
         self.train_samples = 0
         self.wall_time = 0.0
         # One entry per session that trained (the first start, each resume that ran a step): where it began
-        # (epoch, step) and how it ran (amp, channels_last, world_size, device), so that a run resumed another way
-        # says so (results.json: "mixed", mixed_setting).
+        # (epoch, step) and how it ran (amp, channels_last, world_size, device, eval_every, sync_bn), so that a run
+        # resumed another way says so (results.json: "mixed", mixed_setting).
         self.sessions: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -976,7 +982,8 @@ def _is_count(value: Any, least: int) -> bool:
 def _session_entry_ok(entry: Any) -> bool:
     """An entry of RunState.sessions as Run.session writes it (or Run.earlier_session, with what is unknown None)."""
     return (isinstance(entry, dict) and _is_count(entry.get("epoch"), 0) and _is_count(entry.get("step"), 0)
-            and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last"))
+            and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last", "sync_bn"))
+            and (entry.get("eval_every") is None or _is_count(entry["eval_every"], 1))
             and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
             and (entry.get("first_step_s") is None or _is_number(entry["first_step_s"]) and entry["first_step_s"] >= 0)
             and (entry.get("world_size") is None or _is_count(entry.get("world_size"), 1))
@@ -984,12 +991,18 @@ def _session_entry_ok(entry: Any) -> bool:
                                                                                    "torch_version")))
 
 
+# Settings of a session (Run.session) that its evaluation of a trained run does not depend on: the number of
+# processes and whether batch norm was synchronised across them (batch norm in eval mode, the test set's counts
+# summed), and --eval_every (the last epoch is always evaluated).
+NOT_IN_AN_EVALUATION = ("world_size", "sync_bn", "eval_every")
+
+
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
-    """The values of `key` (amp, world_size) that the sessions of a run (RunState.sessions) recorded. A session
-    that only evaluated counts for the precision, which its results came from, not for the number of processes,
-    which an evaluation does not depend on (batch norm in eval mode, the test set's counts summed)."""
+    """The values of `key` (amp, world_size, sync_bn, eval_every) that the sessions of a run (RunState.sessions)
+    recorded. A session that only evaluated counts for the precision, which its results came from, not for the
+    settings of NOT_IN_AN_EVALUATION."""
     return {s[key] for s in sessions
-            if s.get(key) is not None and not (key == "world_size" and s.get("evaluated_only"))}
+            if s.get(key) is not None and not (key in NOT_IN_AN_EVALUATION and s.get("evaluated_only"))}
 
 
 def mixed_setting(state: RunState, key: str, now: Any) -> Any:
@@ -1563,7 +1576,8 @@ class Run:
             self.load(saved)
         self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
                              mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
-                                        evaluates_only=self.state.epoch >= cfg.epochs),
+                                        evaluates_only=self.state.epoch >= cfg.epochs, eval_every=cfg.eval_every,
+                                        sync_bn=cfg.sync_bn and dist.enabled),
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
@@ -1619,7 +1633,8 @@ class Run:
         run resumed after a `git pull` or an upgrade was trained by more than one)."""
         return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "world_size": self.dist.world_size, "device": device_name(self.device), "git_commit": self.git_commit,
-                "torch_version": torch.__version__}
+                "torch_version": torch.__version__, "eval_every": self.cfg.eval_every,
+                "sync_bn": self.cfg.sync_bn and self.dist.enabled}
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -2046,7 +2061,9 @@ class Run:
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
             "amp": mixed_setting(state, "amp", trainer.amp), "psc_temperature": cfg.psc_temperature,
-            "config": dataclasses.asdict(cfg), "ncm": ncm, "sessions": state.sessions,
+            "config": {**dataclasses.asdict(cfg), **{key: "mixed" for key in ("eval_every", "sync_bn")
+                                                      if len(trained_with(state.sessions, key)) > 1}},
+            "ncm": ncm, "sessions": state.sessions,
         }
         util.write_json(results, self.out / "results.json")
         self.write_hparams("end")

@@ -107,7 +107,8 @@ def test_results_are_sane(finished_run):
     assert res["config"]["psc_temp"] is None and res["psc_temperature"] == 1.0
     assert res["sessions"] == [{"epoch": 0, "step": 0, "amp": res["amp"], "channels_last": True, "world_size": 1,
                                 "device": res["device"], "git_commit": res["git_commit"],
-                                "torch_version": torch.__version__, "first_step_s": res["first_step_s"]}]
+                                "torch_version": torch.__version__, "eval_every": 1, "sync_bn": False,
+                                "first_step_s": res["first_step_s"]}]
     assert res["first_step_s"] > 0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
@@ -1076,6 +1077,8 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
                                                                       "first_step_s": "1.5"}]),
     "session_commit_as_a_number": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0],
                                                                       "git_commit": 1234}]),
+    "session_eval_every_zero": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "eval_every": 0}]),
+    "session_sync_bn_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "sync_bn": "no"}]),
 }
 
 
@@ -1085,7 +1088,8 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "epoch_sums_of_another_shape", "epoch_negative", "epoch_past_the_run", "step_past_the_epoch",
                    "sessions_as_a_number", "session_amp_as_text", "session_amp_as_a_list",
                    "session_world_size_as_a_bool",
-                   "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number")
+                   "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number",
+                   "session_eval_every_zero", "session_sync_bn_as_text")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -1555,6 +1559,28 @@ def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, worl
     else:
         expected = "mixed" if note and '"world_size"' in note else world_size
     assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp, "world_size": expected}
+
+
+def test_a_resume_that_mixes_eval_every_or_synchronised_batch_norm_says_so():
+    """--eval_every (the epochs a best is picked from) and batch norm synchronised across processes or not are noted
+    like the precision, but an evaluation of a trained run depends on neither; a session from before they were
+    recorded (None) mixes nothing."""
+    sessions = [{"amp": True, "world_size": 2, "eval_every": 5, "sync_bn": True},
+                {"amp": True, "world_size": 2, "eval_every": None, "sync_bn": None}]
+    note = main.mixed_note(sessions, True, 2, False, eval_every=1, sync_bn=False)
+    assert note == ('note: this run trained with --eval_every 5, batch norm synchronised across processes so far and '
+                    'goes on with --eval_every 1, batch norm per process: its results.json will say "eval_every": '
+                    '"mixed" and "sync_bn": "mixed"')
+    assert main.mixed_note(sessions, True, 2, True, eval_every=1, sync_bn=False) is None
+    assert main.mixed_note(sessions, True, 2, False, eval_every=5, sync_bn=True) is None
+    state = main.RunState()
+    state.sessions = [*sessions, {"amp": True, "world_size": 1, "eval_every": 1, "sync_bn": False,
+                                  "evaluated_only": True}]
+    assert {key: main.mixed_setting(state, key, None) for key in ("eval_every", "sync_bn", "world_size")} == \
+        {"eval_every": 5, "sync_bn": True, "world_size": 2}
+    state.sessions[1] = {**state.sessions[1], "eval_every": 1, "sync_bn": False}
+    assert {key: main.mixed_setting(state, key, None) for key in ("eval_every", "sync_bn")} == \
+        {"eval_every": "mixed", "sync_bn": "mixed"}
 
 
 @pytest.mark.parametrize("sessions, commit, torch_version, note", [

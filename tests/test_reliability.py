@@ -615,3 +615,35 @@ def test_a_resume_leaves_a_best_pt_that_is_the_runs_best_as_it_is(data_root, str
     assert code == 0, captured.err
     assert "evaluating it" in captured.out and "best so far" not in captured.out
     assert ((out / "best.pt").stat().st_mtime_ns, (out / "best.pt").read_bytes()) == before
+
+
+@pytest.mark.parametrize("then, now", [(2, 1), (2, 2)])
+def test_a_resume_with_another_eval_every_says_so_and_results_json_says_mixed(data_root, tmp_path, monkeypatch,
+                                                                              capsys, then, now):
+    """--eval_every sets the epochs the best is picked from: a run stopped after epoch 1 of 3 under --eval_every 2
+    and resumed with 1 picks it from epochs 2 and 3 of two settings, which its results.json says as the config's
+    "eval_every": "mixed" (scripts/summarize.py's row of its own), not the last session's value; each session
+    records its own. Resumed with the same value, nothing is said and the value stays."""
+    import main
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "3", "--lr_decay_epochs", "2"]
+    with monkeypatch.context() as m:
+        after_each_step(m, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == LOOP_STEPS else None)
+        code, err = call_main([*argv, "--eval_every", str(then)], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    code = main.main([*argv, "--eval_every", str(now), "--resume"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.out.splitlines() if "eval_every" in line and line.startswith("note:")]
+    results = json.loads((out / "results.json").read_text())
+    assert [s["eval_every"] for s in results["sessions"]] == [then, now]
+    assert [h["epoch"] for h in results["history"] if h.get("top1") is not None] == \
+        [e for e in (1, 2, 3) if e >= 2 and (e % now == 0 or e == 3)]
+    if then == now:
+        assert notes == [] and results["config"]["eval_every"] == now
+    else:
+        assert notes == [f'note: this run trained with --eval_every {then} so far and goes on with --eval_every {now}: '
+                         f'its results.json will say "eval_every": "mixed"']
+        assert results["config"]["eval_every"] == "mixed"
+    assert results["config"]["sync_bn"] is False  # (one process: never synchronised, never mixed)

@@ -833,6 +833,8 @@ def test_psc_temperature_the_paper_states_depends_on_the_dataset(summarize, tmp_
     ("world_size", (1, 4), ("world_size=1", "world_size=4")),  # top level of results.json, not in config
     ("world_size", (1, "mixed"), ("world_size=1", "world_size=mixed")),  # resumed with another number
     ("eval_every", (1, 5), ("eval_every=1", "eval_every=5")),  # changes which epochs 'best' picks from
+    ("eval_every", (1, "mixed"), ("eval_every=1", "eval_every=mixed")),  # resumed with another (main.py's config)
+    ("sync_bn", (True, "mixed"), ("sync_bn=True", "sync_bn=mixed")),  # resumed with(out) synchronised batch norm
     ("lr_decay_epochs", ([120, 160], [100]), None),  # part of the schedule: split by the key, no label
 ])
 def test_processes_and_evaluation_interval_split_a_group(summarize, tmp_path, capsys, field, values, labels):

@@ -45,7 +45,8 @@ Runs these steps in order, each under its own cap and what is left of the time b
                   bench_options.json; the compile rows' compile_s are cold compilations (an empty
                   Inductor cache)
   train_compile   train_eager with --compile --compile_mode reduce-overhead (what is left; it trained in
-                  71 s against eager's 110 s on an H200), sharing bench_graphs' Inductor cache
+                  71 s against eager's 110 s on an H200, before the loss joined the compiled graph),
+                  sharing bench_graphs' Inductor cache
                   (the same step, so it compiles from a warm cache, as a sweep's later runs do, when
                   bench_graphs ran); results.json's first_step_s holds that compilation, train_time_s
                   the training -> results_compile.json

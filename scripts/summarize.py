@@ -8,9 +8,9 @@
 With --per_class, the markdown adds a table per dataset and ratio (one column per row above, one line per
 class with its training images) of each class's top-1 at the last epoch, mean over the row's seeds; with
 --csv it prints those numbers instead of the rows, one line per row and class (with the std over seeds).
-With --per_run, it adds one line per run under the row it belongs to (seed, best top-1 with its epoch, last top-1,
-many / medium / few, NCM top-1, training samples/s, training and wall time, folder); with --csv it prints those
-instead (one of --per_class and --per_run with --csv).
+With --per_run, it adds a second table, one line per run in the main table's order of rows, each naming its row
+(seed, best top-1 with its epoch, last top-1, many / medium / few, NCM top-1, training samples/s, training and
+wall time, folder); with --csv it prints those instead (one of --per_class and --per_run with --csv).
 
 Reads every results.json under the given folders (recursively), groups the runs by
 (dataset, method, imb_type, imbalance ratio, schedule, recipe) and reports per group: the seeds, best and
@@ -772,8 +772,8 @@ def _code_cell(text: str) -> str:
 
 
 def format_per_run_markdown(rows: list[GroupSummary]) -> str:
-    """One line per run, under the row it belongs to (in the table's order, by seed): its seed, accuracies, rate,
-    times and folder, so that a row's mean can be traced to the runs behind it."""
+    """A table of one line per run, in the main table's order of rows (each line naming its row), by seed: its
+    seed, accuracies, rate, times and folder, so that a row's mean can be traced to the runs behind it."""
     with_ncm = any(run.ncm_top1 is not None for row in rows for run in row.runs)
     header = ("dataset", "method", "imb. ratio", "epochs", "seed", "best top-1 (epoch)", "last top-1", "many",
               "medium", "few", *(("NCM top-1",) if with_ncm else ()), "samples/s", "train time", "wall time",
@@ -1012,7 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_class", action="store_true",
                         help="add each row's last-epoch top-1 per class (with --csv: print those instead)")
     parser.add_argument("--per_run", action="store_true",
-                        help="add one line per run under its row: seed, best top-1 and its epoch, last top-1, "
+                        help="add a table of one line per run, each naming its row: seed, best top-1 and its epoch, last top-1, "
                              "shot groups, NCM top-1, samples/s, times and folder (with --csv: print those instead)")
     return parser
 

@@ -1700,26 +1700,52 @@ class Run:
                     f"({self.trainer.steps_per_epoch} steps per epoch)")
         return f"after epoch {state.epoch} of {epochs}"
 
-    def mend_best(self) -> None:
-        """best.pt as the run's record says, where the run stopped between the two writes at the end of an epoch that
-        was its best so far (last.pt, then best.pt: Run.end_epoch): last.pt holds that epoch's state, which best.pt
-        is then written from (a copy of the file). A best.pt of that epoch already is left alone."""
+    def best_note(self, dry_run: bool = False) -> tuple[Optional[str], bool]:
+        """(note, mend) for a resumed run whose best.pt is not the checkpoint of its best epoch as last.pt's record
+        has it (that epoch, best top-1 and history; (None, False) where it is, or where nothing was evaluated yet).
+        mend: last.pt holds that epoch, so best.pt is written from it (a copy of the file): the run stopped between
+        the two writes at that epoch's end (last.pt, then best.pt: Run.end_epoch). Otherwise the best epoch's
+        weights were not kept (best.pt left by earlier code, which wrote it first, stopped between the two writes;
+        or replaced), which the note says: the run's next new best replaces it."""
         state, last, best = self.state, self.out / "last.pt", self.out / "best.pt"
-        if state.step or not state.epoch or state.best_epoch != state.epoch:
+        if not state.best_epoch:
+            return None, False
+        if not best.exists():
+            held = "is missing"
+        else:
+            try:
+                run = util.load_checkpoint(best)["run"]
+                found = (run["epoch"], run["best_top1"], run["history"])
+            except UserError as e:  # a folder, damaged, or not a checkpoint
+                held = f"cannot be used ({str(e).removeprefix(f'checkpoint {best} ').removeprefix(f'{best} ')})"
+            except (KeyError, TypeError):
+                held = "holds no run's state"
+            else:
+                if found == (state.best_epoch, state.best_top1, state.history[:state.best_epoch]):
+                    return None, False
+                held = f"holds epoch {found[0]}" if found[0] != state.best_epoch else \
+                    f"holds epoch {found[0]} of another course of training (another top-1 or history)"
+        best_is = f"the run's best is epoch {state.best_epoch} (top-1 {state.best_top1:.2f})"
+        if not state.step and state.best_epoch == state.epoch:
+            action = "would write" if dry_run else "writing"
+            return (f"note: {best} {held}; {best_is}, which {last} holds (the run stopped between writing "
+                    f"{last.name} and {best.name}): {action} it from {last}"), True
+        return (f"note: {best} {held}; {best_is}, whose weights were not kept (a {best.name} left by earlier code, "
+                f"which wrote it before {last.name}, stopped between the two; or replaced): the run's next new best "
+                f"replaces it"), False
+
+    def mend_best(self) -> None:
+        """Says best_note's note, and writes best.pt from last.pt where that mends it."""
+        note, mend = self.best_note()
+        if note is None:
             return
-        try:
-            if util.load_checkpoint(best)["run"]["epoch"] == state.epoch:
-                return
-        except (UserError, KeyError, TypeError):  # none, damaged, or not a run's: written again below
-            pass
-        what = f"is not the checkpoint of epoch {state.epoch}," if best.exists() else f"is missing; epoch {state.epoch} is"
-        print(f"note: {best} {what} the run's best so far (the run stopped between writing {last.name} and "
-              f"{best.name}): writing it from {last}", flush=True)
-        content = last.read_bytes()
-        try:
-            util.atomic_write(best, lambda f: f.write(content))
-        except OSError as e:
-            raise UserError(f"could not write checkpoint {best}: {e.strerror or e}") from e
+        print(note, flush=True)
+        if mend:
+            best, content = self.out / "best.pt", (self.out / "last.pt").read_bytes()
+            try:
+                util.atomic_write(best, lambda f: f.write(content))
+            except OSError as e:
+                raise UserError(f"could not write checkpoint {best}: {e.strerror or e}") from e
 
     def dry_run(self) -> int:
         """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
@@ -1736,6 +1762,10 @@ class Run:
             what = f"start again in {out}, deleting the run there"
         else:
             what = f"start a run in {out}"
+        if self.cfg.resume and self.dist.main:
+            note = self.best_note(dry_run=True)[0]
+            if note:
+                print(note, flush=True)
         self.log(f"dry run: would {what}; nothing written")
         return 0
 
@@ -2061,8 +2091,7 @@ class Run:
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
             "amp": mixed_setting(state, "amp", trainer.amp), "psc_temperature": cfg.psc_temperature,
-            "config": {**dataclasses.asdict(cfg), **{key: "mixed" for key in ("eval_every", "sync_bn")
-                                                      if len(trained_with(state.sessions, key)) > 1}},
+            "config": {**dataclasses.asdict(cfg), **self.trained_settings()},
             "ncm": ncm, "sessions": state.sessions,
         }
         util.write_json(results, self.out / "results.json")
@@ -2070,6 +2099,19 @@ class Run:
         self.log(ncm_line(ncm))
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
                  f"results in {self.out / 'results.json'}")
+
+    def trained_settings(self) -> dict[str, Any]:
+        """results.json's config entries for --eval_every and --sync_bn where the sessions that trained the run say
+        otherwise than this session's flags: "mixed" where they differ among themselves, their value where this
+        session only evaluated with another (its flags did not train the run)."""
+        settings = {}
+        for key, now in (("eval_every", self.cfg.eval_every), ("sync_bn", self.cfg.sync_bn and self.dist.enabled)):
+            values = trained_with(self.state.sessions, key)
+            if len(values) > 1:
+                settings[key] = "mixed"
+            elif values and values != {now}:
+                settings[key] = next(iter(values))
+        return settings
 
     def log(self, message: str) -> None:
         if self.dist.main:

@@ -7,8 +7,8 @@
 #                              cannot be read main.py writes again from last.pt: done
 #   results.json only       -> finished, last.pt deleted: cannot be checked, skipped
 #   last.pt, no results     -> unfinished: run again with --resume
-#   best.pt only            -> a model saved without last.pt (killed or out of disk between the two writes of
-#                              an epoch's end, or last.pt deleted): FAILED, left as it is
+#   best.pt only            -> a model saved without last.pt (last.pt deleted, or earlier code, which wrote
+#                              best.pt first, stopped between the two writes): FAILED, left as it is
 #   folder with none        -> crashed before its first checkpoint: run again with --overwrite
 #   no folder               -> fresh run
 # So the same command can be repeated after a crash or a Ctrl-C and only does what is left. A run whose folder
@@ -266,8 +266,8 @@ run_one() {
   elif [[ -e $run_dir/last.pt ]]; then
     state_flag=(--resume)
   elif [[ -e $run_dir/best.pt ]]; then
-    # Saved a model but no last.pt (main.py writes best.pt first: killed, or out of disk, between the two; or last.pt
-    # deleted): main.py refuses to start over it, and so does the sweep, whose --overwrite would delete that best.pt.
+    # Saved a model but no last.pt (last.pt deleted; or earlier code, which wrote best.pt first, stopped between the
+    # two writes): main.py refuses to start over it, and so does the sweep, whose --overwrite would delete that best.pt.
     echo "[$name] FAILED (it holds best.pt but no last.pt to resume from; move the folder away, or delete it, to run it again)"
     echo "FAILED (best.pt without last.pt)" >"$status_file"
     return 0

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import util
-from helpers import call_main, make_synthetic, write_pickled_cifar10
+from helpers import call_main, make_synthetic, snapshot, write_pickled_cifar10
 
 ROOT = Path(__file__).resolve().parent.parent
 # --ncm_every 2: the history of a resumed run must also hold the same nearest-class-mean entries (epoch 2's).
@@ -588,15 +588,21 @@ def test_a_stop_between_the_checkpoint_writes_leaves_best_pt_behind_and_the_resu
     last = util.load_checkpoint(out / "last.pt")["run"]
     assert (last["epoch"], last["best_epoch"]) == (fails_at, fails_at)
     assert (out / "best.pt").exists() == (fails_at == 2)
-    with monkeypatch.context() as m:
-        m.setattr(util, "accuracy_report", rising)
-        code = main.main([*argv, "--resume"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    notes = [line for line in captured.out.splitlines() if "best so far" in line]
-    what = "is missing; epoch 1 is" if fails_at == 1 else "is not the checkpoint of epoch 2,"
-    assert notes == [f"note: {out / 'best.pt'} {what} the run's best so far (the run stopped between writing "
-                     f"last.pt and best.pt): writing it from {out / 'last.pt'}"]
+    held = "is missing" if fails_at == 1 else "holds epoch 1"
+    note = (f"note: {out / 'best.pt'} {held}; the run's best is epoch {fails_at} (top-1 {10 * fails_at}.00), which "
+            f"{out / 'last.pt'} holds (the run stopped between writing last.pt and best.pt): {{}} it from "
+            f"{out / 'last.pt'}")
+    before = snapshot(out)
+    for extra, action in ((["--dry_run"], "would write"), ([], "writing")):
+        with monkeypatch.context() as m:
+            m.setattr(util, "accuracy_report", rising)
+            code = main.main([*argv, "--resume", *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        notes = [line for line in captured.out.splitlines() if "best.pt" in line and line.startswith("note:")]
+        assert notes == [note.format(action)]
+        if extra:
+            assert snapshot(out) == before
     best = util.load_checkpoint(out / "best.pt")["run"]
     results = json.loads((out / "results.json").read_text())
     assert (best["epoch"], best["best_top1"]) == (results["best_epoch"], results["best_top1"]) == (2, 20.0)
@@ -613,7 +619,7 @@ def test_a_resume_leaves_a_best_pt_that_is_the_runs_best_as_it_is(data_root, str
     code = main.main(["--data_root", str(data_root), "--output_dir", str(out), "--resume", *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "evaluating it" in captured.out and "best so far" not in captured.out
+    assert "evaluating it" in captured.out and "note:" not in captured.out
     assert ((out / "best.pt").stat().st_mtime_ns, (out / "best.pt").read_bytes()) == before
 
 
@@ -647,3 +653,60 @@ def test_a_resume_with_another_eval_every_says_so_and_results_json_says_mixed(da
                          f'its results.json will say "eval_every": "mixed"']
         assert results["config"]["eval_every"] == "mixed"
     assert results["config"]["sync_bn"] is False  # (one process: never synchronised, never mixed)
+
+
+def test_a_best_pt_left_ahead_by_earlier_code_is_said_and_a_dry_run_says_it_too(data_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Earlier code wrote best.pt before last.pt: stopped between the two at epoch 3, a new best after a worse
+    epoch 2, it left best.pt at epoch 3 and last.pt at epoch 2, whose record's best is epoch 1, whose weights are
+    gone. The resume (and its dry run) says so and leaves best.pt to the run's next new best."""
+    import main
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "3", "--lr_decay_epochs", "2"]
+    real_report, real_save, real_confusion = util.accuracy_report, util.save_checkpoint, main.Trainer.confusion
+    top1s = iter([10.0, 5.0, 30.0])
+    monkeypatch.setattr(util, "accuracy_report", lambda confusion, groups: {**real_report(confusion, groups),
+                                                                             "top1": next(top1s, 1.0)})
+
+    def save(state, path):  # as the earlier code did at epoch 3: best.pt, then last.pt, which the full disk stops
+        if Path(path).name == "last.pt" and state["run"]["epoch"] == 3:
+            real_save(state, Path(path).with_name("best.pt"))
+            raise main.UserError(f"could not write checkpoint {path}: No space left on device")
+        if Path(path).name == "last.pt" or state["run"]["epoch"] != 3:
+            real_save(state, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(util, "save_checkpoint", save)
+        code, err = call_main(argv, capsys)
+    assert code == 2, err
+    assert (util.load_checkpoint(out / "last.pt")["run"]["epoch"],
+            util.load_checkpoint(out / "best.pt")["run"]["epoch"]) == (2, 3)
+    before = (out / "best.pt").read_bytes()
+    note = (f"note: {out / 'best.pt'} holds epoch 3; the run's best is epoch 1 (top-1 10.00), whose weights were not "
+            f"kept (a best.pt left by earlier code, which wrote it before last.pt, stopped between the two; or "
+            f"replaced): the run's next new best replaces it")
+    for extra in (["--dry_run"], []):
+        code = main.main([*argv, "--resume", *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert [line for line in captured.out.splitlines() if "best.pt" in line and "note:" in line] == [note]
+        assert (out / "best.pt").read_bytes() == before  # epoch 3 again, top-1 1.0: no new best
+    assert json.loads((out / "results.json").read_text())["best_epoch"] == 1
+
+
+def test_an_evaluation_only_resume_keeps_the_trainings_eval_every_in_results_json(data_root, tmp_path, capsys):
+    """A trained run whose results.json is lost, evaluated again by a --resume without its --eval_every: the
+    evaluation does not depend on it, so results.json's config keeps the training's value (summarize.py's row)."""
+    import main
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    assert call_main([*argv, "--eval_every", "2"], capsys)[0] == 0
+    (out / "results.json").unlink()
+    code = main.main([*argv, "--resume"])
+    captured = capsys.readouterr()
+    assert code == 0 and "evaluating it" in captured.out and "note:" not in captured.out, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert [(s["eval_every"], s.get("evaluated_only", False)) for s in results["sessions"]] == [(2, False), (1, True)]
+    assert results["config"]["eval_every"] == 2

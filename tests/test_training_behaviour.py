@@ -120,7 +120,7 @@ def _confusion_with_top1(correct_classes: int) -> np.ndarray:
 def test_best_epoch_is_the_first_with_the_highest_top1(cifar10_root, tmp_path, monkeypatch, capsys):
     """Test top-1 50, 70, 60, 70 after epochs 1..4 (the evaluation replaced, the training skipped): best_top1 70 at
     epoch 2, best.pt written after epochs 1 and 2 only (a worse epoch, or a later tie, leaves it alone), last.pt
-    after every epoch."""
+    after every epoch, before best.pt (Run.best_note)."""
     out = tmp_path / "run"
     run = _run(cifar10_root, out, "--epochs", "4")
     out.mkdir()
@@ -138,7 +138,7 @@ def test_best_epoch_is_the_first_with_the_highest_top1(cifar10_root, tmp_path, m
     assert [h["top1"] for h in state.history] == pytest.approx([50, 70, 60, 70])
     assert (state.best_top1, state.best_epoch) == (pytest.approx(70), 2)
     assert state.best_metrics["epoch"] == 2 and state.best_metrics["top1"] == pytest.approx(70)
-    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 2), ("last.pt", 3), ("last.pt", 4)]
+    assert saves == [("last.pt", 1), ("best.pt", 1), ("last.pt", 2), ("best.pt", 2), ("last.pt", 3), ("last.pt", 4)]
     best = torch.load(out / "best.pt", weights_only=False)["run"]
     assert (best["epoch"], best["best_epoch"]) == (2, 2) and best["best_top1"] == pytest.approx(70)
     assert capsys.readouterr().out.splitlines()[-1].endswith("| best 70.00 @ 2")

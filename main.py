@@ -923,6 +923,10 @@ class RunState:
         self.epoch_sums = None
         self.train_time = 0.0
         self.train_samples = 0
+        # train_time and train_samples when the current epoch began, so that an epoch's rate counts the steps timed
+        # before a stop in it too; -1: not known (a checkpoint written before they were saved).
+        self.epoch_start_time = -1.0
+        self.epoch_start_samples = -1
         self.wall_time = 0.0
         # One entry per session that trained (the first start, each resume that ran a step): where it began
         # (epoch, step) and how it ran (amp, channels_last, world_size, device, eval_every, sync_bn), so that a run
@@ -1817,6 +1821,8 @@ class Run:
         alpha = losses.hybrid_alpha(epoch, cfg.epochs, cfg.alpha_schedule) if trainer.feature_branch else 0.0
         if state.epoch_sums is None or state.step == 0:
             state.epoch_sums = torch.zeros(4, device=self.device)
+        if state.step == 0:
+            state.epoch_start_time, state.epoch_start_samples = state.train_time, state.train_samples
         since_log = torch.zeros(4, device=self.device)
         lr = trainer.lr_at(epoch * steps + max(state.step, 1) - 1)  # defined even when no step is left
         bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -1890,9 +1896,13 @@ class Run:
         elapsed = time.perf_counter() - t_epoch
         state.train_time += elapsed
         state.train_samples += steps_in_epoch * cfg.batch_size
-        # None for an epoch of only this session's untimed first step (a resume before an epoch's last step, or an
-        # epoch of one step)
-        self.epoch_rate = steps_in_epoch * cfg.batch_size / max(elapsed, 1e-9) if steps_in_epoch else None
+        # Over the epoch's timed steps, those before a stop in it included; None where there are none (an epoch of
+        # one step, or a resume before an epoch's last step whose checkpoint did not save when the epoch began).
+        if state.epoch_start_samples >= 0:
+            samples, seconds = state.train_samples - state.epoch_start_samples, state.train_time - state.epoch_start_time
+        else:
+            samples, seconds = steps_in_epoch * cfg.batch_size, elapsed
+        self.epoch_rate = samples / max(seconds, 1e-9) if samples else None
         self.epoch_alpha, self.epoch_lr = alpha, lr
 
     def agreed_signal(self) -> int:

@@ -710,3 +710,24 @@ def test_an_evaluation_only_resume_keeps_the_trainings_eval_every_in_results_jso
     results = json.loads((out / "results.json").read_text())
     assert [(s["eval_every"], s.get("evaluated_only", False)) for s in results["sessions"]] == [(2, False), (1, True)]
     assert results["config"]["eval_every"] == 2
+
+
+def test_an_epoch_resumed_before_its_last_step_has_the_rate_of_the_steps_timed_before_the_stop(
+        data_root, tmp_path, monkeypatch, capsys):
+    """Stopped after step 8 of 9, resumed: the session's only step in epoch 1 is its untimed first one, and the
+    epoch's rate is that of steps 2..8, timed before the stop (the checkpoint keeps when the epoch began), not
+    None; epoch 2's is its own."""
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    with monkeypatch.context() as m:
+        after_each_step(m, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == 8 else None)
+        code, err = call_main(argv, capsys)
+    assert code == 128 + signal.SIGTERM, err
+    stopped = util.load_checkpoint(out / "last.pt")["run"]
+    assert (stopped["epoch_start_samples"], stopped["epoch_start_time"]) == (0, 0.0)
+    assert stopped["train_samples"] == 7 * LOOP_BATCH
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert code == 0, err
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert history[0]["samples_per_s"] == pytest.approx(7 * LOOP_BATCH / stopped["train_time"], rel=0.25)
+    assert history[1]["samples_per_s"] > 0

@@ -845,6 +845,8 @@ class Trainer:
 
     def confusion(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         if self.dist.enabled:  # batch-norm running statistics drift apart per process: evaluate rank 0's
+            # (Training is unchanged by it only because DDP's broadcast_buffers, on by default, gives every process
+            # rank 0's buffers at each forward anyway: with it off, this would change the other processes' training.)
             for buffer in self.net.buffers():
                 torch.distributed.broadcast(buffer, 0)
         with self.eval_mode():

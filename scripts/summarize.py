@@ -37,7 +37,9 @@ Choices, documented here and in the table's footnotes:
   with another --model than resnet32 (the backbone of every reference value), is always labelled
   with it and gets no paper value. So does a
   row trained on another split than the full dataset's long-tailed one (recorded class sizes whose
-  largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote.
+  largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote. Runs on
+  different splits (recorded class sizes) are separate rows, labelled "split=N images, max..min per
+  class" where rows differ in it; a run that records no class sizes splits nothing.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
   setting of their saved config (e.g. --ce_sampler, --temp, --amp, --model, --eval_every) or in
   the number of processes are separate rows, each labelled with the settings that tell them apart
@@ -51,7 +53,8 @@ Choices, documented here and in the table's footnotes:
   config.json beside it), so a default and the same value given explicitly are one recipe; a run
   that records neither counts as not recording the setting (a run resumed with another --amp or
   number of processes records "mixed", a value of its own); a --base_temp equal to the run's
-  --temp counts as no --base_temp (the loss's factor is 1 either way). --temp and --base_temp split only
+  --temp counts as no --base_temp (the loss's factor is 1 either way), and --sync_bn on one process
+  as no --sync_bn (nothing to synchronise). --temp and --base_temp split only
   Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
@@ -390,6 +393,8 @@ def parse_result(data: object, path: str) -> RunResult:
     settings = {**FLAGS_ADDED_LATER, **{name: value for name, value in config.items() if name not in NOT_RECIPE}}
     if "world_size" in data:  # processes under torchrun: per-process BatchNorm statistics
         settings["world_size"] = data["world_size"]
+        if data["world_size"] == 1 and settings.get("sync_bn") is True:  # nothing to synchronise: plain batch norm
+            settings["sync_bn"] = False
     for flag, field in RESOLVED.items():
         if data.get(field) is not None:
             settings[flag] = data[field]
@@ -400,8 +405,10 @@ def parse_result(data: object, path: str) -> RunResult:
     for flag, methods in USED_BY.items():
         if data["method"] not in methods:
             settings.pop(flag, None)
-    recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
     per_class, class_counts = _per_class(data)
+    if class_counts is not None:  # the training split: a subset or synthetic data is another experiment
+        settings["split"] = f"{sum(class_counts):,} images, {class_counts[0]}..{class_counts[-1]} per class"
+    recipe = tuple(sorted((name, json.dumps(value, sort_keys=True)) for name, value in settings.items()))
     return RunResult(
         path=path, dataset=data["dataset"], method=data["method"], imb_type=imb_type,
         imbalance_ratio=ratio, seed=integers["seed"], epochs=integers["epochs"],
@@ -663,7 +670,9 @@ def format_markdown(rows: list[GroupSummary]) -> str:
         elif row.reference_source == "literature":
             reference, diff = f"{row.reference_top1:.2f} (lit.)", "—"
         else:
-            reference, diff = f"{row.reference_top1:.2f}", f"{row.diff:+.2f}"
+            # From the two values as shown, so that the three cells add up (rounding each on its own may not).
+            shown = float(f"{row.last_top1_mean:.2f}") - float(f"{row.reference_top1:.2f}")
+            reference, diff = f"{row.reference_top1:.2f}", f"{shown:+.2f}"
         cells = (
             DATASET_LABELS.get(key.dataset, key.dataset), _method_text(key),
             _ratio_text(key), f"{len(row.seeds)} ({', '.join(str(s) for s in row.seeds)})",
@@ -766,7 +775,7 @@ def _code_cell(text: str) -> str:
     """text as inline code in one markdown table cell: a newline shown as \\n, '|' escaped (GFM ends a cell at
     it, in code too), and a fence of more backticks than any run of them inside (with spaces, as CommonMark
     strips one from each end)."""
-    text = text.replace("\n", "\\n").replace("|", "\\|")
+    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("|", "\\|")
     longest = max((len(run) for run in re.findall("`+", text)), default=0)
     return f"`{text}`" if not longest else f"{'`' * (longest + 1)} {text} {'`' * (longest + 1)}"
 
@@ -832,10 +841,14 @@ def _key_cells(row: GroupSummary) -> dict[str, object]:
 
 def _write_csv(columns: tuple[str, ...], lines) -> str:
     """CSV text of these columns, from one dict (column -> cell) per line."""
+    rows = [[line[name] for name in columns] for line in lines]
+    # Python before 3.13 leaves a cell with a carriage return (a folder's name) unquoted under "\n" line ends,
+    # which splits its line for a reader: then every cell is quoted.
+    carriage_return = any(isinstance(cell, str) and "\r" in cell for row in rows for cell in row)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL if carriage_return else csv.QUOTE_MINIMAL)
     writer.writerow(columns)
-    writer.writerows([line[name] for name in columns] for line in lines)
+    writer.writerows(rows)
     return buffer.getvalue()
 
 

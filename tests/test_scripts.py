@@ -510,8 +510,12 @@ def test_rows_that_differ_only_in_lr_decay_or_batch_say_so(summarize, tmp_path, 
 
 
 def test_per_class_of_seeds_with_other_class_sizes_is_not_averaged(summarize, tmp_path, capsys):
+    """A row's per-class values are averaged only where every seed records the same class sizes: a seed that does
+    not record them (as in runs made before main.py recorded them) joins the row (its split unknown, which splits
+    nothing), and the row has none."""
     write_result(tmp_path, "a", seed=0)
-    write_result(tmp_path, "b", seed=1, class_counts=[5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 49])
+    path = write_result(tmp_path, "b", seed=1)
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "class_counts"}))
     without_counts = result_dict(method="psc")
     del without_counts["class_counts"]  # per-class values without the class sizes: not recorded either
     (tmp_path / "c").mkdir()
@@ -527,6 +531,61 @@ def test_per_class_of_seeds_with_other_class_sizes_is_not_averaged(summarize, tm
     assert err.splitlines() == ["summarize.py: 2 rows without per-class values left out (a run that does not record "
                                 "them, or seeds trained on different class sizes)",
                                 f"summarize.py: wrote 0 per-class lines from 3 runs to {out_file}"]
+
+
+def test_runs_on_another_split_are_a_row_of_their_own(summarize, tmp_path, capsys):
+    """A smoke run on synthetic data (or a subset) beside the real runs of one recipe: its own row, labelled with its
+    split, never averaged with them (nor a 'duplicate seed' with theirs), and named in the other-split note."""
+    for seed in (0, 1):
+        write_result(tmp_path, f"real{seed}", seed=seed, last=81.0 + seed)
+        write_result(tmp_path, f"smoke{seed}", seed=seed, last=12.0,
+                     class_counts=[50, 30, 17, 10, 6, 3, 2, 1, 1, 0][:9] + [1])
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == "", err
+    rows = {r[1]: r for r in table_rows(out)}
+    assert sorted(rows) == ["Hybrid-SC [split=12,406 images, 5000..50 per class]",
+                            "Hybrid-SC [split=121 images, 50..1 per class]"]
+    real = rows["Hybrid-SC [split=12,406 images, 5000..50 per class]"]
+    assert (real[3], real[5], real[-2]) == ("2 (0, 1)", "81.50 ± 0.71", "81.40")
+    assert rows["Hybrid-SC [split=121 images, 50..1 per class]"][-2] == "—"
+    assert "- Trained on another split than the full dataset's long-tailed one" in out
+
+
+def test_sync_bn_on_one_process_is_plain_batch_norm_and_splits_nothing(summarize, tmp_path, capsys):
+    """--sync_bn on one process changes nothing (main.py says so): the same row as without it; under torchrun it is
+    a setting of its own."""
+    write_result(tmp_path, "a", seed=0, config={"sync_bn": True})
+    write_result(tmp_path, "b", seed=1, config={"sync_bn": False})
+    for name in ("a", "b"):
+        path = tmp_path / name / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "world_size": 1}))
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and [(r[1], r[3]) for r in table_rows(out)] == [("Hybrid-SC", "2 (0, 1)")]
+    for name in ("a", "b"):
+        path = tmp_path / name / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "world_size": 2}))
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and sorted(r[1] for r in table_rows(out)) == ["Hybrid-SC [sync_bn=False]",
+                                                                   "Hybrid-SC [sync_bn=True]"]
+
+
+def test_the_difference_is_that_of_the_values_shown(summarize, tmp_path, capsys):
+    """last top-1 80.87 and 80.88 (mean 80.875, shown 80.88) against the paper's 81.40: -0.52, as the cells read
+    (rounding 80.875 - 81.40 on its own gives -0.53); the CSV keeps the unrounded numbers."""
+    write_result(tmp_path, "a", seed=0, last=80.87)
+    write_result(tmp_path, "b", seed=1, last=80.88)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path)
+    [row] = table_rows(out)
+    assert code == 0 and (row[5].split(" ")[0], row[-2], row[-1]) == ("80.88", "81.40", "-0.52")
+
+
+def test_a_folder_name_with_a_carriage_return_keeps_its_line_in_the_csv_and_its_cell(summarize, tmp_path, capsys):
+    write_result(tmp_path, "odd\rname", seed=0)
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_run", "--csv")
+    lines = list(csv.DictReader(io.StringIO(out, newline="")))
+    assert code == 0 and len(lines) == 1 and lines[0]["folder"] == str(tmp_path / "odd\rname")
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_run")
+    assert code == 0 and "`" + str(tmp_path / "odd") + "\\rname`" in out
 
 
 def test_no_results_is_one_line_error(summarize, tmp_path, capsys):

@@ -108,9 +108,13 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     _check_dataset(dataset)
     root = Path(data_root).expanduser()
     pickled_dir = root / _PICKLED_DIRS[dataset]
-    if pickled_dir.is_dir():
+    try:  # is_dir raises where a folder on the way may not be searched (a colleague's private folder)
+        pickled, folders = pickled_dir.is_dir(), (root / "train").is_dir() and (root / "test").is_dir()
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename or root}: {e.strerror or e}") from e
+    if pickled:
         return _read_pickled(dataset, pickled_dir)
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    if folders:
         return _read_image_folders(dataset, root)
     if download:
         _download(dataset, root)
@@ -126,18 +130,18 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
 def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> str:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, the other dataset, or a folder one level down that holds the data."""
-    if root.name == _PICKLED_DIRS[dataset] and root.is_dir():
+    if root.name == _PICKLED_DIRS[dataset] and _is_dir(root):
         return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}"
-    others = [name for name in DATASETS if name != dataset and (root / _PICKLED_DIRS[name]).is_dir()]
+    others = [name for name in DATASETS if name != dataset and _is_dir(root / _PICKLED_DIRS[name])]
     if others:
         held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"
         return f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"
     try:
-        below = sorted(p for p in root.iterdir() if p.is_dir())
+        below = sorted(p for p in root.iterdir() if _is_dir(p))
     except OSError:  # not a folder, or unreadable: the message above says enough
         return ""
-    for sub in below:
-        if (sub / _PICKLED_DIRS[dataset]).is_dir() or _image_folders_of(dataset, sub):
+    for sub in below:  # (one that may not be searched, such as a mount point's lost+found, holds nothing here)
+        if _is_dir(sub / _PICKLED_DIRS[dataset]) or _image_folders_of(dataset, sub):
             return f"{sub} holds it: --data_root {sub}"
     return ""
 
@@ -149,7 +153,15 @@ IMAGE_FOLDER_SPLITS = ("train", "test")
 def image_folders_read(dataset: str, data_root: str | os.PathLike) -> bool:
     """Whether load_cifar reads ``data_root``'s image folders for ``dataset`` (no pickled folder takes precedence),
     as far as the pickled folder decides it: main.py keeps a run's folder out of them."""
-    return not (Path(data_root).expanduser() / _PICKLED_DIRS[dataset]).is_dir()
+    return not _is_dir(Path(data_root).expanduser() / _PICKLED_DIRS[dataset])
+
+
+def _is_dir(path: Path) -> bool:
+    """path.is_dir(), False where a folder on the way may not be searched (is_dir raises PermissionError there)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _image_folders_of(dataset: str, root: Path) -> bool:
@@ -417,7 +429,8 @@ def _decode_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             width, height, mode = *image.size, image.mode
-            sixteen_bits = mode.startswith("I;16") or (mode == "I" and image.format == "PNG")  # PNG: at most 16
+            # PNG: at most 16 bits; a PGM / PPM with a maxval above 255 opens as mode I, scaled to 0..65535
+            sixteen_bits = mode.startswith("I;16") or (mode == "I" and image.format in ("PNG", "PPM"))
             if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):  # checked before decoding: a header may claim any size
                 if sixteen_bits:
                     grey = np.asarray(image).astype(np.int64).clip(0, 65535)  # whatever the byte order on disk
@@ -486,7 +499,10 @@ def _write_cache(root: Path, key: str, splits: tuple[ArraySplit, ArraySplit]) ->
         stale_pattern = f"{_CACHE_PREFIX}*.npz" if path.parent == root else f"{_root_tag(root)}-*.npz"
         for stale in path.parent.glob(stale_pattern):
             if stale != path:
-                stale.unlink(missing_ok=True)
+                try:
+                    stale.unlink(missing_ok=True)
+                except OSError:  # another user's, in a shared folder with the sticky bit (mode 1777): theirs to keep
+                    pass
         # The temporary file of a process killed while writing its cache (atomic_write's ".<name>.<random>.tmp";
         # SIGKILL, or SIGTERM before a run installs its handler): as large as the cache. Only old ones, so as not to
         # pull one from under another process writing it now (two runs of a sweep decoding at once).

@@ -803,6 +803,50 @@ def test_a_cache_write_removes_old_temporary_files_of_killed_processes_only(tmp_
     assert not old.exists() and fresh.exists() and mine.exists()
 
 
+def test_an_old_cache_that_may_not_be_removed_is_left_and_the_load_goes_on(tmp_path, monkeypatch, cifar10_like):
+    """A shared data folder with the sticky bit (mode 1777): another user's old cache may not be removed. The new
+    cache is written, the old one is theirs to keep, and the load goes on (it stopped with a PermissionError)."""
+    write_image_folder(tmp_path, *cifar10_like)
+    dl.load_cifar("cifar10", tmp_path)
+    [old] = tmp_path.glob("hybrid-lt-cache-*.npz")
+    target = tmp_path / "train" / "class_003" / "000020.png"
+    os.utime(target, ns=(1, 1))  # a changed file: a new cache key
+    real_unlink = Path.unlink
+
+    def not_yours(self, *args, **kwargs):
+        if self == old:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", not_yours)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+    assert old.exists() and len(list(tmp_path.glob("hybrid-lt-cache-*.npz"))) == 2
+
+
+def test_a_data_root_on_a_path_that_may_not_be_searched_is_one_error_and_its_hint_skips_such_folders(
+        tmp_path, monkeypatch, tiny_cifar10):
+    """Path.is_dir raises PermissionError where a folder on the way may not be searched (root ignores the mode bits,
+    so the test makes is_dir raise): a private --data_root is a DataError naming it; a mount point's lost+found
+    beside the data folder is passed over by the hint; image_folders_read answers."""
+    write_pickled_cifar10(tmp_path / "mnt" / "cifar", *tiny_cifar10)
+    private = [tmp_path / "private", tmp_path / "mnt" / "lost+found"]
+    for folder in private:
+        folder.mkdir(parents=True)
+    real_is_dir = Path.is_dir
+
+    def is_dir(self, *args, **kwargs):
+        if any(folder in self.parents for folder in private):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(DataError, match=f"^cannot read {tmp_path / 'private'}/.*: Permission denied$"):
+        dl.load_cifar("cifar10", tmp_path / "private")
+    with pytest.raises(DataError, match=f"{tmp_path / 'mnt' / 'cifar'} holds it: --data_root {tmp_path / 'mnt' / 'cifar'}"):
+        dl.load_cifar("cifar10", tmp_path / "mnt")
+    assert dl.image_folders_read("cifar10", tmp_path / "private")
+
+
 def test_images_replaced_by_others_of_the_same_names_sizes_and_dates_are_decoded_again(tmp_path, tiny_cifar10):
     """Another archive's fixed-size files (BMP) unpacked over these with the same dates: the cache key sees the
     files' change times, which no archive restores, so the new pixels are read instead of the old cache's."""
@@ -1063,6 +1107,16 @@ def test_16_bit_grey_images_are_scaled_and_32_bit_ones_refused(tmp_path):
             dl.load_cifar("cifar10", tmp_path)
         tiff.unlink()
         Image.fromarray(train.images[2]).save(target)
+
+
+def test_16_bit_grey_pgm_images_are_scaled(tmp_path):
+    """Pillow opens a PGM with a maxval above 255 as mode I (format PPM), scaled to 0..65535: 16-bit grey as a PNG
+    is, not 32-bit integers of unknown range (which it was refused as)."""
+    grey16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)  # 0 .. 65472
+    target = tmp_path / "grey16.pgm"
+    target.write_bytes(b"P5\n32 32\n65535\n" + grey16.astype(">u2").tobytes())
+    expected = np.repeat(np.round(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(dl._decode_image(target), expected)
 
 
 def test_unreadable_image_is_named(tmp_path):

@@ -1807,7 +1807,9 @@ class Run:
                 state.sessions.append({**self.session(state.epoch, state.step), "evaluated_only": True})
                 self.last_confusion = trainer.confusion(self.test_images, self.test_labels)
                 self.last_metrics = util.accuracy_report(self.last_confusion, trainer.shot_groups)
-            self.finish()
+                self.finish(evaluates_again=True)
+            else:
+                self.finish()
         finally:
             self.signals.restore()
             problem = None if self.writer is None else self.writer.close()
@@ -2066,17 +2068,25 @@ class Run:
                               dataformats="HWC")
         self.writer.add_image(f"{tag}/confusion_matrix", util.confusion_image(confusion), step, dataformats="HWC")
 
-    def finish(self) -> None:
+    def finish(self, evaluates_again: bool = False) -> None:
+        """The run's last records (figures, projector, nearest class mean, results.json, HParams' end).
+        evaluates_again: a resume of a run that trained all its epochs, whose results.json is missing or cannot be
+        read. Its TensorBoard records at the last step stay (the events purged from there on would take the last
+        training interval's points, which cannot be written again), so it does not write again what is there: with
+        a results.json, all of them (an earlier session finished); without one, the nearest class mean's scalars
+        that the last epoch logged (--ncm_every) and the figures of a session whose projector is there."""
         cfg, state, trainer = self.cfg, self.state, self.trainer
         if not self.dist.main:
             return
         step = cfg.epochs * trainer.steps_per_epoch
-        self.write_figures(self.last_metrics, self.last_confusion, step, "last")
+        finished_before = evaluates_again and (self.out / "results.json").exists()
+        earlier = self.out / f"{step:05d}" / PROJECTIONS_TAG  # a session's before results.json was written again
+        if not (finished_before or evaluates_again and earlier.is_dir()):
+            self.write_figures(self.last_metrics, self.last_confusion, step, "last")
         reuse_ncm = self.last_ncm is not None and self.last_ncm[0] == cfg.epochs  # --ncm_every took it already
         test_features = None
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
             test_features, test_projections = trainer.embed(self.test_images)
-            earlier = self.out / f"{step:05d}" / PROJECTIONS_TAG  # a session's before results.json was written again
             if earlier.is_dir():
                 self.writer.guarded(shutil.rmtree, earlier)
             self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
@@ -2085,7 +2095,8 @@ class Run:
             ncm = self.last_ncm[1]
         else:
             ncm = self.nearest_class_mean(test_features)
-            self.log_shots(cfg.epochs, ncm, "ncm_")
+            if not (finished_before or evaluates_again and state.history and "ncm_top1" in state.history[-1]):
+                self.log_shots(cfg.epochs, ncm, "ncm_")
         self.tick_wall_time()
         last = {**{k: self.last_metrics[k] for k in SHOT_KEYS}, "epoch": cfg.epochs}
         results = {
@@ -2107,7 +2118,8 @@ class Run:
             "ncm": ncm, "sessions": state.sessions,
         }
         util.write_json(results, self.out / "results.json")
-        self.write_hparams("end")
+        if not finished_before:
+            self.write_hparams("end")
         self.log(ncm_line(ncm))
         self.log(f"done: last {format_metrics(last)}; best top1 {state.best_top1:.2f} at epoch {state.best_epoch}; "
                  f"results in {self.out / 'results.json'}")

@@ -731,3 +731,47 @@ def test_an_epoch_resumed_before_its_last_step_has_the_rate_of_the_steps_timed_b
     history = json.loads((out / "results.json").read_text())["history"]
     assert history[0]["samples_per_s"] == pytest.approx(7 * LOOP_BATCH / stopped["train_time"], rel=0.25)
     assert history[1]["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("results", ["damaged", "never written"])
+def test_evaluating_a_trained_run_again_does_not_log_its_last_records_twice(data_root, tmp_path, monkeypatch,
+                                                                           capsys, results):
+    """A run that trained all its epochs, whose results.json is damaged (an earlier session finished) or was never
+    written (the disk filled as it was): the resume evaluates it again and writes results.json, but the records
+    already at the last step (the nearest class mean's scalars, the last figures, HParams' end) stay one each."""
+    import main
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--loss", "sc", "--epochs", "2",
+            "--lr_decay_epochs", "1", "--ncm_every", "1"]
+    real_write_json = util.write_json
+
+    def full_disk(obj, path):
+        if Path(path).name == "results.json":
+            raise main.UserError(f"could not write {path}: No space left on device")
+        real_write_json(obj, path)
+
+    with monkeypatch.context() as m:
+        if results == "never written":
+            m.setattr(util, "write_json", full_disk)
+        code, err = call_main(argv, capsys)
+    assert code == (0 if results == "damaged" else 2), err
+    if results == "damaged":
+        (out / "results.json").write_text("{")
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert code == 0, err
+    last_step = 2 * LOOP_STEPS
+    scalars, images, ends = {}, {}, 0
+    for events in sorted(out.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+        ends += sum(1 for tag in acc.summary_metadata if tag.endswith("session_end_info"))
+    assert scalars["test/ncm_top1"] == [LOOP_STEPS, last_step]
+    assert images["last/confusion_matrix"] == images["last/per_class_accuracy_vs_class_size"] == [last_step]
+    assert ends == 1
+    assert json.loads((out / "results.json").read_text())["ncm"]["top1"] is not None

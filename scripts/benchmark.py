@@ -109,6 +109,7 @@ MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated onc
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
 PROFILE_TOP = 15  # operators (and on CUDA kernels) listed by --profile; the rest are one "other" line
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run", "eval_every",
@@ -310,6 +311,8 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
     if cfg.compile:
         torch._dynamo.reset()  # trace again; Inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) may still hold the
         # compiled code from an earlier process: compile_s is a cold compilation only with an empty cache
+        from torch._dynamo.utils import counters
+        counters.clear()  # Inductor counts here the graphs it did not record as CUDA graphs (cudagraph_skips)
     trainer = main.Trainer(cfg, train, num_classes, device)
     batches = endless(trainer.stream.epoch)
     alpha, global_step = first_epoch_alpha(cfg), itertools.count()
@@ -334,6 +337,11 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
               "host_sync": host_sync_check(step, device, trainer.steps_per_epoch + 1)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+        # Inductor skips CUDA graphs silently (say, for a graph that writes an input other than a parameter or
+        # buffer), which leaves the step no faster: how many of the step's graphs it skipped (on the CPU, all).
+        from torch._dynamo.utils import counters
+        record["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
     return record, step
 
 
@@ -791,6 +799,11 @@ def format_report(result: dict[str, Any]) -> str:
                           "reference: " + ", ".join("failed: " + pair["error"] if pair["ratio"] is None
                                                     else f"{pair['ratio']:.2f}" for pair in pairs) +
                       f"; median {result['ratio_median']:.2f}"]
+        graphs = [row for row in result["project"] if row.get("cudagraph_skips") is not None]
+        if graphs:
+            lines += ["", "graphs Inductor did not record as CUDA graphs (torch._dynamo's counters['inductor']"
+                          "['cudagraph_skips']; on the CPU every one): " +
+                      "; ".join(f"{row['label']}: {row['cudagraph_skips']}" for row in graphs)]
         checked = [row for row in result["project"] if row.get("host_sync") is not None]
         if checked:
             lines += ["", "host syncs inside a project step (torch.cuda.set_sync_debug_mode('error')): " +
@@ -810,6 +823,10 @@ def format_report(result: dict[str, Any]) -> str:
             if prof.get("outside_operators_ms_per_step"):
                 lines.append(f"plus {prof['outside_operators_ms_per_step']:.2f} ms/step of kernels that no operator "
                              "launched (CUDA graph replays), not in the shares above")
+            elif row.get("compile"):  # the profiler may tie a replay's kernels to the compiled region's operators
+                lines.append("(a compiled step's kernels, CUDA graph replays included, may count under the compiled "
+                             "region's operators, CompiledFunction and '## Call CompiledFxGraph'; the kernel table "
+                             "below, on CUDA, is the breakdown to read)")
             if prof.get("kernels"):
                 lines += ["", f"the same steps by kernel (device time, CUDA graphs' kernels included, "
                               f"{prof['kernels_ms_per_step']:.1f} ms/step in all)",

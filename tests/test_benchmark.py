@@ -287,6 +287,13 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
                                     "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0,
                                     "profile": prof}])
     assert "plus 0.10 ms/step of kernels that no operator launched (CUDA graph replays)" in report
+    report = cuda_report(bench, [{"label": "graphs", "amp": True, "channels_last": True, "compile": True,
+                                    "compile_mode": "reduce-overhead", "samples_per_s": 1.0, "step_ms": 1.0,
+                                    "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0,
+                                    "cudagraph_skips": 0, "profile": {**prof, "outside_operators_ms_per_step": 0.0}}])
+    assert "graphs Inductor did not record as CUDA graphs (torch._dynamo's counters['inductor']" \
+           "['cudagraph_skips']; on the CPU every one): graphs: 0" in report
+    assert "no operator launched" not in report and "the kernel table below, on CUDA, is the breakdown" in report
     assert "the same steps by kernel (device time, CUDA graphs' kernels included, 0.3 ms/step in all)" in report
     assert "| triton_poi_fused_relu_0 | 0.10 | 30.8 % | 3 |" in report
     events[:] = [event("aten::empty", 0, 9, cpu), event("triton_poi_fused_relu_0", 200, 6, cuda)]
@@ -457,15 +464,22 @@ def test_time_project_records_the_compile_mode(bench, monkeypatch):
     minutes)."""
     modes = []
 
+    from torch._dynamo.utils import counters
+
     def fake_compile(model, mode):
         modes.append(mode)
+        counters["inductor"]["cudagraph_skips"] += 2  # as Inductor counts the graphs it does not record
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    counters["inductor"]["cudagraph_skips"] = 5  # an earlier compilation's: cleared before this row's
     cfg, opts = bench.parse_args([*TINY, "--compile", "--compile_mode", "reduce-overhead"])
     train, _ = make_synthetic(num_classes=10, n_train_per_class=8, n_test_per_class=1)
     record, _ = bench.time_project(cfg, train, 10, torch.device("cpu"), opts)
     assert modes == ["reduce-overhead"] and (record["compile"], record["compile_mode"]) == (True, "reduce-overhead")
+    assert record["cudagraph_skips"] == 2  # a CUDA-graph mode's row says how many graphs went without them
+    cfg, opts = bench.parse_args([*TINY, "--compile"])
+    assert "cudagraph_skips" not in bench.time_project(cfg, train, 10, torch.device("cpu"), opts)[0]
 
 
 def test_time_steps_runs_warmup_then_timed_steps(bench):

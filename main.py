@@ -629,6 +629,21 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
+def cudagraph_note(cfg: Config, device: torch.device) -> Optional[str]:
+    """After the first step of a run compiled in a mode that records CUDA graphs, on CUDA: a note where Inductor ran
+    some of the step's graphs without them (it skips them silently, e.g. for a graph that writes an input other
+    than a parameter or buffer), which leaves the run no faster than plain --compile."""
+    if not cfg.compile or cfg.compile_mode not in ("reduce-overhead", "max-autotune") or device.type != "cuda":
+        return None
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"].get("cudagraph_skips", 0)
+    if not skips:
+        return None
+    return (f"note: Inductor ran {plural(skips, 'graph')} of the step without CUDA graphs (--compile_mode "
+            f"{cfg.compile_mode}), which leaves it no faster there; torch's logs say why (TORCH_LOGS=cudagraphs, "
+            f"or perf_hints in older torch)")
+
+
 def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool,
                eval_every: Optional[int] = None, sync_bn: Optional[bool] = None) -> Optional[str]:
     """A resume in another precision, with another number of processes, another --eval_every (the epochs a best is
@@ -1852,6 +1867,9 @@ class Run:
                 if dist.main:  # now, not only in results.json: a run cut off later still shows it
                     bar.write(f"first step {self.first_step_s:.1f} s (one-off costs: "
                               f"{'torch.compile, ' if cfg.compile else ''}allocator, kernel selection)")
+                    note = cudagraph_note(cfg, self.device)
+                    if note:
+                        bar.write(note)
                     sys.stdout.flush()
             step_sums = torch.stack([terms.total, terms.feature, terms.ce, torch.ones_like(terms.total)])
             state.epoch_sums += step_sums  # summed per step, so a resumed epoch adds up exactly as an unbroken one

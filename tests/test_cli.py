@@ -2236,3 +2236,24 @@ def test_an_output_folder_that_cannot_be_written_is_found_before_the_run(tmp_pat
             f"no permission to {'write' if out.exists() else 'create folders'} in {folder}"
         code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY, "--dry_run"], capsys)
         assert_one_line_error(code, err, message + why)
+
+
+def test_a_cuda_graph_mode_that_inductor_skipped_says_so_after_the_first_step(monkeypatch):
+    """Inductor skips CUDA graphs silently (counters['inductor']['cudagraph_skips']): on CUDA under reduce-overhead
+    or max-autotune the run says so after its first step; elsewhere (the CPU, where it skips every graph, or plain
+    --compile) nothing."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(counters, "inductor", __import__("collections").Counter(cudagraph_skips=2))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for argv, device, said in ((["--compile", "--compile_mode", "reduce-overhead"], cuda, True),
+                               (["--compile", "--compile_mode", "max-autotune"], cuda, True),
+                               (["--compile", "--compile_mode", "reduce-overhead"], cpu, False),
+                               (["--compile"], cuda, False), ([], cuda, False)):
+        note = main.cudagraph_note(main.parse_config(argv), device)
+        assert (note is not None) == said, argv
+    assert main.cudagraph_note(main.parse_config(["--compile", "--compile_mode", "reduce-overhead"]), cuda) == (
+        "note: Inductor ran 2 graphs of the step without CUDA graphs (--compile_mode reduce-overhead), which leaves it "
+        "no faster there; torch's logs say why (TORCH_LOGS=cudagraphs, or perf_hints in older torch)")
+    counters["inductor"]["cudagraph_skips"] = 0
+    assert main.cudagraph_note(main.parse_config(["--compile", "--compile_mode", "reduce-overhead"]), cuda) is None

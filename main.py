@@ -435,6 +435,18 @@ def resolve_device(choice: str, local_rank: int = 0, local_processes: int = 0) -
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def load_compiler() -> None:
+    """Import torch.compile's machinery (torch._dynamo; the first torch.optim optimiser imports it too, so every
+    training run does), which makes its cache folders as it loads: one it cannot make (TORCHINDUCTOR_CACHE_DIR under
+    a file, or unwritable) is a UserError, not a traceback."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except OSError as e:
+        raise UserError(f"torch cannot make the cache folder of its compiler, {e.filename} ({e.strerror or e}), which "
+                        f"it makes as it loads, with --compile or without: set TORCHINDUCTOR_CACHE_DIR to a folder "
+                        f"it can write") from e
+
+
 def one_line_compile_failure(exc: BaseException) -> bool:
     """Whether `exc` is torch.compile's failure to compile (BackendCompilerFailed), to be said in one line
     (compile_failure_text), not with PyTorch's trace: unless TORCHDYNAMO_VERBOSE asks for that trace."""
@@ -806,6 +818,7 @@ class Trainer:
         # compiled step takes each epoch's value as an input instead of compiling again for it.
         self.alpha, self._alpha_value = torch.zeros((), device=device), 0.0
         self.forward_loss = self._forward_loss
+        load_compiler()  # (torch.compile and torch.optim.SGD below import it)
         if cfg.compile:
             if dist.enabled:  # DDP's bucketed all-reduce and SC's all-gather stay outside: the model alone
                 self.model = torch.compile(self.model, mode=cfg.compile_mode)

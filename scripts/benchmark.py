@@ -309,6 +309,7 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
     """samples/s of main.Trainer.step on batches of trainer.stream, the loop main.py runs (without its logging);
     returns the record and the step, which continues the same run (for profile_steps)."""
     if cfg.compile:
+        main.load_compiler()
         torch._dynamo.reset()  # trace again; Inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) may still hold the
         # compiled code from an earlier process: compile_s is a cold compilation only with an empty cache
         from torch._dynamo.utils import counters

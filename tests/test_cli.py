@@ -2257,3 +2257,26 @@ def test_a_cuda_graph_mode_that_inductor_skipped_says_so_after_the_first_step(mo
         "no faster there; torch's logs say why (TORCH_LOGS=cudagraphs, or perf_hints in older torch)")
     counters["inductor"]["cudagraph_skips"] = 0
     assert main.cudagraph_note(main.parse_config(["--compile", "--compile_mode", "reduce-overhead"]), cuda) is None
+
+
+def test_a_compile_cache_folder_that_cannot_be_made_is_one_line(tmp_path, cifar10_root):
+    """torch.compile's machinery makes its cache folders as it is imported, which torch.optim's SGD does too:
+    TORCHINDUCTOR_CACHE_DIR under a file stopped main.py (with --compile or without) and the benchmark with a
+    NotADirectoryError traceback, then an AssertionError of torch's."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(blocker / "cache")}
+    out = tmp_path / "run"
+    main_args = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
+    for script, args in (("main.py", main_args), ("main.py", [*main_args, "--compile"]),
+                         ("scripts/benchmark.py", ["--device", "cpu", "--model", "resnet8", "--batch_size", "16",
+                                                   "--steps", "1", "--warmup_steps", "1", "--no_reference",
+                                                   "--memory_batch_sizes", "", "--compile"])):
+        proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=240, env=env)
+        err = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("timing "))
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert_one_line_error(proc.returncode, err, f"torch cannot make the cache folder of its compiler, "
+                              f"{blocker / 'cache'} (Not a directory), which it makes as it loads, with --compile or "
+                              f"without: set TORCHINDUCTOR_CACHE_DIR to a folder it can write")
+    assert not out.exists()

@@ -75,6 +75,7 @@ from util import UserError
 
 # torch.compile's modes (--compile_mode). reduce-overhead adds CUDA graphs, which only CUDA has.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # those that record CUDA graphs (on CUDA)
 # Far above any projection head in use (the paper's is 128 wide), so that a mistyped --feat_dim fails as one line
 # instead of as an allocation failure.
 MAX_FEAT_DIM = 2**16
@@ -641,14 +642,22 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
             f"give the flag{'s' if len(differ) > 1 else ''} to change")
 
 
+def cudagraph_skips(clear: bool = False) -> int:
+    """How many graphs Inductor has run without CUDA graphs in this process (its counter; on the CPU, every graph
+    it compiled in a CUDA-graph mode); clear: start the count again at 0."""
+    from torch._dynamo.utils import counters
+    if clear:
+        counters.clear()
+    return counters["inductor"].get("cudagraph_skips", 0)
+
+
 def cudagraph_note(cfg: Config, device: torch.device) -> Optional[str]:
     """After the first step of a run compiled in a mode that records CUDA graphs, on CUDA: a note where Inductor ran
     some of the step's graphs without them (it skips them silently, e.g. for a graph that writes an input other
     than a parameter or buffer), which leaves the run no faster than plain --compile."""
-    if not cfg.compile or cfg.compile_mode not in ("reduce-overhead", "max-autotune") or device.type != "cuda":
+    if not cfg.compile or cfg.compile_mode not in CUDA_GRAPH_MODES or device.type != "cuda":
         return None
-    from torch._dynamo.utils import counters
-    skips = counters["inductor"].get("cudagraph_skips", 0)
+    skips = cudagraph_skips()
     if not skips:
         return None
     return (f"note: Inductor ran {plural(skips, 'graph')} of the step without CUDA graphs (--compile_mode "

@@ -109,7 +109,6 @@ MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated minus memory_allocated onc
 MMAP_THRESHOLD_BYTES = 65536
 PROBE_WARMUP_BATCH = 256
 PROFILE_TOP = 15  # operators (and on CUDA kernels) listed by --profile; the rest are one "other" line
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 PROFILE_MAX_STEPS = 20  # profiled steps (at most --steps): the profiler's own bookkeeping grows with each step
 # Options of main.py that shape a run (outputs, resuming, evaluation) but not the training step.
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_only", "checkpoint", "dry_run", "eval_every",
@@ -312,8 +311,7 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
         main.load_compiler()
         torch._dynamo.reset()  # trace again; Inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) may still hold the
         # compiled code from an earlier process: compile_s is a cold compilation only with an empty cache
-        from torch._dynamo.utils import counters
-        counters.clear()  # Inductor counts here the graphs it did not record as CUDA graphs (cudagraph_skips)
+        main.cudagraph_skips(clear=True)  # this row's count of graphs Inductor did not record as CUDA graphs
     trainer = main.Trainer(cfg, train, num_classes, device)
     batches = endless(trainer.stream.epoch)
     alpha, global_step = first_epoch_alpha(cfg), itertools.count()
@@ -338,11 +336,10 @@ def time_project(cfg: main.Config, train: data.ArraySplit, num_classes: int, dev
               "host_sync": host_sync_check(step, device, trainer.steps_per_epoch + 1)}
     # Compilation happens in the first step; what that step took beyond a steady one is the compile time.
     record["compile_s"] = max(timing.first_step_s - timing.seconds / timing.steps, 0.0) if cfg.compile else None
-    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+    if cfg.compile and cfg.compile_mode in main.CUDA_GRAPH_MODES:
         # Inductor skips CUDA graphs silently (say, for a graph that writes an input other than a parameter or
         # buffer), which leaves the step no faster: how many of the step's graphs it skipped (on the CPU, all).
-        from torch._dynamo.utils import counters
-        record["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
+        record["cudagraph_skips"] = main.cudagraph_skips()
     return record, step
 
 

@@ -109,7 +109,8 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     root = Path(data_root).expanduser()
     pickled_dir = root / _PICKLED_DIRS[dataset]
     try:  # is_dir raises where a folder on the way may not be searched (a colleague's private folder)
-        pickled, folders = pickled_dir.is_dir(), (root / "train").is_dir() and (root / "test").is_dir()
+        pickled = pickled_dir.is_dir()
+        folders = not pickled and (root / "train").is_dir() and (root / "test").is_dir()
     except OSError as e:
         raise DataError(f"cannot read {e.filename or root}: {e.strerror or e}") from e
     if pickled:

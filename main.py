@@ -1943,7 +1943,8 @@ class Run:
         # Over the epoch's timed steps, those before a stop in it included; None where there are none (an epoch of
         # one step, or a resume before an epoch's last step whose checkpoint did not save when the epoch began).
         if state.epoch_start_samples >= 0:
-            samples, seconds = state.train_samples - state.epoch_start_samples, state.train_time - state.epoch_start_time
+            samples = state.train_samples - state.epoch_start_samples
+            seconds = state.train_time - state.epoch_start_time
         else:
             samples, seconds = steps_in_epoch * cfg.batch_size, elapsed
         self.epoch_rate = samples / max(seconds, 1e-9) if samples else None

@@ -1025,8 +1025,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_class", action="store_true",
                         help="add each row's last-epoch top-1 per class (with --csv: print those instead)")
     parser.add_argument("--per_run", action="store_true",
-                        help="add a table of one line per run, each naming its row: seed, best top-1 and its epoch, last top-1, "
-                             "shot groups, NCM top-1, samples/s, times and folder (with --csv: print those instead)")
+                        help="add a table of one line per run, each naming its row: seed, best top-1 and its epoch, "
+                             "last top-1, shot groups, NCM top-1, samples/s, times and folder (with --csv: print those "
+                             "instead)")
     return parser
 
 

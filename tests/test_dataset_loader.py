@@ -842,7 +842,8 @@ def test_a_data_root_on_a_path_that_may_not_be_searched_is_one_error_and_its_hin
     monkeypatch.setattr(Path, "is_dir", is_dir)
     with pytest.raises(DataError, match=f"^cannot read {tmp_path / 'private'}/.*: Permission denied$"):
         dl.load_cifar("cifar10", tmp_path / "private")
-    with pytest.raises(DataError, match=f"{tmp_path / 'mnt' / 'cifar'} holds it: --data_root {tmp_path / 'mnt' / 'cifar'}"):
+    holder = tmp_path / "mnt" / "cifar"
+    with pytest.raises(DataError, match=f"{holder} holds it: --data_root {holder}"):
         dl.load_cifar("cifar10", tmp_path / "mnt")
     assert dl.image_folders_read("cifar10", tmp_path / "private")
 

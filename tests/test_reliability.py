@@ -574,7 +574,8 @@ def test_a_stop_between_the_checkpoint_writes_leaves_best_pt_behind_and_the_resu
 
     def save(state, path):
         if Path(path).name == "best.pt" and state["run"]["epoch"] == fails_at:
-            raise main.UserError(f"could not write checkpoint {path}: No space left on device; the previous one is kept")
+            raise main.UserError(f"could not write checkpoint {path}: No space left on device; the previous one is "
+                                 f"kept")
         real_save(state, path)
         written.append(Path(path).name)
 

@@ -815,7 +815,8 @@ class Trainer:
         net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc")
         if not self.feature_branch:  # the CE baseline never uses the head; frozen, DDP and SGD ignore it
             net.head.requires_grad_(False)
-        if cfg.sync_bn and dist.enabled:
+        self.sync_bn = cfg.sync_bn and dist.enabled  # with one process there is nothing to synchronise
+        if self.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = net.to(device, memory_format=self.memory_format)
         self.net = net  # the bare HybridNet: evaluation, checkpoints, prototypes
@@ -1620,7 +1621,7 @@ class Run:
         self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
                              mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
                                         evaluates_only=self.state.epoch >= cfg.epochs, eval_every=cfg.eval_every,
-                                        sync_bn=cfg.sync_bn and dist.enabled),
+                                        sync_bn=self.trainer.sync_bn),
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
@@ -1677,7 +1678,7 @@ class Run:
         return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "world_size": self.dist.world_size, "device": device_name(self.device), "git_commit": self.git_commit,
                 "torch_version": torch.__version__, "eval_every": self.cfg.eval_every,
-                "sync_bn": self.cfg.sync_bn and self.dist.enabled}
+                "sync_bn": self.trainer.sync_bn}
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -1784,11 +1785,7 @@ class Run:
             return
         print(note, flush=True)
         if mend:
-            best, content = self.out / "best.pt", (self.out / "last.pt").read_bytes()
-            try:
-                util.atomic_write(best, lambda f: f.write(content))
-            except OSError as e:
-                raise UserError(f"could not write checkpoint {best}: {e.strerror or e}") from e
+            util.write_checkpoint_bytes((self.out / "last.pt").read_bytes(), self.out / "best.pt")
 
     def dry_run(self) -> int:
         """--dry_run: everything up to the first step has passed; say what the run would do, and write nothing."""
@@ -2170,7 +2167,7 @@ class Run:
         otherwise than this session's flags: "mixed" where they differ among themselves, their value where this
         session only evaluated with another (its flags did not train the run)."""
         settings = {}
-        for key, now in (("eval_every", self.cfg.eval_every), ("sync_bn", self.cfg.sync_bn and self.dist.enabled)):
+        for key, now in (("eval_every", self.cfg.eval_every), ("sync_bn", self.trainer.sync_bn)):
             values = trained_with(self.state.sessions, key)
             if len(values) > 1:
                 settings[key] = "mixed"

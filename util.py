@@ -246,8 +246,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save `state` atomically. Raises UserError (keeping any previous file) when the write fails."""
     buffer = io.BytesIO()  # serialise first: a failing disk then shows up as an OSError, not as a torch error
     torch.save(state, buffer)
+    write_checkpoint_bytes(buffer.getbuffer(), path)
+
+
+def write_checkpoint_bytes(content: bytes | memoryview, path: str | os.PathLike) -> None:
+    """A serialised checkpoint (save_checkpoint's, or another checkpoint file's bytes) written atomically to `path`;
+    UserError (keeping any previous file) when the write fails."""
     try:
-        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+        atomic_write(path, lambda f: f.write(content))
     except OSError as e:
         kept = "the previous one is kept" if Path(path).is_file() else "there was none before it"
         raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}") from e

@@ -48,7 +48,8 @@ device sync (torch.cuda.synchronize) before each clock read. One sample is one f
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to
 run (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the
 reference N times each, alternately (the project's step continuing its run, the reference built afresh each time),
-and reports each pair's ratio and their median; "ratio" stays the first pair's. On CUDA one further epoch and
+and reports each pair's ratio and their median; "ratio" stays the first pair's. "ratio_equal_numerics" is the
+ratio of the first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On CUDA one further epoch and
 one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
 "host_sync" records whether anything in them waited for the device ("none", or the first error); the CPU
 equivalent is tests/test_step_ops.py. With --profile, once everything else is measured and saved, up to
@@ -791,6 +792,9 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"| reference: PIL + DataLoader ({ref['workers']} workers per loader), fp32 eager | off | off "
                          f"| off | {ref['samples_per_s']:.1f} | {ref['step_ms']:.1f} | 1.00 | "
                          f"{ref['first_step_s']:.2f} | - |")
+        if result.get("ratio_equal_numerics") is not None:
+            lines += ["", "x reference at the reference's numerics (float32, contiguous layout, eager: the first row "
+                          f"with amp, channels_last and compile off): {result['ratio_equal_numerics']:.2f}"]
         pairs = result.get("repeats") or []
         if len(pairs) > 1:
             lines += ["", f"x reference over {len(pairs)} alternating timings of the first project row and the "
@@ -881,7 +885,8 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
                      "profile": opts.profile},
         "data": {"source": source, "train_size": len(train.labels),
                  "class_counts": np.bincount(train.labels, minlength=num_classes).tolist()},
-        "project": [], "reference": None, "ratio": None, "repeats": None, "ratio_median": None, "memory": None,
+        "project": [], "reference": None, "ratio": None, "ratio_equal_numerics": None, "repeats": None,
+        "ratio_median": None, "memory": None,
         "complete": False,
     }
     save(result)  # an unwritable --json path fails here, not after the timing
@@ -918,6 +923,12 @@ def run(cfg: main.Config, opts: BenchOptions, argv: list[str],
                 if "samples_per_s" in row:
                     row["ratio_to_reference"] = row["samples_per_s"] / result["reference"]["samples_per_s"]
             result["ratio"] = result["project"][0].get("ratio_to_reference")
+            # The same ratio at the reference's numerics (float32, contiguous, eager): what the data pipeline on
+            # the device and the rest of the step give without bf16, channels_last or compilation.
+            alike = [row for row in result["project"] if "samples_per_s" in row
+                     and not (row["amp"] or row["channels_last"] or row["compile"])]
+            if alike:
+                result["ratio_equal_numerics"] = alike[0]["ratio_to_reference"]
             if result["ratio"] is not None:
                 repeat_pairs(first_step, cfg, train, num_classes, device, opts, result, save)
             elif opts.repeats > 1:

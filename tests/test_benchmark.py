@@ -385,6 +385,35 @@ def test_repeats_alternate_the_first_row_with_the_reference(bench, monkeypatch, 
             "median 2.00") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("compare", [True, False])
+def test_the_ratio_at_the_references_numerics_is_that_of_the_first_row_without_bf16_layout_or_compile(
+        bench, monkeypatch, tmp_path, capsys, compare):
+    """--compare_options: the row with amp, channels_last and compile off gives ratio_equal_numerics (not the
+    first row, the device default); a single row at other numerics gives none, and the report says nothing."""
+    def time_project(cfg, *args):  # each row's rate from its settings: 8 for amp + channels_last, 3 for neither
+        amp = bool(cfg.amp) if cfg.amp is not None else True
+        channels_last = cfg.channels_last is not False
+        rate = 1.0 + 4 * amp + 2 * channels_last + 10 * cfg.compile
+        row = {"amp": amp, "channels_last": channels_last, "compile": cfg.compile, "compile_mode": None,
+               "samples_per_s": rate, "step_ms": 1.0, "first_step_s": 1.0, "compile_s": None}
+        return row, None
+
+    monkeypatch.setattr(bench, "time_project", time_project)
+    monkeypatch.setattr(bench, "time_reference", lambda *args: fake_reference_record(2.0))
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--memory_batch_sizes", "", "--json", str(out), *(["--compare_options"] if compare else [])]
+    assert bench.main_cli(argv) == 0
+    result, report = json.loads(out.read_text()), capsys.readouterr().out
+    if compare:
+        assert result["ratio"] == result["project"][0]["samples_per_s"] / 2.0 != 0.5
+        assert result["ratio_equal_numerics"] == 0.5  # the amp off, channels_last off row: 1 sample/s against 2
+        assert ("x reference at the reference's numerics (float32, contiguous layout, eager: the first row with amp, "
+                "channels_last and compile off): 0.50") in report
+    else:
+        assert result["ratio"] == 3.5 and result["ratio_equal_numerics"] is None  # bf16 + channels_last by default
+        assert "reference's numerics" not in report
+
+
 def test_a_reference_failing_in_a_repeat_ends_the_repeats_and_exits_1(bench, monkeypatch, tmp_path, capsys):
     outcomes = iter([fake_reference_record(4.0), RuntimeError("DataLoader worker (pid 7) is killed by signal")])
 

@@ -49,8 +49,8 @@ views) plus one classifier-branch image: samples/s = steps * batch_size / second
 run (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the
 reference N times each, alternately (the project's step continuing its run, the reference built afresh each time),
 and reports each pair's ratio and their median; "ratio" stays the first pair's. "ratio_equal_numerics" is the
-ratio of the first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On CUDA one further epoch and
-one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
+ratio of the first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On
+CUDA one further epoch and one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
 "host_sync" records whether anything in them waited for the device ("none", or the first error); the CPU
 equivalent is tests/test_step_ops.py. With --profile, once everything else is measured and saved, up to
 PROFILE_MAX_STEPS more steps of the first project row's step run under torch.profiler, and each operator's self

@@ -410,7 +410,7 @@ for ((idx = 0; idx < n_runs; idx++)); do
     echo "$prog: interrupted" >&2
     exit 130
   elif ((rc)); then
-    why="exit $rc; its message is above"
+    why="exit $rc; its message, if it printed one, is above"
     ((rc < 128)) || why="killed by signal $((rc - 128))"
     echo "$prog: error: main.py --dry_run as ${run_names[idx]} failed ($why): no run started" >&2
     exit 2

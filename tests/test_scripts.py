@@ -1722,7 +1722,8 @@ def test_sweep_stops_before_any_run_when_a_dry_run_fails(fake, tmp_path, gpus, f
         f"sweep.sh: checking the flags, the device and the data: main.py --dry_run as {name}" for name in checked]
     assert result.stderr.splitlines() == [
         "error: --learning_rate must be positive (got -1.0)",
-        f"sweep.sh: error: main.py --dry_run as {failed} failed (exit 1; its message is above): no run started"]
+        f"sweep.sh: error: main.py --dry_run as {failed} failed (exit 1; its message, if it printed one, is above): "
+        "no run started"]
     dry_runs = read_log("dry_run")
     assert len(dry_runs) == len(checked)
     assert {d["gpu"] for d in dry_runs} == {gpus.split()[0] if gpus else None}  # the first run's GPU
@@ -1867,8 +1868,8 @@ def test_sweep_real_cli(tmp_path, summarize):
     assert refused.returncode == 2 and not runs.exists()
     [error, sweep_error] = refused.stderr.splitlines()
     assert error.startswith(f"error: no cifar10 data in {tmp_path / 'no_data'}: looked for"), error
-    assert sweep_error == "sweep.sh: error: main.py --dry_run as cifar10_ce_r10_s0 failed (exit 2; its message is above): " \
-                          "no run started"
+    assert sweep_error == ("sweep.sh: error: main.py --dry_run as cifar10_ce_r10_s0 failed (exit 2; its message, if "
+                           "it printed one, is above): no run started")
     first = subprocess.run(["bash", str(SCRIPTS / "sweep.sh"), *args], env=env, capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]

@@ -79,6 +79,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # those that record CUDA
 # Far above any projection head in use (the paper's is 128 wide), so that a mistyped --feat_dim fails as one line
 # instead of as an allocation failure.
 MAX_FEAT_DIM = 2**16
+MAX_EPOCHS = 2**31 - 1
 
 
 def _opt(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
@@ -327,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--learning_rate must be positive (got {cfg.learning_rate})")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be positive (got {cfg.epochs})")
+    if cfg.epochs > MAX_EPOCHS:  # (alpha's T / T_max and TensorBoard's hparams take it as a float)
+        raise UserError(f"--epochs must be at most {MAX_EPOCHS} (got {cfg.epochs})")
     if not 0 <= cfg.gray_prob <= 1:
         raise UserError(f"--gray_prob must be in [0, 1] (got {cfg.gray_prob})")
     if not 0 < cfg.imb_factor <= 1:
@@ -996,6 +999,8 @@ class RunState:
                 ok = isinstance(v, list) and all(_session_entry_ok(entry) for entry in v)
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
                 ok = _is_number(v, numbers.Integral if isinstance(start, int) else numbers.Real)
+                if ok and not math.isfinite(v):  # a NaN best_top1 would never be beaten: no later best kept
+                    raise TypeError(f"its run entry {k!r} is {v}, not a finite number")
             else:
                 ok = start is None or isinstance(v, type(start))
             if not ok:
@@ -1135,7 +1140,7 @@ def read_run_config(out: Path) -> tuple[Optional[dict[str, Any]], str]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         return None, f"it cannot be read: {e.strerror or e}"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep for json.loads
         return None, "it is not JSON"
     if not isinstance(config, dict):
         return None, "it is not a JSON object"
@@ -1468,6 +1473,26 @@ def check_numerics_entries(saved: dict[str, Any]) -> None:
             raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
 
 
+def check_sgd_state(optimizer: torch.optim.Optimizer) -> None:
+    """SGD's state as load_state_dict left it from a checkpoint, which that takes unchecked (a damaged one then
+    fails in the first step, after the resume was announced): ValueError unless each group's hyper-parameters are
+    numbers and each parameter's momentum buffer is absent or a floating-point tensor of its shape."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            if not (_is_number(group.get(key)) and math.isfinite(group[key])):
+                raise ValueError(f"its optimizer's {key} is {group.get(key)!r}, not a finite number")
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            buffer = state.get("momentum_buffer") if isinstance(state, dict) else state
+            if buffer is not None and not (isinstance(buffer, torch.Tensor) and buffer.is_floating_point()
+                                           and buffer.shape == param.shape):
+                what = (f"not a tensor ({type(buffer).__name__})" if not isinstance(buffer, torch.Tensor)
+                        else f"a {buffer.dtype} tensor" if not buffer.is_floating_point()
+                        else f"of shape {list(buffer.shape)}")
+                raise ValueError(f"its optimizer's momentum buffer for a parameter of shape {list(param.shape)} is "
+                                 f"{what}")
+
+
 DIRTY = "-dirty"  # after git_commit's hash where the checkout has uncommitted changes to tracked files
 
 
@@ -1573,7 +1598,7 @@ def results_problem(path: Path) -> Optional[str]:
         record = json.loads(path.read_text())
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
-    except ValueError as e:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep for json.loads
         return util.exception_text(e)
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
@@ -1647,6 +1672,7 @@ class Run:
             check_same_data(saved, self.trainer.class_counts, self.out / "last.pt", self.train_digest)
             self.trainer.net.load_state_dict(saved["model"])
             self.trainer.optimizer.load_state_dict(saved["optimizer"])
+            check_sgd_state(self.trainer.optimizer)
             self.state.load_state_dict(saved["run"], self.device, self.dist.rank, self.dist.world_size)
             if not self.state.sessions and (self.state.epoch, self.state.step) != (0, 0):
                 self.state.sessions = [self.earlier_session(saved)]
@@ -1666,7 +1692,7 @@ class Run:
         the config.json it left beside the checkpoint says (None where unreadable)."""
         try:
             world_size = json.loads((self.out / "config.json").read_text()).get("world_size")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             world_size = None
         return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),
                 "world_size": world_size if _is_count(world_size, 1) else None, "device": None, "git_commit": None,

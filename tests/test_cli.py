@@ -474,6 +474,9 @@ BAD_INPUTS = [
     (["--seed", str(2**32)], "--seed must be in 0 .. 2**32 - 1"),  # numpy's limit
     (["--feat_dim", "0"], "--feat_dim"),
     (["--feat_dim", str(main.MAX_FEAT_DIM + 1)], "--feat_dim must be at most"),
+    # (10**400 epochs failed in the TensorBoard hparams, a float, after an --overwrite had removed the old run)
+    (["--epochs", str(main.MAX_EPOCHS + 1)], f"--epochs must be at most {main.MAX_EPOCHS}"),
+    (["--epochs", "1" + "0" * 400], "--epochs must be at most"),
     (["--ncm_every", "-1"], "--ncm_every must not be negative"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
     (["--compile", "--compile_mode", "fast"], "invalid choice"),
@@ -1079,6 +1082,14 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
                                                                       "git_commit": 1234}]),
     "session_eval_every_zero": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "eval_every": 0}]),
     "session_sync_bn_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "sync_bn": "no"}]),
+    # A NaN best would never be beaten (no later best kept), a NaN time gives NaN samples/s in results.json.
+    "best_top1_nan": lambda s: s["run"].update(best_top1=float("nan")),
+    "train_time_inf": lambda s: s["run"].update(train_time=float("inf")),
+    # optimizer.load_state_dict takes these; the first step then failed with a traceback.
+    "momentum_buffer_of_another_shape": lambda s: next(iter(s["optimizer"]["state"].values())).update(
+        momentum_buffer=torch.zeros(1)),
+    "optimizer_state_a_number": lambda s: s["optimizer"]["state"].update({0: 5}),
+    "optimizer_momentum_as_text": lambda s: s["optimizer"]["param_groups"][0].update(momentum="x"),
 }
 
 
@@ -1089,7 +1100,8 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "sessions_as_a_number", "session_amp_as_text", "session_amp_as_a_list",
                    "session_world_size_as_a_bool",
                    "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number",
-                   "session_eval_every_zero", "session_sync_bn_as_text")
+                   "session_eval_every_zero", "session_sync_bn_as_text", "best_top1_nan", "train_time_inf",
+                   "momentum_buffer_of_another_shape", "optimizer_state_a_number", "optimizer_momentum_as_text")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 
@@ -1370,13 +1382,15 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
-@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "no last_top1", "many as text"])
+@pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "nested too deep", "no last_top1",
+                                    "many as text"])
 def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run, cifar10_root, capsys):
     """A results.json that cannot be read (cut off by a full disk, say) is not a finished run's: --resume (and so a
     sweep) writes it again from last.pt, which holds the whole run, with the same results."""
     results = existing_run / "results.json"
     whole = json.loads(results.read_text())
     results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{",
+                         "nested too deep": b"[" * 200_000 + b"]" * 200_000,  # json.loads: RecursionError
                          "no last_top1": json.dumps({k: v for k, v in whole.items() if k != "last_top1"}).encode(),
                          "many as text": json.dumps({**whole, "many": "90"}).encode()}[damage])
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
@@ -2146,7 +2160,8 @@ def test_another_programs_config_json_is_not_taken_for_a_run(tmp_path, capsys, c
                                      "imb_factor and epochs main.py writes there; another program's?), and a run "
                                      "would replace it: give this run its own --output_dir, or move that file away")
     assert snapshot(tmp_path / "out") == before
-    for text, reason in (("model_type: bert", "it is not JSON"), ("[1, 2]", "it is not a JSON object")):
+    for text, reason in (("model_type: bert", "it is not JSON"), ("[1, 2]", "it is not a JSON object"),
+                         ("[" * 200_000 + "]" * 200_000, "it is not JSON")):  # json.loads: RecursionError
         (tmp_path / "out" / "config.json").write_text(text)
         code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "out"), *TINY, *extra],
                               capsys)

@@ -926,6 +926,8 @@ def with_resolved_defaults(data: object, config_file: Path) -> object:
     if not isinstance(data, dict) or all(field in data for field in RESOLVED.values()):
         return data
     try:
+        if not config_file.is_file():  # reading a pipe there would wait forever
+            return data
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         return data  # no usable config.json: those settings stay unrecorded
@@ -978,7 +980,11 @@ def check_out(out: str, files: list[Path]) -> None:
                 raise SummaryError(f"--out {out} would replace {read}, which this summary reads; "
                                    "give another file")
     run_folders = {_resolved(file.parent) for file in files}
-    if target.parent in run_folders and (target.name in RUN_FOLDER_FILES or target.name.startswith(EVENTS_PREFIX)):
+    # A run folder the summary does not read counts too: one left out as unfinished (its last.pt is all that run
+    # has), or any other run's (a config.json, checkpoint or results.json of main.py's there).
+    in_a_run = target.parent in run_folders or any(os.path.lexists(target.parent / name)
+                                                   for name in RUN_FOLDER_FILES[:4])
+    if in_a_run and (target.name in RUN_FOLDER_FILES or target.name.startswith(EVENTS_PREFIX)):
         raise SummaryError(f"--out {out} would replace a file of the run in {target.parent}; give another file")
 
 
@@ -994,7 +1000,8 @@ def write_atomic(path: Path, text: str) -> None:
         mode = 0o666 & ~umask  # what open() would create; mkstemp makes the file private
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        # errors: a folder name that is not UTF-8 (Python's surrogate escapes) as \udcff, not a UnicodeEncodeError
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -1105,6 +1105,49 @@ def test_summarize_out_may_not_replace_a_file_of_a_run(summarize, tmp_path, caps
     assert code == 0 and "Hybrid-SC" in (tmp_path / elsewhere).read_text()
 
 
+@pytest.mark.parametrize("folder", ["runs/stopped", "other/run"])
+@pytest.mark.parametrize("name", ["last.pt", "results.json"])
+def test_summarize_out_may_not_replace_a_file_of_a_run_it_does_not_read(summarize, tmp_path, capsys, monkeypatch,
+                                                                       folder, name):
+    """A run folder left out as unfinished (config.json and last.pt, no results.json: its checkpoint is all that
+    run has), or another run's outside the folders summarised: --out there replaced its last.pt with the table."""
+    write_result(tmp_path / "runs", "a")
+    (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / folder / "config.json").write_text('{"loss": "sc", "imb_factor": 0.01, "epochs": 200}')
+    (tmp_path / folder / "last.pt").write_bytes(b"checkpoint")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = f"{folder}/{name}"
+    code, stdout, err = run_summarize(summarize, capsys, "runs", "--out", out)
+    assert code == 1 and stdout == ""
+    assert err.endswith(f"summarize.py: error: --out {out} would replace a file of the run in {tmp_path / folder}; "
+                        "give another file\n")
+    assert tree(tmp_path) == before
+
+
+def test_a_folder_name_that_is_not_utf8_is_written_to_out(summarize, tmp_path, capsys):
+    """A run folder named with bytes that are not UTF-8 reaches the table as Python's surrogate escapes, which
+    --out could not encode (a traceback): written as a backslash escape, the file stays UTF-8."""
+    name = os.fsdecode(b"odd\xffname")
+    write_result(tmp_path / "runs", name)
+    for extra in ([], ["--csv"]):
+        table = tmp_path / ("t.csv" if extra else "t.md")
+        code, _, err = run_summarize(summarize, capsys, tmp_path / "runs", "--per_run", *extra, "--out", table)
+        assert code == 0, err
+        assert "odd\\udcffname" in table.read_bytes().decode("utf-8")
+
+
+def test_a_config_json_that_is_a_pipe_is_not_read(summarize, tmp_path, capsys):
+    """A results.json without the settings that older runs lack takes them from the config.json beside it,
+    unless that is not a regular file: a pipe there made the summary wait forever."""
+    path = write_result(tmp_path / "runs", "a")
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "amp"}))
+    os.mkfifo(path.parent / "config.json")
+    code, out, err = run_summarize(summarize, capsys, tmp_path / "runs")
+    assert code == 0 and "Hybrid-SC" in out, err
+
+
 def test_summarize_knows_the_files_main_writes_in_a_run_folder(summarize):
     import main
     assert set(main.RUN_FILES) | {main.PROJECTOR_CONFIG} == set(summarize.RUN_FOLDER_FILES)

@@ -101,6 +101,7 @@ import util  # noqa: E402
 from util import UserError  # noqa: E402
 
 DEFAULT_MEMORY_BATCH_SIZES = "512,1024,2048,4096,8192"
+MAX_MEMORY_BATCH_SIZE = 2**18  # SC's peak at 8192 is about 5 GiB and grows 4x per doubling: 2**18 is ~5 TiB
 MEMORY_VIEWS, MEMORY_FEAT_DIM, MEMORY_CLASSES, MEMORY_TEMPERATURE = 2, 128, 100, 0.1
 PROBE_REPEATS = 3  # passes per CPU memory row; the least peak counts (memory_probe)
 MEMORY_METHOD_CPU = ("a fresh process per row: peak RSS (VmHWM, reset once the inputs exist) minus RSS then, "
@@ -176,6 +177,8 @@ def parse_memory_batch_sizes(text: str) -> tuple[int, ...]:
         raise UserError(f"--memory_batch_sizes wants comma-separated integers, got '{text}'") from None
     if any(b < 2 for b in sizes):
         raise UserError(f"--memory_batch_sizes must all be at least 2 (got {text})")
+    if any(b > MAX_MEMORY_BATCH_SIZE for b in sizes):  # SC's [2B, 2B] matrices: 2**20 would take terabytes
+        raise UserError(f"--memory_batch_sizes must all be at most {MAX_MEMORY_BATCH_SIZE} (got {text})")
     if list(sizes) != sorted(set(sizes)):
         raise UserError(f"--memory_batch_sizes must be increasing without repeats (got {text})")
     return sizes
@@ -212,6 +215,11 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     if args["json"] == "":
         raise UserError("--json is empty: give a file name, or leave it out for no JSON file")
     main.check_path("--json", args["json"])
+    if args["json"]:
+        target = Path(os.path.realpath(args["json"]))
+        if target.name in (*main.RUN_FILES, main.PROJECTOR_CONFIG) and main.holds_run(target.parent):
+            raise UserError(f"--json {args['json']} would replace a file of the run in {target.parent}; give "
+                            "another file")
     workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]
     if workers < 0:
         raise UserError(f"--workers must not be negative (got {workers})")
@@ -715,7 +723,7 @@ def cuda_memory_row(loss: str, batch_size: int, device: torch.device) -> dict[st
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "seconds": seconds}
-    except torch.cuda.OutOfMemoryError as e:
+    except RuntimeError as e:  # the device's OutOfMemoryError, or the host's allocation of the inputs failing
         return {"peak_bytes": None, "error": error_text(e)}
     finally:
         inputs = None
@@ -992,6 +1000,12 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
         if failed:
             print(f"error: {len(failed)} of {len(result['project'])} project rows failed, the first ("
                   f"{failed[0]['label']}): {failed[0]['error']}", file=sys.stderr, flush=True)
+            return 1
+        rows = result["memory"]["rows"] if result["memory"] else []
+        failed = [row for row in rows if "error" in row]  # (out of memory at the largest batch, say)
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} memory rows failed, the first ({failed[0]['loss']} at batch "
+                  f"{failed[0]['batch_size']}): {failed[0]['error']}", file=sys.stderr, flush=True)
             return 1
         sys.stdout.flush()
         if getattr(sys.stdout, "failed", False) and not json_path:  # (util.guard_stdout) the table was the result

@@ -579,6 +579,7 @@ BAD_FLAGS = [
     ["--memory_batch_sizes", "512,abc"],
     ["--memory_batch_sizes", "1024,512"],
     ["--memory_batch_sizes", "1"],
+    ["--memory_batch_sizes", "512,1000000000000000000000"],  # exited 0, every row failed (a seed past int64)
     ["--resume"],
     ["--output_dir", "runs/x"],
     ["--ncm_every", "1"],
@@ -663,6 +664,54 @@ def test_compile_failure_is_one_line_as_in_main(bench, monkeypatch, capsys, verb
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: --compile could not compile the training step (RuntimeError: No working C++ compiler "
                        "found); run without --compile, or with TORCHDYNAMO_VERBOSE=1 for PyTorch's trace")
+
+
+def test_a_failed_memory_row_fails_the_benchmark(bench, monkeypatch, tmp_path, capsys):
+    """A memory row that could not be measured (the probe killed for lack of memory, the device out of memory)
+    keeps the others and the JSON, and the exit is 1, as for a failed project row or reference."""
+    def row(loss, batch_size):
+        return {"peak_bytes": None, "error": "probe exited with -9: killed, likely out of memory"} \
+            if batch_size == 1024 else {"peak_bytes": batch_size * 1000}
+
+    monkeypatch.setattr(bench, "cpu_memory_row", row)
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--no_reference", "--memory_batch_sizes", "512,1024", "--json", str(out)]
+    assert bench.main_cli(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == ("error: 2 of 4 memory rows failed, the first (sc at batch "
+                                                     "1024): probe exited with -9: killed, likely out of memory")
+    result = json.loads(out.read_text())
+    assert result["complete"] and [r["peak_bytes"] for r in result["memory"]["rows"]] == [512000, None, 512000, None]
+
+
+def test_a_failed_allocation_on_cuda_is_a_memory_row(bench, monkeypatch):
+    """On CUDA the inputs are made on the host first: a host allocation that fails is a RuntimeError, not the
+    device's OutOfMemoryError, and was a traceback."""
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(bench.torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(bench, "memory_inputs", no_memory)
+    row = bench.cuda_memory_row("sc", 512, torch.device("cuda"))
+    assert row == {"peak_bytes": None, "error": "RuntimeError: [enforce fail at alloc_cpu.cpp:117] "
+                                                "DefaultCPUAllocator: can't allocate memory"}
+
+
+@pytest.mark.parametrize("name", ["results.json", "last.pt", "config.json"])
+def test_json_may_not_replace_a_file_of_a_run(bench, tmp_path, capsys, name):
+    """--json naming a file of a main.py run folder (its results or checkpoint) is refused before anything is
+    timed; the same name in any other folder is a file like any other."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in ("config.json", "last.pt", "results.json"):
+        (run / file).write_text(file)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert bench.main_cli([*TINY, "--no_reference", "--memory_batch_sizes", "", "--json", str(run / name)]) == 2
+    assert capsys.readouterr().err == f"error: --json {run / name} would replace a file of the run in {run}; " \
+                                      "give another file\n"
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    bench.parse_args([*TINY, "--json", str(tmp_path / name)])  # not a run folder: taken
 
 
 def test_memory_rows_are_saved_as_they_come(bench, monkeypatch):

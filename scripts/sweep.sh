@@ -39,8 +39,9 @@ with --imb_type step.
   --gpus G..         GPU ids for CUDA_VISIBLE_DEVICES; one run per listed id at a time, each
                      run's output appended to DIR/logs/<run>.log. List an id twice to give it
                      two runs at once. An entry is a device index, a GPU-/MIG- UUID or a comma
-                     list of them (with PYTHON="torchrun --nproc_per_node 2"). Default: runs one
-                     after another, output to the terminal.
+                     list of them (with PYTHON="torchrun --nproc_per_node 2"). Refused where
+                     main.py finds no CUDA device. Default: runs one after another, output to
+                     the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --lr_decay_epochs 12,16);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
                      --seed --output_dir --resume --overwrite), those that make main.py train nothing
@@ -418,6 +419,13 @@ for ((idx = 0; idx < n_runs; idx++)); do
   # Its notes (flags that are legal but rarely meant, a CUDA_VISIBLE_DEVICES that hides every GPU) said here
   # once, where they are seen before the runs start: with --gpus each run's own copy goes to its log only.
   while IFS= read -r line; do
+    # main.py's note that --device auto found no GPU although CUDA_VISIBLE_DEVICES names one: with --gpus the queue
+    # would start one CPU run per listed GPU at once, on the same cores.
+    if ((${#gpu_list[@]})) && [[ $line == "note: CUDA_VISIBLE_DEVICES="*" but no CUDA device is available"* ]]; then
+      echo "$prog: error: --gpus, but main.py --dry_run as ${run_names[idx]} found no CUDA device ($line): no run" \
+        "started; on a machine without GPUs leave --gpus out (one run at a time)" >&2
+      exit 2
+    fi
     [[ $line == note:* && -z ${notes_said[$line]+x} ]] || continue
     notes_said[$line]=1  # one that every dry run prints (CUDA_VISIBLE_DEVICES) said once
     echo "$prog: main.py --dry_run as ${run_names[idx]}: $line"

@@ -1811,6 +1811,27 @@ def test_sweep_dry_runs_each_method_and_says_each_note_once(fake, tmp_path):
     assert len(read_log("end")) == 4
 
 
+def test_sweep_with_gpus_stops_where_main_py_finds_no_gpu(fake, tmp_path, monkeypatch):
+    """--gpus on a machine where main.py finds no CUDA device (none there, or a driver that is broken) would start
+    one CPU run per listed GPU at once: main.py's note in the dry run stops the sweep before any run; without --gpus
+    the same note is only said."""
+    import main
+    import torch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    note = main.hidden_gpu_note("auto", torch.device("cpu"))
+    env, read_log = fake
+    env["FAKE_DRY_RUN_COMMON_NOTE"] = note.removeprefix("note: ")
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc psc", "--runs_dir", str(runs)]
+    result = run_script("sweep.sh", [*args, "--gpus", "0 1"], env)
+    assert result.returncode == 2 and read_log("start") == [], result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"sweep.sh: error: --gpus, but main.py --dry_run as cifar10_sc_r100_s0 found no CUDA device ({note}): no run "
+        "started; on a machine without GPUs leave --gpus out (one run at a time)")
+    result = run_script("sweep.sh", args, env)
+    assert result.returncode == 0 and f"sweep.sh: main.py --dry_run as cifar10_sc_r100_s0: {note}" in result.stdout
+
+
 @pytest.mark.parametrize("script", ["sweep.sh", "gpu_checks.sh"])
 def test_a_running_script_is_not_changed_by_an_edit_of_its_file(fake, tmp_path, script):
     """bash reads a script as it runs it, so an edit saved in place while a sweep runs for hours would have the

@@ -1418,9 +1418,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, path: Path, num_classes
         raise UserError(f"checkpoint {path} was made with other settings: {', '.join(diff)} "
                         f"(give these flags the checkpoint's values to use it)")
     model = saved["config"].get("model")  # none recorded (other code): loading the weights judges the model
-    if saved.get("num_classes") != num_classes or model not in (None, cfg.model):
+    count = saved.get("num_classes")
+    if count != num_classes or model not in (None, cfg.model):
+        count_text = count if _is_number(count, numbers.Integral) else repr(count)  # '10' in a damaged one
         raise UserError(f"checkpoint {path} is a {model or 'network of no recorded model'} with "
-                        f"{saved.get('num_classes')} classes; this run is a {cfg.model} with {num_classes} (set "
+                        f"{count_text} classes; this run is a {cfg.model} with {num_classes} (set "
                         f"--model / --dataset)")
 
 

@@ -1007,7 +1007,8 @@ def test_resume_with_other_settings(existing_run, capsys, cifar10_root):
 
 
 @pytest.mark.parametrize("problem", ["missing", "folder", "device", "garbage", "truncated", "other_model",
-                                     "other_classes", "other_imbalance", "foreign_classes", "other_data"])
+                                     "other_classes", "other_imbalance", "foreign_classes", "classes_as_text",
+                                     "other_data"])
 def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     ckpt = existing_run / "last.pt"
     argv = ["--eval_only", "--data_root", str(cifar10_root), "--device", "cpu", "--model", "resnet8"]
@@ -1044,6 +1045,12 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
         torch.save(saved, tmp_path / "foreign.pt")
         argv += ["--checkpoint", str(tmp_path / "foreign.pt")]
         needle = "is a resnet8 with 100 classes; this run is a resnet8 with 10"
+    elif problem == "classes_as_text":  # (it read "with 10 classes; this run is a resnet8 with 10")
+        saved = torch.load(ckpt, weights_only=False)
+        saved["num_classes"] = "10"
+        torch.save(saved, tmp_path / "foreign.pt")
+        argv += ["--checkpoint", str(tmp_path / "foreign.pt")]
+        needle = "is a resnet8 with '10' classes; this run is a resnet8 with 10"
     else:  # 30 training images per class where the run had 40: another long-tailed set at the same ratio
         write_pickled_cifar10(tmp_path / "other", *make_synthetic(10, 30, N_TEST, seed=0))
         argv[argv.index(str(cifar10_root))] = str(tmp_path / "other")

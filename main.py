@@ -999,7 +999,7 @@ class RunState:
                 ok = isinstance(v, list) and all(_session_entry_ok(entry) for entry in v)
             elif isinstance(start, (bool, int, float)):  # int counters, float times and accuracies
                 ok = _is_number(v, numbers.Integral if isinstance(start, int) else numbers.Real)
-                if ok and not math.isfinite(v):  # a NaN best_top1 would never be beaten: no later best kept
+                if ok and isinstance(v, float) and not math.isfinite(v):  # a NaN best_top1: never beaten
                     raise TypeError(f"its run entry {k!r} is {v}, not a finite number")
             else:
                 ok = start is None or isinstance(v, type(start))
@@ -1121,6 +1121,7 @@ def resolve_output_dir(cfg: Config) -> Path:
 
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "results.json")
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event files
 # TensorBoard's projector files of a finished run: the config, and <global step, 5+ digits>/<tag>/*.tsv.
 PROJECTOR_CONFIG, PROJECTIONS_TAG = "projector_config.pbtxt", "test_projections"
 
@@ -1347,7 +1348,7 @@ def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = 
     try:
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
-            stale += list(RUN_FILES) + [PROJECTOR_CONFIG] + [p.name for p in out.glob("events.out.tfevents.*")]
+            stale += list(RUN_FILES) + [PROJECTOR_CONFIG] + [p.name for p in out.glob(EVENTS_PREFIX + "*")]
             for projections in out.glob(f"[0-9][0-9][0-9][0-9][0-9]*/{PROJECTIONS_TAG}"):
                 shutil.rmtree(projections)
                 if not any(projections.parent.iterdir()):

@@ -45,19 +45,20 @@ Three measurements, the last two skippable (--no_reference, --memory_batch_sizes
 Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
 with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
 device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
-views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to
-run (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the
-reference N times each, alternately (the project's step continuing its run, the reference built afresh each time),
-and reports each pair's ratio and their median; "ratio" stays the first pair's. "ratio_equal_numerics" is the
-ratio of the first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On
-CUDA one further epoch and one step of the project (an epoch start included) run under torch.cuda.set_sync_debug_mode("error") and
-"host_sync" records whether anything in them waited for the device ("none", or the first error); the CPU
-equivalent is tests/test_step_ops.py. With --profile, once everything else is measured and saved, up to
-PROFILE_MAX_STEPS more steps of the first project row's step run under torch.profiler, and each operator's self
-time per step and share of the total are reported: CPU time on the CPU, on CUDA the device time of the kernels
-each operator launched itself (not its children's, so no kernel counts twice; kernels launched outside any
-operator, as a CUDA graph's replay launches them under --compile_mode reduce-overhead, are reported apart); on
-CUDA also every kernel by name, its device time per step and share, the CUDA graphs' kernels included.
+views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to run
+(on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the reference N
+times each, alternately (the project's step continuing its run, the reference built afresh each time), and reports
+each pair's ratio and their median; "ratio" stays the first pair's. "ratio_equal_numerics" is the ratio of the
+first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On CUDA one
+further epoch and one step of the project (an epoch start included) run under
+torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in them waited for the device
+("none", or the first error); the CPU equivalent is tests/test_step_ops.py. With --profile, once everything else
+is measured and saved, up to PROFILE_MAX_STEPS more steps of the first project row's step run under
+torch.profiler, and each operator's self time per step and share of the total are reported: CPU time on the CPU,
+on CUDA the device time of the kernels each operator launched itself (not its children's, so no kernel counts
+twice; kernels launched outside any operator, as a CUDA graph's replay launches them under --compile_mode
+reduce-overhead, are reported apart); on CUDA also every kernel by name, its device time per step and share, the
+CUDA graphs' kernels included.
 
 Every option of main.py that shapes the training step is accepted (the recipe, --model, --loss, --amp,
 --channels_last, --compile, --deterministic, ...; those of a run's outputs and course, RUN_ONLY_OPTIONS, are
@@ -215,9 +216,10 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     if args["json"] == "":
         raise UserError("--json is empty: give a file name, or leave it out for no JSON file")
     main.check_path("--json", args["json"])
-    if args["json"]:
-        target = Path(os.path.realpath(args["json"]))
-        if target.name in (*main.RUN_FILES, main.PROJECTOR_CONFIG) and main.holds_run(target.parent):
+    if args["json"]:  # the file util.atomic_write replaces: the name itself (a symlink, not what it points to)
+        target = Path(os.path.realpath(os.path.dirname(os.path.abspath(args["json"])))) / os.path.basename(args["json"])
+        run_file = target.name in (*main.RUN_FILES, main.PROJECTOR_CONFIG) or target.name.startswith(main.EVENTS_PREFIX)
+        if run_file and main.holds_run(target.parent):
             raise UserError(f"--json {args['json']} would replace a file of the run in {target.parent}; give "
                             "another file")
     workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]

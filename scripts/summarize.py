@@ -67,7 +67,7 @@ Choices, documented here and in the table's footnotes:
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
   summary reads (a results.json, or the config.json beside one), nor a file main.py writes in a run
-  folder it reads (last.pt, best.pt, TensorBoard events). Bad arguments and files that
+  folder (last.pt, best.pt, TensorBoard events), whether the summary reads that run or not. Bad arguments and files that
   cannot be written are one line on stderr and a non-zero exit.
 
 Only the standard library and numpy: it runs anywhere the run folders are copied to.
@@ -965,8 +965,8 @@ EVENTS_PREFIX = "events.out.tfevents."
 
 def check_out(out: str, files: list[Path]) -> None:
     """Refuse an --out that names a folder or a file the summary reads (a results.json, or the config.json
-    beside one), or a file main.py writes in a run folder the summary reads (a checkpoint, TensorBoard events):
-    replacing a run's record with the table would lose it."""
+    beside one), or a file main.py writes in a run folder, one the summary reads or any other (a checkpoint,
+    TensorBoard events): replacing a run's record with the table would lose it."""
     target = _resolved(Path(out))
     kind = _kind(target)
     if kind == "dir":

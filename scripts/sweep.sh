@@ -423,7 +423,7 @@ for ((idx = 0; idx < n_runs; idx++)); do
     # would start one CPU run per listed GPU at once, on the same cores.
     if ((${#gpu_list[@]})) && [[ $line == "note: CUDA_VISIBLE_DEVICES="*" but no CUDA device is available"* ]]; then
       echo "$prog: error: --gpus, but main.py --dry_run as ${run_names[idx]} found no CUDA device ($line): no run" \
-        "started; on a machine without GPUs leave --gpus out (one run at a time)" >&2
+        "started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out" >&2
       exit 2
     fi
     [[ $line == note:* && -z ${notes_said[$line]+x} ]] || continue

@@ -698,7 +698,7 @@ def test_a_failed_allocation_on_cuda_is_a_memory_row(bench, monkeypatch):
                                                 "DefaultCPUAllocator: can't allocate memory"}
 
 
-@pytest.mark.parametrize("name", ["results.json", "last.pt", "config.json"])
+@pytest.mark.parametrize("name", ["results.json", "last.pt", "config.json", "events.out.tfevents.1.host.1"])
 def test_json_may_not_replace_a_file_of_a_run(bench, tmp_path, capsys, name):
     """--json naming a file of a main.py run folder (its results or checkpoint) is refused before anything is
     timed; the same name in any other folder is a file like any other."""
@@ -712,6 +712,15 @@ def test_json_may_not_replace_a_file_of_a_run(bench, tmp_path, capsys, name):
                                       "give another file\n"
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     bench.parse_args([*TINY, "--json", str(tmp_path / name)])  # not a run folder: taken
+    # The name is what the write replaces: a link elsewhere to a run's file is replaced itself (taken); a run's file
+    # that is a link to another folder is the run's (refused).
+    (tmp_path / "link.json").symlink_to(run / "results.json")
+    bench.parse_args([*TINY, "--json", str(tmp_path / "link.json")])
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (run / "results.json").unlink()
+    (run / "results.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(bench.UserError, match="would replace a file of the run in"):
+        bench.parse_args([*TINY, "--json", str(run / "results.json")])
 
 
 def test_memory_rows_are_saved_as_they_come(bench, monkeypatch):

@@ -1092,6 +1092,7 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
     # A NaN best would never be beaten (no later best kept), a NaN time gives NaN samples/s in results.json.
     "best_top1_nan": lambda s: s["run"].update(best_top1=float("nan")),
     "train_time_inf": lambda s: s["run"].update(train_time=float("inf")),
+    "epoch_past_a_float": lambda s: s["run"].update(epoch=10**400),  # (math.isfinite would raise OverflowError)
     # optimizer.load_state_dict takes these; the first step then failed with a traceback.
     "momentum_buffer_of_another_shape": lambda s: next(iter(s["optimizer"]["state"].values())).update(
         momentum_buffer=torch.zeros(1)),
@@ -1108,6 +1109,7 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "session_world_size_as_a_bool",
                    "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number",
                    "session_eval_every_zero", "session_sync_bn_as_text", "best_top1_nan", "train_time_inf",
+                   "epoch_past_a_float",
                    "momentum_buffer_of_another_shape", "optimizer_state_a_number", "optimizer_momentum_as_text")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
@@ -1129,7 +1131,12 @@ def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, ci
         argv = ["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root), "--device", "cpu",
                 "--model", "resnet8"]
     needle = {"config_as_text": "is not a checkpoint of this project", "other_class_counts": "not the data it was",
-              "epoch_as_text": "holds no training state"}.get(damage, "does not hold what this program's checkpoints")
+              "epoch_as_text": "holds no training state",
+              "best_top1_nan": "TypeError: its run entry 'best_top1' is nan, not a finite number",
+              "momentum_buffer_of_another_shape": "ValueError: its optimizer's momentum buffer for a parameter of",
+              "optimizer_state_a_number": "momentum buffer for a parameter of shape [16, 3, 3, 3] is not a tensor",
+              "optimizer_momentum_as_text": "ValueError: its optimizer's momentum is 'x', not a finite number",
+              }.get(damage, "does not hold what this program's checkpoints")
     before = snapshot(existing_run)
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)

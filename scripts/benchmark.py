@@ -102,6 +102,7 @@ import util  # noqa: E402
 from util import UserError  # noqa: E402
 
 DEFAULT_MEMORY_BATCH_SIZES = "512,1024,2048,4096,8192"
+MAX_WORKERS = 128
 MAX_MEMORY_BATCH_SIZE = 2**18  # SC's peak at 8192 is about 5 GiB and grows 4x per doubling: 2**18 is ~5 TiB
 MEMORY_VIEWS, MEMORY_FEAT_DIM, MEMORY_CLASSES, MEMORY_TEMPERATURE = 2, 128, 100, 0.1
 PROBE_REPEATS = 3  # passes per CPU memory row; the least peak counts (memory_probe)
@@ -225,6 +226,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[main.Config, BenchOptions]:
     workers = min(4, os.cpu_count() or 1) if args["workers"] is None else args["workers"]
     if workers < 0:
         raise UserError(f"--workers must not be negative (got {workers})")
+    if workers > MAX_WORKERS:  # each a process, in two loaders: a mistyped number started them until the cap
+        raise UserError(f"--workers must be at most {MAX_WORKERS} per loader (got {workers})")
     opts = BenchOptions(steps=args["steps"], warmup_steps=args["warmup_steps"], workers=workers,
                         reference=not args["no_reference"],
                         memory_batch_sizes=parse_memory_batch_sizes(args["memory_batch_sizes"]),

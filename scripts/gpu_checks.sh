@@ -135,7 +135,8 @@ done
 [[ -e $data ]] || die_usage "--data '$data' does not exist"
 [[ $device == cuda || $device == cpu ]] || die_usage "--device must be cuda or cpu, got '$device'"
 [[ $budget_s =~ ^(0|[1-9][0-9]{0,8})$ ]] || die_usage "--budget_s must be a whole number of seconds below 10**9, got '$budget_s'"
-[[ $workers =~ ^(0|[1-9][0-9]*)$ ]] || die_usage "--workers must be a whole number, got '$workers'"
+[[ $workers =~ ^(0|[1-9][0-9]{0,2})$ ]] && ((workers <= 128)) ||  # benchmark.py's MAX_WORKERS
+  die_usage "--workers must be a whole number from 0 to 128, got '$workers'"
 if ((only_given)); then
   # Commas only: an entry with a space or a line break in it would match no step and run nothing.
   [[ $only != *[[:space:]]* ]] || die_usage "--only: the steps are separated by commas, without spaces"
@@ -160,7 +161,11 @@ python=${PYTHON:-python3}
 grace=${GPU_CHECKS_GRACE_S:-10}
 [[ $grace =~ ^[1-9][0-9]{0,3}$ ]] || die_usage "GPU_CHECKS_GRACE_S must be a whole number of seconds from 1 to 9999, got '$grace'"
 data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # before the cd below
-scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
+if ! scratch=$(mktemp -d -- "${TMPDIR:-/tmp}/gpu_checks.XXXXXX" 2>/dev/null); then
+  echo "$prog: error: cannot make a scratch folder in TMPDIR '${TMPDIR:-/tmp}' (missing or not writable?)" >&2
+  exit 2
+fi
+scratch=$(cd "$scratch" && pwd)  # absolute: the steps run from the repository (cd below), and so does the EXIT trap
 trap 'rm -rf "$scratch"' EXIT
 
 if [[ -d $data ]]; then

@@ -123,6 +123,10 @@ case $imb_type in
   step) folder_kind="step_" ;; # as main.py names its default folder
   *) die_usage "--imb_type must be exp or step, got '$imb_type'" ;;
 esac
+# read reads one line: a value with a newline in it would silently lose the runs on its later lines.
+for list_flag in "imb_factors:$imb_factors" "methods:$methods" "seeds:$seeds" "gpus:$gpus"; do
+  [[ ${list_flag#*:} != *$'\n'* ]] || die_usage "--${list_flag%%:*} holds a newline: separate its values with spaces"
+done
 read -r -a factor_list <<<"$imb_factors"
 read -r -a method_list <<<"$methods"
 read -r -a seed_list <<<"$seeds"
@@ -176,7 +180,13 @@ done
 # run's --overwrite would then clear it), so refuse those starts too.
 # Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too
 # (sweep_flags and not_training, above).
+previous_arg=""
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
+  # --gpus queues runs on GPUs: a --device cpu after -- would run them all on the CPU at once.
+  if ((${#gpu_list[@]})) && [[ $arg == --device=cpu || ($previous_arg == --device && $arg == cpu) ]]; then
+    die_usage "--gpus runs each run on a GPU, and --device cpu after -- runs them on the CPU: drop one of the two"
+  fi
+  previous_arg=$arg
   flag=${arg%%=*}
   [[ $flag != -h ]] || die_usage "'-h' makes main.py train nothing, and a sweep trains its runs; remove it after --"
   [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
@@ -219,7 +229,10 @@ runs_word=runs
 ((n_runs != 1)) || runs_word=run
 
 # Per-sweep scratch: the queue counter, each run's status and the pid of each running run.
-state_dir=$(mktemp -d "${TMPDIR:-/tmp}/sweep.XXXXXX")
+if ! state_dir=$(mktemp -d -- "${TMPDIR:-/tmp}/sweep.XXXXXX" 2>/dev/null); then
+  echo "$prog: error: cannot make a scratch folder in TMPDIR '${TMPDIR:-/tmp}' (missing or not writable?)" >&2
+  exit 2
+fi
 trap 'rm -rf "$state_dir"' EXIT
 echo 0 >"$state_dir/next"
 
@@ -257,11 +270,12 @@ run_one() {
   local name=${run_names[idx]}
   local run_dir="$runs_dir/$name" status_file="$state_dir/status.$idx"
   local state_flag=() finished=""
-  if [[ -e $run_dir/results.json && ! -e $run_dir/last.pt ]]; then
+  # -f: a results.json that is not a file (a folder) is no finished run's; main.py --resume then says so
+  if [[ -f $run_dir/results.json && ! -e $run_dir/last.pt ]]; then
     echo "[$name] finished already (no last.pt to check its settings against): skipped"
     echo "skipped" >"$status_file"
     return 0
-  elif [[ -e $run_dir/results.json ]]; then
+  elif [[ -f $run_dir/results.json ]]; then
     echo "[$name] finished already: checking its settings against these"
     finished=1 state_flag=(--resume) # main.py refuses another recipe, else says it has nothing to do
   elif [[ -e $run_dir/last.pt ]]; then
@@ -286,8 +300,13 @@ run_one() {
   if [[ -z $gpu ]]; then
     launch_and_wait "$idx" "$gpu" "${cmd[@]}" || rc=$?
   else
-    mkdir -p "$runs_dir/logs"
     log="$runs_dir/logs/$name.log"
+    if ! mkdir -p "$runs_dir/logs" 2>/dev/null || ! { : >>"$log"; } 2>/dev/null; then
+      # (a read-only --runs_dir, a folder where the log goes): this run fails, the queue goes on
+      echo "[$name] FAILED (cannot write its log $log): not started"
+      echo "FAILED (cannot write its log $log)" >"$status_file"
+      return 0
+    fi
     echo "[$name] output: $log"
     launch_and_wait "$idx" "$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
   fi
@@ -399,7 +418,7 @@ set -m # job control: each run (and each GPU worker) in its own process group, s
 # results.json main.py finds damaged and writes again).
 declare -A dry_run_factor=() dry_run_method=() notes_said=()
 for ((idx = 0; idx < n_runs; idx++)); do
-  [[ -e $runs_dir/${run_names[idx]}/results.json ]] && continue
+  [[ -f $runs_dir/${run_names[idx]}/results.json ]] && continue
   [[ -n ${dry_run_factor[${run_factors[idx]}]+x} && -n ${dry_run_method[${run_methods[idx]}]+x} ]] && continue
   dry_run_factor[${run_factors[idx]}]=1 dry_run_method[${run_methods[idx]}]=1
   echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}"

@@ -576,6 +576,7 @@ BAD_FLAGS = [
     ["--steps", "0"],
     ["--warmup_steps", "0"],
     ["--workers", "-1"],
+    ["--workers", "129"],  # each a process: a mistyped number started them until a time limit
     ["--memory_batch_sizes", "512,abc"],
     ["--memory_batch_sizes", "1024,512"],
     ["--memory_batch_sizes", "1"],

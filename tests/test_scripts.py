@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -1811,6 +1812,54 @@ def test_sweep_dry_runs_each_method_and_says_each_note_once(fake, tmp_path):
     assert len(read_log("end")) == 4
 
 
+@pytest.mark.parametrize("flag", ["--imb_factors", "--methods", "--seeds", "--gpus"])
+def test_sweep_refuses_a_list_with_a_newline(fake, tmp_path, flag):
+    """bash's read takes one line: the values after a newline were silently dropped (two seeds ran as one)."""
+    env, read_log = fake
+    value = {"--imb_factors": "0.1\n0.02", "--methods": "sc\npsc", "--seeds": "0\n1", "--gpus": "0\n1"}[flag]
+    args = {"--dataset": "cifar10", "--imb_factors": "0.1", "--runs_dir": str(tmp_path / "runs"), flag: value}
+    result = run_script("sweep.sh", [part for item in args.items() for part in item], env)
+    assert result.returncode == 2 and read_log("dry_run") == [] and not (tmp_path / "runs").exists()
+    assert result.stderr == f"sweep.sh: error: {flag} holds a newline: separate its values with spaces (see --help)\n"
+
+
+@pytest.mark.parametrize("device", [["--device", "cpu"], ["--device=cpu"]])
+def test_sweep_refuses_gpus_with_device_cpu(fake, tmp_path, device):
+    env, read_log = fake
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--runs_dir", str(tmp_path / "r"),
+                                     "--gpus", "0 1", "--", *device], env)
+    assert result.returncode == 2 and read_log("dry_run") == [], result.stdout + result.stderr
+    assert result.stderr == ("sweep.sh: error: --gpus runs each run on a GPU, and --device cpu after -- runs them on "
+                             "the CPU: drop one of the two (see --help)\n")
+
+
+def test_sweep_with_gpus_fails_a_run_whose_log_cannot_be_written_and_goes_on(fake, tmp_path):
+    """A folder where a run's log goes (or a read-only --runs_dir): that run is FAILED, saying why, and not started;
+    the queue goes on (before, bash's own error line, and the status blamed the run)."""
+    env, read_log = fake
+    runs = tmp_path / "runs"
+    (runs / "logs" / "cifar10_sc_r10_s0.log").mkdir(parents=True)
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--methods", "sc psc",
+                                     "--runs_dir", str(runs), "--gpus", "0"], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = runs / "logs" / "cifar10_sc_r10_s0.log"
+    assert summary_statuses(result.stdout) == {"cifar10_sc_r10_s0": f"FAILED (cannot write its log {log})",
+                                               "cifar10_psc_r10_s0": "done"}
+    assert [start["name"] for start in read_log("start")] == ["cifar10_psc_r10_s0"] and "line " not in result.stderr
+
+
+def test_sweep_takes_a_results_json_that_is_not_a_file_for_no_finished_run(fake, tmp_path):
+    """A folder named results.json made the run count as finished ("skipped", exit 0), which summarize.py then
+    refuses: main.py is run there instead, and says what is wrong."""
+    env, read_log = fake
+    runs = tmp_path / "runs"
+    (runs / "cifar10_sc_r10_s0" / "results.json").mkdir(parents=True)
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--methods", "sc",
+                                     "--runs_dir", str(runs)], env)
+    assert summary_statuses(result.stdout)["cifar10_sc_r10_s0"] != "skipped", result.stdout
+    assert len(read_log("dry_run")) == 1 and len(read_log("start")) == 1
+
+
 def test_sweep_with_gpus_stops_where_main_py_finds_no_gpu(fake, tmp_path, monkeypatch):
     """--gpus on a machine where main.py finds no CUDA device (none there, or a driver that is broken) would start
     one CPU run per listed GPU at once: main.py's note in the dry run stops the sweep before any run; without --gpus
@@ -2324,6 +2373,9 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark bench_supcon"], "without spaces"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "benchmark\nbench_supcon"], "without spaces"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only", "bench*"], "no step 'bench*'"),
+        # (benchmark.py's MAX_WORKERS: a mistyped number started DataLoader workers until the step's cap)
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--workers", "129"], "from 0 to 128, got '129'"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--workers", "9" * 30], "from 0 to 128"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
           "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,table1"], "leave 1 out"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
@@ -2346,6 +2398,36 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["log.txt", "summary.md"]
     assert "nvidia-smi" in (tmp_path / "o" / "log.txt").read_text()
     assert (tmp_path / "o" / "summary.md").read_text() == "no run finished: see log.txt\n"
+
+
+def test_gpu_checks_takes_a_relative_tmpdir_and_removes_its_scratch_folder(tmp_path):
+    """A relative TMPDIR made the scratch folder relative: every step (run from the repository) missed the unpacked
+    data, and the removal at the end missed the folder, which stayed behind."""
+    env = {**fake_python_env(tmp_path), "TMPDIR": "reltmp"}  # (which makes data/train/ and data/test/)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "data", arcname="cifar10-jpeg")
+    (tmp_path / "reltmp").mkdir()
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(archive), "--out", "out",
+                           "--device", "cpu", "--only", "bench_options"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "bench_options: ok" in proc.stdout, proc.stdout + proc.stderr
+    assert "decode: ok" in proc.stdout and list((tmp_path / "reltmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["sweep.sh", "gpu_checks.sh"])
+def test_a_tmpdir_where_no_scratch_folder_can_be_made_is_one_line(tmp_path, script):
+    """mktemp's own lines (two for a TMPDIR that reads as an option), without the script's name, were all it said."""
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    args = {"sweep.sh": ["--dataset", "cifar10", "--imb_factors", "0.1", "--runs_dir", str(tmp_path / "runs")],
+            "gpu_checks.sh": ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]}[script]
+    for tmpdir in (str(tmp_path / "missing"), "-x"):
+        proc = subprocess.run(["bash", str(SCRIPTS / script), *args], env={**os.environ, "TMPDIR": tmpdir,
+                                                                          "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr == (f"{script}: error: cannot make a scratch folder in TMPDIR "
+                                                        f"'{tmpdir}' (missing or not writable?)\n"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_gpu_checks_takes_relative_paths_that_start_with_a_dash(tmp_path):

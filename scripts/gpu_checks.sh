@@ -83,7 +83,7 @@ exits 130 or 143.
   --out DIR      where the files go (created; must be empty or absent)
   --device D     cuda (default) or cpu
   --budget_s S   seconds for everything, unpacking included (default: 560)
-  --workers N    DataLoader workers per loader of the benchmark's reference (default: 6)
+  --workers N    DataLoader workers per loader of the benchmark's reference, 0 to 128 (default: 6)
   --only LIST    run only these steps, comma-separated; they run in the order above whatever the
                  order given (decode always runs first;
                  e.g. --only bench_graphs,train_compile)

@@ -40,8 +40,8 @@ with --imb_type step.
                      run's output appended to DIR/logs/<run>.log. List an id twice to give it
                      two runs at once. An entry is a device index, a GPU-/MIG- UUID or a comma
                      list of them (with PYTHON="torchrun --nproc_per_node 2"). Refused where
-                     main.py finds no CUDA device. Default: runs one after another, output to
-                     the terminal.
+                     main.py finds no CUDA device, and with --device cpu after --. Default:
+                     runs one after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --lr_decay_epochs 12,16);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
                      --seed --output_dir --resume --overwrite), those that make main.py train nothing

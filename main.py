@@ -1476,13 +1476,21 @@ def check_numerics_entries(saved: dict[str, Any]) -> None:
             raise TypeError(f"its {key!r} entry is a {type(saved[key]).__name__}")
 
 
+def _finite(value: numbers.Real) -> bool:
+    """math.isfinite, False for an int past float's range (which SGD could not multiply by) instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_sgd_state(optimizer: torch.optim.Optimizer) -> None:
     """SGD's state as load_state_dict left it from a checkpoint, which that takes unchecked (a damaged one then
     fails in the first step, after the resume was announced): ValueError unless each group's hyper-parameters are
     numbers and each parameter's momentum buffer is absent or a floating-point tensor of its shape."""
     for group in optimizer.param_groups:
         for key in ("lr", "momentum", "dampening", "weight_decay"):
-            if not (_is_number(group.get(key)) and math.isfinite(group[key])):
+            if not (_is_number(group.get(key)) and _finite(group[key])):
                 raise ValueError(f"its optimizer's {key} is {group.get(key)!r}, not a finite number")
         for param in group["params"]:
             state = optimizer.state.get(param, {})

@@ -67,8 +67,8 @@ Choices, documented here and in the table's footnotes:
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
   summary reads (a results.json, or the config.json beside one), nor a file main.py writes in a run
-  folder (last.pt, best.pt, TensorBoard events), whether the summary reads that run or not. Bad arguments and files that
-  cannot be written are one line on stderr and a non-zero exit.
+  folder (last.pt, best.pt, TensorBoard events), whether the summary reads that run or not. Bad
+  arguments and files that cannot be written are one line on stderr and a non-zero exit.
 
 Only the standard library and numpy: it runs anywhere the run folders are copied to.
 """

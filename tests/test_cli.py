@@ -1098,6 +1098,8 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
         momentum_buffer=torch.zeros(1)),
     "optimizer_state_a_number": lambda s: s["optimizer"]["state"].update({0: 5}),
     "optimizer_momentum_as_text": lambda s: s["optimizer"]["param_groups"][0].update(momentum="x"),
+    "optimizer_momentum_past_a_float": lambda s: s["optimizer"]["param_groups"][0].update(momentum=10**400),
+    "optimizer_momentum_nan": lambda s: s["optimizer"]["param_groups"][0].update(momentum=float("nan")),
 }
 
 
@@ -1110,7 +1112,8 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number",
                    "session_eval_every_zero", "session_sync_bn_as_text", "best_top1_nan", "train_time_inf",
                    "epoch_past_a_float",
-                   "momentum_buffer_of_another_shape", "optimizer_state_a_number", "optimizer_momentum_as_text")
+                   "momentum_buffer_of_another_shape", "optimizer_state_a_number", "optimizer_momentum_as_text",
+                   "optimizer_momentum_past_a_float", "optimizer_momentum_nan")
 DAMAGE_CASES = ([(d, "resume") for d in DAMAGED if d != "amp_as_text"]
                 + [(d, "eval_only") for d in DAMAGED if d not in RUN_ONLY_DAMAGE])
 

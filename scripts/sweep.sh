@@ -180,14 +180,17 @@ done
 # run's --overwrite would then clear it), so refuse those starts too.
 # Flags that make main.py train nothing would leave every run without results.json, a failure: refuse them too
 # (sweep_flags and not_training, above).
-previous_arg=""
+# The --device main.py will take from them (its last, under any unambiguous start of the flag: --dev, --devi=).
+device_given="" device_next=0
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
-  # --gpus queues runs on GPUs: a --device cpu after -- would run them all on the CPU at once.
-  if ((${#gpu_list[@]})) && [[ $arg == --device=cpu || ($previous_arg == --device && $arg == cpu) ]]; then
-    die_usage "--gpus runs each run on a GPU, and --device cpu after -- runs them on the CPU: drop one of the two"
+  if ((device_next)); then
+    device_given=$arg device_next=0
+    continue
   fi
-  previous_arg=$arg
   flag=${arg%%=*}
+  if ((${#flag} >= 5)) && [[ --device == "$flag"* ]]; then # (--de could be --deterministic too: main.py refuses it)
+    if [[ $arg == *=* ]]; then device_given=${arg#*=}; else device_next=1; fi
+  fi
   [[ $flag != -h ]] || die_usage "'-h' makes main.py train nothing, and a sweep trains its runs; remove it after --"
   [[ $flag == --?* ]] || continue # not a long flag ("--" alone ends main.py's options)
   for sweep_flag in "${sweep_flags[@]}" "${not_training[@]}"; do
@@ -203,6 +206,10 @@ for arg in ${extra_args[@]+"${extra_args[@]}"}; do
     fi
   done
 done
+# --gpus queues runs on GPUs: a --device cpu after -- would run them all on the CPU at once.
+if ((${#gpu_list[@]})) && [[ $device_given == cpu ]]; then
+  die_usage "--gpus runs each run on a GPU, and --device cpu after -- runs them on the CPU: drop one of the two"
+fi
 
 read -r -a python_cmd <<<"${PYTHON:-python}"
 ((${#python_cmd[@]})) || die_usage "PYTHON is set but empty"
@@ -270,7 +277,8 @@ run_one() {
   local name=${run_names[idx]}
   local run_dir="$runs_dir/$name" status_file="$state_dir/status.$idx"
   local state_flag=() finished=""
-  # -f: a results.json that is not a file (a folder) is no finished run's; main.py --resume then says so
+  # -f: a results.json that is not a file (a folder) is no finished run's; main.py then says what is wrong
+  # (--resume beside a last.pt: it cannot be read; --overwrite: the folder cannot be prepared). Nothing is lost.
   if [[ -f $run_dir/results.json && ! -e $run_dir/last.pt ]]; then
     echo "[$name] finished already (no last.pt to check its settings against): skipped"
     echo "skipped" >"$status_file"

@@ -567,6 +567,12 @@ def test_add_growth(bench):
     assert "growth_exponent" not in rows[0]  # pure: the input rows are left as they were
 
 
+def test_the_largest_workers_count_and_memory_batch_are_taken(bench):
+    _, opts = bench.parse_args(["--workers", str(bench.MAX_WORKERS), "--memory_batch_sizes",
+                                f"512,{bench.MAX_MEMORY_BATCH_SIZE}"])
+    assert opts.workers == 128 and opts.memory_batch_sizes == (512, 2**18)
+
+
 def test_memory_batch_sizes_parse(bench):
     assert bench.parse_memory_batch_sizes("512, 1024,") == (512, 1024)
     assert bench.parse_memory_batch_sizes("") == ()
@@ -576,7 +582,8 @@ BAD_FLAGS = [
     ["--steps", "0"],
     ["--warmup_steps", "0"],
     ["--workers", "-1"],
-    ["--workers", "129"],  # each a process: a mistyped number started them until a time limit
+    ["--workers", "129"],  # each a process: a mistyped number started them until a time limit (128 is taken:
+    # test_the_largest_workers_count_is_taken)
     ["--memory_batch_sizes", "512,abc"],
     ["--memory_batch_sizes", "1024,512"],
     ["--memory_batch_sizes", "1"],

@@ -1823,11 +1823,19 @@ def test_sweep_refuses_a_list_with_a_newline(fake, tmp_path, flag):
     assert result.stderr == f"sweep.sh: error: {flag} holds a newline: separate its values with spaces (see --help)\n"
 
 
-@pytest.mark.parametrize("device", [["--device", "cpu"], ["--device=cpu"]])
-def test_sweep_refuses_gpus_with_device_cpu(fake, tmp_path, device):
+@pytest.mark.parametrize("device, refused", [
+    (["--device", "cpu"], True), (["--device=cpu"], True),
+    (["--dev", "cpu"], True), (["--devi=cpu"], True),  # main.py takes an unambiguous start of a flag
+    (["--device", "cuda", "--device", "cpu"], True), (["--device", "cpu", "--device", "cuda"], False),  # the last
+    (["--device", "cuda"], False), (["--print_freq", "5", "cpu"], False),  # (a stray word is main.py's to refuse)
+])
+def test_sweep_refuses_gpus_with_device_cpu(fake, tmp_path, device, refused):
     env, read_log = fake
-    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--runs_dir", str(tmp_path / "r"),
-                                     "--gpus", "0 1", "--", *device], env)
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--methods", "sc", "--runs_dir",
+                                     str(tmp_path / "r"), "--gpus", "0 1", "--", *device], env)
+    if not refused:
+        assert result.returncode == 0 and len(read_log("start")) == 1, result.stdout + result.stderr
+        return
     assert result.returncode == 2 and read_log("dry_run") == [], result.stdout + result.stderr
     assert result.stderr == ("sweep.sh: error: --gpus runs each run on a GPU, and --device cpu after -- runs them on "
                              "the CPU: drop one of the two (see --help)\n")
@@ -2376,6 +2384,7 @@ def test_gpu_checks_refuses_bad_input_and_reports_skipped_steps(tmp_path):
         # (benchmark.py's MAX_WORKERS: a mistyped number started DataLoader workers until the step's cap)
         (["--data", str(data), "--out", str(tmp_path / "o"), "--workers", "129"], "from 0 to 128, got '129'"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--workers", "9" * 30], "from 0 to 128"),
+        (["--data", str(data), "--out", str(tmp_path / "o"), "--workers", "128", "--only", "bench"], "no step 'bench'"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only",
           "train_eager,benchmark,bench_supcon,bench_graphs,bench_options,train_compile,table1"], "leave 1 out"),
         (["--data", str(data), "--out", str(tmp_path / "o"), "--only",

@@ -32,7 +32,8 @@ with --imb_type step.
 
   --dataset D        cifar10 or cifar100 (required)
   --imb_type T       exp (default, the paper's) or step
-  --imb_factors F..  n_min/n_max values, space separated, each in (0, 1] (required)
+  --imb_factors F..  n_min/n_max values, each in (0, 1] (required); lists are separated by
+                     spaces or newlines (--seeds "$(seq 0 2)")
   --methods M..      any of sc psc ce (default: "sc psc")
   --seeds S..        integer seeds (default: "0")
   --runs_dir DIR     parent folder of the run folders (default: runs/sweep)
@@ -123,14 +124,12 @@ case $imb_type in
   step) folder_kind="step_" ;; # as main.py names its default folder
   *) die_usage "--imb_type must be exp or step, got '$imb_type'" ;;
 esac
-# read reads one line: a value with a newline in it would silently lose the runs on its later lines.
-for list_flag in "imb_factors:$imb_factors" "methods:$methods" "seeds:$seeds" "gpus:$gpus"; do
-  [[ ${list_flag#*:} != *$'\n'* ]] || die_usage "--${list_flag%%:*} holds a newline: separate its values with spaces"
-done
-read -r -a factor_list <<<"$imb_factors"
-read -r -a method_list <<<"$methods"
-read -r -a seed_list <<<"$seeds"
-read -r -a gpu_list <<<"$gpus"
+# read reads one line: newlines separate values as spaces do (--seeds "$(seq 0 2)"), else the values after the
+# first line would be silently lost.
+read -r -a factor_list <<<"${imb_factors//$'\n'/ }"
+read -r -a method_list <<<"${methods//$'\n'/ }"
+read -r -a seed_list <<<"${seeds//$'\n'/ }"
+read -r -a gpu_list <<<"${gpus//$'\n'/ }"
 ((${#factor_list[@]})) || die_usage "--imb_factors is required"
 ((${#method_list[@]})) || die_usage "--methods is empty"
 ((${#seed_list[@]})) || die_usage "--seeds is empty"

@@ -33,7 +33,7 @@ with --imb_type step.
   --dataset D        cifar10 or cifar100 (required)
   --imb_type T       exp (default, the paper's) or step
   --imb_factors F..  n_min/n_max values, each in (0, 1] (required); lists are separated by
-                     spaces or newlines (--seeds "$(seq 0 2)")
+                     spaces or newlines (--seeds "\$(seq 0 2)")
   --methods M..      any of sc psc ce (default: "sc psc")
   --seeds S..        integer seeds (default: "0")
   --runs_dir DIR     parent folder of the run folders (default: runs/sweep)

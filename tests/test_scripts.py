@@ -1825,6 +1825,8 @@ def test_sweep_takes_lists_separated_by_newlines(fake, tmp_path, flag):
     assert len(read_log("start")) == (1 if flag == "--gpus" else 2)
     if flag == "--gpus":
         assert "queue over GPUs: 0 1" in result.stdout
+    # --help shows the example as typed (its text is an unquoted here-document: not the output of seq)
+    assert '(--seeds "$(seq 0 2)")' in run_script("sweep.sh", ["--help"], env).stdout
 
 
 @pytest.mark.parametrize("device, refused", [

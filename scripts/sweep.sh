@@ -183,8 +183,11 @@ done
 device_given="" device_next=0
 for arg in ${extra_args[@]+"${extra_args[@]}"}; do
   if ((device_next)); then
-    device_given=$arg device_next=0
-    continue
+    device_next=0
+    if [[ $arg != -* ]]; then # (else --device lacks its value, main.py's to refuse, and this is a flag to check)
+      device_given=$arg
+      continue
+    fi
   fi
   flag=${arg%%=*}
   if ((${#flag} >= 5)) && [[ --device == "$flag"* ]]; then # (--de could be --deterministic too: main.py refuses it)

@@ -1829,6 +1829,14 @@ def test_sweep_takes_lists_separated_by_newlines(fake, tmp_path, flag):
     assert '(--seeds "$(seq 0 2)")' in run_script("sweep.sh", ["--help"], env).stdout
 
 
+def test_a_flag_after_a_device_without_its_value_is_still_checked(fake, tmp_path):
+    """'--device --seed 5' after --: --seed is not taken for the device's value and let through."""
+    env, read_log = fake
+    result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--runs_dir", str(tmp_path / "r"),
+                                     "--gpus", "0", "--", "--device", "--seed", "5"], env)
+    assert result.returncode == 2 and "'--seed' is set by the sweep for each run" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("device, refused", [
     (["--device", "cpu"], True), (["--device=cpu"], True),
     (["--dev", "cpu"], True), (["--devi=cpu"], True),  # main.py takes an unambiguous start of a flag

@@ -1606,7 +1606,7 @@ def results_problem(path: Path) -> Optional[str]:
     what is wrong with its content. A file that cannot be read at all is a UserError: writing it again would
     replace a file that may be whole."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep for json.loads
@@ -1702,7 +1702,7 @@ class Run:
         layout (the checkpoint's, that of the last), and the number of processes of the last one to start as far as
         the config.json it left beside the checkpoint says (None where unreadable)."""
         try:
-            world_size = json.loads((self.out / "config.json").read_text()).get("world_size")
+            world_size = json.loads((self.out / "config.json").read_text(encoding="utf-8")).get("world_size")
         except (OSError, ValueError, AttributeError, RecursionError):
             world_size = None
         return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),

@@ -928,7 +928,7 @@ def with_resolved_defaults(data: object, config_file: Path) -> object:
     try:
         if not config_file.is_file():  # reading a pipe there would wait forever
             return data
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         return data  # no usable config.json: those settings stay unrecorded
     if not isinstance(config, dict):
@@ -940,7 +940,7 @@ def load_runs(files: list[Path]) -> list[RunResult]:
     runs = []
     for file in files:
         try:
-            data = with_resolved_defaults(json.loads(file.read_text()), file.parent / "config.json")
+            data = with_resolved_defaults(json.loads(file.read_text(encoding="utf-8")), file.parent / "config.json")
             runs.append(parse_result(data, str(file)))
         # JSONDecodeError is a ValueError; json.loads raises RecursionError on arrays or objects nested too deep.
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:

@@ -35,9 +35,10 @@ TINY = ["--model", "resnet8", "--batch_size", "16", "--epochs", "2", "--lr_decay
         "--print_freq", "3"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout)
+                          cwd=cwd or ROOT, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -1441,6 +1442,25 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     os.mkfifo(results)
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, f"{results} is not a file")
+
+
+# The C locale with Python's UTF-8 mode and locale coercion off: the locale's encoding is ASCII.
+ASCII_LOCALE = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_run_files_are_read_as_utf8_whatever_the_locale(existing_run, cifar10_root):
+    """JSON is UTF-8 (RFC 8259). A results.json holding UTF-8 text (a note added by hand) is a finished run's under
+    an ASCII locale too, not a damaged file to write again over the note; and its config.json is read the same."""
+    results = existing_run / "results.json"
+    record = json.loads(results.read_text(encoding="utf-8"))
+    results.write_text(json.dumps({**record, "note": "d\u00e9j\u00e0 vu"}, ensure_ascii=False), encoding="utf-8")
+    before = snapshot(existing_run)
+    proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY,
+                   env=ASCII_LOCALE)
+    assert (proc.returncode, proc.stdout) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n"), \
+        proc.stderr
+    assert snapshot(existing_run) == before
 
 
 def test_a_full_disk_under_the_tensorboard_events_is_one_line(tmp_path, cifar10_root, monkeypatch, capsys):

@@ -41,7 +41,8 @@ with --imb_type step.
                      run's output appended to DIR/logs/<run>.log. List an id twice to give it
                      two runs at once. An entry is a device index, a GPU-/MIG- UUID or a comma
                      list of them (with PYTHON="torchrun --nproc_per_node 2"). Refused where
-                     main.py finds no CUDA device, and with --device cpu after --. Default:
+                     main.py finds no CUDA device under one of the entries (each gets a dry
+                     run), and with --device cpu after --. Default:
                      runs one after another, output to the terminal.
   -- ARGS            passed to every run of main.py (e.g. -- --epochs 20 --lr_decay_epochs 12,16);
                      the flags the sweep sets itself (--dataset --imb_type --imb_factor --loss
@@ -427,14 +428,26 @@ set -m # job control: each run (and each GPU worker) in its own process group, s
 # the data is decoded; none when every run has finished (checking finished runs reads no data, but for one whose
 # results.json main.py finds damaged and writes again).
 declare -A dry_run_factor=() dry_run_method=() notes_said=()
+dry_runs=()
 for ((idx = 0; idx < n_runs; idx++)); do
   [[ -f $runs_dir/${run_names[idx]}/results.json ]] && continue
   [[ -n ${dry_run_factor[${run_factors[idx]}]+x} && -n ${dry_run_method[${run_methods[idx]}]+x} ]] && continue
   dry_run_factor[${run_factors[idx]}]=1 dry_run_method[${run_methods[idx]}]=1
-  echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}"
+  dry_runs+=("$idx")
+done
+# With --gpus the dry runs take the listed entries in turn, and each entry none of them took gets one more (as the
+# first of them): a wrong id later in the list (a GPU this machine lacks) would else start its runs on the CPU.
+n_gpus=${#gpu_list[@]}
+for ((k = ${#dry_runs[@]}; ${#dry_runs[@]} && k < n_gpus; k++)); do
+  dry_runs+=("${dry_runs[0]}")
+done
+for ((k = 0; k < ${#dry_runs[@]}; k++)); do
+  idx=${dry_runs[k]} gpu="" on_gpu=""
+  ((n_gpus == 0)) || gpu=${gpu_list[k % n_gpus]} on_gpu=" on --gpus entry $gpu"
+  echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}$on_gpu"
   run_command "$idx" "$state_dir/dry_run"
   rc=0
-  launch_and_wait dry "${gpu_list[0]-}" "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"} --dry_run \
+  launch_and_wait dry "$gpu" "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"} --dry_run \
     >"$state_dir/dry_run.out" || rc=$?
   if [[ -e $state_dir/stop ]]; then
     echo "$prog: interrupted" >&2
@@ -450,9 +463,9 @@ for ((idx = 0; idx < n_runs; idx++)); do
   while IFS= read -r line; do
     # main.py's note that --device auto found no GPU although CUDA_VISIBLE_DEVICES names one: with --gpus the queue
     # would start one CPU run per listed GPU at once, on the same cores.
-    if ((${#gpu_list[@]})) && [[ $line == "note: CUDA_VISIBLE_DEVICES="*" but no CUDA device is available"* ]]; then
-      echo "$prog: error: --gpus, but main.py --dry_run as ${run_names[idx]} found no CUDA device ($line): no run" \
-        "started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out" >&2
+    if ((n_gpus)) && [[ $line == "note: CUDA_VISIBLE_DEVICES="*" but no CUDA device is available"* ]]; then
+      echo "$prog: error: --gpus, but main.py --dry_run as ${run_names[idx]}$on_gpu found no CUDA device ($line):" \
+        "no run started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out" >&2
       exit 2
     fi
     [[ $line == note:* && -z ${notes_said[$line]+x} ]] || continue

@@ -1209,6 +1209,8 @@ if "--dry_run" in args:  # like main.py's: checks the flags and the data, writes
         sys.exit("error: " + os.environ["FAKE_DRY_RUN_FAIL"])
     if os.environ.get("FAKE_DRY_RUN_COMMON_NOTE"):  # like main.py's note on a CUDA_VISIBLE_DEVICES hiding every GPU
         print("note:", os.environ["FAKE_DRY_RUN_COMMON_NOTE"])
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in os.environ.get("FAKE_NO_GPU", "").split():  # an id no GPU has
+        print(os.environ["FAKE_NO_GPU_NOTE"].replace("GPU_ID", os.environ["CUDA_VISIBLE_DEVICES"]))
     if os.environ.get("FAKE_DRY_RUN_NOTE") and os.environ.get("FAKE_DRY_RUN_NOTE_LOSS", value("--loss")) == value("--loss"):
         # like main.py's notes on flags that are legal but rarely meant (for one loss, when FAKE_DRY_RUN_NOTE_LOSS)
         print("note:", os.environ["FAKE_DRY_RUN_NOTE"], "(imb_factor", value("--imb_factor") + ")")
@@ -1778,8 +1780,10 @@ def test_sweep_stops_before_any_run_when_a_dry_run_fails(fake, tmp_path, gpus, f
     failed = "cifar10_sc_r10_s0" if fail_factor else "cifar10_sc_r100_s0"
     checked = ["cifar10_sc_r100_s0", "cifar10_psc_r100_s0", "cifar10_sc_r10_s0"] if fail_factor else [
         "cifar10_sc_r100_s0"]  # with factor 0.1 failing: psc's first run is checked too, then the new factor
+    on_gpu = f" on --gpus entry {gpus.split()[0]}" if gpus else ""  # (the first dry run fails: only the first entry)
     assert result.stdout.splitlines() == [
-        f"sweep.sh: checking the flags, the device and the data: main.py --dry_run as {name}" for name in checked]
+        f"sweep.sh: checking the flags, the device and the data: main.py --dry_run as {name}{on_gpu}"
+        for name in checked]
     assert result.stderr.splitlines() == [
         "error: --learning_rate must be positive (got -1.0)",
         f"sweep.sh: error: main.py --dry_run as {failed} failed (exit 1; its message, if it printed one, is above): "
@@ -1913,10 +1917,37 @@ def test_sweep_with_gpus_stops_where_main_py_finds_no_gpu(fake, tmp_path, monkey
     result = run_script("sweep.sh", [*args, "--gpus", "0 1"], env)
     assert result.returncode == 2 and read_log("start") == [], result.stdout + result.stderr
     assert result.stderr.splitlines()[-1] == (
-        f"sweep.sh: error: --gpus, but main.py --dry_run as cifar10_sc_r100_s0 found no CUDA device ({note}): no run "
-        "started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out")
+        f"sweep.sh: error: --gpus, but main.py --dry_run as cifar10_sc_r100_s0 on --gpus entry 0 found no CUDA device "
+        f"({note}): no run started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out")
     result = run_script("sweep.sh", args, env)
     assert result.returncode == 0 and f"sweep.sh: main.py --dry_run as cifar10_sc_r100_s0: {note}" in result.stdout
+
+
+@pytest.mark.parametrize("gpus, factors, dry_run_gpus", [
+    ("0 1 7", "0.01", ["0", "1", "7"]),  # one dry run, then one for each entry left over
+    ("0 7", "0.01 0.1", ["0", "7", "0"]),  # three dry runs (r100 sc and psc, r10 sc) take the entries in turn
+])
+def test_sweep_with_gpus_checks_every_entry(fake, tmp_path, monkeypatch, gpus, factors, dry_run_gpus):
+    """Each --gpus entry is some dry run's CUDA_VISIBLE_DEVICES: a wrong id later in the list (7 on a machine with
+    two GPUs) stops the sweep before any run, where it used to start that entry's runs on the CPU."""
+    import main
+    import torch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU_ID")
+    env, read_log = fake
+    env.update(FAKE_NO_GPU="7", FAKE_NO_GPU_NOTE=main.hidden_gpu_note("auto", torch.device("cpu")))
+    runs = tmp_path / "runs"
+    args = ["--dataset", "cifar10", "--imb_factors", factors, "--methods", "sc psc", "--runs_dir", str(runs)]
+    result = run_script("sweep.sh", [*args, "--gpus", gpus], env)
+    assert result.returncode == 2 and read_log("start") == [], result.stdout + result.stderr
+    stopped_at = dry_run_gpus[:dry_run_gpus.index("7") + 1]  # (the first dry run on 7 stops the sweep)
+    assert [d["gpu"] for d in read_log("dry_run")] == stopped_at
+    assert f"on --gpus entry 7 found no CUDA device (note: CUDA_VISIBLE_DEVICES=7 but no CUDA device" in \
+        result.stderr.splitlines()[-1]
+    env["FAKE_NO_GPU"] = ""  # every entry a GPU: the same sweep runs
+    result = run_script("sweep.sh", [*args, "--gpus", gpus], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [d["gpu"] for d in read_log("dry_run")] == stopped_at + dry_run_gpus
+    assert len(read_log("start")) == 2 * len(factors.split())
 
 
 @pytest.mark.parametrize("script", ["sweep.sh", "gpu_checks.sh"])

@@ -2392,12 +2392,14 @@ def test_gpu_checks_table1_kills_a_run_still_in_its_step_when_the_cap_comes(tmp_
     env = {**fake_python_env(tmp_path, checkpoint="0", run_until_term="1", step_s="120"), "GPU_CHECKS_GRACE_S": "4"}
     calls = tmp_path / "calls.log"
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", str(tmp_path / "data"), "--out",
-                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "32"],
+                           str(tmp_path / "out"), "--device", "cpu", "--only", "table1", "--budget_s", "36"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "table1: CUT OFF" in proc.stdout, proc.stdout + proc.stderr
     (pid,) = map(int, Path(f"{calls}.pids").read_text().split())  # the first run, stopped in its step
     assert "table1: killed a run that was still in a step 4 s after its SIGTERM" in proc.stdout
-    assert re.search(r"== table1 \(at most (1[2-7])s\)", proc.stdout), proc.stdout  # 32 - 15 for the summary - decode
+    # 36 - 15 for the summary - the start and decode (a few seconds; on a loaded machine up to 9, and the 12 s that
+    # three graces take must be left)
+    assert re.search(r"== table1 \(at most (1[2-9]|2[01])s\)", proc.stdout), proc.stdout
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
     with tarfile.open(tmp_path / "out" / "table1_runs.tar.gz") as tar:

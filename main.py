@@ -669,14 +669,16 @@ def cudagraph_note(cfg: Config, device: torch.device) -> Optional[str]:
 
 
 def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool,
-               eval_every: Optional[int] = None, sync_bn: Optional[bool] = None) -> Optional[str]:
-    """A resume in another precision, with another number of processes, another --eval_every (the epochs a best is
-    picked from) or batch norm synchronised where it was not (or the reverse) than the run's `sessions` so far
-    (RunState.sessions, as loaded) says that its results will come from both (results.json: "mixed",
-    mixed_setting); one that only evaluates (`evaluates_only`) only of the precision (trained_with). eval_every and
-    sync_bn None: not compared."""
+               eval_every: Optional[int] = None, sync_bn: Optional[bool] = None,
+               channels_last: Optional[bool] = None) -> Optional[str]:
+    """A resume in another precision or memory layout, with another number of processes, another --eval_every (the
+    epochs a best is picked from) or batch norm synchronised where it was not (or the reverse) than the run's
+    `sessions` so far (RunState.sessions, as loaded) says that its results will come from both (results.json:
+    "mixed", mixed_setting); one that only evaluates (`evaluates_only`) only of the precision and layout
+    (trained_with). eval_every, sync_bn and channels_last None: not compared."""
     changed = []
     for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
+                           ("channels_last", channels_last, lambda on: f"--{'' if on else 'no-'}channels_last"),
                            ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}"),
                            ("eval_every", eval_every, lambda n: f"--eval_every {n}"),
                            ("sync_bn", sync_bn, lambda on: "batch norm synchronised across processes" if on else
@@ -712,6 +714,18 @@ def code_note(sessions: list[dict[str, Any]], commit: Optional[str], torch_versi
         return None
     return (f"note: this run trained with {', '.join(then for then, _ in changed)} so far and goes on with "
             f"{', '.join(now for _, now in changed)}: results.json's sessions will say which part ran which")
+
+
+def device_note(sessions: list[dict[str, Any]], now: str, evaluates_only: bool) -> Optional[str]:
+    """A resume that trains on another device than the run's `sessions` so far recorded (device_name: another GPU
+    model, or on the CPU another number of threads, which OMP_NUM_THREADS, taskset, a cgroup or torchrun set) says
+    so: each sums in its own order, so the steps from here on are not bitwise those of a run never stopped."""
+    before = {s["device"] for s in sessions if isinstance(s.get("device"), str)}
+    if evaluates_only or not before - {now}:
+        return None
+    return (f"note: this run trained on {' and '.join(sorted(before))} so far and goes on on {now}, which rounds "
+            f"in its own order: from here on its steps are not bitwise those of a run never stopped (results.json's "
+            f"sessions say which part ran where)")
 
 
 def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
@@ -1047,9 +1061,9 @@ NOT_IN_AN_EVALUATION = ("world_size", "sync_bn", "eval_every")
 
 
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
-    """The values of `key` (amp, world_size, sync_bn, eval_every) that the sessions of a run (RunState.sessions)
-    recorded. A session that only evaluated counts for the precision, which its results came from, not for the
-    settings of NOT_IN_AN_EVALUATION."""
+    """The values of `key` (amp, channels_last, world_size, sync_bn, eval_every) that the sessions of a run
+    (RunState.sessions) recorded. A session that only evaluated counts for the precision and layout, which its
+    results came from, not for the settings of NOT_IN_AN_EVALUATION."""
     return {s[key] for s in sessions
             if s.get(key) is not None and not (key in NOT_IN_AN_EVALUATION and s.get("evaluated_only"))}
 
@@ -1655,9 +1669,11 @@ class Run:
         if saved is not None:
             self.load(saved)
         self.resume_notes = [numerics_note(cfg, device, saved), stream_device_note(device, saved),
+                             device_note(self.state.sessions, device_name(device),
+                                         evaluates_only=self.state.epoch >= cfg.epochs),
                              mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
                                         evaluates_only=self.state.epoch >= cfg.epochs, eval_every=cfg.eval_every,
-                                        sync_bn=self.trainer.sync_bn),
+                                        sync_bn=self.trainer.sync_bn, channels_last=self.trainer.channels_last),
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
@@ -2188,7 +2204,9 @@ class Run:
                 (s["first_step_s"] for s in reversed(state.sessions) if s.get("first_step_s") is not None), None),
             "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
-            "amp": mixed_setting(state, "amp", trainer.amp), "psc_temperature": cfg.psc_temperature,
+            "amp": mixed_setting(state, "amp", trainer.amp),
+            "channels_last": mixed_setting(state, "channels_last", trainer.channels_last),
+            "psc_temperature": cfg.psc_temperature,
             "config": {**dataclasses.asdict(cfg), **self.trained_settings()},
             "ncm": ncm, "sessions": state.sessions,
         }

@@ -1612,6 +1612,54 @@ def test_a_resume_that_mixes_precisions_or_processes_says_so(sessions, amp, worl
     assert recorded == {"amp": "mixed" if note and '"amp"' in note else amp, "world_size": expected}
 
 
+def test_a_resume_with_another_layout_or_cpu_thread_count_says_so(tmp_path, cifar10_root, monkeypatch, capsys):
+    """Stopped after epoch 1 of 2 and resumed with --no-channels_last and one CPU thread instead of two (OMP_NUM_THREADS,
+    taskset or a cgroup change it without a word): each changes the last bits of every step, so the resume says so;
+    results.json's channels_last is "mixed", as amp is for a change of precision."""
+    import signal
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
+
+    def sigterm_after_epoch_1(self):
+        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with monkeypatch.context() as m:
+            m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)
+            code, err = call_main(argv + ["--channels_last"], capsys)
+        assert code == 128 + signal.SIGTERM, err
+        torch.set_num_threads(1)
+        code = main.main(argv + ["--resume", "--no-channels_last"])
+    finally:
+        torch.set_num_threads(threads)
+    out_text, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out_text.splitlines()
+    assert ("note: this run trained on cpu (2 threads) so far and goes on on cpu (1 thread), which rounds in its own "
+            "order: from here on its steps are not bitwise those of a run never stopped (results.json's sessions say "
+            "which part ran where)") in lines
+    assert ('note: this run trained with --channels_last so far and goes on with --no-channels_last: its '
+            'results.json will say "channels_last": "mixed"') in lines
+    res = json.loads((out / "results.json").read_text())
+    assert res["channels_last"] == "mixed" and res["amp"] in (True, False)
+    assert [(s["channels_last"], s["device"]) for s in res["sessions"]] == [(True, "cpu (2 threads)"),
+                                                                            (False, "cpu (1 thread)")]
+
+
+def test_device_note():
+    """Said where a resume trains on another device than every session so far recorded; not for an evaluation of
+    a trained run, nor for sessions from before devices were recorded (None)."""
+    sessions = [{"device": "cuda (NVIDIA H100 80GB HBM3)"}, {"device": None}]
+    assert main.device_note(sessions, "cuda (NVIDIA H100 80GB HBM3)", evaluates_only=False) is None
+    assert main.device_note(sessions, "cuda (NVIDIA H200)", evaluates_only=True) is None
+    assert main.device_note([{"device": None}], "cpu (2 threads)", evaluates_only=False) is None
+    assert main.device_note(sessions, "cuda (NVIDIA H200)", evaluates_only=False).startswith(
+        "note: this run trained on cuda (NVIDIA H100 80GB HBM3) so far and goes on on cuda (NVIDIA H200), ")
+
+
 def test_a_resume_that_mixes_eval_every_or_synchronised_batch_norm_says_so():
     """--eval_every (the epochs a best is picked from) and batch norm synchronised across processes or not are noted
     like the precision, but an evaluation of a trained run depends on neither; a session from before they were

@@ -230,9 +230,12 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     assert (run.trainer.amp, run.trainer.channels_last) == (not device_amp, True)
     assert f"note: resuming with --{'no-' if device_amp else ''}amp as the run trained (this device's default " \
            f"differs); give the flag to change" in run.start_lines()
-    assert not any(line.startswith("note: this run trained with") for line in run.start_lines())
-    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
-    assert (run.trainer.amp, run.trainer.channels_last) == (device_amp, True)
+    # the other layout from here on: the results come from both, and the run says so
+    assert [line for line in run.start_lines() if line.startswith("note: this run trained with")] == [
+        'note: this run trained with --no-channels_last so far and goes on with --channels_last: its results.json '
+        'will say "channels_last": "mixed"']
+    run = resumed("--no-channels_last", "--amp" if device_amp else "--no-amp")
+    assert (run.trainer.amp, run.trainer.channels_last) == (device_amp, False)
     assert not any(line.startswith("note: resuming") for line in run.start_lines())
     # the other precision from here on: the results come from both, and the run says so
     assert [s["amp"] for s in run.state.sessions] == [not device_amp]
@@ -245,14 +248,14 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
                "git_commit": None, "torch_version": None}
     assert resumed().state.sessions == [earlier]
     (out / "config.json").write_text(json.dumps({"world_size": 2}))
-    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
+    run = resumed("--no-channels_last", "--amp" if device_amp else "--no-amp")
     assert run.state.sessions == [{**earlier, "world_size": 2}]
     amp_changed = (f"--{'no-' if device_amp else ''}amp so far and goes on with --{'' if device_amp else 'no-'}amp: "
                    f"its results.json will say \"amp\": \"mixed\"")
     # trained to the end: this session only evaluates, which the number of processes does not change
     assert f"note: this run trained with {amp_changed}" in run.start_lines()
     saved["run"]["epoch"] = 1  # as if stopped after epoch 1 of 2: this session trains on 1 process
-    run = resumed("--channels_last", "--amp" if device_amp else "--no-amp")
+    run = resumed("--no-channels_last", "--amp" if device_amp else "--no-amp")
     assert (f"note: this run trained with --{'no-' if device_amp else ''}amp, 2 processes so far and goes on with "
             f"--{'' if device_amp else 'no-'}amp, 1 process: its results.json will say \"amp\": \"mixed\" and "
             f"\"world_size\": \"mixed\"") in run.start_lines()

@@ -1144,6 +1144,21 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / f).exists() for f in RUN_FILES)
 
 
+def tags_logged_at(out: Path, step: int) -> set[str]:
+    """The TensorBoard tags (scalars, images) that the event files in `out` hold a record of at `step`: those an
+    earlier session wrote there before it stopped. A file or record that cannot be read holds none."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tags = set()
+    for path in sorted(out.glob(f"{EVENTS_PREFIX}*")):
+        try:
+            for event in EventFileLoader(str(path)).Load():  # (stops at a record cut off, as by a kill)
+                if event.step == step:
+                    tags.update(value.tag for value in event.summary.value)
+        except Exception:  # noqa: BLE001 - damaged or unreadable (the loader's errors vary by version): not there
+            continue
+    return tags
+
+
 def read_run_config(out: Path) -> tuple[Optional[dict[str, Any]], str]:
     """(the settings in `out`/config.json as main.py writes them: a JSON object with the run's loss, imb_factor and
     epochs, '') or (None, why not, in a few words): missing, not a regular file (a pipe would block the read),
@@ -2144,36 +2159,42 @@ class Run:
         return ncm_report(train_features, trainer.stream.labels, test_features, self.test_labels, self.num_classes,
                           trainer.shot_groups)
 
-    def log_shots(self, epoch: int, metrics: dict[str, Any], prefix: str = "") -> None:
+    def log_shots(self, epoch: int, metrics: dict[str, Any], prefix: str = "", logged: frozenset = frozenset()) -> None:
         """TensorBoard scalars test/<prefix><top1|many|medium|few> at the end of `epoch` (a group with no class,
-        None, is left out)."""
+        None, is left out), but for the tags in `logged` (there already)."""
         if self.writer is None:
             return
         for k in SHOT_KEYS:
-            if metrics[k] is not None:
+            if metrics[k] is not None and f"test/{prefix}{k}" not in logged:
                 self.writer.add_scalar(f"test/{prefix}{k}", metrics[k], epoch * self.trainer.steps_per_epoch)
 
-    def write_figures(self, metrics: dict[str, Any], confusion: np.ndarray, step: int, tag: str) -> None:
-        self.writer.add_image(f"{tag}/per_class_accuracy_vs_class_size",
-                              util.per_class_image(metrics["per_class"], self.trainer.class_counts), step,
-                              dataformats="HWC")
-        self.writer.add_image(f"{tag}/confusion_matrix", util.confusion_image(confusion), step, dataformats="HWC")
+    def write_figures(self, metrics: dict[str, Any], confusion: np.ndarray, step: int, tag: str,
+                      logged: frozenset = frozenset()) -> None:
+        """The per-class accuracy and confusion matrix images at `step`, but for the tags in `logged`."""
+        figures = {f"{tag}/per_class_accuracy_vs_class_size":
+                   lambda: util.per_class_image(metrics["per_class"], self.trainer.class_counts),
+                   f"{tag}/confusion_matrix": lambda: util.confusion_image(confusion)}
+        for name, image in figures.items():
+            if name not in logged:
+                self.writer.add_image(name, image(), step, dataformats="HWC")
 
     def finish(self, evaluates_again: bool = False) -> None:
         """The run's last records (figures, projector, nearest class mean, results.json, HParams' end).
         evaluates_again: a resume of a run that trained all its epochs, whose results.json is missing or cannot be
         read. Its TensorBoard records at the last step stay (the events purged from there on would take the last
         training interval's points, which cannot be written again), so it does not write again what is there: with
-        a results.json, all of them (an earlier session finished); without one, the nearest class mean's scalars
-        that the last epoch logged (--ncm_every) and the figures of a session whose projector is there."""
+        a results.json, all of them (an earlier session finished); without one, those the event files hold at the
+        last step (an earlier session stopped or failed between them and results.json: a second Ctrl-C, a full
+        disk)."""
         cfg, state, trainer = self.cfg, self.state, self.trainer
         if not self.dist.main:
             return
         step = cfg.epochs * trainer.steps_per_epoch
         finished_before = evaluates_again and (self.out / "results.json").exists()
+        logged = frozenset(tags_logged_at(self.out, step) if evaluates_again and not finished_before else ())
         earlier = self.out / f"{step:05d}" / PROJECTIONS_TAG  # a session's before results.json was written again
-        if not (finished_before or evaluates_again and earlier.is_dir()):
-            self.write_figures(self.last_metrics, self.last_confusion, step, "last")
+        if not finished_before:
+            self.write_figures(self.last_metrics, self.last_confusion, step, "last", logged)
         reuse_ncm = self.last_ncm is not None and self.last_ncm[0] == cfg.epochs  # --ncm_every took it already
         test_features = None
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
@@ -2186,8 +2207,8 @@ class Run:
             ncm = self.last_ncm[1]
         else:
             ncm = self.nearest_class_mean(test_features)
-            if not (finished_before or evaluates_again and state.history and "ncm_top1" in state.history[-1]):
-                self.log_shots(cfg.epochs, ncm, "ncm_")
+            if not finished_before:
+                self.log_shots(cfg.epochs, ncm, "ncm_", logged)
         self.tick_wall_time()
         last = {**{k: self.last_metrics[k] for k in SHOT_KEYS}, "epoch": cfg.epochs}
         results = {

@@ -734,18 +734,20 @@ def test_an_epoch_resumed_before_its_last_step_has_the_rate_of_the_steps_timed_b
     assert history[1]["samples_per_s"] > 0
 
 
+@pytest.mark.parametrize("loss, ncm_every", [("sc", "1"), ("ce", "1"), ("sc", "0"), ("ce", "0")])
 @pytest.mark.parametrize("results", ["damaged", "never written"])
 def test_evaluating_a_trained_run_again_does_not_log_its_last_records_twice(data_root, tmp_path, monkeypatch,
-                                                                           capsys, results):
+                                                                           capsys, results, loss, ncm_every):
     """A run that trained all its epochs, whose results.json is damaged (an earlier session finished) or was never
-    written (the disk filled as it was): the resume evaluates it again and writes results.json, but the records
-    already at the last step (the nearest class mean's scalars, the last figures, HParams' end) stay one each."""
+    written (the disk filled as it was, or a second Ctrl-C came): the resume evaluates it again and writes
+    results.json, but the records already at the last step (the nearest class mean's scalars, the last figures,
+    HParams' end) stay one each, whatever the method (CE writes no projector) and with or without --ncm_every."""
     import main
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--loss", "sc", "--epochs", "2",
-            "--lr_decay_epochs", "1", "--ncm_every", "1"]
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--loss", loss, "--epochs", "2",
+            "--lr_decay_epochs", "1", "--ncm_every", ncm_every]
     real_write_json = util.write_json
 
     def full_disk(obj, path):
@@ -772,7 +774,8 @@ def test_evaluating_a_trained_run_again_does_not_log_its_last_records_twice(data
         for tag in acc.Tags()["images"]:
             images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
         ends += sum(1 for tag in acc.summary_metadata if tag.endswith("session_end_info"))
-    assert scalars["test/ncm_top1"] == [LOOP_STEPS, last_step]
+    assert scalars["test/ncm_top1"] == ([LOOP_STEPS, last_step] if ncm_every == "1" else [last_step])
+    assert scalars["test/top1"] == [LOOP_STEPS, last_step]
     assert images["last/confusion_matrix"] == images["last/per_class_accuracy_vs_class_size"] == [last_step]
     assert ends == 1
     assert json.loads((out / "results.json").read_text())["ncm"]["top1"] is not None

@@ -717,15 +717,16 @@ def code_note(sessions: list[dict[str, Any]], commit: Optional[str], torch_versi
 
 
 def device_note(sessions: list[dict[str, Any]], now: str, evaluates_only: bool) -> Optional[str]:
-    """A resume that trains on another device than the run's `sessions` so far recorded (device_name: another GPU
-    model, or on the CPU another number of threads, which OMP_NUM_THREADS, taskset, a cgroup or torchrun set) says
-    so: each sums in its own order, so the steps from here on are not bitwise those of a run never stopped."""
-    before = {s["device"] for s in sessions if isinstance(s.get("device"), str)}
-    if evaluates_only or not before - {now}:
+    """A resume that trains on another device than the run's last session recorded (`sessions`, device_name:
+    another GPU model, or on the CPU another number of threads, which OMP_NUM_THREADS, taskset, a cgroup or torchrun
+    set) says so: each sums in its own order, so the steps from here on are not bitwise those of a run never
+    stopped."""
+    then = next((s["device"] for s in reversed(sessions) if isinstance(s.get("device"), str)), None)
+    if evaluates_only or then is None or then == now:
         return None
-    return (f"note: this run trained on {' and '.join(sorted(before))} so far and goes on on {now}, which rounds "
-            f"in its own order: from here on its steps are not bitwise those of a run never stopped (results.json's "
-            f"sessions say which part ran where)")
+    return (f"note: this run trained on {then} until it stopped and goes on on {now}, which rounds in its own "
+            f"order: from here on its steps are not bitwise those of a run never stopped (results.json's sessions "
+            f"say which part ran where)")
 
 
 def stream_device_note(device: torch.device, saved: Optional[dict[str, Any]]) -> Optional[str]:
@@ -1145,14 +1146,17 @@ def holds_run(out: Path) -> bool:
 
 
 def tags_logged_at(out: Path, step: int) -> set[str]:
-    """The TensorBoard tags (scalars, images) that the event files in `out` hold a record of at `step`: those an
-    earlier session wrote there before it stopped. A file or record that cannot be read holds none."""
+    """The TensorBoard tags (scalars, images) that the event files in `out` hold a record of at `step`, as
+    TensorBoard shows them (files in name order, a record purged by a later writer's start gone): those an earlier
+    session wrote there before it stopped. A file or record that cannot be read holds none."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     tags = set()
     for path in sorted(out.glob(f"{EVENTS_PREFIX}*")):
         try:
             for event in EventFileLoader(str(path)).Load():  # (stops at a record cut off, as by a kill)
-                if event.step == step:
+                if event.session_log.status == event.session_log.START and event.step <= step:
+                    tags.clear()  # a writer's purge_step: TensorBoard hides the earlier records from there on
+                elif event.step == step:
                     tags.update(value.tag for value in event.summary.value)
         except Exception:  # noqa: BLE001 - damaged or unreadable (the loader's errors vary by version): not there
             continue

@@ -435,15 +435,22 @@ for ((idx = 0; idx < n_runs; idx++)); do
   dry_run_factor[${run_factors[idx]}]=1 dry_run_method[${run_methods[idx]}]=1
   dry_runs+=("$idx")
 done
-# With --gpus the dry runs take the listed entries in turn, and each entry none of them took gets one more (as the
-# first of them): a wrong id later in the list (a GPU this machine lacks) would else start its runs on the CPU.
-n_gpus=${#gpu_list[@]}
+# With --gpus the dry runs take the listed entries (each once, where one is listed twice) in turn, and each entry
+# none of them took gets one more (as the first of them): a wrong id later in the list (a GPU this machine lacks)
+# would else start its runs on the CPU.
+declare -A listed=()
+dry_run_gpus=()
+for gpu in ${gpu_list[@]+"${gpu_list[@]}"}; do
+  [[ -n ${listed[$gpu]+x} ]] || dry_run_gpus+=("$gpu")
+  listed[$gpu]=1
+done
+n_gpus=${#dry_run_gpus[@]}
 for ((k = ${#dry_runs[@]}; ${#dry_runs[@]} && k < n_gpus; k++)); do
   dry_runs+=("${dry_runs[0]}")
 done
 for ((k = 0; k < ${#dry_runs[@]}; k++)); do
   idx=${dry_runs[k]} gpu="" on_gpu=""
-  ((n_gpus == 0)) || gpu=${gpu_list[k % n_gpus]} on_gpu=" on --gpus entry $gpu"
+  ((n_gpus == 0)) || gpu=${dry_run_gpus[k % n_gpus]} on_gpu=" on --gpus entry $gpu"
   echo "$prog: checking the flags, the device and the data: main.py --dry_run as ${run_names[idx]}$on_gpu"
   run_command "$idx" "$state_dir/dry_run"
   rc=0

@@ -1638,9 +1638,9 @@ def test_a_resume_with_another_layout_or_cpu_thread_count_says_so(tmp_path, cifa
     out_text, err = capsys.readouterr()
     assert code == 0, err
     lines = out_text.splitlines()
-    assert ("note: this run trained on cpu (2 threads) so far and goes on on cpu (1 thread), which rounds in its own "
-            "order: from here on its steps are not bitwise those of a run never stopped (results.json's sessions say "
-            "which part ran where)") in lines
+    assert ("note: this run trained on cpu (2 threads) until it stopped and goes on on cpu (1 thread), which rounds in "
+            "its own order: from here on its steps are not bitwise those of a run never stopped (results.json's "
+            "sessions say which part ran where)") in lines
     assert ('note: this run trained with --channels_last so far and goes on with --no-channels_last: its '
             'results.json will say "channels_last": "mixed"') in lines
     res = json.loads((out / "results.json").read_text())
@@ -1650,14 +1650,19 @@ def test_a_resume_with_another_layout_or_cpu_thread_count_says_so(tmp_path, cifa
 
 
 def test_device_note():
-    """Said where a resume trains on another device than every session so far recorded; not for an evaluation of
-    a trained run, nor for sessions from before devices were recorded (None)."""
+    """Said where a resume trains on another device than the run's last session recorded; not where it goes on on
+    the device of the last (which changed earlier, and was said then), not for an evaluation of a trained run, nor
+    for sessions from before devices were recorded (None)."""
     sessions = [{"device": "cuda (NVIDIA H100 80GB HBM3)"}, {"device": None}]
     assert main.device_note(sessions, "cuda (NVIDIA H100 80GB HBM3)", evaluates_only=False) is None
     assert main.device_note(sessions, "cuda (NVIDIA H200)", evaluates_only=True) is None
     assert main.device_note([{"device": None}], "cpu (2 threads)", evaluates_only=False) is None
     assert main.device_note(sessions, "cuda (NVIDIA H200)", evaluates_only=False).startswith(
-        "note: this run trained on cuda (NVIDIA H100 80GB HBM3) so far and goes on on cuda (NVIDIA H200), ")
+        "note: this run trained on cuda (NVIDIA H100 80GB HBM3) until it stopped and goes on on cuda (NVIDIA H200), ")
+    changed = [{"device": "cpu (2 threads)"}, {"device": "cpu (1 thread)"}]
+    assert main.device_note(changed, "cpu (1 thread)", evaluates_only=False) is None
+    assert "trained on cpu (1 thread) until it stopped and goes on on cpu (2 threads)" in main.device_note(
+        changed, "cpu (2 threads)", evaluates_only=False)
 
 
 def test_a_resume_that_mixes_eval_every_or_synchronised_batch_norm_says_so():

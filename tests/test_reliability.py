@@ -779,3 +779,34 @@ def test_evaluating_a_trained_run_again_does_not_log_its_last_records_twice(data
     assert images["last/confusion_matrix"] == images["last/per_class_accuracy_vs_class_size"] == [last_step]
     assert ends == 1
     assert json.loads((out / "results.json").read_text())["ncm"]["top1"] is not None
+
+
+def test_evaluating_again_writes_the_records_that_a_later_writer_purged(data_root, tmp_path, monkeypatch, capsys):
+    """Records at the last step that a later session's writer purged (TensorBoard hides what comes before a
+    writer's start from its purge step on) are not there: here another run's, in a folder reused without
+    --overwrite once its run files were deleted. The new run, stopped in its last records and evaluated again,
+    writes its own, which TensorBoard then shows once."""
+    import main
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2", "--lr_decay_epochs", "1"]
+    code, err = call_main([*argv, "--ncm_every", "1"], capsys)
+    assert code == 0, err
+    for name in main.RUN_FILES:
+        (out / name).unlink()
+
+    def second_ctrl_c(self, evaluates_again=False):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "finish", second_ctrl_c)
+        code, err = call_main([*argv, "--seed", "1"], capsys)
+    assert code == 130 and not (out / "results.json").exists(), err
+    code, err = call_main([*argv, "--seed", "1", "--resume"], capsys)
+    assert code == 0, err
+    shown = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    shown.Reload()
+    last_step = 2 * LOOP_STEPS
+    assert [e.step for e in shown.Scalars("test/ncm_top1")] == [last_step]
+    assert [e.step for e in shown.Images("last/confusion_matrix")] == [last_step]

@@ -1926,6 +1926,7 @@ def test_sweep_with_gpus_stops_where_main_py_finds_no_gpu(fake, tmp_path, monkey
 @pytest.mark.parametrize("gpus, factors, dry_run_gpus", [
     ("0 1 7", "0.01", ["0", "1", "7"]),  # one dry run, then one for each entry left over
     ("0 7", "0.01 0.1", ["0", "7", "0"]),  # three dry runs (r100 sc and psc, r10 sc) take the entries in turn
+    ("0 0 7 7 0", "0.01", ["0", "7"]),  # an entry listed twice (two runs at once there) is checked once
 ])
 def test_sweep_with_gpus_checks_every_entry(fake, tmp_path, monkeypatch, gpus, factors, dry_run_gpus):
     """Each --gpus entry is some dry run's CUDA_VISIBLE_DEVICES: a wrong id later in the list (7 on a machine with

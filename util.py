@@ -39,9 +39,11 @@ def rng_states() -> dict[str, Any]:
     """Every global RNG state, for checkpoints. Training itself draws from none of them after model init
     (the batch stream reseeds its own generator from (seed, epoch, step)), but a checkpoint that carries them
     lets anything that does draw later resume exactly too."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # Without numpy objects: numpy 2 pickles an array as numpy._core's, which numpy before 1.26 cannot import.
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -51,7 +53,8 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, *rest = states["numpy"]  # keys: a list (rng_states), or an array in checkpoints written before
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -270,6 +273,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as e:  # the file is there but cannot be read (permissions, an I/O error)
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or exception_text(e)}") from e
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("numpy._core"):  # numpy 2 pickles its arrays as numpy._core's
+            raise UserError(f"cannot read checkpoint {path}: it holds numpy arrays written with numpy 2, which numpy "
+                            f"{np.__version__} cannot read (numpy 1.26 or later can)") from e
+        raise UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
+                        f"{exception_text(e)}") from e
     except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
         raise UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
                         f"{exception_text(e)}") from e

@@ -184,6 +184,50 @@ def test_set_rng_states_restores_python_numpy_and_torch():
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
 
 
+def test_a_checkpoints_rng_states_hold_no_numpy_object(tmp_path):
+    """numpy 2 pickles an array as numpy._core's, which numpy before 1.26 (inside requirements.txt's range) cannot
+    import: a checkpoint written on one machine could be neither resumed nor evaluated on another. The states hold
+    plain Python values; those of checkpoints written before (an array) still load."""
+    import pickletools
+    import zipfile
+
+    util.seed_everything(7)
+    np.random.randn()  # a cached Gaussian in the state too
+    util.save_checkpoint({"model": {}, "config": {}, "rng": util.rng_states()}, tmp_path / "c.pt")
+    with zipfile.ZipFile(tmp_path / "c.pt") as archive:
+        (pickled,) = [archive.read(n) for n in archive.namelist() if n.endswith("/data.pkl")]
+    modules = {arg.split()[0] for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
+    assert modules and not any(m.split(".")[0] == "numpy" for m in modules), modules
+    expected = np.random.rand(3)
+    for states in (util.load_checkpoint(tmp_path / "c.pt")["rng"], {**util.rng_states(), "numpy": None}):
+        if states["numpy"] is None:  # as written before: numpy's own state, with its array
+            util.seed_everything(7)
+            np.random.randn()
+            states["numpy"] = np.random.get_state()
+        np.random.seed(0)
+        util.set_rng_states(states)
+        assert (np.random.rand(3) == expected).all()
+
+
+@pytest.mark.parametrize("error, message", [
+    (ModuleNotFoundError("No module named 'numpy._core'", name="numpy._core"),
+     "it holds numpy arrays written with numpy 2, which numpy " + np.__version__ + " cannot read (numpy 1.26 or later "
+     "can)"),
+    (PermissionError(13, "Permission denied"), ": Permission denied"),
+    (ModuleNotFoundError("No module named 'mylib'", name="mylib"), "(damaged, or not a file torch.save wrote): "),
+])
+def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path, monkeypatch, error, message):
+    util.save_checkpoint({"model": {}, "config": {}}, tmp_path / "c.pt")
+
+    def failing_load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(util.UserError) as caught:
+        util.load_checkpoint(tmp_path / "c.pt")
+    assert str(caught.value).startswith(f"cannot read checkpoint {tmp_path / 'c.pt'}") and message in str(caught.value)
+
+
 @pytest.mark.parametrize("kind", ["pipe", "device"])
 def test_an_atomic_write_does_not_replace_a_device_or_a_pipe(tmp_path, kind):
     """The rename would put a file where /dev/null (say, as `--json /dev/null`) or a named pipe was: for root, the

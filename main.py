@@ -670,15 +670,18 @@ def cudagraph_note(cfg: Config, device: torch.device) -> Optional[str]:
 
 def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evaluates_only: bool,
                eval_every: Optional[int] = None, sync_bn: Optional[bool] = None,
-               channels_last: Optional[bool] = None) -> Optional[str]:
-    """A resume in another precision or memory layout, with another number of processes, another --eval_every (the
-    epochs a best is picked from) or batch norm synchronised where it was not (or the reverse) than the run's
-    `sessions` so far (RunState.sessions, as loaded) says that its results will come from both (results.json:
-    "mixed", mixed_setting); one that only evaluates (`evaluates_only`) only of the precision and layout
-    (trained_with). eval_every, sync_bn and channels_last None: not compared."""
+               channels_last: Optional[bool] = None, compile_mode: Optional[str | bool] = None) -> Optional[str]:
+    """A resume in another precision or memory layout, compiled where it was not (or the reverse, or in another
+    mode), with another number of processes, another --eval_every (the epochs a best is picked from) or batch norm
+    synchronised where it was not (or the reverse) than the run's `sessions` so far (RunState.sessions, as loaded)
+    says that its results will come from both (results.json: "mixed", mixed_setting); one that only evaluates
+    (`evaluates_only`) only of the precision and layout (trained_with). compile_mode: the session's entry (False
+    where it does not compile); it, eval_every, sync_bn and channels_last None: not compared."""
     changed = []
     for key, now, name in (("amp", amp, lambda on: f"--{'' if on else 'no-'}amp"),
                            ("channels_last", channels_last, lambda on: f"--{'' if on else 'no-'}channels_last"),
+                           ("compile", compile_mode, lambda mode: f"--compile --compile_mode {mode}" if mode else
+                            "no --compile"),
                            ("world_size", world_size, lambda n: f"{n} process{'' if n == 1 else 'es'}"),
                            ("eval_every", eval_every, lambda n: f"--eval_every {n}"),
                            ("sync_bn", sync_bn, lambda on: "batch norm synchronised across processes" if on else
@@ -687,7 +690,8 @@ def mixed_note(sessions: list[dict[str, Any]], amp: bool, world_size: int, evalu
             continue
         before = trained_with(sessions, key)
         if before - {now}:
-            changed.append((key, " and ".join(name(v) for v in sorted(before)), name(now)))
+            ordered = sorted(before, key=lambda v: (isinstance(v, str), v))  # (compile: False before the modes)
+            changed.append((key, " and ".join(name(v) for v in ordered), name(now)))
     if not changed:
         return None
     return (f"note: this run trained with {', '.join(then for _, then, _ in changed)} so far and goes on with "
@@ -1048,6 +1052,7 @@ def _session_entry_ok(entry: Any) -> bool:
     return (isinstance(entry, dict) and _is_count(entry.get("epoch"), 0) and _is_count(entry.get("step"), 0)
             and all(entry.get(k) is None or type(entry.get(k)) is bool for k in ("amp", "channels_last", "sync_bn"))
             and (entry.get("eval_every") is None or _is_count(entry["eval_every"], 1))
+            and (entry.get("compile") is None or entry.get("compile") is False or entry.get("compile") in COMPILE_MODES)
             and type(entry.get("evaluated_only", False)) is bool  # (only a session that trained no step has one)
             and (entry.get("first_step_s") is None or _is_number(entry["first_step_s"]) and entry["first_step_s"] >= 0)
             and (entry.get("world_size") is None or _is_count(entry.get("world_size"), 1))
@@ -1057,8 +1062,8 @@ def _session_entry_ok(entry: Any) -> bool:
 
 # Settings of a session (Run.session) that its evaluation of a trained run does not depend on: the number of
 # processes and whether batch norm was synchronised across them (batch norm in eval mode, the test set's counts
-# summed), and --eval_every (the last epoch is always evaluated).
-NOT_IN_AN_EVALUATION = ("world_size", "sync_bn", "eval_every")
+# summed), --eval_every (the last epoch is always evaluated) and --compile (evaluation runs the bare network).
+NOT_IN_AN_EVALUATION = ("world_size", "sync_bn", "eval_every", "compile")
 
 
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
@@ -1692,7 +1697,8 @@ class Run:
                                          evaluates_only=self.state.epoch >= cfg.epochs),
                              mixed_note(self.state.sessions, self.trainer.amp, dist.world_size,
                                         evaluates_only=self.state.epoch >= cfg.epochs, eval_every=cfg.eval_every,
-                                        sync_bn=self.trainer.sync_bn, channels_last=self.trainer.channels_last),
+                                        sync_bn=self.trainer.sync_bn, channels_last=self.trainer.channels_last,
+                                        compile_mode=self.compile_entry()),
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
@@ -1750,7 +1756,11 @@ class Run:
         return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "world_size": self.dist.world_size, "device": device_name(self.device), "git_commit": self.git_commit,
                 "torch_version": torch.__version__, "eval_every": self.cfg.eval_every,
-                "sync_bn": self.trainer.sync_bn}
+                "sync_bn": self.trainer.sync_bn, "compile": self.compile_entry()}
+
+    def compile_entry(self) -> str | bool:
+        """How this session's steps were compiled, as its session entry records it: the --compile_mode, or False."""
+        return self.cfg.compile_mode if self.cfg.compile else False
 
     def tick_wall_time(self) -> None:
         now = time.perf_counter()
@@ -2243,16 +2253,20 @@ class Run:
                  f"results in {self.out / 'results.json'}")
 
     def trained_settings(self) -> dict[str, Any]:
-        """results.json's config entries for --eval_every and --sync_bn where the sessions that trained the run say
-        otherwise than this session's flags: "mixed" where they differ among themselves, their value where this
-        session only evaluated with another (its flags did not train the run)."""
+        """results.json's config entries for --eval_every, --sync_bn and --compile where the sessions that trained
+        the run say otherwise than this session's flags: "mixed" where they differ among themselves, their value
+        where this session only evaluated with another (its flags did not train the run; for --compile, the
+        training's --compile and --compile_mode)."""
         settings = {}
-        for key, now in (("eval_every", self.cfg.eval_every), ("sync_bn", self.trainer.sync_bn)):
+        for key, now in (("eval_every", self.cfg.eval_every), ("sync_bn", self.trainer.sync_bn),
+                         ("compile", self.compile_entry())):
             values = trained_with(self.state.sessions, key)
             if len(values) > 1:
                 settings[key] = "mixed"
             elif values and values != {now}:
-                settings[key] = next(iter(values))
+                value = next(iter(values))
+                settings.update({"compile": bool(value), "compile_mode": value or "default"} if key == "compile"
+                                else {key: value})
         return settings
 
     def log(self, message: str) -> None:
@@ -2301,6 +2315,12 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     its backbone features over the long-tailed training set it was trained on (dataset, model and long-tailed
     split from the checkpoint's config)."""
     path = Path(cfg.checkpoint)
+    if dist.main:
+        hidden = hidden_gpu_note(cfg.device, device)  # (an evaluation on the CPU where a GPU was meant to be seen)
+        for note in ([hidden] if hidden else []) + (
+                ["note: --eval_only runs the network as it is, without torch.compile: --compile is not read"]
+                if cfg.compile else []):
+            print(note, flush=True)
     saved = util.load_checkpoint(path)
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]

@@ -195,6 +195,27 @@ def test_eval_only_on_other_images_of_the_same_class_sizes_says_so(finished_run,
                               f"class sizes, other pixels or labels")
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_eval_only_notes_a_hidden_gpu_and_a_compile_it_does_not_read(finished_run, cifar10_root, monkeypatch, capsys):
+    """As a training run does: --device auto on the CPU where CUDA_VISIBLE_DEVICES names a GPU (a typo there hides
+    them all) says so; --compile, which an evaluation does not read, too. The numbers are those without them."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where no CUDA device is seen")
+    _, out, _ = finished_run
+    argv = ["--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(cifar10_root)]
+    assert main.main(argv) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert main.main([*argv, "--compile"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[:2] == [
+        main.hidden_gpu_note("auto", torch.device("cpu")),
+        "note: --eval_only runs the network as it is, without torch.compile: --compile is not read"]
+    assert printed.splitlines()[2:] == plain.splitlines()
+
+
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)  # nothing checked depends on the loss
 def test_finished_run_with_resume_does_nothing(finished_run, cifar10_root):
     loss, out, _ = finished_run
@@ -1647,6 +1668,52 @@ def test_a_resume_with_another_layout_or_cpu_thread_count_says_so(tmp_path, cifa
     assert res["channels_last"] == "mixed" and res["amp"] in (True, False)
     assert [(s["channels_last"], s["device"]) for s in res["sessions"]] == [(True, "cpu (2 threads)"),
                                                                             (False, "cpu (1 thread)")]
+
+
+def test_a_resume_that_compiles_where_the_run_did_not_says_so(tmp_path, cifar10_root, monkeypatch, capsys):
+    """Compiled and eager steps round differently: a run stopped after epoch 1 of 2 under --compile and resumed
+    without it (or in another --compile_mode) says so, and results.json's config says "compile": "mixed"; each
+    session records how it compiled. (torch.compile is stood in for: what is recorded does not depend on it.)"""
+    import signal
+
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: fn)
+    out = tmp_path / "run"
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
+
+    def sigterm_after_epoch_1(self):
+        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)
+        code, err = call_main(argv + ["--compile"], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    code = main.main(argv + ["--resume"])
+    out_text, err = capsys.readouterr()
+    assert code == 0, err
+    assert ('note: this run trained with --compile --compile_mode default so far and goes on with no --compile: its '
+            'results.json will say "compile": "mixed"') in out_text.splitlines()
+    res = json.loads((out / "results.json").read_text())
+    assert [s["compile"] for s in res["sessions"]] == ["default", False]
+    assert res["config"]["compile"] == "mixed"
+    # Trained compiled to the end, evaluated again without --compile: the config says how it was trained.
+    (out / "results.json").unlink()
+    state = torch.load(out / "last.pt", weights_only=False)
+    state["run"]["sessions"] = [{**s, "compile": "default"} for s in state["run"]["sessions"]]
+    torch.save(state, out / "last.pt")
+    code = main.main(argv + ["--resume"])
+    out_text, err = capsys.readouterr()
+    assert code == 0 and not any("compile" in line for line in out_text.splitlines() if line.startswith("note:"))
+    res = json.loads((out / "results.json").read_text())
+    assert (res["config"]["compile"], res["config"]["compile_mode"]) == (True, "default")
+
+
+def test_mixed_note_names_how_each_session_compiled():
+    sessions = [{"compile": False}, {"compile": "max-autotune-no-cudagraphs"}]
+    assert main.mixed_note(sessions, True, 1, False, compile_mode="default") == (
+        "note: this run trained with no --compile and --compile --compile_mode max-autotune-no-cudagraphs so far and "
+        "goes on with --compile --compile_mode default: its results.json will say \"compile\": \"mixed\"")
+    assert main.mixed_note(sessions[1:], True, 1, False, compile_mode="max-autotune-no-cudagraphs") is None
+    assert main.mixed_note(sessions, True, 1, True, compile_mode=False) is None  # an evaluation compiles nothing
 
 
 def test_device_note():

@@ -1367,6 +1367,12 @@ def test_resume_on_other_data_is_refused(existing_run, tmp_path, capsys):
     assert snapshot(existing_run) == before
 
 
+def sigterm_after_epoch_1(run: main.Run) -> int:
+    """Run.agreed_signal standing in for a SIGTERM that comes as epoch 1 ends: the run saves and stops there."""
+    import signal
+    return signal.SIGTERM if (run.state.epoch, run.state.step) == (1, 0) else 0
+
+
 def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_root, monkeypatch, capsys):
     """Stopped after epoch 1 of 2 in bf16 and resumed with --no-amp: results.json's amp is "mixed" (its weights
     come from both), and its sessions say which part ran how; summarize.py puts it in a row of its own."""
@@ -1374,9 +1380,6 @@ def test_a_run_resumed_in_another_precision_is_labelled_mixed(tmp_path, cifar10_
 
     out = tmp_path / "run"
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
-
-    def sigterm_after_epoch_1(self):
-        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
 
     with monkeypatch.context() as m:
         m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)
@@ -1642,9 +1645,6 @@ def test_a_resume_with_another_layout_or_cpu_thread_count_says_so(tmp_path, cifa
     out = tmp_path / "run"
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
 
-    def sigterm_after_epoch_1(self):
-        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
-
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -1679,9 +1679,6 @@ def test_a_resume_that_compiles_where_the_run_did_not_says_so(tmp_path, cifar10_
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: fn)
     out = tmp_path / "run"
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(out), *TINY]
-
-    def sigterm_after_epoch_1(self):
-        return signal.SIGTERM if (self.state.epoch, self.state.step) == (1, 0) else 0
 
     with monkeypatch.context() as m:
         m.setattr(main.Run, "agreed_signal", sigterm_after_epoch_1)

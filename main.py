@@ -472,13 +472,13 @@ def compile_failure_text(exc: BaseException, saved_nothing: bool = False) -> str
             f"PyTorch's trace")
 
 
-def hidden_gpu_note(choice: str, device: torch.device) -> Optional[str]:
+def hidden_gpu_note(choice: str, device: torch.device, doing: str = "training") -> Optional[str]:
     """--device auto fell back to the CPU although CUDA_VISIBLE_DEVICES names GPUs (a typo there hides them all,
-    as does a broken driver): said at the start of the run, which still trains."""
+    as does a broken driver): said at the start of the run (or evaluation, `doing`), which still goes on."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if choice != "auto" or device.type != "cpu" or not visible:
         return None
-    return (f"note: CUDA_VISIBLE_DEVICES={visible} but no CUDA device is available: training on the CPU "
+    return (f"note: CUDA_VISIBLE_DEVICES={visible} but no CUDA device is available: {doing} on the CPU "
             f"(--device cuda would stop instead)")
 
 
@@ -1717,7 +1717,7 @@ class Run:
                 "run": run, "config": dataclasses.asdict(self.cfg),
                 "num_classes": self.num_classes, "class_counts": self.trainer.class_counts,
                 "train_digest": self.train_digest, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
-                "stream_device": self.device.type, "rng": util.rng_states(), "torch_version": torch.__version__}
+                "stream_device": self.device.type, "rng": util.rng_states(), "torch_version": str(torch.__version__)}
 
     def load(self, saved: dict[str, Any]) -> None:
         try:
@@ -1755,7 +1755,7 @@ class Run:
         run resumed after a `git pull` or an upgrade was trained by more than one)."""
         return {"epoch": epoch, "step": step, "amp": self.trainer.amp, "channels_last": self.trainer.channels_last,
                 "world_size": self.dist.world_size, "device": device_name(self.device), "git_commit": self.git_commit,
-                "torch_version": torch.__version__, "eval_every": self.cfg.eval_every,
+                "torch_version": str(torch.__version__), "eval_every": self.cfg.eval_every,
                 "sync_bn": self.trainer.sync_bn, "compile": self.compile_entry()}
 
     def compile_entry(self) -> str | bool:
@@ -1787,7 +1787,7 @@ class Run:
     def config_record(self) -> dict[str, Any]:
         """config.json: the flags with what the run resolved from them (device, data, numerics)."""
         cfg, trainer = self.cfg, self.trainer
-        return {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": torch.__version__,
+        return {**dataclasses.asdict(cfg), "git_commit": self.git_commit, "torch_version": str(torch.__version__),
                 "device": device_name(self.device), "world_size": self.dist.world_size,
                 "num_classes": self.num_classes, "class_counts": trainer.class_counts,
                 "train_size": sum(trainer.class_counts), "amp": trainer.amp,
@@ -2237,7 +2237,7 @@ class Run:
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s if self.first_step_s is not None else next(
                 (s["first_step_s"] for s in reversed(state.sessions) if s.get("first_step_s") is not None), None),
-            "wall_time_s": state.wall_time, "torch_version": torch.__version__, "git_commit": self.git_commit,
+            "wall_time_s": state.wall_time, "torch_version": str(torch.__version__), "git_commit": self.git_commit,
             "device": device_name(self.device), "world_size": mixed_setting(state, "world_size", self.dist.world_size),
             "amp": mixed_setting(state, "amp", trainer.amp),
             "channels_last": mixed_setting(state, "channels_last", trainer.channels_last),
@@ -2316,7 +2316,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     split from the checkpoint's config)."""
     path = Path(cfg.checkpoint)
     if dist.main:
-        hidden = hidden_gpu_note(cfg.device, device)  # (an evaluation on the CPU where a GPU was meant to be seen)
+        hidden = hidden_gpu_note(cfg.device, device, "evaluating")
         for note in ([hidden] if hidden else []) + (
                 ["note: --eval_only runs the network as it is, without torch.compile: --compile is not read"]
                 if cfg.compile else []):

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import math
+import numbers
 import os
 import random
 import stat
@@ -54,6 +55,8 @@ def rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     name, keys, *rest = states["numpy"]  # keys: a list (rng_states), or an array in checkpoints written before
+    if len(keys) != 624 or not all(isinstance(k, numbers.Integral) and 0 <= k < 2**32 for k in keys):
+        raise ValueError("numpy's random state is not 624 32-bit words")
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
@@ -273,7 +276,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except OSError as e:  # the file is there but cannot be read (permissions, an I/O error)
+    except PermissionError as e:  # (other OSErrors come from torch's reader of a file cut off, too: damaged)
         raise UserError(f"cannot read checkpoint {path}: {e.strerror or exception_text(e)}") from e
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("numpy._core"):  # numpy 2 pickles its arrays as numpy._core's

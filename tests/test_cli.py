@@ -56,6 +56,15 @@ def finished_run(request, cifar10_root, tmp_path_factory):
     return request.param, out, proc
 
 
+def test_checkpoints_open_with_weights_only(finished_run):
+    """Tensors and plain Python values only (no numpy array, no torch version object): torch.load's safe default
+    since torch 2.6, weights_only=True, opens them."""
+    _, out, _ = finished_run
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert state["config"]["loss"] in ("sc", "psc", "ce") and "numpy" in state["rng"]
+
+
 def test_the_epoch_line_shows_the_terms_its_method_has(finished_run):
     """Hybrid runs: the total, its two terms and alpha; a CE run has no feature loss and no alpha to show."""
     loss, _, proc = finished_run
@@ -211,7 +220,8 @@ def test_eval_only_notes_a_hidden_gpu_and_a_compile_it_does_not_read(finished_ru
     assert main.main([*argv, "--compile"]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[:2] == [
-        main.hidden_gpu_note("auto", torch.device("cpu")),
+        "note: CUDA_VISIBLE_DEVICES=0 but no CUDA device is available: evaluating on the CPU (--device cuda would "
+        "stop instead)",
         "note: --eval_only runs the network as it is, without torch.compile: --compile is not read"]
     assert printed.splitlines()[2:] == plain.splitlines()
 
@@ -1050,7 +1060,7 @@ def test_bad_checkpoints(problem, existing_run, tmp_path, capsys, cifar10_root):
     elif problem == "truncated":
         (tmp_path / "half.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
         argv += ["--checkpoint", str(tmp_path / "half.pt")]
-        needle = "cannot read"
+        needle = "cannot read checkpoint " + str(tmp_path / "half.pt") + " (damaged, or not a file torch.save wrote)"
     elif problem == "other_model":  # the checkpoint's model is evaluated; a flag asking for another is refused,
         argv[argv.index("resnet8")] = "resnet32"  # also when it is the flag's default
         argv += ["--checkpoint", str(ckpt)]

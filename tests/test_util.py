@@ -209,11 +209,22 @@ def test_a_checkpoints_rng_states_hold_no_numpy_object(tmp_path):
         assert (np.random.rand(3) == expected).all()
 
 
+@pytest.mark.parametrize("keys", [[-1] + [0] * 623, [2**40] + [0] * 623, [0] * 623, [0.5] * 624])
+def test_a_damaged_numpy_random_state_is_a_value_error(keys):
+    """Kept as plain integers, numpy's state can be damaged into values its uint32 words cannot hold (an
+    OverflowError) or a list of another length (an IndexError): a ValueError, which a resume reports as a damaged
+    checkpoint in one line."""
+    states = util.rng_states()
+    with pytest.raises(ValueError, match="numpy's random state is not 624 32-bit words"):
+        util.set_rng_states({**states, "numpy": (states["numpy"][0], keys, *states["numpy"][2:])})
+
+
 @pytest.mark.parametrize("error, message", [
     (ModuleNotFoundError("No module named 'numpy._core'", name="numpy._core"),
      "it holds numpy arrays written with numpy 2, which numpy " + np.__version__ + " cannot read (numpy 1.26 or later "
      "can)"),
     (PermissionError(13, "Permission denied"), ": Permission denied"),
+    (OSError(22, "Invalid argument"), "(damaged, or not a file torch.save wrote): "),  # torch's reader, a file cut off
     (ModuleNotFoundError("No module named 'mylib'", name="mylib"), "(damaged, or not a file torch.save wrote): "),
 ])
 def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path, monkeypatch, error, message):

@@ -118,7 +118,7 @@ def test_results_are_sane(finished_run):
     assert res["sessions"] == [{"epoch": 0, "step": 0, "amp": res["amp"], "channels_last": True, "world_size": 1,
                                 "device": res["device"], "git_commit": res["git_commit"],
                                 "torch_version": torch.__version__, "eval_every": 1, "sync_bn": False,
-                                "first_step_s": res["first_step_s"]}]
+                                "compile": False, "first_step_s": res["first_step_s"]}]
     assert res["first_step_s"] > 0
     h = res["history"][0]
     assert h["alpha"] == (1.0 if loss != "ce" else 0.0)
@@ -1121,6 +1121,9 @@ DAMAGED = {  # a last.pt that load_checkpoint and check_compatible accept, damag
                                                                       "git_commit": 1234}]),
     "session_eval_every_zero": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "eval_every": 0}]),
     "session_sync_bn_as_text": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "sync_bn": "no"}]),
+    "session_compile_unknown": lambda s: s["run"].update(sessions=[{**s["run"]["sessions"][0], "compile": "fast"}]),
+    "numpy_state_out_of_range": lambda s: s["rng"].update(numpy=(s["rng"]["numpy"][0], [-1] * 624,
+                                                                 *s["rng"]["numpy"][2:])),
     # A NaN best would never be beaten (no later best kept), a NaN time gives NaN samples/s in results.json.
     "best_top1_nan": lambda s: s["run"].update(best_top1=float("nan")),
     "train_time_inf": lambda s: s["run"].update(train_time=float("inf")),
@@ -1142,7 +1145,8 @@ RUN_ONLY_DAMAGE = ("no_optimizer", "no_rng", "epoch_as_text", "best_top1_as_text
                    "sessions_as_a_number", "session_amp_as_text", "session_amp_as_a_list",
                    "session_world_size_as_a_bool",
                    "session_without_its_start", "session_first_step_as_text", "session_commit_as_a_number",
-                   "session_eval_every_zero", "session_sync_bn_as_text", "best_top1_nan", "train_time_inf",
+                   "session_eval_every_zero", "session_sync_bn_as_text", "session_compile_unknown",
+                   "numpy_state_out_of_range", "best_top1_nan", "train_time_inf",
                    "epoch_past_a_float",
                    "momentum_buffer_of_another_shape", "optimizer_state_a_number", "optimizer_momentum_as_text",
                    "optimizer_momentum_past_a_float", "optimizer_momentum_nan")

@@ -1067,7 +1067,7 @@ NOT_IN_AN_EVALUATION = ("world_size", "sync_bn", "eval_every", "compile")
 
 
 def trained_with(sessions: list[Any], key: str) -> set[Any]:
-    """The values of `key` (amp, channels_last, world_size, sync_bn, eval_every) that the sessions of a run
+    """The values of `key` (amp, channels_last, compile, world_size, sync_bn, eval_every) that the sessions of a run
     (RunState.sessions) recorded. A session that only evaluated counts for the precision and layout, which its
     results came from, not for the settings of NOT_IN_AN_EVALUATION."""
     return {s[key] for s in sessions

@@ -469,7 +469,7 @@ for ((k = 0; k < ${#dry_runs[@]}; k++)); do
   # once, where they are seen before the runs start: with --gpus each run's own copy goes to its log only.
   while IFS= read -r line; do
     # main.py's note that --device auto found no GPU although CUDA_VISIBLE_DEVICES names one: with --gpus the queue
-    # would start one CPU run per listed GPU at once, on the same cores.
+    # would start this entry's runs on the CPU (with every entry wrong, one CPU run per entry at once).
     if ((n_gpus)) && [[ $line == "note: CUDA_VISIBLE_DEVICES="*" but no CUDA device is available"* ]]; then
       echo "$prog: error: --gpus, but main.py --dry_run as ${run_names[idx]}$on_gpu found no CUDA device ($line):" \
         "no run started; check the --gpus ids (nvidia-smi -L), or on a machine without GPUs leave --gpus out" >&2

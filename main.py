@@ -42,6 +42,9 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 
+CLOSED_AT_START: set[int] = set()  # of the descriptors 0, 1 and 2, those the program was started without
+
+
 def _null_on_closed_std_fds() -> None:
     """/dev/null on file descriptors 0, 1 and 2 where the program was started with them closed (`>&-`): else the
     first files opened would get them, and a library's output to stdout would go into a checkpoint or an events
@@ -50,6 +53,7 @@ def _null_on_closed_std_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
+            CLOSED_AT_START.add(fd)
             null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, as those before are open
             if null != fd:
                 os.dup2(null, fd)
@@ -2440,6 +2444,10 @@ def printed(code: int) -> int:
     sys.stdout.flush()
     if code == 0 and getattr(sys.stdout, "failed", False):
         print("error: what this command prints is its result, and printing it failed", file=sys.stderr, flush=True)
+        return 1
+    if code == 0 and 1 in CLOSED_AT_START:  # (printed into /dev/null: nothing failed, and nothing was seen)
+        print("error: what this command prints is its result, and standard output was closed (>&-)", file=sys.stderr,
+              flush=True)
         return 1
     return code
 

@@ -2292,19 +2292,22 @@ def test_a_run_whose_stdout_fails_or_is_closed_goes_on_and_a_dry_run_says_it_fai
     """A run printing into a full disk (or into `| head` once head has left) used to die with a traceback in the
     middle of training. It now says so once on stderr and trains on: its record is its folder (also where stderr
     fails too, `> log 2>&1` on a full disk, and the warning has nowhere to go). A dry run's output
-    is its result: it exits 1. A run started with stdout closed (`>&-`) trains with it on /dev/null (else the first
-    file it opened, a checkpoint, would have taken descriptor 1)."""
+    is its result: it exits 1, also where it was started with stdout closed (`>&-`). A run started so trains with
+    stdout on /dev/null (else the first file it opened, a checkpoint, would have taken descriptor 1)."""
     args = [sys.executable, str(ROOT / "main.py"), "--data_root", str(cifar10_root), *TINY, "--epochs", "1",
             "--lr_decay_epochs", ""]
     full = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'full'))} > /dev/full"
     closed = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'closed'))} >&-"
     dry = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'dry'))} --dry_run > /dev/full"
+    dry_closed = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'dry'))} --dry_run >&-"
     both = f"{shlex.join(args)} --output_dir {shlex.quote(str(tmp_path / 'both'))} > /dev/full 2>&1"  # nowhere to say it
     warning = ("warning: standard output failed (No space left on device); main.py goes on without printing (a "
                "training run's record is its folder and TensorBoard)")
     for command, code, err in ((full, 0, [warning]), (closed, 0, []), (both, 0, []),
                                (dry, 1, [warning, "error: what this command prints is its result, and printing it "
-                                                  "failed"])):
+                                                  "failed"]),
+                               (dry_closed, 1, ["error: what this command prints is its result, and standard output "
+                                                "was closed (>&-)"])):
         proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=240)
         assert proc.returncode == code, proc.stderr[-3000:]
         assert [line for line in proc.stderr.splitlines() if not line.startswith("note:")] == err, proc.stderr

@@ -2320,11 +2320,11 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     split from the checkpoint's config)."""
     path = Path(cfg.checkpoint)
     if dist.main:
-        hidden = hidden_gpu_note(cfg.device, device, "evaluating")
-        for note in ([hidden] if hidden else []) + (
-                ["note: --eval_only runs the network as it is, without torch.compile: --compile is not read"]
-                if cfg.compile else []):
-            print(note, flush=True)
+        for note in (hidden_gpu_note(cfg.device, device, "evaluating"),
+                     "note: --eval_only runs the network as it is, without torch.compile: --compile is not read"
+                     if cfg.compile else None):
+            if note:
+                print(note, flush=True)
     saved = util.load_checkpoint(path)
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]

@@ -12,6 +12,12 @@ import numpy as np
 from dataset_loader import ArraySplit
 
 
+def ascii_locale_env() -> dict[str, str]:
+    """This process's environment under the C locale with Python's UTF-8 mode and locale coercion off: a child's
+    locale encoding is then ASCII (what a program that reads files without encoding= would decode with)."""
+    return {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
 def make_synthetic(num_classes: int, n_train_per_class: int, n_test_per_class: int,
                    seed: int = 0) -> tuple[ArraySplit, ArraySplit]:
     """(train, test): uint8 [N, 32, 32, 3] images, int64 labels grouped by class (0, 0, ..., 1, 1, ...).

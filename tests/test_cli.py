@@ -22,8 +22,8 @@ import torch
 import main
 import util
 from dataset_loader import ArraySplit
-from helpers import (call_main, make_synthetic, snapshot, write_image_folder, write_pickled_cifar10,
-                     write_pickled_cifar100)
+from helpers import (ascii_locale_env, call_main, make_synthetic, snapshot, write_image_folder,
+                     write_pickled_cifar10, write_pickled_cifar100)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 10  # per class
@@ -1482,10 +1482,6 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     assert_one_line_error(code, err, f"{results} is not a file")
 
 
-# The C locale with Python's UTF-8 mode and locale coercion off: the locale's encoding is ASCII.
-ASCII_LOCALE = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-
-
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_run_files_are_read_as_utf8_whatever_the_locale(existing_run, cifar10_root):
     """JSON is UTF-8 (RFC 8259). A results.json holding UTF-8 text (a note added by hand) is a finished run's under
@@ -1495,7 +1491,7 @@ def test_run_files_are_read_as_utf8_whatever_the_locale(existing_run, cifar10_ro
     results.write_text(json.dumps({**record, "note": "d\u00e9j\u00e0 vu"}, ensure_ascii=False), encoding="utf-8")
     before = snapshot(existing_run)
     proc = run_cli("--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY,
-                   env=ASCII_LOCALE)
+                   env=ascii_locale_env())
     assert (proc.returncode, proc.stdout) == (0, f"{existing_run} already finished 2 epochs; nothing to do\n"), \
         proc.stderr
     assert snapshot(existing_run) == before

@@ -1152,14 +1152,15 @@ def test_a_config_json_that_is_a_pipe_is_not_read(tmp_path):
 def test_summarize_reads_utf8_whatever_the_locale(tmp_path):
     """JSON is UTF-8: a results.json and the config.json beside it holding UTF-8 text (a note added by hand, a
     path) are read under an ASCII locale too, where the one was 'malformed' and the other's settings ignored."""
+    from helpers import ascii_locale_env
+
     for seed, amp in ((0, True), (1, False)):  # runs that record amp in their config.json only (made before
         path = write_result(tmp_path / "runs", f"s{seed}", seed=seed)  # results.json recorded it)
         path.write_text(json.dumps({**json.loads(path.read_text()), "note": "d\u00e9j\u00e0 vu"}, ensure_ascii=False),
                         encoding="utf-8")
         (path.parent / "config.json").write_text(json.dumps({"amp": amp, "data_root": "/donn\u00e9es"},
                                                             ensure_ascii=False), encoding="utf-8")
-    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-    result = summarize_script(tmp_path / "runs", env=env)
+    result = summarize_script(tmp_path / "runs", env=ascii_locale_env())
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if "| Hybrid-SC" in line]
     assert len(rows) == 2 and "amp=True" in rows[0] + rows[1] and "amp=False" in rows[0] + rows[1], result.stdout

@@ -2,6 +2,7 @@
 and the TensorBoard figures (rendered with numpy, so no plotting dependency)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -9,11 +10,13 @@ import math
 import numbers
 import os
 import random
+import re
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -265,8 +268,60 @@ def write_checkpoint_bytes(content: bytes | memoryview, path: str | os.PathLike)
         raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}") from e
 
 
+# What checkpoints written before commit a392b74 hold beyond tensors and plain data: torch's version string type and
+# numpy's random state as an array, pickled under numpy 1 (numpy.core) or numpy 2 (numpy._core). weights_only=True
+# refuses every other global: a checkpoint from elsewhere cannot run code when it is read.
+def _earlier_checkpoint_globals() -> list[Any]:
+    import _codecs  # (how protocol 2 pickles an array's bytes; torch 2.4 does not allow it by default)
+    from torch.torch_version import TorchVersion
+
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
+    entries: list[Any] = [TorchVersion, np.ndarray, np.dtype, type(np.dtype(np.uint32)), _codecs.encode]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # under either name, whichever numpy wrote it
+        def named(*args: Any, _reconstruct: Any = reconstruct) -> Any:
+            return _reconstruct(*args)
+
+        named.__module__, named.__name__, named.__qualname__ = module, "_reconstruct", "_reconstruct"
+        entries.append(named)
+    return entries
+
+
+@contextlib.contextmanager
+def _allowed_globals(entries: list[Any]) -> Iterator[None]:
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):  # torch 2.5 and later
+        with serialization.safe_globals(entries):
+            yield
+        return
+    before = list(serialization.get_safe_globals())  # torch 2.4: one list for the process, restored after
+    serialization.add_safe_globals(entries)
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(before)
+
+
+def _refused(path: Path, e: Exception) -> Optional[UserError]:
+    """weights_only's refusal of a file as one line: a global beyond the allowed ones (code a pickle would run), or
+    an instruction its unpickler does not take (a file other than torch.save's). None: not a refusal."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return UserError(f"cannot read checkpoint {path}: it holds {found[1]}, which no checkpoint of this project "
+                         f"holds and which unpickling would call, so torch.load's weights_only=True refuses it; if "
+                         f"you trust the file, torch.load(..., weights_only=False) reads it")
+    detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
+    return UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
+                     f"{one_line(detail[1]) if detail and detail[1].strip() else 'UnpicklingError'}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by save_checkpoint onto the CPU, as a UserError when it is missing or unreadable."""
+    """Load a checkpoint written by save_checkpoint onto the CPU, as a UserError when it is missing or unreadable.
+    Read with weights_only=True (tensors, plain Python values and _earlier_checkpoint_globals' few types): a file
+    that would run code when unpickled is refused, not run."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder: name the file in it (a run leaves last.pt and best.pt)")
@@ -275,18 +330,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with _allowed_globals(_earlier_checkpoint_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # (a plain pickle: refused below)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:  # (other OSErrors come from torch's reader of a file cut off, too: damaged)
         raise UserError(f"cannot read checkpoint {path}: {e.strerror or exception_text(e)}") from e
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("numpy._core"):  # numpy 2 pickles its arrays as numpy._core's
-            raise UserError(f"cannot read checkpoint {path}: it holds numpy arrays written with numpy 2, which numpy "
-                            f"{np.__version__} cannot read (numpy 1.26 or later can)") from e
-        raise UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
-                        f"{exception_text(e)}") from e
     except Exception as e:  # a truncated or foreign file raises anything from pickle, zipfile or torch
-        raise UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
-                        f"{exception_text(e)}") from e
+        raise (_refused(path, e) or UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save "
+                                              f"wrote): {exception_text(e)}")) from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
     if not isinstance(state["model"], dict) or not isinstance(state["config"], dict):

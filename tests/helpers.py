@@ -145,3 +145,15 @@ def call_main(argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as e:  # argparse's own errors
         code = e.code
     return code, capsys.readouterr().err
+
+
+class RunsCode:
+    """Unpickled, it would make a folder: what a checkpoint from elsewhere could do with any call."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.folder,)

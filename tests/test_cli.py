@@ -22,7 +22,7 @@ import torch
 import main
 import util
 from dataset_loader import ArraySplit
-from helpers import (ascii_locale_env, call_main, make_synthetic, snapshot, write_image_folder,
+from helpers import (RunsCode, ascii_locale_env, call_main, make_synthetic, snapshot, write_image_folder,
                      write_pickled_cifar10, write_pickled_cifar100)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1180,6 +1180,27 @@ def test_damaged_checkpoints_are_one_line(damage, mode, existing_run, capsys, ci
     code, err = call_main(argv, capsys)
     assert_one_line_error(code, err, needle)
     assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+@pytest.mark.parametrize("mode", ["resume", "eval_only"])
+def test_a_checkpoint_that_would_run_code_is_one_line_and_not_run(mode, existing_run, capsys, cifar10_root):
+    """A checkpoint from elsewhere (a download to evaluate, a run folder copied in) that holds a call: refused as
+    weights_only=True refuses it, in one line, and the call never made."""
+    ckpt = existing_run / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    saved["run"]["note"] = RunsCode(existing_run.parent / "ran")
+    torch.save(saved, ckpt)
+    (existing_run / "results.json").unlink()
+    if mode == "resume":
+        argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
+    else:
+        argv = ["--eval_only", "--checkpoint", str(ckpt), "--data_root", str(cifar10_root), "--device", "cpu"]
+    before = snapshot(existing_run)
+    code, err = call_main(argv, capsys)
+    assert_one_line_error(code, err, f"cannot read checkpoint {ckpt}: it holds {os.mkdir.__module__}.mkdir, which no "
+                                     f"checkpoint of this project holds")
+    assert snapshot(existing_run) == before and not (existing_run.parent / "ran").exists()
 
 
 @pytest.mark.parametrize("finished_run", ["psc"], indirect=True)  # PSC's temperature default is the dataset's

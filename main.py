@@ -252,7 +252,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
-        group = groups.setdefault(meta.pop("group"), parser.add_argument_group(meta.get("group")))
+        name = meta.pop("group")
+        if name not in groups:  # (each group made once: its title heads its flags in --help)
+            groups[name] = parser.add_argument_group(name)
+        group = groups[name]
         kwargs: dict[str, Any] = {"default": f.default, **meta}
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
@@ -650,8 +653,9 @@ def numerics_note(cfg: Config, device: torch.device, saved: Optional[dict[str, A
 
 
 def cudagraph_skips(clear: bool = False) -> int:
-    """How many graphs Inductor has run without CUDA graphs in this process (its counter; on the CPU, every graph
-    it compiled in a CUDA-graph mode); clear: start the count again at 0."""
+    """How many graphs Inductor has run without CUDA graphs in this process (its counter, which counts a forward
+    graph and its backward once: it decides for both together; on the CPU, every graph it compiled in a CUDA-graph
+    mode); clear: start the count again at 0."""
     from torch._dynamo.utils import counters
     if clear:
         counters.clear()
@@ -950,7 +954,8 @@ class Stop(Exception):
 
 
 class SignalFlag:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once, unless it came
+    within 2 s of the first (torchrun relays a Ctrl-C its processes got from the terminal too)."""
 
     def __init__(self):
         self.signum = 0
@@ -994,9 +999,10 @@ class RunState:
         self.epoch_start_time = -1.0
         self.epoch_start_samples = -1
         self.wall_time = 0.0
-        # One entry per session that trained (the first start, each resume that ran a step): where it began
-        # (epoch, step) and how it ran (amp, channels_last, world_size, device, eval_every, sync_bn), so that a run
-        # resumed another way says so (results.json: "mixed", mixed_setting).
+        # One entry per session (Run.session): each that trained (the first start, each resume that ran a step),
+        # where it began (epoch, step) and how it ran (amp, channels_last, world_size, device, eval_every, sync_bn,
+        # compile, the commit and torch), so that a run resumed another way says so (results.json: "mixed",
+        # mixed_setting); and each that only evaluated a trained run again ("evaluated_only": True).
         self.sessions: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -1337,8 +1343,8 @@ class FolderLock:
         if self.fd is not None or fcntl is None:
             return
         try:
-            folder = os.open(out, os.O_RDONLY)
-        except OSError:  # no folder yet: prepare_output_dir locks it once made
+            folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # (a pipe's open would wait for a writer)
+        except OSError:  # no folder yet (prepare_output_dir locks it once made), or not a folder: said later
             return
         try:
             try:
@@ -1682,13 +1688,7 @@ class Run:
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
         self.num_classes = data.DATASETS[cfg.dataset]
-        download = cfg.download
-        if download and dist.enabled:  # one download per machine, while the other processes wait for it
-            if dist.local_rank == 0:
-                data.load_cifar(cfg.dataset, cfg.data_root, download=True)
-            torch.distributed.barrier()
-            download = False
-        train, test = load_data(cfg, saved, download=download)
+        train, test = load_data(cfg, saved, dist)
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
@@ -1746,10 +1746,7 @@ class Run:
         """What a checkpoint from before RunState.sessions tells of the sessions that made it: their precision and
         layout (the checkpoint's, that of the last), and the number of processes of the last one to start as far as
         the config.json it left beside the checkpoint says (None where unreadable)."""
-        try:
-            world_size = json.loads((self.out / "config.json").read_text(encoding="utf-8")).get("world_size")
-        except (OSError, ValueError, AttributeError, RecursionError):
-            world_size = None
+        world_size = (run_config(self.out) or {}).get("world_size")
         return {"epoch": 0, "step": 0, "amp": saved.get("amp"), "channels_last": saved.get("channels_last"),
                 "world_size": world_size if _is_count(world_size, 1) else None, "device": None, "git_commit": None,
                 "torch_version": None}
@@ -1816,6 +1813,12 @@ class Run:
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
             lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
                          f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
+        early = [e for e in cfg.lr_decay_epochs if e < cfg.warm_epochs]
+        if early:  # legal too: the warm-up then ramps to the decayed lr
+            lines.append(f"note: --lr_decay_epochs {flag_text(early)} decay{'s' if len(early) == 1 else ''} the lr "
+                         f"within the --warm_epochs {cfg.warm_epochs:g} warm-up, which then ramps up to "
+                         f"{cfg.learning_rate * cfg.lr_decay_rate ** len(early):g}, never to --learning_rate "
+                         f"{cfg.learning_rate:g}")
         lines.append(f"training {sum(trainer.class_counts)} images in {self.num_classes} classes "
                      f"(counts {trainer.class_counts[0]} .. {trainer.class_counts[-1]}), {trainer.steps_per_epoch} "
                      f"steps/epoch, device {device_name(self.device)}, output {self.out}")
@@ -2300,12 +2303,20 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
     return dataclasses.replace(cfg, **then)
 
 
-def load_data(cfg: Config, saved: Optional[dict[str, Any]], **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
-    """data.load_cifar of cfg's dataset and --data_root. Where that fails for a run resumed or evaluated from
-    `saved` (a checkpoint), and the run was trained with another --data_root, the error names it (the flag is a
-    path, not part of the recipe: it is given again, not read from the checkpoint)."""
+def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
+              **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
+    """data.load_cifar of cfg's dataset and --data_root, with --download: under torchrun, one download per machine
+    (local rank 0's) while the machine's other processes wait for it. Where that fails for a run resumed or
+    evaluated from `saved` (a checkpoint), and the run was trained with another --data_root, the error names it
+    (the flag is a path, not part of the recipe: it is given again, not read from the checkpoint)."""
+    download = cfg.download
     try:
-        return data.load_cifar(cfg.dataset, cfg.data_root, **kwargs)
+        if download and dist.enabled:
+            if dist.local_rank == 0:
+                data.load_cifar(cfg.dataset, cfg.data_root, download=True)
+            torch.distributed.barrier()
+            download = False
+        return data.load_cifar(cfg.dataset, cfg.data_root, download=download, **kwargs)
     except data.DataError as e:
         config = saved.get("config") if isinstance(saved, dict) else None
         then = config.get("data_root") if isinstance(config, dict) else None
@@ -2329,7 +2340,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
-    train, test = load_data(cfg, saved, download=cfg.download, dataset_of=str(path))
+    train, test = load_data(cfg, saved, dist, dataset_of=str(path))
     try:
         train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
                                                          cfg.data_seed)

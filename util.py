@@ -72,9 +72,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epochs: float,
                   decay_epochs: Sequence[int], decay_rate: float) -> float:
     """Learning rate at global optimiser step `step` (0-based), a pure function of the step so that the
-    schedule needs no state of its own to resume: a linear warm-up from base_lr / warm_steps to base_lr over
-    the first `warm_epochs` epochs, then x decay_rate at the start of each epoch in `decay_epochs` (0-based
-    epoch indices, as in LDAM-DRW: `--lr_decay_epochs 120,160` means epochs 121 and 161 counted from 1)."""
+    schedule needs no state of its own to resume: x decay_rate from the start of each epoch in `decay_epochs`
+    (0-based epoch indices, as in LDAM-DRW: `--lr_decay_epochs 120,160` means epochs 121 and 161 counted from 1),
+    times a linear warm-up from 1 / warm_steps to 1 over the first `warm_epochs` epochs (a decay within them, which
+    main.py notes, lowers the rate the warm-up ramps up to)."""
     epoch = step // steps_per_epoch
     lr = base_lr * decay_rate ** sum(epoch >= e for e in decay_epochs)
     warm_steps = warm_epochs * steps_per_epoch
@@ -221,6 +222,21 @@ def guard_stdout(goes_on: str) -> None:
             setattr(sys, name, GuardedOutput(getattr(sys, name), said))
 
 
+def _umask() -> int:
+    """The process's umask, from /proc where Linux shows it: os.umask can only read it by setting it, for a moment in
+    which a file another thread creates (TensorBoard's writer) would get the mode set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(file_object)` to a temporary file beside `path`, fsync it, then rename it over
     `path`: a reader (or a resume after `kill -9`) sees the old complete file or the new complete one, never
@@ -235,13 +251,16 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: the rename says so
         raise OSError(errno.EEXIST, "not a regular file (a device, a pipe or a socket), which this write would "
                                     "replace: give a file name")
+    # The mode a plain write would leave (mkstemp makes the file private): an existing file's own, else what open()
+    # creates under the umask (0o644 under the usual 022; 0o600 under 077).
+    mode = mode & 0o7777 if mode is not None and stat.S_ISREG(mode) else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -817,7 +817,7 @@ def format_report(result: dict[str, Any]) -> str:
         graphs = [row for row in result["project"] if row.get("cudagraph_skips") is not None]
         if graphs:
             lines += ["", "graphs Inductor did not record as CUDA graphs (torch._dynamo's counters['inductor']"
-                          "['cudagraph_skips']; on the CPU every one): " +
+                          "['cudagraph_skips'], a forward and its backward counted once; on the CPU every one): " +
                       "; ".join(f"{row['label']}: {row['cudagraph_skips']}" for row in graphs)]
         checked = [row for row in result["project"] if row.get("host_sync") is not None]
         if checked:

@@ -292,7 +292,7 @@ def test_profile_on_cuda_counts_each_kernel_once_and_a_failure_keeps_the_timings
                                     "ratio_to_reference": None, "first_step_s": 1.0, "compile_s": 1.0,
                                     "cudagraph_skips": 0, "profile": {**prof, "outside_operators_ms_per_step": 0.0}}])
     assert "graphs Inductor did not record as CUDA graphs (torch._dynamo's counters['inductor']" \
-           "['cudagraph_skips']; on the CPU every one): graphs: 0" in report
+           "['cudagraph_skips'], a forward and its backward counted once; on the CPU every one): graphs: 0" in report
     assert "no operator launched" not in report and "the kernel table below, on CUDA, is the breakdown" in report
     assert "the same steps by kernel (device time, CUDA graphs' kernels included, 0.3 ms/step in all)" in report
     assert "| triton_poi_fused_relu_0 | 0.10 | 30.8 % | 3 |" in report

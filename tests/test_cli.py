@@ -322,6 +322,20 @@ def test_cifar100_psc_uses_the_paper_temperature(tmp_path):
     assert res["psc_temperature"] == 0.1
 
 
+def test_help_groups_the_flags_under_their_headings():
+    """Each Config field's group heads its flags in --help, once: data, method, optimisation, run (a field's group
+    was dropped before its heading was made, which left four dozen untitled blocks)."""
+    parser = main.get_args_parser()
+    titled = [group for group in parser._action_groups if group._group_actions and group.title not in
+              ("options", "optional arguments", "positional arguments")]
+    assert [group.title for group in titled] == ["data", "method", "optimisation", "run"]
+    for group in titled:
+        assert {a.dest for a in group._group_actions} == {f.name for f in dataclasses.fields(main.Config)
+                                                           if f.metadata["group"] == group.title}
+    assert all(group._group_actions or group.title in ("positional arguments",) for group in parser._action_groups)
+    assert re.search(r"^data:\n  --dataset ", parser.format_help(), re.M)
+
+
 def test_help_lists_every_flag_with_its_default():
     text = main.get_args_parser().format_help()
     for flag in ("--dataset", "--data_root", "--download", "--imb_type", "--imb_factor", "--data_seed",
@@ -453,8 +467,25 @@ def test_a_data_error_names_another_data_root_the_run_was_trained_with(saved, hi
 
     monkeypatch.setattr(main.data, "load_cifar", load_cifar)
     with pytest.raises(main.data.DataError) as caught:
-        main.load_data(main.parse_config(["--data_root", "data/x"]), saved)
+        main.load_data(main.parse_config(["--data_root", "data/x"]), saved, main.Dist())
     assert str(caught.value) == f"no cifar10 data in data/x{hint}"
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_download_under_torchrun_is_one_per_machine(local_rank, monkeypatch):
+    """--download under torchrun, a training run or --eval_only alike: local rank 0 downloads while the machine's
+    other processes wait at a barrier; then every process reads the data without downloading."""
+    calls = []
+    monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
+                        ("train", "test"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    cfg = main.parse_config(["--download"])
+    assert main.load_data(cfg, None, main.Dist(rank=local_rank, world_size=2, local_rank=local_rank)) == (
+        "train", "test")
+    assert calls == ([True] if local_rank == 0 else []) + ["barrier", False]
+    calls.clear()
+    main.load_data(cfg, None, main.Dist())  # one process: it downloads itself
+    assert calls == [True]
 
 
 BAD_INPUTS = [
@@ -600,6 +631,46 @@ def test_an_output_dir_under_a_file_is_refused_by_a_dry_run_too(dry_run, tmp_pat
                            *(["--dry_run"] if dry_run else [])], capsys)
     assert_one_line_error(code, err, f"cannot prepare output folder {out}: {tmp_path / 'file'} is not a folder")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def returns_before_a_writer(fifo: Path, call, seconds: float = 60):
+    """call()'s value, or a failure where it waits on `fifo` (an open or read of a named pipe waits for a writer):
+    after `seconds`, a writer is let in so that the waiting thread ends."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"waited on the named pipe {fifo}")
+    return result.get("value")
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_output_dir_that_is_a_named_pipe_is_one_line(dry_run, tmp_path, capsys, cifar10_root):
+    """The folder lock opened it before the folder was checked, and an open of a pipe waits for a writer: the
+    run hung, a dry run too, where a file gets one line."""
+    os.mkfifo(tmp_path / "fifo")
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "fifo"), *TINY,
+            *(["--dry_run"] if dry_run else [])]
+    code, err = returns_before_a_writer(tmp_path / "fifo", lambda: call_main(argv, capsys))
+    assert_one_line_error(code, err, f"--output_dir {tmp_path / 'fifo'} exists and is not a folder")
+
+
+def test_an_earlier_session_beside_a_config_that_is_a_named_pipe(tmp_path):
+    """A checkpoint from before RunState.sessions takes the number of processes from the config.json beside it:
+    one that is a pipe is unknown (None), not a read that waits for a writer."""
+    os.mkfifo(tmp_path / "config.json")
+    run = argparse.Namespace(out=tmp_path)
+    entry = returns_before_a_writer(tmp_path / "config.json",
+                                    lambda: main.Run.earlier_session(run, {"amp": False, "channels_last": True}))
+    assert entry["world_size"] is None and entry["amp"] is False and entry["channels_last"] is True
+    (tmp_path / "config.json").unlink()
+    util.write_json(dataclasses.asdict(main.parse_config([])) | {"world_size": 2}, tmp_path / "config.json")
+    assert main.Run.earlier_session(run, {})["world_size"] == 2
 
 
 def test_an_output_dir_through_a_broken_link_is_refused_by_a_dry_run_too(tmp_path, capsys, cifar10_root):
@@ -937,6 +1008,20 @@ def test_device_name_counts_threads(monkeypatch):
     assert main.device_name(torch.device("cpu")) == "cpu (1 thread)"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert main.device_name(torch.device("cpu")) == "cpu (2 threads)"
+
+
+@pytest.mark.parametrize("decays, note", [
+    ("1", "note: --lr_decay_epochs 1 decays the lr within the --warm_epochs 1.5 warm-up, which then ramps up to "
+          "0.005, never to --learning_rate 0.05"),
+    ("", None), ("2", None),  # none, or after the warm-up: as meant
+])
+def test_an_lr_decay_within_the_warm_up_is_noted(decays, note, tmp_path, capsys, cifar10_root):
+    """Legal, but the warm-up then ramps to the decayed rate: the run says so before its first step."""
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--dry_run",
+            "--epochs", "3", "--warm_epochs", "1.5", "--lr_decay_epochs", decays]
+    assert main.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--lr_decay_epochs" in line]
+    assert notes == ([note] if note else [])
 
 
 def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(finished_run, tmp_path, capsys,

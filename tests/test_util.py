@@ -162,8 +162,8 @@ def test_lr_warm_up_ends_at_the_base_lr_and_never_passes_it():
 
 def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):
     """A rename, not a rewrite in place: a reader that opened the old file reads it whole, the path then holds a
-    new file (inode) with the new content, no temporary file is left, and the file is readable by others
-    (mkstemp makes it private)."""
+    new file (inode) with the new content, no temporary file is left, and the file is readable by others as a plain
+    write's would be (mkstemp makes it private)."""
     path = tmp_path / "results.json"
     util.write_json({"old": "x" * 1000}, path)
     inode = path.stat().st_ino
@@ -174,7 +174,30 @@ def test_write_json_is_atomic_and_leaves_no_temporary_file(tmp_path):
     util.save_checkpoint({"model": {}, "config": {}}, tmp_path / "c.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "results.json"]
     for name in ("c.pt", "results.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~util._umask()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_leave_the_mode_a_plain_write_would(tmp_path, umask):
+    """mkstemp makes its file private: a new file gets what open() would give it under the umask (not 0o644 under
+    umask 077, which keeps a user's runs to themselves), and a file written again keeps its own mode (a results.json
+    or checkpoint made private with chmod 600 stays so)."""
+    import os
+
+    before = os.umask(umask)
+    try:
+        assert util._umask() == umask
+        util.write_json({"a": 1}, tmp_path / "new.json")
+        util.save_checkpoint({"model": {}, "config": {}}, tmp_path / "new.pt")
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        util.write_json({"a": 2}, tmp_path / "kept.json")
+    finally:
+        os.umask(before)
+    for name in ("new.json", "new.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o7777 == 0o666 & ~umask, name
+    assert (tmp_path / "kept.json").stat().st_mode & 0o7777 == 0o640
+    assert json.loads((tmp_path / "kept.json").read_text()) == {"a": 2}
 
 
 def test_set_rng_states_restores_python_numpy_and_torch():

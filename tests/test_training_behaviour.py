@@ -247,7 +247,8 @@ def test_a_resume_keeps_the_runs_precision_and_layout(cifar10_root, tmp_path):
     earlier = {"epoch": 0, "step": 0, "amp": not device_amp, "channels_last": False, "world_size": 1, "device": None,
                "git_commit": None, "torch_version": None}
     assert resumed().state.sessions == [earlier]
-    (out / "config.json").write_text(json.dumps({"world_size": 2}))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a 2-process start wrote it
     run = resumed("--no-channels_last", "--amp" if device_amp else "--no-amp")
     assert run.state.sessions == [{**earlier, "world_size": 2}]
     amp_changed = (f"--{'no-' if device_amp else ''}amp so far and goes on with --{'' if device_amp else 'no-'}amp: "

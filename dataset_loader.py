@@ -10,6 +10,7 @@ multi-process run draws the global batch's random choices and keeps its own slic
 """
 from __future__ import annotations
 
+import codecs
 import concurrent.futures
 import hashlib
 import math
@@ -218,6 +219,27 @@ def _read_pickled(dataset: str, folder: Path) -> tuple[ArraySplit, ArraySplit]:
     return splits[0], splits[1]
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """A CIFAR batch holds a dict of bytes, lists, numbers and numpy arrays: the only globals it names are numpy's
+    array and dtype types, the functions that rebuild an array (under numpy 1's and numpy 2's module names; with
+    protocol 5, from a buffer) and those that make bytes. Any other is code that unpickling would call, refused
+    before it runs: a --data_root from a mirror or a colleague cannot run code when it is read (pickle.load, as
+    torchvision's reader, would)."""
+
+    _SAFE = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+             **{(f"numpy.{core}.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0] for core in ("core", "_core")},
+             **{(f"numpy.{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in ("core", "_core")},
+             # How Python 3 pickles bytes in protocol 2 (an empty one as a call of bytes, Python 2's name for it)
+             ("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._SAFE.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it holds {module}.{name}, which no CIFAR batch holds and which unpickling "
+                                         f"would call (refused)")
+        return found
+
+
 def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySplit:
     """One pickled batch: ``data`` uint8 [N, 3072] (R plane, G plane, B plane, each row-major) + labels.
 
@@ -229,7 +251,7 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a damaged file's numpy warnings would add lines before the one error
-            raw = pickle.load(f, encoding="latin1")
+            raw = _BatchUnpickler(f, encoding="latin1").load()
     except Exception as exc:  # a damaged pickle raises nearly anything: ImportError, LookupError, MemoryError, ...
         raise DataError(f"cannot read {path}: {exception_text(exc)}") from exc
     if not isinstance(raw, dict):

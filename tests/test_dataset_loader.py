@@ -18,7 +18,8 @@ from torch import Tensor
 
 import dataset_loader as dl
 from dataset_loader import ArraySplit, DataError
-from helpers import make_synthetic, snapshot, write_image_folder, write_pickled_cifar10, write_pickled_cifar100
+from helpers import (RunsCode, make_synthetic, snapshot, write_image_folder, write_pickled_cifar10,
+                     write_pickled_cifar100)
 from util import UserError
 
 CIFAR10_MEAN, CIFAR10_STD = dl.dataset_stats("cifar10")
@@ -739,6 +740,34 @@ def test_pickled_with_str_keys_loads(tmp_path, cifar10_like):
     assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
 
 
+@pytest.mark.parametrize("protocol", [0, 3, 4, 5])
+def test_batches_pickled_again_by_python_3_load(tmp_path, cifar10_like, protocol):
+    """A copy converted by a Python 3 tool: other protocols name other globals for the same arrays (protocol 5
+    rebuilds them from a buffer, protocol 0 stores bytes as a call of codecs.encode), which the reader allows."""
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f)
+        entry[b"data"] = np.ascontiguousarray(entry[b"data"])
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=protocol)
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+
+
+def test_a_batch_that_would_run_code_is_refused_unrun(tmp_path, cifar10_like):
+    """pickle.load (torchvision's reader) calls whatever a file names: a batch from a mirror or a colleague could
+    run any code. Only numpy's arrays and bytes are rebuilt; anything else is one line, and nothing ran."""
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    rewrite_batch(folder, "data_batch_3", lambda entry: entry.update({b"note": RunsCode(tmp_path / "ran")}))
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError) as info:
+        dl.load_cifar("cifar10", tmp_path)
+    assert str(info.value) == (f"cannot read {folder / 'data_batch_3'}: UnpicklingError: it holds "
+                               f"{os.mkdir.__module__}.mkdir, which no CIFAR batch holds and which unpickling would "
+                               f"call (refused)")
+    assert snapshot(tmp_path) == before and not (tmp_path / "ran").exists()
+
+
 def test_pickled_cifar100_uses_fine_labels(tmp_path):
     data = make_synthetic(100, 3, 1, seed=9)
     write_pickled_cifar100(tmp_path, *data)
@@ -1193,7 +1222,8 @@ def test_a_pickled_test_set_without_some_class_is_refused(tmp_path, cifar10_like
 
 
 @pytest.mark.parametrize("damage, error", [
-    (lambda raw: raw.replace(b"multiarray", b"mulXiarray"), "ModuleNotFoundError"),
+    (lambda raw: raw.replace(b"multiarray", b"mulXiarray"),
+     r"UnpicklingError: it holds numpy\.(_)?core\.mulXiarray\._reconstruct, which no CIFAR batch holds"),
     (lambda raw: raw.replace(b"latin1", b"latNn1"), "LookupError"),  # protocol 2 stores bytes via codecs.encode
     (lambda raw: b"\x80\x04\x95" + (2 ** 63 + 1).to_bytes(8, "little"), "OverflowError"),  # FRAME of 8 EiB
     (lambda raw: b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little"), "MemoryError"),  # BINBYTES8 of 4 EiB

@@ -75,6 +75,7 @@ Only the standard library and numpy: it runs anywhere the run folders are copied
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import io
 import json
@@ -1015,6 +1016,19 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _stdout_errors(error: UnicodeError) -> tuple[str, int]:
+    """The characters standard output cannot encode: a folder name's undecodable bytes (Python's surrogate escapes)
+    as a backslash escape, as write_atomic writes them to --out; others (a '±' on an ASCII terminal) as '?'."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start:error.end]
+    return "".join(f"\\u{ord(c):04x}" if 0xDC80 <= ord(c) <= 0xDCFF else "?" for c in bad), error.end
+
+
+STDOUT_ERRORS = "summarize.stdout"
+codecs.register_error(STDOUT_ERRORS, _stdout_errors)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (plus exit 2), like every other bad input (as main.py's parser)."""
 
@@ -1092,10 +1106,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             # A terminal whose encoding lacks '±' or '—' (LANG=C on an old Python, PYTHONIOENCODING=latin-1)
-            # gets '?' for them rather than a traceback; --out always writes UTF-8.
+            # gets '?' for them rather than a traceback; a folder name's bytes that are not UTF-8 show as --out
+            # (which always writes UTF-8) writes them, \udcff.
             reconfigure = getattr(sys.stdout, "reconfigure", None)  # not on a StringIO standing in for stdout
             if reconfigure is not None:
-                reconfigure(errors="replace")
+                reconfigure(errors=STDOUT_ERRORS)
             sys.stdout.write(text)
             sys.stdout.flush()
         except OSError as error:

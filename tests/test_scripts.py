@@ -1138,6 +1138,19 @@ def test_a_folder_name_that_is_not_utf8_is_written_to_out(summarize, tmp_path, c
         assert "odd\\udcffname" in table.read_bytes().decode("utf-8")
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_a_folder_name_that_is_not_utf8_prints_as_out_writes_it(tmp_path, encoding):
+    """On standard output too the name's undecodable byte is the escape --out writes (it was '?', which names no
+    folder); a character the terminal lacks ('±' in ASCII) is still '?'."""
+    name = os.fsdecode(b"odd\xffname")
+    write_result(tmp_path / "runs", name)
+    write_result(tmp_path / "runs", "b", seed=1)
+    result = summarize_script(tmp_path / "runs", "--per_run", env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert result.returncode == 0, result.stderr
+    assert "odd\\udcffname" in result.stdout and "odd?name" not in result.stdout
+    assert ("±" in result.stdout) == (encoding == "utf-8") and (" ? " in result.stdout) == (encoding == "ascii")
+
+
 def test_a_config_json_that_is_a_pipe_is_not_read(tmp_path):
     """A results.json without the settings that older runs lack takes them from the config.json beside it,
     unless that is not a regular file: a pipe there made the summary wait forever."""

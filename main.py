@@ -1673,6 +1673,13 @@ def results_problem(path: Path) -> Optional[str]:
     return f"no usable {', '.join(bad)}" if bad else None
 
 
+def decays_within_warmup(cfg: Config, steps_per_epoch: int) -> list[int]:
+    """The --lr_decay_epochs that begin before the warm-up's last step (util.learning_rate's: its steps rounded)."""
+    warm_steps = cfg.warm_epochs * steps_per_epoch
+    warm_steps = round(warm_steps) if math.isfinite(warm_steps) else warm_steps
+    return [e for e in cfg.lr_decay_epochs if e * steps_per_epoch < warm_steps]
+
+
 def warmup_outlasts_run(cfg: Config, steps_per_epoch: int) -> bool:
     """Whether the lr warm-up is still below --learning_rate at the run's last step."""
     return util.learning_rate(cfg.epochs * steps_per_epoch - 1, base_lr=1.0, steps_per_epoch=steps_per_epoch,
@@ -1813,7 +1820,7 @@ class Run:
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
             lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
                          f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
-        early = [e for e in cfg.lr_decay_epochs if e < cfg.warm_epochs]
+        early = decays_within_warmup(cfg, trainer.steps_per_epoch)
         if early:  # legal too: the warm-up then ramps to the decayed lr
             lines.append(f"note: --lr_decay_epochs {flag_text(early)} decay{'s' if len(early) == 1 else ''} the lr "
                          f"within the --warm_epochs {cfg.warm_epochs:g} warm-up, which then ramps up to "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import math
@@ -14,6 +15,7 @@ import re
 import stat
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -137,8 +139,9 @@ def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]
 
 
 def one_line(text: object) -> str:
-    """An exception or message as one line (error messages must not span several)."""
-    return " ".join(str(text).split())
+    """An exception or message as one line (error messages must not span several), other control characters (a
+    terminal's escape sequences, from a damaged or crafted file's content) shown as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(str(text).split()))
 
 
 def exception_text(exc: BaseException) -> str:
@@ -289,8 +292,10 @@ def write_checkpoint_bytes(content: bytes | memoryview, path: str | os.PathLike)
 
 # What checkpoints written before commit a392b74 hold beyond tensors and plain data: torch's version string type and
 # numpy's random state as an array, pickled under numpy 1 (numpy.core) or numpy 2 (numpy._core). weights_only=True
-# refuses every other global: a checkpoint from elsewhere cannot run code when it is read.
-def _earlier_checkpoint_globals() -> list[Any]:
+# refuses every other global: a checkpoint from elsewhere cannot run code when it is read. Made once: the same
+# objects each time, which _allowed_globals finds already allowed where they are.
+@functools.lru_cache(maxsize=None)
+def _earlier_checkpoint_globals() -> tuple[Any, ...]:
     import _codecs  # (how protocol 2 pickles an array's bytes; torch 2.4 does not allow it by default)
     from torch.torch_version import TorchVersion
 
@@ -302,39 +307,48 @@ def _earlier_checkpoint_globals() -> list[Any]:
 
         named.__module__, named.__name__, named.__qualname__ = module, "_reconstruct", "_reconstruct"
         entries.append(named)
-    return entries
+    return tuple(entries)
+
+
+_SAFE_GLOBALS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _allowed_globals(entries: list[Any]) -> Iterator[None]:
+def _allowed_globals(entries: Sequence[Any]) -> Iterator[None]:
+    """torch's allowlist (one for the process) with `entries` added while the block runs, and then exactly as it was
+    before: what others allowed stays allowed (torch.serialization.safe_globals removes those of its entries that
+    were there before it), and two threads loading at once do not take each other's entries away."""
     serialization = torch.serialization
-    if hasattr(serialization, "safe_globals"):  # torch 2.5 and later
-        with serialization.safe_globals(entries):
+    with _SAFE_GLOBALS_LOCK:
+        before = list(serialization.get_safe_globals())  # (a copy: torch 2.4 hands out its own list)
+        serialization.add_safe_globals([entry for entry in entries if entry not in before])
+        try:
             yield
-        return
-    before = list(serialization.get_safe_globals())  # torch 2.4: one list for the process, restored after
-    serialization.add_safe_globals(entries)
-    try:
-        yield
-    finally:
-        serialization.clear_safe_globals()
-        serialization.add_safe_globals(before)
+        finally:
+            serialization.clear_safe_globals()
+            serialization.add_safe_globals(before)
 
 
 def _refused(path: Path, e: Exception) -> Optional[UserError]:
-    """weights_only's refusal of a file as one line: a global beyond the allowed ones (code a pickle would run), or
-    an instruction its unpickler does not take (a file other than torch.save's). None: not a refusal."""
+    """weights_only's refusal of a file as one line: a global beyond the allowed ones (code a pickle would run), an
+    instruction of a pickle protocol above torch.save's 2, or another it does not take (a file other than
+    torch.save's). None: not a refusal."""
     text = str(e)
     if "Weights only load failed" not in text:
         return None
-    found = re.search(r"GLOBAL ([\w.]+)", text)
+    trust = "if you trust the file, torch.load(..., weights_only=False) reads it"
+    found = re.search(r"GLOBAL (\S+)", text)
     if found:
-        return UserError(f"cannot read checkpoint {path}: it holds {found[1]}, which no checkpoint of this project "
-                         f"holds and which unpickling would call, so torch.load's weights_only=True refuses it; if "
-                         f"you trust the file, torch.load(..., weights_only=False) reads it")
+        return UserError(f"cannot read checkpoint {path}: it holds {one_line(found[1])}, which no checkpoint of this "
+                         f"project holds and which unpickling would call, so torch.load's weights_only=True refuses "
+                         f"it; {trust}")
     detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
-    return UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): "
-                     f"{one_line(detail[1]) if detail and detail[1].strip() else 'UnpicklingError'}")
+    detail = one_line(detail[1]) if detail and detail[1].strip() else "UnpicklingError"
+    if detail.startswith("Unsupported operand"):  # FRAME (149) and the like: pickle protocol 4 or 5
+        return UserError(f"cannot read checkpoint {path}: it was pickled in a protocol above 2, torch.save's, which "
+                         f"torch.load's weights_only=True does not read ({detail}); {trust}, and torch.save of what "
+                         f"it reads writes it in protocol 2")
+    return UserError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote): {detail}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -1010,18 +1010,29 @@ def test_device_name_counts_threads(monkeypatch):
     assert main.device_name(torch.device("cpu")) == "cpu (2 threads)"
 
 
-@pytest.mark.parametrize("decays, note", [
-    ("1", "note: --lr_decay_epochs 1 decays the lr within the --warm_epochs 1.5 warm-up, which then ramps up to "
-          "0.005, never to --learning_rate 0.05"),
-    ("", None), ("2", None),  # none, or after the warm-up: as meant
+@pytest.mark.parametrize("warm, decays, noted", [
+    ("1.5", "1", True), ("1.5", "", False), ("1.5", "2", False),  # within the warm-up; none; after it, as meant
+    # The warm-up's steps are rounded (util.learning_rate): 1.05 epochs of 9 steps are 9, the last one at full lr
+    # before epoch 1's decay; 1.06 are 10, whose last is within epoch 1.
+    ("1.05", "1", False), ("1.06", "1", True),
 ])
-def test_an_lr_decay_within_the_warm_up_is_noted(decays, note, tmp_path, capsys, cifar10_root):
-    """Legal, but the warm-up then ramps to the decayed rate: the run says so before its first step."""
+def test_an_lr_decay_within_the_warm_up_is_noted(warm, decays, noted, tmp_path, capsys, cifar10_root):
+    """Legal, but the warm-up then ramps to the decayed rate: the run says so before its first step, where the
+    schedule itself (util.learning_rate) never reaches --learning_rate."""
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--dry_run",
-            "--epochs", "3", "--warm_epochs", "1.5", "--lr_decay_epochs", decays]
+            "--epochs", "3", "--warm_epochs", warm, "--lr_decay_epochs", decays]
     assert main.main(argv) == 0
-    notes = [line for line in capsys.readouterr().out.splitlines() if "--lr_decay_epochs" in line]
-    assert notes == ([note] if note else [])
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "--lr_decay_epochs" in line]
+    steps = int(re.search(r"(\d+) steps/epoch", out)[1])
+    assert steps == 9  # (the rounding cases above assume it)
+    cfg = main.parse_config(argv)
+    peak = max(util.learning_rate(step, base_lr=cfg.learning_rate, steps_per_epoch=steps,
+                                  warm_epochs=cfg.warm_epochs, decay_epochs=cfg.lr_decay_epochs,
+                                  decay_rate=cfg.lr_decay_rate) for step in range(3 * steps))
+    assert (peak < cfg.learning_rate) == noted
+    assert notes == ([f"note: --lr_decay_epochs 1 decays the lr within the --warm_epochs {warm} warm-up, which then "
+                      f"ramps up to 0.005, never to --learning_rate 0.05"] if noted else [])
 
 
 def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(finished_run, tmp_path, capsys,

@@ -281,14 +281,64 @@ def test_checkpoints_written_before_a392b74_still_load(tmp_path, numpy_name):
         content = content.replace(b"c" + module + b"\n_reconstruct\n", b"c" + other + b"\n_reconstruct\n")
         assert set(re.findall(rb"c(numpy\.(?:_core|core)\.multiarray)\n_reconstruct\n", content)) == {other}
     (tmp_path / "old.pt").write_bytes(content)
-    allowed = list(torch.serialization.get_safe_globals())
     state = util.load_checkpoint(tmp_path / "old.pt")
-    assert list(torch.serialization.get_safe_globals()) == allowed
     assert state["torch_version"] == torch.__version__ and torch.equal(state["model"]["w"], torch.arange(3.0))
     expected = np.random.rand(3)
     np.random.seed(0)
     util.set_rng_states(state["rng"])
     assert (np.random.rand(3) == expected).all()
+
+
+def test_loading_leaves_the_allowlist_of_torch_as_it_was(tmp_path):
+    """torch's list of globals weights_only allows is one for the process: what a user's code allowed before stays
+    allowed (torch.serialization.safe_globals would drop those of its entries that were there), what load_checkpoint
+    allows goes again, and loads in several threads at once do not take each other's entries away."""
+    import threading
+
+    util.seed_everything(5)
+    old = {"model": {}, "config": {}, "torch_version": torch.__version__,
+           "rng": {**util.rng_states(), "numpy": np.random.get_state()}}
+    util.save_checkpoint(old, tmp_path / "old.pt")
+    before = list(torch.serialization.get_safe_globals())
+    try:
+        torch.serialization.add_safe_globals([np.ndarray, np.dtype])  # a user's own, from before
+        allowed = {repr(g) for g in torch.serialization.get_safe_globals()}
+        failures = []
+
+        def load() -> None:
+            try:
+                for _ in range(5):
+                    util.load_checkpoint(tmp_path / "old.pt")
+            except Exception as e:  # (collected: a thread's exception would not fail the test)
+                failures.append(e)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert {repr(g) for g in torch.serialization.get_safe_globals()} == allowed
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def test_refusals_are_one_plain_line(tmp_path):
+    """A global's name is the file's to choose: one with a terminal's escape sequence shows it escaped, not in red
+    on the next lines. A checkpoint saved again in pickle protocol 4 (torch.save(..., pickle_protocol=4)), which
+    weights_only does not read, says so rather than "damaged"."""
+    import pickle
+
+    crafted = pickle.UnpicklingError("Weights only load failed. Unsupported global: GLOBAL \x1b[31mred.x was not an "
+                                     "allowed global by default.\n\nCheck the documentation")
+    assert str(util._refused(tmp_path / "c.pt", crafted)).startswith(
+        f"cannot read checkpoint {tmp_path / 'c.pt'}: it holds \\x1b[31mred.x, which no checkpoint")
+    assert util.one_line("a\x1b[31mb\n\tc \udcff é") == "a\\x1b[31mb c \\udcff é"
+    torch.save({"model": {}, "config": {}}, tmp_path / "p4.pt", pickle_protocol=4)
+    with pytest.raises(util.UserError, match=r": it was pickled in a protocol above 2, torch.save's, which "
+                                             r"torch.load's weights_only=True does not read \(Unsupported operand"):
+        util.load_checkpoint(tmp_path / "p4.pt")
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):

@@ -1167,6 +1167,8 @@ def tags_logged_at(out: Path, step: int) -> set[str]:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     tags = set()
     for path in sorted(out.glob(f"{EVENTS_PREFIX}*")):
+        if not path.is_file():  # a pipe would wait for a writer
+            continue
         try:
             for event in EventFileLoader(str(path)).Load():  # (stops at a record cut off, as by a kill)
                 if event.session_log.status == event.session_log.START and event.step <= step:
@@ -1252,6 +1254,10 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder, or a run and the data; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
+    projector = out / PROJECTOR_CONFIG  # written at the end, by TensorBoard: a pipe there would hang the run then
+    if os.path.lexists(projector) and not projector.is_file() and (cfg.resume or not cfg.overwrite):
+        raise UserError(f"{projector} is not a file (a folder, a pipe or a broken link), where the run writes its "
+                        f"projections' settings at the end: move it away")
     where = Path(os.path.realpath(out))
     image_splits = data.IMAGE_FOLDER_SPLITS if data.image_folders_read(cfg.dataset, cfg.data_root) else ()
     for split in image_splits:  # the run's folders (its projections) would be read as classes or images

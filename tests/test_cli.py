@@ -660,6 +660,26 @@ def test_an_output_dir_that_is_a_named_pipe_is_one_line(dry_run, tmp_path, capsy
     assert_one_line_error(code, err, f"--output_dir {tmp_path / 'fifo'} exists and is not a folder")
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_named_pipes_among_a_runs_tensorboard_files(existing_run, capsys, cifar10_root):
+    """An event file that is a pipe holds no records (tags_logged_at opened it and waited for a writer), and a
+    projector_config.pbtxt that is one is refused before any training, not waited on at the end."""
+    logged = main.tags_logged_at(existing_run, 0)
+    pipe = existing_run / f"{main.EVENTS_PREFIX}0.pipe"
+    os.mkfifo(pipe)
+    assert returns_before_a_writer(pipe, lambda: main.tags_logged_at(existing_run, 0)) == logged
+    pipe.unlink()
+    (existing_run / main.PROJECTOR_CONFIG).unlink()
+    os.mkfifo(existing_run / main.PROJECTOR_CONFIG)
+    (existing_run / "results.json").unlink()  # evaluated again at the end, which writes the projections
+    before = snapshot(existing_run)
+    code, err = returns_before_a_writer(existing_run / main.PROJECTOR_CONFIG, lambda: call_main(
+        ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY], capsys))
+    assert_one_line_error(code, err, f"{existing_run / main.PROJECTOR_CONFIG} is not a file (a folder, a pipe or a "
+                                     f"broken link)")
+    assert snapshot(existing_run) == before
+
+
 def test_an_earlier_session_beside_a_config_that_is_a_named_pipe(tmp_path):
     """A checkpoint from before RunState.sessions takes the number of processes from the config.json beside it:
     one that is a pipe is unknown (None), not a read that waits for a writer."""

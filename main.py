@@ -1254,10 +1254,6 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     """Refuse to mix two runs in one folder, or a run and the data; fail before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    projector = out / PROJECTOR_CONFIG  # written at the end, by TensorBoard: a pipe there would hang the run then
-    if os.path.lexists(projector) and not projector.is_file() and (cfg.resume or not cfg.overwrite):
-        raise UserError(f"{projector} is not a file (a folder, a pipe or a broken link), where the run writes its "
-                        f"projections' settings at the end: move it away")
     where = Path(os.path.realpath(out))
     image_splits = data.IMAGE_FOLDER_SPLITS if data.image_folders_read(cfg.dataset, cfg.data_root) else ()
     for split in image_splits:  # the run's folders (its projections) would be read as classes or images
@@ -1403,6 +1399,11 @@ def prepare_output_dir(out: Path, overwrite: bool, lock: Optional[FolderLock] = 
         stale = [p.name for p in out.glob(".*.tmp")]  # left by a process killed while writing a checkpoint
         if overwrite:  # only this project's files: anything else the user keeps there stays
             stale += list(RUN_FILES) + [PROJECTOR_CONFIG] + [p.name for p in out.glob(EVENTS_PREFIX + "*")]
+            folders = [name for name in stale if (out / name).is_dir() and not (out / name).is_symlink()]
+            if folders:  # checked before any is removed: the unlink of a folder fails halfway through the others
+                raise UserError(f"cannot overwrite the run in {out}: {', '.join(folders)} "
+                                f"{'is a folder' if len(folders) == 1 else 'are folders'}, not the file a run "
+                                f"leaves there; move {'it' if len(folders) == 1 else 'them'} away")
             for projections in out.glob(f"[0-9][0-9][0-9][0-9][0-9]*/{PROJECTIONS_TAG}"):
                 shutil.rmtree(projections)
                 if not any(projections.parent.iterdir()):
@@ -2235,8 +2236,13 @@ class Run:
             test_features, test_projections = trainer.embed(self.test_images)
             if earlier.is_dir():
                 self.writer.guarded(shutil.rmtree, earlier)
-            self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
-                                      global_step=step, tag=PROJECTIONS_TAG)
+            projector = self.out / PROJECTOR_CONFIG
+            if os.path.lexists(projector) and not projector.is_file():  # TensorBoard's write would wait on a pipe
+                self.log(f"note: {projector} is not a file (a folder, a pipe or a broken link): the test projections "
+                         f"for TensorBoard's projector are not written")
+            else:
+                self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
+                                          global_step=step, tag=PROJECTIONS_TAG)
         if reuse_ncm:
             ncm = self.last_ncm[1]
         else:

@@ -662,8 +662,9 @@ def test_an_output_dir_that_is_a_named_pipe_is_one_line(dry_run, tmp_path, capsy
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_named_pipes_among_a_runs_tensorboard_files(existing_run, capsys, cifar10_root):
-    """An event file that is a pipe holds no records (tags_logged_at opened it and waited for a writer), and a
-    projector_config.pbtxt that is one is refused before any training, not waited on at the end."""
+    """An event file that is a pipe holds no records (tags_logged_at opened it and waited for a writer); where
+    projector_config.pbtxt is one, the run ends without its projections and says so (TensorBoard's write of it
+    waited, after all the training)."""
     logged = main.tags_logged_at(existing_run, 0)
     pipe = existing_run / f"{main.EVENTS_PREFIX}0.pipe"
     os.mkfifo(pipe)
@@ -672,11 +673,40 @@ def test_named_pipes_among_a_runs_tensorboard_files(existing_run, capsys, cifar1
     (existing_run / main.PROJECTOR_CONFIG).unlink()
     os.mkfifo(existing_run / main.PROJECTOR_CONFIG)
     (existing_run / "results.json").unlink()  # evaluated again at the end, which writes the projections
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
+    import threading
+    import time
+
+    fifo = existing_run / main.PROJECTOR_CONFIG  # main.main here (signal handlers need the main thread)
+
+    def reader_comes():  # ends a write's wait on the pipe, so that the test fails rather than hangs
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        time.sleep(5)
+        os.close(reader)
+
+    watchdog = threading.Timer(60, reader_comes)
+    watchdog.start()
+    try:
+        code = main.main(argv)
+    finally:
+        watchdog.cancel()
+    out = capsys.readouterr().out
+    assert code == 0 and (existing_run / "results.json").is_file()
+    assert (f"note: {existing_run / main.PROJECTOR_CONFIG} is not a file (a folder, a pipe or a broken link): the "
+            f"test projections for TensorBoard's projector are not written\n") in out
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_overwrite_of_a_run_with_a_folder_among_its_files_removes_nothing(existing_run, capsys, cifar10_root):
+    """Its files were unlinked one by one, and the folder's unlink failed halfway: the checkpoints and results gone,
+    no run started, and an error naming no file ("Is a directory"). Now refused before anything is removed."""
+    (existing_run / main.PROJECTOR_CONFIG).unlink()
+    (existing_run / main.PROJECTOR_CONFIG).mkdir()
     before = snapshot(existing_run)
-    code, err = returns_before_a_writer(existing_run / main.PROJECTOR_CONFIG, lambda: call_main(
-        ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY], capsys))
-    assert_one_line_error(code, err, f"{existing_run / main.PROJECTOR_CONFIG} is not a file (a folder, a pipe or a "
-                                     f"broken link)")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--overwrite", *TINY],
+                          capsys)
+    assert_one_line_error(code, err, f"cannot overwrite the run in {existing_run}: {main.PROJECTOR_CONFIG} is a "
+                                     f"folder, not the file a run leaves there; move it away")
     assert snapshot(existing_run) == before
 
 

@@ -1414,7 +1414,7 @@ def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, caps
     (existing_run / "last.pt").unlink()
     (existing_run / "last.pt").mkdir()
     code, err = call_main([*argv, "--overwrite"], capsys)
-    assert_one_line_error(code, err, "cannot prepare output folder")
+    assert_one_line_error(code, err, f"cannot overwrite the run in {existing_run}: last.pt is a folder")
     assert lock_state(existing_run) == "free"
 
 

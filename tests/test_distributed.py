@@ -381,7 +381,8 @@ def test_a_rank_whose_peer_failed_says_so_in_one_line(tmp_path, cifar10_root):
     proc = torchrun("--data_root", str(cifar10_root), "--loss", "sc", "--output_dir", "run", "--epochs", "1",
                     "--overwrite", *TINY, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "rank 0: error: cannot prepare output folder run: Is a directory" in proc.stderr, proc.stderr[-3000:]
+    assert ("rank 0: error: cannot overwrite the run in run: config.json is a folder, not the file a run leaves "
+            "there; move it away") in proc.stderr, proc.stderr[-3000:]
     assert "[rank1]:" not in proc.stderr, proc.stderr[-3000:]  # torch's prefix of a worker's traceback lines
     lines = [line for line in proc.stderr.splitlines() if line.startswith("rank 1:")]
     assert len(lines) <= 1, lines  # none where torchrun's SIGTERM ended it first

@@ -1681,9 +1681,8 @@ def results_problem(path: Path) -> Optional[str]:
 
 
 def decays_within_warmup(cfg: Config, steps_per_epoch: int) -> list[int]:
-    """The --lr_decay_epochs that begin before the warm-up's last step (util.learning_rate's: its steps rounded)."""
-    warm_steps = cfg.warm_epochs * steps_per_epoch
-    warm_steps = round(warm_steps) if math.isfinite(warm_steps) else warm_steps
+    """The --lr_decay_epochs that begin at or before the warm-up's last step (util.learning_rate's)."""
+    warm_steps = util.warmup_steps(cfg.warm_epochs, steps_per_epoch)
     return [e for e in cfg.lr_decay_epochs if e * steps_per_epoch < warm_steps]
 
 

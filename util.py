@@ -71,6 +71,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------- lr schedule
 
 
+def warmup_steps(warm_epochs: float, steps_per_epoch: int) -> float:
+    """The steps of learning_rate's warm-up: `warm_epochs` of them rounded to whole steps (inf for an absurd one)."""
+    steps = warm_epochs * steps_per_epoch
+    return round(steps) if math.isfinite(steps) else steps
+
+
 def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epochs: float,
                   decay_epochs: Sequence[int], decay_rate: float) -> float:
     """Learning rate at global optimiser step `step` (0-based), a pure function of the step so that the
@@ -80,8 +86,7 @@ def learning_rate(step: int, *, base_lr: float, steps_per_epoch: int, warm_epoch
     main.py notes, lowers the rate the warm-up ramps up to)."""
     epoch = step // steps_per_epoch
     lr = base_lr * decay_rate ** sum(epoch >= e for e in decay_epochs)
-    warm_steps = warm_epochs * steps_per_epoch
-    warm_steps = round(warm_steps) if math.isfinite(warm_steps) else warm_steps  # inf for an absurd warm_epochs
+    warm_steps = warmup_steps(warm_epochs, steps_per_epoch)
     if step < warm_steps:
         lr *= (step + 1) / warm_steps
     return lr

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -1289,7 +1290,10 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if cfg.resume and (out / "last.pt").is_file() or not cfg.resume and (not has_run or cfg.overwrite):
         return
     # No last.pt to resume from: say what the folder holds instead, and the way out.
-    if not has_run or cfg.resume and (out / "last.pt").exists():  # (the latter not a file: a folder, say)
+    if cfg.resume and (out / "last.pt").exists():
+        raise UserError(f"--resume: {out / 'last.pt'} is not a file (a folder or a pipe, say), so not a "
+                        f"checkpoint to resume from: move it away")
+    if not has_run:
         raise UserError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
     instead = "pass --overwrite instead of --resume" if cfg.resume else "pass --overwrite"
     if (out / "last.pt").exists():  # a plain rerun of a run that can be continued, or another run's folder
@@ -1354,13 +1358,31 @@ class FolderLock:
             except BlockingIOError:
                 raise
             except OSError:  # the folder cannot be locked so (NFS)
-                self.fd = _flock(os.open(out / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0), 0o644))
+                self.fd = _flock(self._open_lock_file(out / LOCK_FILE, create))
         except BlockingIOError:
             raise FolderInUse(f"{out} is in use by another process training this run (a second main.py on the same "
                               "folder, say from a second sweep over the same --runs_dir); wait for it to end, or use "
                               "another --output_dir") from None
         except OSError:  # no flock here at all, or a folder that cannot be written: unlocked, as before
             pass
+
+    @staticmethod
+    def _open_lock_file(path: Path, create: bool) -> int:
+        """LOCK_FILE opened read-write (made where `create`); where it is there but not a file (a folder, a socket,
+        a pipe), one line: passed over, as a file system without flock is, it would leave the run unlocked without
+        a word on a file system that locks."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o644)
+        except OSError as e:  # (a folder: EISDIR; a socket: ENXIO)
+            if e.errno not in (errno.EISDIR, errno.ENXIO):
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise UserError(f"cannot lock the run folder {path.parent}: {path.name} there is not a file (a folder, a "
+                            f"pipe or a socket), and this file system locks a run through that file: move it away")
+        return fd
 
     def release(self) -> None:
         """At the process's end the kernel would; but main() may be called again in one process (the tests do),

@@ -735,7 +735,8 @@ def test_an_output_dir_through_a_broken_link_is_refused_by_a_dry_run_too(tmp_pat
 def test_resume_of_a_missing_folder_says_no_checkpoint_whatever_its_parent(tmp_path, capsys, cifar10_root,
                                                                            monkeypatch):
     """A resume makes no folder: a mistyped one is "no checkpoint", not where a new folder could not be made; a
-    last.pt that is not a file is no checkpoint either (not "pass --resume", which it was given)."""
+    last.pt that is not a file (a folder, a named pipe) is said so (not "pass --resume", which it was given, and
+    not "no checkpoint", which the user can see there), and nothing waits on the pipe."""
     real_access = os.access
     monkeypatch.setattr(main.os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else
                         real_access(path, mode, **kw))
@@ -748,9 +749,14 @@ def test_resume_of_a_missing_folder_says_no_checkpoint_whatever_its_parent(tmp_p
     monkeypatch.undo()
     (tmp_path / "run" / "last.pt").mkdir(parents=True)
     (tmp_path / "run" / "config.json").write_text("{}")
-    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY,
-                           "--resume"], capsys)
-    assert_one_line_error(code, err, f"--resume: no checkpoint {tmp_path / 'run' / 'last.pt'} to resume from")
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--resume"]
+    code, err = call_main(argv, capsys)
+    not_a_file = f"--resume: {tmp_path / 'run' / 'last.pt'} is not a file (a folder or a pipe, say), so not a checkpoint"
+    assert_one_line_error(code, err, not_a_file)
+    (tmp_path / "run" / "last.pt").rmdir()
+    os.mkfifo(tmp_path / "run" / "last.pt")
+    code, err = returns_before_a_writer(tmp_path / "run" / "last.pt", lambda: call_main(argv, capsys))
+    assert_one_line_error(code, err, not_a_file)
 
 
 def test_a_divergence_is_said_also_when_tensorboard_cannot_record_it(tmp_path, capsys, cifar10_root, monkeypatch):
@@ -1418,22 +1424,63 @@ def test_a_run_folder_in_use_by_another_process_is_left_alone(existing_run, caps
     assert lock_state(existing_run) == "free"
 
 
-@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
-def test_where_a_folder_cannot_be_locked_a_lock_file_in_it_is(existing_run, capsys, cifar10_root, monkeypatch):
-    """On NFS, flock is the server's lock, which for exclusive use asks for a file open for writing: a folder's
-    descriptor gets EBADF. The run then locks a .lock file in its folder, opened read-write, and keeps it there;
-    a dry run makes none. Where flock fails on the file too, the run goes on unlocked."""
-    import errno
+def locks_as_nfs(monkeypatch):
+    """fcntl.flock made to refuse, as Linux's NFS client does, an exclusive lock of a descriptor not open for
+    writing (a folder's: EBADF); returns the real flock."""
     import fcntl
 
     real_flock = fcntl.flock
 
-    def nfs_flock(fd, operation):  # as Linux's NFS client: no exclusive lock of a descriptor not open for writing
+    def nfs_flock(fd, operation):
         if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    return real_flock
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+@pytest.mark.parametrize("kind", ["folder", "socket", "named pipe"])
+def test_a_lock_file_that_is_not_a_file_is_one_line(kind, existing_run, capsys, cifar10_root, monkeypatch):
+    """Where the folder cannot be locked (NFS), the run locks its .lock file; one that is not a file could not be
+    opened read-write (a folder, a socket) and the run went on unlocked without a word, as on a file system
+    without flock, beside a second main.py on the same folder. Now one line, nothing on disk changed, and a pipe
+    there is not waited on."""
+    import socket
+
+    locks_as_nfs(monkeypatch)
+    (existing_run / "results.json").unlink()
+    lock_file = existing_run / main.LOCK_FILE
+    held = socket.socket(socket.AF_UNIX)
+    try:
+        if kind == "folder":
+            lock_file.mkdir()
+        elif kind == "socket":
+            monkeypatch.chdir(existing_run)  # (a socket's path has at most 107 bytes)
+            held.bind(main.LOCK_FILE)
+            monkeypatch.undo()
+            locks_as_nfs(monkeypatch)
+        else:
+            os.mkfifo(lock_file)
+        before = snapshot(existing_run)
+        argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
+        for extra in (["--resume"], ["--resume", "--dry_run"], ["--overwrite"]):
+            code, err = returns_before_a_writer(lock_file, lambda: call_main([*argv, *extra], capsys))
+            assert_one_line_error(code, err, f"cannot lock the run folder {existing_run}: .lock there is not a file")
+            assert snapshot(existing_run) == before
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_where_a_folder_cannot_be_locked_a_lock_file_in_it_is(existing_run, capsys, cifar10_root, monkeypatch):
+    """On NFS, flock is the server's lock, which for exclusive use asks for a file open for writing: a folder's
+    descriptor gets EBADF. The run then locks a .lock file in its folder, opened read-write, and keeps it there;
+    a dry run makes none. Where flock fails on the file too, the run goes on unlocked."""
+    import fcntl
+
+    real_flock = locks_as_nfs(monkeypatch)
     (existing_run / "results.json").unlink()
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
     lock_file = existing_run / main.LOCK_FILE

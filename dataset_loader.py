@@ -247,6 +247,9 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
     bytes or str depending on who wrote the file, so they are normalised to str.
     """
     if not path.is_file():
+        if path.exists():  # (a folder, or a named pipe, whose open would wait for a writer)
+            raise DataError(f"{path} is not a file, so not the batch of the pickled layout it is named after: "
+                            f"delete the folder and use --download, or restore it")
         raise DataError(f"missing {path} in the pickled layout; delete the folder and use --download, or restore it")
     try:
         with open(path, "rb") as f, warnings.catch_warnings():

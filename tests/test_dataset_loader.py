@@ -1171,8 +1171,13 @@ def test_image_of_wrong_size_is_named(tmp_path):
 def test_missing_or_broken_pickled_batch(tmp_path, cifar10_like):
     folder = write_pickled_cifar10(tmp_path, *cifar10_like)
     (folder / "data_batch_3").unlink()
-    with pytest.raises(DataError, match="data_batch_3"):
+    with pytest.raises(DataError, match="^missing .*data_batch_3 in the pickled layout"):
         dl.load_cifar("cifar10", tmp_path)
+    for not_a_file in (os.mkfifo, os.mkdir):  # not "missing", which the user can see it is not
+        not_a_file(folder / "data_batch_3")
+        with pytest.raises(DataError, match="data_batch_3 is not a file, so not the batch of the pickled layout"):
+            dl.load_cifar("cifar10", tmp_path)
+        os.rmdir(folder / "data_batch_3") if not_a_file is os.mkdir else os.unlink(folder / "data_batch_3")
     (folder / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read .*data_batch_3"):
         dl.load_cifar("cifar10", tmp_path)

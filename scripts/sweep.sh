@@ -312,8 +312,9 @@ run_one() {
     launch_and_wait "$idx" "$gpu" "${cmd[@]}" || rc=$?
   else
     log="$runs_dir/logs/$name.log"
-    if ! mkdir -p "$runs_dir/logs" 2>/dev/null || ! { : >>"$log"; } 2>/dev/null; then
-      # (a read-only --runs_dir, a folder where the log goes): this run fails, the queue goes on
+    # (a named pipe there: its open would wait for a reader)
+    if ! mkdir -p "$runs_dir/logs" 2>/dev/null || [[ -e $log && ! -f $log ]] || ! { : >>"$log"; } 2>/dev/null; then
+      # (a read-only --runs_dir, a folder or a pipe where the log goes): this run fails, the queue goes on
       echo "[$name] FAILED (cannot write its log $log): not started"
       echo "FAILED (cannot write its log $log)" >"$status_file"
       return 0

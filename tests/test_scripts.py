@@ -1889,12 +1889,15 @@ def test_sweep_refuses_gpus_with_device_cpu(fake, tmp_path, device, refused):
                              "the CPU: drop one of the two (see --help)\n")
 
 
-def test_sweep_with_gpus_fails_a_run_whose_log_cannot_be_written_and_goes_on(fake, tmp_path):
+@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo])
+def test_sweep_with_gpus_fails_a_run_whose_log_cannot_be_written_and_goes_on(make, fake, tmp_path):
     """A folder where a run's log goes (or a read-only --runs_dir): that run is FAILED, saying why, and not started;
-    the queue goes on (before, bash's own error line, and the status blamed the run)."""
+    the queue goes on (before, bash's own error line, and the status blamed the run). A named pipe there: the
+    same (the sweep waited for ever on its open, for a reader)."""
     env, read_log = fake
     runs = tmp_path / "runs"
-    (runs / "logs" / "cifar10_sc_r10_s0.log").mkdir(parents=True)
+    (runs / "logs").mkdir(parents=True)
+    make(runs / "logs" / "cifar10_sc_r10_s0.log")
     result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--methods", "sc psc",
                                      "--runs_dir", str(runs), "--gpus", "0"], env)
     assert result.returncode == 1, result.stdout + result.stderr

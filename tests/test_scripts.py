@@ -2128,9 +2128,9 @@ def test_sweep_real_cli(tmp_path, summarize):
 
 # ---- gpu_checks.sh ---------------------------------------------------------------------------
 
-def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
-    """The one-command GPU check, with --smoke on the CPU: unpacks a .tar.gz of an image folder (as the lent
-    machine gets CIFAR-10), runs a training run and the benchmark, and leaves its few files flat in --out."""
+def gpu_checks_smoke(tmp_path, *args):
+    """gpu_checks.sh --smoke on the CPU, on a .tar.gz of a small JPEG image folder (as the lent machine gets
+    CIFAR-10), given with relative paths, as typed in the repository root on the lent machine."""
     import tarfile
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -2140,13 +2140,21 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
-    out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    # Relative paths, as typed in the repository root on the lent machine.
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), "--data", archive.name, "--out", "out",
-                           "--device", "cpu", "--workers", "0", "--smoke"],
+                           "--device", "cpu", "--workers", "0", "--smoke", *args],
                           env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
+    """The one-command GPU check, with --smoke on the CPU: unpacks a .tar.gz of an image folder (as the lent
+    machine gets CIFAR-10), runs a training run and the benchmark, and leaves its few files flat in --out."""
+    proc = gpu_checks_smoke(tmp_path)
+    out = tmp_path / "out"
+    for step in ("bench_graphs", "bench_options", "train_compile"):  # compiled: not in --smoke unless named
+        assert f"{step}: not in --smoke unless --only names it" in proc.stdout
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench.json", "bench_supcon.json", "log.txt", "results_eager.json", "summary.md"]
     for step in ("decode", "train_eager", "benchmark", "bench_supcon"):
@@ -2173,6 +2181,30 @@ def test_gpu_checks_smoke_on_cpu_from_an_archive(tmp_path):
     # --per_run: the run's own line, with its training rate and time (the rows hold neither)
     assert "Runs, one line each:" in summary and "| samples/s | train time |" in summary
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"gpu_checks.{'?' * 6}/runs"))  # scratch removed
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="Inductor compiles C++ on the CPU and finds no compiler ($CXX or g++)")
+def test_gpu_checks_smoke_runs_the_compiled_steps_that_only_names(tmp_path):
+    """--smoke --only bench_graphs,train_compile: the real benchmark and main.py compile the step with --compile
+    --compile_mode reduce-overhead on the CPU (Inductor, about 30 s cold; no CUDA graphs there), as the GPU
+    session's call does on the GPU, and bring back their files: what that call needs, checked before a lent GPU's
+    minutes are spent on it. (bench_joint, the same step with --bn_stats joint, would take another cold
+    compilation; its command is checked by test_gpu_checks_only_runs_the_steps_named.)"""
+    proc = gpu_checks_smoke(tmp_path, "--only", "train_compile,bench_graphs")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["bench_graphs.json", "log.txt", "results_compile.json",
+                                                      "summary.md"]
+    assert proc.stdout.index("bench_graphs: ok") < proc.stdout.index("train_compile: ok")  # the script's order
+    bench = json.loads((out / "bench_graphs.json").read_text())
+    row = bench["project"][0]
+    assert bench["complete"] is True and row["compile"] is True and row["compile_mode"] == "reduce-overhead"
+    assert row["compile_s"] > 0 and row["samples_per_s"] > 0 and row["cudagraph_skips"] >= 1  # (the CPU: no graphs)
+    assert len(bench["repeats"]) == 3 and bench["ratio_median"] > 0 and row["profile"]["ops"]
+    res = json.loads((out / "results_compile.json").read_text())
+    assert res["config"]["compile"] is True and res["config"]["compile_mode"] == "reduce-overhead"
+    assert res["epochs"] == 1 and res["first_step_s"] > 0 and res["train_time_s"] > 0
+    assert (out / "summary.md").read_text().startswith("## compile")
 
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash

@@ -221,14 +221,15 @@ def _read_pickled(dataset: str, folder: Path) -> tuple[ArraySplit, ArraySplit]:
 
 class _BatchUnpickler(pickle.Unpickler):
     """A CIFAR batch holds a dict of bytes, lists, numbers and numpy arrays: the only globals it names are numpy's
-    array and dtype types, the functions that rebuild an array (under numpy 1's and numpy 2's module names; with
-    protocol 5, from a buffer) and those that make bytes. Any other is code that unpickling would call, refused
+    array and dtype types, the functions that rebuild an array or a numpy scalar (a label saved again as np.int64)
+    (under numpy 1's and numpy 2's module names; with protocol 5, from a buffer) and those that make bytes. Any other is code that unpickling would call, refused
     before it runs: a --data_root from a mirror or a colleague cannot run code when it is read (pickle.load, as
     torchvision's reader, would)."""
 
     _SAFE = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
              **{(f"numpy.{core}.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0] for core in ("core", "_core")},
              **{(f"numpy.{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in ("core", "_core")},
+             **{(f"numpy.{core}.multiarray", "scalar"): np.int64(0).__reduce__()[0] for core in ("core", "_core")},
              # How Python 3 pickles bytes in protocol 2 (an empty one as a call of bytes, Python 2's name for it)
              ("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
 

@@ -743,12 +743,15 @@ def test_pickled_with_str_keys_loads(tmp_path, cifar10_like):
 @pytest.mark.parametrize("protocol", [0, 3, 4, 5])
 def test_batches_pickled_again_by_python_3_load(tmp_path, cifar10_like, protocol):
     """A copy converted by a Python 3 tool: other protocols name other globals for the same arrays (protocol 5
-    rebuilds them from a buffer, protocol 0 stores bytes as a call of codecs.encode), which the reader allows."""
+    rebuilds them from a buffer, protocol 0 stores bytes as a call of codecs.encode), which the reader allows; and
+    labels made numpy scalars on the way (list(np.array(labels)) gives those), which numpy pickles as calls of its
+    multiarray.scalar."""
     folder = write_pickled_cifar10(tmp_path, *cifar10_like)
     for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
         with open(folder / name, "rb") as f:
             entry = pickle.load(f)
         entry[b"data"] = np.ascontiguousarray(entry[b"data"])
+        entry[b"labels"] = list(np.asarray(entry[b"labels"], dtype=np.int64))
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=protocol)
     assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)

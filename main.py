@@ -1189,9 +1189,11 @@ def read_run_config(out: Path) -> tuple[Optional[dict[str, Any]], str]:
     try:
         if not path.is_file():
             return None, "it is not a regular file"
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = util.read_json(path)
     except OSError as e:
         return None, f"it cannot be read: {e.strerror or e}"
+    except util.FileTooLarge as e:
+        return None, str(e)
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep for json.loads
         return None, "it is not JSON"
     if not isinstance(config, dict):
@@ -1683,7 +1685,7 @@ def results_problem(path: Path) -> Optional[str]:
     what is wrong with its content. A file that cannot be read at all is a UserError: writing it again would
     replace a file that may be whole."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = util.read_json(path)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep for json.loads

@@ -383,6 +383,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+# The most of a run's JSON file (config.json, results.json: some 50 KB for 200 epochs) read_json reads: a larger
+# file is no run's, and reading it whole (a sparse file of many GB, say) could take all the memory.
+JSON_MAX_BYTES = 64 << 20
+
+
+class FileTooLarge(ValueError):
+    """read_json's file is larger than JSON_MAX_BYTES."""
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """json.loads of the UTF-8 file `path`; a ValueError where it is not JSON, not UTF-8 or larger than
+    JSON_MAX_BYTES (FileTooLarge: read up to that, whatever its size says), a RecursionError where it nests too
+    deep."""
+    with open(path, "rb") as f:
+        content = f.read(JSON_MAX_BYTES + 1)
+    if len(content) > JSON_MAX_BYTES:
+        raise FileTooLarge(f"it is larger than {JSON_MAX_BYTES >> 20} MiB, far more than a run writes there")
+    return json.loads(content.decode("utf-8"))
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically (same guarantees as checkpoints)."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"

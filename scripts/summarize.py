@@ -88,7 +88,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -929,7 +929,7 @@ def with_resolved_defaults(data: object, config_file: Path) -> object:
     try:
         if not config_file.is_file():  # reading a pipe there would wait forever
             return data
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_json(config_file)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         return data  # no usable config.json: those settings stay unrecorded
     if not isinstance(config, dict):
@@ -937,11 +937,26 @@ def with_resolved_defaults(data: object, config_file: Path) -> object:
     return {**{field: config.get(field) for field in RESOLVED.values()}, **data}
 
 
+# The most of a JSON file read_json reads: a run's config.json or results.json is some 50 KB, and a larger file
+# (a sparse one of many GB, say) read whole could take all the memory. (util.read_json does the same; this script
+# stays standalone.)
+JSON_MAX_BYTES = 64 << 20
+
+
+def read_json(path: Path) -> Any:
+    """json.loads of the UTF-8 file `path`; a ValueError where it is larger than JSON_MAX_BYTES."""
+    with open(path, "rb") as f:
+        content = f.read(JSON_MAX_BYTES + 1)
+    if len(content) > JSON_MAX_BYTES:
+        raise ValueError(f"it is larger than {JSON_MAX_BYTES >> 20} MiB, far more than a run writes there")
+    return json.loads(content.decode("utf-8"))
+
+
 def load_runs(files: list[Path]) -> list[RunResult]:
     runs = []
     for file in files:
         try:
-            data = with_resolved_defaults(json.loads(file.read_text(encoding="utf-8")), file.parent / "config.json")
+            data = with_resolved_defaults(read_json(file), file.parent / "config.json")
             runs.append(parse_result(data, str(file)))
         # JSONDecodeError is a ValueError; json.loads raises RecursionError on arrays or objects nested too deep.
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:

@@ -1653,7 +1653,7 @@ def test_a_session_that_only_evaluates_is_recorded_too(existing_run, cifar10_roo
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 @pytest.mark.parametrize("damage", ["cut off", "a list", "not utf-8", "nested too deep", "no last_top1",
-                                    "many as text"])
+                                    "many as text", "sparse, 16 GiB"])
 def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run, cifar10_root, capsys):
     """A results.json that cannot be read (cut off by a full disk, say) is not a finished run's: --resume (and so a
     sweep) writes it again from last.pt, which holds the whole run, with the same results."""
@@ -1662,7 +1662,10 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     results.write_bytes({"cut off": results.read_bytes()[:300], "a list": b"[1, 2]", "not utf-8": b"\xff\xfe{",
                          "nested too deep": b"[" * 200_000 + b"]" * 200_000,  # json.loads: RecursionError
                          "no last_top1": json.dumps({k: v for k, v in whole.items() if k != "last_top1"}).encode(),
-                         "many as text": json.dumps({**whole, "many": "90"}).encode()}[damage])
+                         "many as text": json.dumps({**whole, "many": "90"}).encode(),
+                         "sparse, 16 GiB": b"{"}[damage])
+    if damage == "sparse, 16 GiB":  # read whole, it would take all the memory: read up to 64 MiB
+        os.truncate(results, 1 << 34)
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), "--resume", *TINY]
     assert main.main([*argv, "--dry_run"]) == 0
     out = capsys.readouterr().out
@@ -1673,8 +1676,9 @@ def test_a_finished_runs_damaged_results_are_written_again(damage, existing_run,
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith(f"note: {results} cannot be read (") and f"it is written again from {existing_run}" in out
-    assert {"no last_top1": "(no usable last_top1)", "many as text": "(no usable many)"}.get(damage, "") in \
-        out.splitlines()[0]
+    assert {"no last_top1": "(no usable last_top1)", "many as text": "(no usable many)",
+            "sparse, 16 GiB": "(FileTooLarge: it is larger than 64 MiB, far more than a run writes there)"}.get(
+        damage, "") in out.splitlines()[0]
     assert "Embedding dir exists" not in out  # the earlier projections are replaced, not written beside
     again = json.loads(results.read_text())
     for key in ("best_top1", "last_top1", "per_class", "history", "best", "last", "ncm", "train_digest"):
@@ -2542,8 +2546,11 @@ def test_another_programs_config_json_is_not_taken_for_a_run(tmp_path, capsys, c
                                      "would replace it: give this run its own --output_dir, or move that file away")
     assert snapshot(tmp_path / "out") == before
     for text, reason in (("model_type: bert", "it is not JSON"), ("[1, 2]", "it is not a JSON object"),
-                         ("[" * 200_000 + "]" * 200_000, "it is not JSON")):  # json.loads: RecursionError
-        (tmp_path / "out" / "config.json").write_text(text)
+                         ("[" * 200_000 + "]" * 200_000, "it is not JSON"),  # json.loads: RecursionError
+                         (None, "it is larger than 64 MiB, far more than a run writes there")):
+        (tmp_path / "out" / "config.json").write_text(text or "{")
+        if text is None:  # a sparse file of 16 GiB, which read whole would take all the memory
+            os.truncate(tmp_path / "out" / "config.json", 1 << 34)
         code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "out"), *TINY, *extra],
                               capsys)
         assert_one_line_error(code, err, f"is not a run's ({reason}; another program's?)")

@@ -613,12 +613,16 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (json.dumps({**result_dict(), "many": float("inf")}), "'many' must be a percentage in 0..100, got inf"),
     (json.dumps({**result_dict(), "few": -1.0}), "'few' must be a percentage in 0..100, got -1.0"),
     (json.dumps({**result_dict(), "best_top1": 10 ** 400}), "'best_top1' must be a percentage in 0..100, got inf"),
+    # a sparse file of 16 GiB, which read whole would take all the memory: read up to 64 MiB
+    pytest.param(None, "it is larger than 64 MiB, far more than a run writes there", id="sparse-16-GiB"),
 ])
 def test_malformed_results_name_the_file(summarize, tmp_path, capsys, content, reason):
     write_result(tmp_path, "good")
     bad = tmp_path / "bad" / "results.json"
     bad.parent.mkdir()
-    bad.write_text(content)
+    bad.write_text(content or "{")
+    if content is None:
+        os.truncate(bad, 1 << 34)
     code, out, err = run_summarize(summarize, capsys, tmp_path)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and str(bad) in err and reason in err

@@ -219,19 +219,81 @@ def _read_pickled(dataset: str, folder: Path) -> tuple[ArraySplit, ArraySplit]:
     return splits[0], splits[1]
 
 
-class _BatchUnpickler(pickle.Unpickler):
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"it holds {what}, which no CIFAR batch holds (refused)")
+
+
+def _plain_dtype(dtype: Any) -> np.dtype:
+    """`dtype`, where it is a plain one (bool, number or string: no fields, subarray or objects) whose internals
+    (flags, size, alignment, which a pickle can set) are those numpy gives its type; else refused. A dtype whose
+    flags a file chose could make numpy read the array's bytes as object pointers. (Pixels and labels of other
+    plain dtypes load, and are then named as what they are.)"""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufcSU" or dtype.names is not None or dtype.subdtype:
+        raise _refuse(f"an array or number of dtype {dtype!r}")
+    usual = np.dtype(dtype.str)
+    if (dtype.flags, dtype.itemsize, dtype.alignment) != (usual.flags, usual.itemsize, usual.alignment):
+        raise _refuse(f"a dtype {dtype.str} whose flags, size or alignment are not numpy's")
+    return dtype
+
+
+class _ArrayType:
+    """What the batch's name numpy.ndarray stands for: only the first argument of _reconstruct, not a class the
+    file could call with arguments of its own (an array over a buffer with strides, say)."""
+
+
+_ARRAY_TYPE = _ArrayType()
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_SCALAR = np.int64(0).__reduce__()[0]
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """numpy.dtype as a pickle calls it: from a type string only, and always a copy (never numpy's own dtype of the
+    type, which a BUILD would change for the whole process)."""
+    if not isinstance(spec, str):
+        raise _refuse(f"a dtype made from a {type(spec).__name__}")
+    return _plain_dtype(np.dtype(spec, bool(align), True))
+
+
+def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    if subtype is not _ARRAY_TYPE:
+        raise _refuse(f"an array of type {type(subtype).__name__}")
+    array = _RECONSTRUCT(np.ndarray, shape, typecode)
+    _plain_dtype(array.dtype)
+    return array
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    return _FROMBUFFER(buffer, _plain_dtype(dtype), shape, order)
+
+
+def _scalar(dtype: Any, *content: Any) -> Any:
+    return _SCALAR(_plain_dtype(dtype), *content)
+
+
+def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    """codecs.encode as Python 3 pickles bytes in protocol 2: text in latin1."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse(f"a call of codecs.encode with {type(text).__name__} in {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+class _BatchUnpickler(pickle._Unpickler):
     """A CIFAR batch holds a dict of bytes, lists, numbers and numpy arrays: the only globals it names are numpy's
     array and dtype types, the functions that rebuild an array or a numpy scalar (a label saved again as np.int64)
-    (under numpy 1's and numpy 2's module names; with protocol 5, from a buffer) and those that make bytes. Any other is code that unpickling would call, refused
-    before it runs: a --data_root from a mirror or a colleague cannot run code when it is read (pickle.load, as
-    torchvision's reader, would)."""
+    (under numpy 1's and numpy 2's module names; with protocol 5, from a buffer) and those that make bytes. Any
+    other is code that unpickling would call, refused before it runs: a --data_root from a mirror or a colleague
+    cannot run code when it is read (pickle.load, as torchvision's reader, would). The allowed ones are narrowed
+    to what a batch does with them: plain dtypes only (_plain_dtype), the state a BUILD gives (Python's own
+    unpickler, whose opcodes can be overridden, as C's cannot) checked before it is set, and only for arrays and
+    dtypes, and numpy.ndarray not callable."""
 
-    _SAFE = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-             **{(f"numpy.{core}.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0] for core in ("core", "_core")},
-             **{(f"numpy.{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in ("core", "_core")},
-             **{(f"numpy.{core}.multiarray", "scalar"): np.int64(0).__reduce__()[0] for core in ("core", "_core")},
+    _SAFE = {("numpy", "ndarray"): _ARRAY_TYPE, ("numpy", "dtype"): _dtype,
+             **{(f"numpy.{core}.multiarray", "_reconstruct"): _reconstruct for core in ("core", "_core")},
+             **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
+             **{(f"numpy.{core}.multiarray", "scalar"): _scalar for core in ("core", "_core")},
              # How Python 3 pickles bytes in protocol 2 (an empty one as a call of bytes, Python 2's name for it)
-             ("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
+             ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._SAFE.get((module, name))
@@ -239,6 +301,23 @@ class _BatchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it holds {module}.{name}, which no CIFAR batch holds and which unpickling "
                                          f"would call (refused)")
         return found
+
+    def load_build(self) -> None:
+        """BUILD: an array's state (version, shape, dtype, is_fortran, bytes) with a plain dtype; a dtype's state
+        only where it leaves the dtype as it is (plain, as made: checked on a copy, and not set)."""
+        state, target = self.stack.pop(), self.stack[-1]
+        if isinstance(target, np.dtype):
+            copy = np.dtype(target, copy=True)
+            copy.__setstate__(state)
+            if _plain_dtype(copy).str != target.str:
+                raise _refuse(f"a dtype {target.str} given the state of a {copy.str}")
+        elif type(target) is np.ndarray and isinstance(state, tuple) and len(state) in (4, 5):
+            _plain_dtype(state[-3])
+            target.__setstate__(state)
+        else:
+            raise _refuse(f"state for a {type(target).__name__}")
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
 def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySplit:

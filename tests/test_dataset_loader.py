@@ -757,6 +757,113 @@ def test_batches_pickled_again_by_python_3_load(tmp_path, cifar10_like, protocol
     assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
 
 
+def python2_pickle(entry: dict) -> bytes:
+    """`entry` (bytes keys; values bytes, lists of ints or bytes, 2-d uint8 arrays) as Python 2's cPickle wrote
+    CIFAR's batches in protocol 2: every bytes a Python 2 str (SHORT_BINSTRING / BINSTRING, which encoding="latin1"
+    reads as a str: numpy's array state then holds its pixels as text), arrays by numpy 1's names."""
+    def text(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def integer(n: int) -> bytes:
+        return b"K" + bytes([n]) if n < 256 else b"M" + struct.pack("<H", n)
+
+    def value(v) -> bytes:
+        if isinstance(v, bytes):
+            return text(v)
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) if isinstance(x, bytes) else integer(x) for x in v) + b"e"
+        assert v.dtype == np.uint8 and v.ndim == 2
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85" + text(b"b")
+                + b"\x87R(" + integer(1) + b"(" + integer(v.shape[0]) + integer(v.shape[1]) + b"tcnumpy\ndtype\n"
+                + text(b"u1") + integer(0) + integer(1) + b"\x87R(" + integer(3) + text(b"|")
+                + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + integer(0) + b"tb\x89"
+                + text(np.ascontiguousarray(v).tobytes()) + b"tb")
+
+    return b"\x80\x02}(" + b"".join(text(k) + value(v) for k, v in entry.items()) + b"u."
+
+
+def test_batches_as_python_2_pickled_them_load(tmp_path, cifar10_like):
+    """CIFAR's own files came from Python 2 (none is on this machine): read by Python's own unpickler, whose BUILD
+    the reader checks, they give the same arrays, under numpy 1 and 2 alike."""
+    folder = write_pickled_cifar10(tmp_path, *cifar10_like)
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f)
+        (folder / name).write_bytes(python2_pickle(entry))
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (folder / "test_batch").read_bytes()
+    assert_splits_equal(dl.load_cifar("cifar10", tmp_path), cifar10_like)
+
+
+# Batches made only of the names the reader allows, each of which made numpy read bytes of the file as object
+# pointers (a crash, or worse) before the reader checked what it builds with them. Run in a child process, so
+# that a crash fails the test rather than ending the test run.
+CRAFTED_BATCHES = r"""
+import pickle, sys
+import numpy as np
+import dataset_loader as dl
+
+SCALAR, RECONSTRUCT = np.int64(0).__reduce__()[0], np.zeros(0).__reduce__()[0]
+
+
+class Dtype:  # numpy.dtype(spec) and a BUILD with the file's flags (0 for an object dtype: "not references")
+    def __init__(self, spec, flags):
+        self.spec, self.flags = spec, flags
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, True), (3, "|" if self.spec == "O8" else "<", None, None, None, -1, -1,
+                                                    self.flags)
+
+
+class Call:
+    def __init__(self, *reduced):
+        self.reduced = reduced
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def array(dtype, raw):  # numpy's own pickling of an array: _reconstruct, then a BUILD with its state
+    return Call(RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (1,), dtype, False, raw))
+
+
+pixels = np.zeros((1, 3072), np.uint8)
+cases = {
+    "object scalar": [Call(SCALAR, (Dtype("O8", 0), b"A" * 8))],
+    "int64 dtype flagged as references": [array(Dtype("i8", 1), b"A" * 8)],
+    "object array of raw bytes": [array(Dtype("O8", 0), b"A" * 8)],
+    "numpy.ndarray called": [Call(np.ndarray, ((1,), np.dtype("u1"), b"A"))],
+    "state for bytes": [Call(bytes, (), {"a": 1})],
+}
+for name, labels in cases.items():
+    path = f"{sys.argv[1]}/{name}"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": pixels, b"labels": labels}, f, protocol=2)
+    try:
+        dl._read_pickled_batch(dl.Path(path), "labels", 10)
+        print(f"{name}: LOADED", flush=True)
+    except dl.DataError as e:
+        print(f"{name}: {str(e).split(': ', 1)[1]}", flush=True)
+"""
+
+
+def test_batches_crafted_to_have_numpy_read_pointers_are_refused(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", CRAFTED_BATCHES, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(dl.__file__).parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    said = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    refused = ", which no CIFAR batch holds (refused)"
+    assert said == {
+        "object scalar": f"UnpicklingError: it holds an array or number of dtype dtype('O'){refused}",
+        "int64 dtype flagged as references": f"UnpicklingError: it holds a dtype <i8 whose flags, size or alignment "
+                                             f"are not numpy's{refused}",
+        "object array of raw bytes": f"UnpicklingError: it holds an array or number of dtype dtype('O'){refused}",
+        "numpy.ndarray called": "TypeError: '_ArrayType' object is not callable",
+        "state for bytes": f"UnpicklingError: it holds state for a bytes{refused}",
+    }
+
+
 def test_a_batch_that_would_run_code_is_refused_unrun(tmp_path, cifar10_like):
     """pickle.load (torchvision's reader) calls whatever a file names: a batch from a mirror or a colleague could
     run any code. Only numpy's arrays and bytes are rebuilt; anything else is one line, and nothing ran."""
@@ -1232,8 +1339,9 @@ def test_a_pickled_test_set_without_some_class_is_refused(tmp_path, cifar10_like
 @pytest.mark.parametrize("damage, error", [
     (lambda raw: raw.replace(b"multiarray", b"mulXiarray"),
      r"UnpicklingError: it holds numpy\.(_)?core\.mulXiarray\._reconstruct, which no CIFAR batch holds"),
-    (lambda raw: raw.replace(b"latin1", b"latNn1"), "LookupError"),  # protocol 2 stores bytes via codecs.encode
-    (lambda raw: b"\x80\x04\x95" + (2 ** 63 + 1).to_bytes(8, "little"), "OverflowError"),  # FRAME of 8 EiB
+    (lambda raw: raw.replace(b"latin1", b"latNn1"),  # protocol 2 stores bytes via codecs.encode, in latin1 only
+     r"UnpicklingError: it holds a call of codecs.encode with str in 'latNn1', which no CIFAR batch holds"),
+    (lambda raw: b"\x80\x04\x95" + (2 ** 63 + 1).to_bytes(8, "little"), "ValueError: frame size"),  # FRAME: 8 EiB
     (lambda raw: b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little"), "MemoryError"),  # BINBYTES8 of 4 EiB
 ], ids=["module", "encoding", "frame", "length"])
 def test_damaged_pickled_batch_is_named(tmp_path, cifar10_like, damage, error):
@@ -1258,7 +1366,8 @@ def nan_pixel(entry: dict) -> None:
 
 PIXELS_NOT_INTEGERS = "pixel data must be integers in 0..255, got"
 BAD_ARRAYS = {  # case: (edit of the batch's entry, expected message after the file name)
-    "object pixels": (object_pixels_with_none, f"{PIXELS_NOT_INTEGERS} object"),
+    # (an array of objects is refused as it is read: numpy would take its bytes for pointers, see below)
+    "object pixels": (object_pixels_with_none, r"UnpicklingError: it holds an array or number of dtype dtype\('O'\)"),
     "string pixels": (lambda e: e.update({b"data": e[b"data"].astype(str)}), f"{PIXELS_NOT_INTEGERS} <U3"),
     "float pixels": (lambda e: e.update({b"data": e[b"data"].astype(np.float64)}), f"{PIXELS_NOT_INTEGERS} float64"),
     "nan pixel": (nan_pixel, f"{PIXELS_NOT_INTEGERS} float64"),

@@ -1375,8 +1375,8 @@ class FolderLock:
         a word on a file system that locks."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o644)
-        except OSError as e:  # (a folder: EISDIR; a socket: ENXIO)
-            if e.errno not in (errno.EISDIR, errno.ENXIO):
+        except OSError as e:  # (a folder: EISDIR; a socket: ENXIO on Linux, EOPNOTSUPP on BSDs; a link loop: ELOOP)
+            if e.errno == errno.ENOENT or not os.path.lexists(path) or os.path.isfile(path):
                 raise
             fd = None
         if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):

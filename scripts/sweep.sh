@@ -313,7 +313,7 @@ run_one() {
   else
     log="$runs_dir/logs/$name.log"
     # (a named pipe there: its open would wait for a reader)
-    if ! mkdir -p "$runs_dir/logs" 2>/dev/null || [[ -e $log && ! -f $log ]] || ! { : >>"$log"; } 2>/dev/null; then
+    if ! mkdir -p "$runs_dir/logs" 2>/dev/null || [[ -p $log ]] || ! { : >>"$log"; } 2>/dev/null; then
       # (a read-only --runs_dir, a folder or a pipe where the log goes): this run fails, the queue goes on
       echo "[$name] FAILED (cannot write its log $log): not started"
       echo "FAILED (cannot write its log $log)" >"$status_file"

@@ -1893,19 +1893,23 @@ def test_sweep_refuses_gpus_with_device_cpu(fake, tmp_path, device, refused):
                              "the CPU: drop one of the two (see --help)\n")
 
 
-@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo])
-def test_sweep_with_gpus_fails_a_run_whose_log_cannot_be_written_and_goes_on(make, fake, tmp_path):
+@pytest.mark.parametrize("log_is", ["folder", "named pipe", "link to /dev/null"])
+def test_sweep_with_gpus_fails_a_run_whose_log_cannot_be_written_and_goes_on(log_is, fake, tmp_path):
     """A folder where a run's log goes (or a read-only --runs_dir): that run is FAILED, saying why, and not started;
     the queue goes on (before, bash's own error line, and the status blamed the run). A named pipe there: the
-    same (the sweep waited for ever on its open, for a reader)."""
+    same (the sweep waited for ever on its open, for a reader). A link to /dev/null is a log that can be written."""
     env, read_log = fake
     runs = tmp_path / "runs"
-    (runs / "logs").mkdir(parents=True)
-    make(runs / "logs" / "cifar10_sc_r10_s0.log")
+    log = runs / "logs" / "cifar10_sc_r10_s0.log"
+    log.parent.mkdir(parents=True)
+    {"folder": os.mkdir, "named pipe": os.mkfifo, "link to /dev/null": lambda p: p.symlink_to("/dev/null")}[log_is](log)
     result = run_script("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.1", "--methods", "sc psc",
                                      "--runs_dir", str(runs), "--gpus", "0"], env)
+    if log_is == "link to /dev/null":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert summary_statuses(result.stdout) == {"cifar10_sc_r10_s0": "done", "cifar10_psc_r10_s0": "done"}
+        return
     assert result.returncode == 1, result.stdout + result.stderr
-    log = runs / "logs" / "cifar10_sc_r10_s0.log"
     assert summary_statuses(result.stdout) == {"cifar10_sc_r10_s0": f"FAILED (cannot write its log {log})",
                                                "cifar10_psc_r10_s0": "done"}
     assert [start["name"] for start in read_log("start")] == ["cifar10_psc_r10_s0"] and "line " not in result.stderr

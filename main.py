@@ -817,6 +817,21 @@ def ncm_report(train_features: torch.Tensor, train_labels: torch.Tensor, test_fe
     return util.accuracy_report(util.confusion_matrix(preds, test_labels, num_classes).cpu().numpy(), shot_groups)
 
 
+def build_criterion(cfg: Config, gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> losses.HybridLoss:
+    """The hybrid loss of cfg's method and temperatures (Trainer's, and the benchmark reference's: the same maths);
+    `gather`: SC's all-gather of the projections under torchrun."""
+    return losses.HybridLoss(cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
+                             exclude_positive=cfg.psc_denominator == "negatives", gather=gather,
+                             base_temperature=cfg.base_temp)
+
+
+def build_optimizer(cfg: Config, net: torch.nn.Module) -> torch.optim.SGD:
+    """SGD with cfg's momentum and weight decay over the parameters that train (Trainer's, and the benchmark
+    reference's); each step sets its learning rate."""
+    return torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 class Trainer:
     """Owns the model, the optimiser, the batch stream and the training step (also what the benchmark times).
 
@@ -865,13 +880,8 @@ class Trainer:
                 self.model = torch.compile(self.model, mode=cfg.compile_mode)
             else:  # the model and the loss as one graph (under reduce-overhead, one CUDA graph for both)
                 self.forward_loss = torch.compile(self._forward_loss, mode=cfg.compile_mode)
-        self.criterion = losses.HybridLoss(
-            cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
-            exclude_positive=cfg.psc_denominator == "negatives",
-            gather=gather_with_grad if dist.enabled and cfg.loss == "sc" else None, base_temperature=cfg.base_temp)
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.criterion = build_criterion(cfg, gather_with_grad if dist.enabled and cfg.loss == "sc" else None)
+        self.optimizer = build_optimizer(cfg, net)
         self.steps_per_epoch = self.stream.steps_per_epoch
 
     def lr_at(self, global_step: int) -> float:

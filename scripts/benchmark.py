@@ -513,10 +513,7 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
     net = networks.build_model(cfg.model, num_classes, cfg.feat_dim, use_prototypes=cfg.loss == "psc").to(device)
     if cfg.loss == "ce":
         net.head.requires_grad_(False)  # as the project's CE baseline: the head is unused
-    criterion = losses.HybridLoss(cfg.loss, cfg.psc_temperature if cfg.loss == "psc" else cfg.temp,
-                                  exclude_positive=cfg.psc_denominator == "negatives", base_temperature=cfg.base_temp)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    criterion, optimizer = main.build_criterion(cfg), main.build_optimizer(cfg, net)
     lr_at = lr_schedule(cfg, len(train.labels))
     alpha, global_step = first_epoch_alpha(cfg), itertools.count()
     ce_batches = endless(lambda epoch: iter(ce_loader))

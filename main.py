@@ -965,13 +965,15 @@ class Stop(Exception):
 
 
 class SignalFlag:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once, unless it came
-    within 2 s of the first (torchrun relays a Ctrl-C its processes got from the terminal too)."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once (KeyboardInterrupt,
+    `second` its number), unless it came within 2 s of the first (torchrun relays a Ctrl-C its processes got from
+    the terminal too). `announce(signum)`, where given, says at the first one what the run does now."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, announce: Optional[Callable[[int], None]] = None):
+        self.signum = self.second = 0
         self.first_at = 0.0
         self.previous = {}
+        self.announce = announce
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -985,8 +987,14 @@ class SignalFlag:
     def _handle(self, signum, frame) -> None:
         if not self.signum:
             self.signum, self.first_at = signum, time.monotonic()
+            if self.announce is not None:
+                try:
+                    self.announce(signum)
+                except Exception:  # noqa: BLE001 - (a closed stderr, say): the stop itself must not fail
+                    pass
         elif time.monotonic() - self.first_at > 2.0:  # a second signal, not torchrun relaying the first one
             self.restore()
+            self.second = signum
             raise KeyboardInterrupt
 
 
@@ -1753,7 +1761,7 @@ class Run:
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
-        self.signals = SignalFlag()
+        self.signals = SignalFlag(self.announce_signal if dist.main else None)
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
         self.last_confusion: Optional[np.ndarray] = None
@@ -1980,6 +1988,8 @@ class Run:
                 self.finish(evaluates_again=True)
             else:
                 self.finish()
+        except KeyboardInterrupt:  # a second signal (SignalFlag): what is on disk, and the way on
+            raise self.interrupted() from None
         finally:
             self.signals.restore()
             problem = None if self.writer is None else self.writer.close()
@@ -2092,6 +2102,30 @@ class Run:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             signum = int(flag.item())
         return signum
+
+    def announce_signal(self, signum: int) -> None:
+        """Said on stderr as the first SIGINT / SIGTERM arrives (rank 0): what the run does now. In the last
+        epoch's evaluation and the results that follow it, it finishes: a stop there would leave a trained run
+        without its results.json."""
+        if self.state.epoch < self.cfg.epochs:
+            what = (f"stopping after the current step{' (under torchrun: logging interval)' if self.dist.enabled else ''}, "
+                    f"with a checkpoint to --resume from")
+        else:
+            what = "the run has trained all its epochs and finishes first: its evaluation and results.json"
+        from tqdm import tqdm
+        tqdm.write(f"{signal.Signals(signum).name}: {what} (a second signal, 2 s on or later, stops at once)",
+                   file=sys.stderr)
+
+    def interrupted(self) -> Stop:
+        """The Stop of a second signal, which ended the run wherever it was (SignalFlag)."""
+        last = self.out / "last.pt"
+        if last.is_file():
+            how = "with --resume in place of --overwrite" if self.cfg.overwrite else "plus --resume"
+            way = f"{last} holds the run as of its last checkpoint; the same command {how} continues it from there"
+        else:
+            way = "it saved no checkpoint: the same command with --overwrite starts it again"
+        signum = self.signals.second or signal.SIGINT
+        return Stop(f"{signal.Signals(signum).name} again: stopped at once; {way}", 128 + signum)
 
     def stop(self, signum: int, epoch: int, step: Optional[int] = None) -> None:
         """Stop (checkpoint, message, exit 128 + signal) on `signum` from agreed_signal(). Mid-epoch (`step`

@@ -510,8 +510,9 @@ def test_a_signal_after_the_weights_went_non_finite_does_not_save_them(data_root
 def test_a_second_signal_is_the_same_request_within_2_s_and_stops_at_once_later(later, data_root, tmp_path,
                                                                                 monkeypatch, capsys):
     """Ctrl-C reaches every process of the group and torchrun relays it again: a second SIGINT within 2 s of the
-    first still stops after the step with a checkpoint (exit 130). One more than 2 s later stops at once:
-    'interrupted', exit 130 (which sweep.sh reads as INTERRUPTED), no checkpoint, the run's handlers gone."""
+    first still stops after the step with a checkpoint (exit 130). One more than 2 s later stops at once, exit 130
+    (which sweep.sh reads as INTERRUPTED), no checkpoint, the run's handlers gone, saying what is on disk and how
+    to go on. The first signal is said as it arrives, with what the run does now."""
     out = tmp_path / "run"
 
     def action(trainer, n):
@@ -524,12 +525,53 @@ def test_a_second_signal_is_the_same_request_within_2_s_and_stops_at_once_later(
     after_each_step(monkeypatch, action)
     code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "2",
                            "--lr_decay_epochs", "1"], capsys)
+    said = ("SIGINT: stopping after the current step, with a checkpoint to --resume from (a second signal, 2 s on or "
+            "later, stops at once)\n")
     if later:
-        assert (code, err) == (130, "interrupted\n") and not (out / "last.pt").exists()
+        assert (code, err) == (130, said + "SIGINT again: stopped at once; it saved no checkpoint: the same command "
+                                           "with --overwrite starts it again\n") and not (out / "last.pt").exists()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     else:
-        assert code == 130 and "SIGINT: stopped after step 3 of epoch 1" in err, err
+        assert code == 130 and err.startswith(said) and "SIGINT: stopped after step 3 of epoch 1" in err, err
         assert util.load_checkpoint(out / "last.pt")["run"]["step"] == 3
+
+
+def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_second_says_how_to_go_on(
+        data_root, tmp_path, monkeypatch, capsys):
+    """After its last step a run evaluates, and writes its figures, projections and results.json: a first signal
+    there lets it finish (exit 0), and says so as it arrives (it said nothing, and the run went on for seconds). A
+    second one stops it at once; its last.pt holds the trained run, which --resume evaluates (a SIGTERM: 143)."""
+    import main
+
+    out = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "1", "--lr_decay_epochs", ""]
+    real_finish = main.Run.finish
+
+    def signalled_finish(self, evaluates_again=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_finish(self, evaluates_again)
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "finish", signalled_finish)
+        code, err = call_main(argv, capsys)
+    assert (code, err) == (0, "SIGTERM: the run has trained all its epochs and finishes first: its evaluation and "
+                              "results.json (a second signal, 2 s on or later, stops at once)\n")
+    assert (out / "results.json").is_file()
+
+    def twice_signalled_finish(self, evaluates_again=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.getsignal(signal.SIGTERM).__self__.first_at -= 10.0  # the run's SignalFlag: 10 s ago
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not stopped at once")
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "finish", twice_signalled_finish)
+        code, err = call_main([*argv, "--overwrite"], capsys)
+    assert code == 128 + signal.SIGTERM and not (out / "results.json").exists()
+    assert err.endswith(f"SIGTERM again: stopped at once; {out / 'last.pt'} holds the run as of its last checkpoint; "
+                        f"the same command with --resume in place of --overwrite continues it from there\n"), err
+    code, err = call_main([*argv, "--resume"], capsys)
+    assert code == 0 and (out / "results.json").is_file(), err
 
 
 def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step(data_root, tmp_path, monkeypatch,

@@ -1868,6 +1868,11 @@ class Run:
         if warmup_outlasts_run(cfg, trainer.steps_per_epoch):  # legal (a short test run), but rarely meant
             lines.append(f"note: --warm_epochs {cfg.warm_epochs:g} is longer than the run of "
                          f"{plural(cfg.epochs, 'epoch')}: the lr never reaches --learning_rate {cfg.learning_rate:g}")
+        if trainer.feature_branch and all(losses.hybrid_alpha(epoch, cfg.epochs, cfg.alpha_schedule) >= 1.0
+                                          for epoch in range(cfg.epochs)):  # (--epochs 1, a smoke test)
+            lines.append(f"note: under --alpha_schedule {cfg.alpha_schedule} alpha is 1 in every epoch of a run of "
+                         f"{plural(cfg.epochs, 'epoch')}, which gives the classifier branch's loss no weight: its "
+                         f"accuracy stays at chance (alpha falls from the second of two or more epochs)")
         early = decays_within_warmup(cfg, trainer.steps_per_epoch)
         if early:  # legal too: the warm-up then ramps to the decayed lr
             lines.append(f"note: --lr_decay_epochs {flag_text(early)} decay{'s' if len(early) == 1 else ''} the lr "

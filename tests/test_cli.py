@@ -1091,6 +1091,22 @@ def test_an_lr_decay_within_the_warm_up_is_noted(warm, decays, noted, tmp_path, 
                       f"ramps up to 0.005, never to --learning_rate 0.05"] if noted else [])
 
 
+@pytest.mark.parametrize("loss, epochs, schedule, noted", [
+    ("sc", "1", "parabolic", True), ("psc", "1", "cosine", True), ("sc", "2", "parabolic", False),
+    ("sc", "1", "equal", False), ("ce", "1", "parabolic", False)])
+def test_a_hybrid_whose_alpha_is_1_in_every_epoch_is_noted(loss, epochs, schedule, noted, tmp_path, capsys,
+                                                            cifar10_root):
+    """alpha = 1 - (epoch / epochs)^2 is 1 in the first epoch, so a 1-epoch hybrid (a smoke test) never weighs its
+    classifier's loss: chance accuracy, which looked like a bug without a word."""
+    argv = ["--data_root", str(cifar10_root), "--output_dir", str(tmp_path / "run"), *TINY, "--dry_run", "--loss",
+            loss, "--epochs", epochs, "--lr_decay_epochs", "", "--alpha_schedule", schedule]
+    assert main.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "alpha is 1" in line]
+    assert notes == ([f"note: under --alpha_schedule {schedule} alpha is 1 in every epoch of a run of 1 epoch, which "
+                      f"gives the classifier branch's loss no weight: its accuracy stays at chance (alpha falls from "
+                      f"the second of two or more epochs)"] if noted else [])
+
+
 def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(finished_run, tmp_path, capsys,
                                                                                cifar10_root):
     """--dry_run passes or fails as the run would up to its first step, says what it would do, and leaves every

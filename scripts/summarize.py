@@ -58,8 +58,9 @@ Choices, documented here and in the table's footnotes:
   Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
-  one line naming the file(s) and exit status 1: a silently dropped or doubled seed would
-  change the means. No results at all is an error too. Run folders with a config.json but no
+  one line naming the file(s) (every doubled seed's pair of folders) and exit status 1: a silently
+  dropped or doubled seed would change the means; --exclude GLOB leaves out the run folders whose
+  path as found (or name alone) matches GLOB. No results at all is an error too. Run folders with a config.json but no
   results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
   time (or --per_run's training time and samples/s) that is not a finite number >= 0, and a
   best_epoch that is not a whole number >= 1, count as not recorded ('—'): they are bookkeeping,
@@ -77,6 +78,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -167,7 +169,7 @@ CSV_COLUMNS = (
 )
 
 
-UNFINISHED_NAMED = 5  # run folders without results.json named in the note; the rest are counted
+FOLDERS_NAMED = 5  # run folders (or pairs of them) a line names at most; the rest are counted
 
 
 class SummaryError(Exception):
@@ -478,12 +480,18 @@ def group_runs(runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     groups: dict[GroupKey, list[RunResult]] = {}
     for key, members in by_key.items():
         groups.update(split_by_recipe(key, members))
+    twice = []
     for members in groups.values():
         members.sort(key=lambda run: run.seed)
-        for previous, current in zip(members, members[1:]):
-            if previous.seed == current.seed:
-                raise SummaryError(f"seed {current.seed} of one configuration appears twice: "
-                                   f"{previous.path} and {current.path}")
+        twice += [(previous, current) for previous, current in zip(members, members[1:])
+                  if previous.seed == current.seed]
+    if twice:  # all of them at once: one rerun of the summary, not one per pair
+        shown = "; ".join(f"seed {current.seed} in {Path(previous.path).parent} and {Path(current.path).parent}"
+                          for previous, current in twice[:FOLDERS_NAMED])
+        more = f"; and {len(twice) - FOLDERS_NAMED} more" if len(twice) > FOLDERS_NAMED else ""
+        raise SummaryError(f"{_plural(len(twice), 'seed')} of one configuration {'appears' if len(twice) == 1 else 'appear'} "
+                           f"twice, which would weigh double in its mean: {shown}{more}; leave one of each out "
+                           f"(--exclude GLOB, or summarise the folders without it)")
     return groups
 
 
@@ -889,8 +897,16 @@ def _kind(path: Path) -> str | None:
         raise SummaryError(f"cannot look at {path}: {error.strerror or error}") from None
 
 
-def find_result_files(paths: list[str]) -> list[Path]:
-    """Every results.json under the given folders (or the given files themselves), each once."""
+def excluded(folder: Path, patterns: list[str]) -> bool:
+    """Whether the run folder (as found under the given folders) matches one of --exclude's patterns (fnmatch: its
+    path, or its name alone)."""
+    return any(fnmatch.fnmatch(str(folder), pattern) or fnmatch.fnmatch(folder.name, pattern)
+               for pattern in patterns)
+
+
+def find_result_files(paths: list[str], exclude: list[str] = ()) -> list[Path]:
+    """Every results.json under the given folders (or the given files themselves), each once, but those of run
+    folders that `exclude` names."""
     found: dict[Path, Path] = {}
     for name in paths:
         path = Path(name)
@@ -902,21 +918,23 @@ def find_result_files(paths: list[str]) -> list[Path]:
         else:
             raise SummaryError(f"no such file or folder: {name}")
         for candidate in candidates:
+            if excluded(candidate.parent, exclude):
+                continue
             if _kind(candidate) != "file":  # a folder, or a pipe that reading would wait on forever
                 raise SummaryError(f"{candidate} is not a file, so not a run's results: move it away")
             found.setdefault(candidate.resolve(), candidate)  # overlapping folders count once
     return list(found.values())
 
 
-def find_unfinished(paths: list[str]) -> list[Path]:
+def find_unfinished(paths: list[str], exclude: list[str] = ()) -> list[Path]:
     """Run folders under the given folders that main.py started (config.json) but that hold no results.json: runs
-    still going, stopped or failed, which the summary leaves out."""
+    still going, stopped or failed, which the summary leaves out (but those `exclude` names)."""
     found: dict[Path, Path] = {}
     for name in paths:
         path = Path(name)
         if _kind(path) == "dir":  # find_result_files looked at each path already
             for config in sorted(path.rglob("config.json")):
-                if not (config.parent / "results.json").exists():
+                if not (config.parent / "results.json").exists() and not excluded(config.parent, exclude):
                     found.setdefault(_resolved(config.parent), config.parent)
     return list(found.values())
 
@@ -1056,6 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="summarize.py",  # the name every other error line uses, also when main() is called in-process
         description="Summarise finished runs (every results.json under the given folders) as Table 1.")
     parser.add_argument("paths", nargs="+", metavar="DIR", help="run folders or their parents (searched recursively)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="leave out the run folders whose path as found (or name alone) matches GLOB, e.g. "
+                             "'runs/old/*' or '*_s3' (repeatable)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--per_class", action="store_true",
@@ -1076,19 +1097,22 @@ def main(argv: list[str] | None = None) -> int:
             raise SummaryError("--out is empty: give a file name, or drop --out to print the table")
         if args.csv and args.per_class and args.per_run:
             raise SummaryError("--csv prints one table: give --per_class or --per_run, not both (markdown takes both)")
-        files = find_result_files(args.paths)
+        files = find_result_files(args.paths, args.exclude)
+        unfinished = find_unfinished(args.paths, args.exclude)
+        named = ", ".join(str(folder) for folder in unfinished[:FOLDERS_NAMED])
+        more = f" and {len(unfinished) - FOLDERS_NAMED} more" if len(unfinished) > FOLDERS_NAMED else ""
         if not files:
-            raise SummaryError(f"no results.json found under {' '.join(args.paths)}")
+            there = (f" (only {_plural(len(unfinished), 'run folder')} without one, running, stopped or failed: "
+                     f"{named}{more})" if unfinished else "")
+            raise SummaryError(f"no results.json found under {' '.join(args.paths)}"
+                               f"{' but those --exclude names' if args.exclude else ''}{there}")
         if args.out:
             check_out(args.out, files)
         rows = summarize(load_runs(files))
     except SummaryError as error:
         print(f"summarize.py: error: {error}", file=sys.stderr)
         return 1
-    unfinished = find_unfinished(args.paths)
     if unfinished:  # a seed missing from a row changes its mean: say so, on stderr beside any table
-        named = ", ".join(str(folder) for folder in unfinished[:UNFINISHED_NAMED])
-        more = f" and {len(unfinished) - UNFINISHED_NAMED} more" if len(unfinished) > UNFINISHED_NAMED else ""
         print(f"summarize.py: note: left out {_plural(len(unfinished), 'run folder')} without results.json "
               f"(running, stopped or failed): {named}{more}", file=sys.stderr)
     if args.csv:

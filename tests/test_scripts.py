@@ -593,9 +593,14 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     (tmp_path / "empty" / "run").mkdir(parents=True)
     code, out, err = run_summarize(summarize, capsys, tmp_path / "empty")
     assert code == 1 and out == ""
-    assert err.count("\n") == 1 and "no results.json found" in err
+    assert err == f"summarize.py: error: no results.json found under {tmp_path / 'empty'}\n"
     code, _, err = run_summarize(summarize, capsys, tmp_path / "missing")
     assert code == 1 and "no such file or folder" in err
+    # Only a run that has not finished: said so, not as if the folder held nothing.
+    (tmp_path / "empty" / "run" / "config.json").write_text("{}")
+    code, _, err = run_summarize(summarize, capsys, tmp_path / "empty")
+    assert (code, err) == (1, f"summarize.py: error: no results.json found under {tmp_path / 'empty'} (only 1 run "
+                              f"folder without one, running, stopped or failed: {tmp_path / 'empty' / 'run'})\n")
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -635,6 +640,26 @@ def test_duplicate_seed_is_an_error_but_overlapping_dirs_count_once(summarize, t
     write_result(tmp_path / "copy", "a", seed=0, last=70.0)
     code, _, err = run_summarize(summarize, capsys, tmp_path)
     assert code == 1 and "seed 0" in err and "appears twice" in err
+    # Every doubled seed in one line (before, one pair per run of the summary), and the way out: --exclude.
+    write_result(tmp_path / "sweep", "b", seed=1, last=80.0)
+    write_result(tmp_path / "copy", "b", seed=1, last=70.0)
+    code, _, err = run_summarize(summarize, capsys, tmp_path)
+    pair = "seed {} in {} and {}".format
+    assert (code, err) == (1, f"summarize.py: error: 2 seeds of one configuration appear twice, which would weigh "
+                              f"double in its mean: {pair(0, tmp_path / 'copy' / 'a', tmp_path / 'sweep' / 'a')}; "
+                              f"{pair(1, tmp_path / 'copy' / 'b', tmp_path / 'sweep' / 'b')}; leave one of each out "
+                              f"(--exclude GLOB, or summarise the folders without it)\n")
+    (tmp_path / "copy" / "c").mkdir()
+    (tmp_path / "copy" / "c" / "config.json").write_text("{}")  # unfinished: left out of the note too
+    for exclude in ([f"{tmp_path}/copy/*"], ["a", "b"]):  # the folder's path, or its name alone
+        code, out, err = run_summarize(summarize, capsys, tmp_path, *[f"--exclude={glob}" for glob in exclude])
+        kept = ["2 (0, 1)"] if exclude[0] != "a" else []
+        assert code == (0 if kept else 1) and [row[3] for row in table_rows(out)] == kept, err
+        if not kept:
+            assert err.startswith(f"summarize.py: error: no results.json found under {tmp_path} but those --exclude "
+                                  f"names (only 1 run folder without one")
+        else:
+            assert err == ""
 
 
 def test_runs_differing_in_a_training_setting_are_separate_labelled_rows(summarize, tmp_path, capsys):

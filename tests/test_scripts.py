@@ -1737,7 +1737,19 @@ def test_table1_leaves_out_the_main_py_flags_sweep_sh_leaves_out():
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--bogus"], "unknown argument '--bogus' (see --help)"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--epochs", "2"],
      "unknown argument '--epochs' (a main.py flag: pass it after --)"),
-    ("sweep.sh", ["--dataset", "cifar10", "--imb_factor", "0.01"], "unknown argument '--imb_factor' (see --help)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factor", "0.01"],
+     "unknown argument '--imb_factor' (the sweep sets it for each run: give --imb_factors) (see --help)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seed=1"],
+     "unknown argument '--seed=1' (the sweep sets it for each run: give --seeds)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--loss", "sc"], "(the sweep sets it for each run: "
+                                                                                   "give --methods)"),
+    # lists written as main.py's --lr_decay_epochs takes one
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01,0.1"],
+     "--imb_factors: '0.01,0.1' is not a number (the list is space-separated: \"0.01 0.1\")"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--methods", "sc,ce"], "(the list is space-separated: "
+                                                                                         "\"sc ce\")"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0,1,2"], "(the list is space-separated: "
+                                                                                       "\"0 1 2\")"),
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),
     ("sweep.sh", ["--dataset", "cifar10"], "--imb_factors is required"),
     ("sweep.sh", ["--dataset", "imagenet", "--imb_factors", "0.01"], "cifar10 or cifar100"),

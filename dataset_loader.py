@@ -121,31 +121,36 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     if download:
         _download(dataset, root)
         return _read_pickled(dataset, pickled_dir)
-    hint = _data_root_hint(dataset, root, dataset_of)
+    hint, elsewhere = _data_root_hint(dataset, root, dataset_of)
+    way = "" if elsewhere else (f"pass --download to fetch it there, or put the images in that image-folder "
+                                f"layout")  # (not where the hint found the data: no download is wanted)
     raise DataError(
         f"no {dataset} data in {root}: looked for {pickled_dir}/ (torchvision's pickled layout) and "
-        f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); {hint + '; ' if hint else ''}pass "
-        f"--download to fetch it there, or put the images in that image-folder layout"
+        f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); {'; '.join(filter(None, (hint, way)))}"
     )
 
 
-def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> str:
+def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> tuple[str, bool]:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
-    folder itself, the other dataset, or a folder one level down that holds the data."""
+    folder itself, an image-layout split folder itself, the other dataset, or a folder one level down that holds
+    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give)."""
     if root.name == _PICKLED_DIRS[dataset] and _is_dir(root):
-        return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}"
+        return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}", True
+    if root.name in IMAGE_FOLDER_SPLITS and _image_folders_of(dataset, root.parent):
+        return (f"{root} is the image layout's {root.name}/ folder itself: pass its parent, --data_root "
+                f"{root.parent}"), True
     others = [name for name in DATASETS if name != dataset and _is_dir(root / _PICKLED_DIRS[name])]
     if others:
         held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"
-        return f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"
+        return (f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"), False
     try:
         below = sorted(p for p in root.iterdir() if _is_dir(p))
     except OSError:  # not a folder, or unreadable: the message above says enough
-        return ""
+        return "", False
     for sub in below:  # (one that may not be searched, such as a mount point's lost+found, holds nothing here)
         if _is_dir(sub / _PICKLED_DIRS[dataset]) or _image_folders_of(dataset, sub):
-            return f"{sub} holds it: --data_root {sub}"
-    return ""
+            return f"{sub} holds it: --data_root {sub}", True
+    return "", False
 
 
 # The image-folder layout's split folders under a --data_root (train/<class>/*, test/<class>/*).

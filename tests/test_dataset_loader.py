@@ -496,21 +496,27 @@ def test_normalize_and_device_images():
 
 
 def test_a_data_root_without_the_data_says_what_it_holds(tmp_path):
-    """The usual slips: the pickled folder itself, the other dataset's data, the data one folder down."""
+    """The usual slips: the pickled folder itself, an image layout's train/ or test/ itself, the other dataset's
+    data, the data one folder down. Where the hint finds the data, it ends the line: no --download advice."""
     write_pickled_cifar10(tmp_path / "c10", *make_synthetic(10, 2, 1))
     write_pickled_cifar100(tmp_path / "nested" / "c100", *make_synthetic(100, 1, 1))
+    write_image_folder(tmp_path / "images", *make_synthetic(10, 2, 1))
     cases = {
         ("cifar10", tmp_path / "c10" / "cifar-10-batches-py"):
             f"{tmp_path / 'c10' / 'cifar-10-batches-py'} is the pickled folder itself: pass its parent, "
-            f"--data_root {tmp_path / 'c10'}; pass --download",
-        ("cifar100", tmp_path / "c10"): "it holds cifar-10-batches-py/, cifar10's data: --dataset cifar10?; pass",
+            f"--data_root {tmp_path / 'c10'}",
+        ("cifar10", tmp_path / "images" / "test"):
+            f"{tmp_path / 'images' / 'test'} is the image layout's test/ folder itself: pass its parent, "
+            f"--data_root {tmp_path / 'images'}",
+        ("cifar100", tmp_path / "c10"): "it holds cifar-10-batches-py/, cifar10's data: --dataset cifar10?; pass "
+                                        "--download to fetch it there, or put the images in that image-folder layout",
         ("cifar100", tmp_path / "nested"): f"{tmp_path / 'nested' / 'c100'} holds it: --data_root "
-                                           f"{tmp_path / 'nested' / 'c100'}; pass",
+                                           f"{tmp_path / 'nested' / 'c100'}",
     }
     for (dataset, root), hint in cases.items():
         with pytest.raises(DataError) as caught:
             dl.load_cifar(dataset, root)
-        assert hint in str(caught.value) and "\n" not in str(caught.value), (dataset, root)
+        assert str(caught.value).endswith(hint) and "\n" not in str(caught.value), (dataset, root)
     # Where a checkpoint fixed the dataset (--eval_only), --dataset is not the way out.
     with pytest.raises(DataError) as caught:
         dl.load_cifar("cifar100", tmp_path / "c10", dataset_of="run/best.pt")

@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import platform
+import re
 import shutil
 import signal
 import stat
@@ -1262,6 +1263,17 @@ def folder_recipe_differences(out: Path, cfg: Config) -> list[str]:
         return []
 
 
+def folder_for_differences(out: Path, differences: list[str]) -> Path:
+    """A folder beside the default folder `out` for a run that differs from the one in it by recipe_differences'
+    `differences` ('--temp 0.1 -> 0.2'): out's name with each flag and its new value (runs/..._s0_temp0.2)."""
+    parts = []
+    for difference in differences[:3]:
+        flag, _, now = difference.partition(" ")
+        value = re.sub(r"[^A-Za-z0-9.+-]+", "-", now.rpartition(" -> ")[2]).strip("-")
+        parts.append(flag.removeprefix("--") + value)
+    return out.parent / "_".join([out.name, *parts])
+
+
 def unwritable(folder: Path, what: str) -> str:
     """Why `folder` cannot be written in (os.access said so): a read-only file system, or no permission."""
     try:
@@ -1319,8 +1331,9 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if (out / "last.pt").exists():  # a plain rerun of a run that can be continued, or another run's folder
         other = folder_recipe_differences(out, cfg)
         if other:  # (a test run with --epochs 2 in the default folder of the paper's run, say)
+            named = "" if cfg.output_dir else f" (e.g. --output_dir {folder_for_differences(out, other)})"
             raise UserError(f"{out} already holds another run, made with other settings ({', '.join(other)}): give "
-                            f"this run its own --output_dir, or --overwrite to replace that one")
+                            f"this run its own --output_dir{named}, or --overwrite to replace that one")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
     if (out / "results.json").exists():  # a finished run whose last.pt was deleted
         raise UserError(f"{out} holds a finished run (results.json) whose last.pt was deleted, so it can be neither "

@@ -970,6 +970,29 @@ def test_existing_run_is_not_overwritten(finished_run, existing_run, capsys, cif
     assert snapshot(existing_run) == before
 
 
+@pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
+def test_another_recipe_in_the_default_folder_is_offered_a_folder_of_its_own(finished_run, tmp_path, capsys,
+                                                                              cifar10_root, monkeypatch):
+    """The default folder names the dataset, loss, ratio and seed only: an ablation of another setting finds the
+    first run there, and is offered a folder named after what differs (which then takes it), not only --overwrite,
+    which would delete that run."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_root", str(cifar10_root), "--loss", "sc", *TINY]
+    default = Path(main.parse_config(argv).default_output_dir())
+    shutil.copytree(finished_run[1], default)
+    before = snapshot(default)
+    code, err = call_main([*argv, "--temp", "0.2", "--lr_decay_epochs", "1,2", "--epochs", "3", "--dry_run"], capsys)
+    offered = Path(f"{default}_temp0.2_epochs3_lr_decay_epochs1-2")
+    assert_one_line_error(code, err, f"{default} already holds another run, made with other settings "
+                                     f"(--temp 0.1 -> 0.2, --epochs 2 -> 3, --lr_decay_epochs 1 -> 1,2): give this run "
+                                     f"its own --output_dir (e.g. --output_dir {offered}), or --overwrite to replace "
+                                     f"that one")
+    assert snapshot(default) == before
+    code, err = call_main([*argv, "--temp", "0.2", "--lr_decay_epochs", "1,2", "--epochs", "3", "--dry_run",
+                           "--output_dir", str(offered)], capsys)
+    assert code == 0, err
+
+
 def test_a_finished_run_without_last_pt_is_not_sent_to_overwrite(existing_run, capsys, cifar10_root):
     """results.json and best.pt still there (a sweep's finished run whose last.pt was deleted): neither a --resume
     that cannot work nor an --overwrite that would delete its results, with or without --resume."""

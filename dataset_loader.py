@@ -130,6 +130,36 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     )
 
 
+# The pickled layout's file of class names, and its entry: CIFAR-100's fine ones, as its labels.
+_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
+
+
+def class_names(dataset: str, data_root: str | os.PathLike) -> Optional[list[str]]:
+    """The names of ``dataset``'s classes in label order, as the data that load_cifar reads there gives them: the
+    pickled layout's meta file (``label_names``; CIFAR-100's ``fine_label_names``), or the image folders' class
+    folders; None where they cannot be read (a pickled copy without a usable meta file). For reports only: no
+    run depends on them."""
+    root = Path(data_root).expanduser()
+    folder = root / _PICKLED_DIRS[dataset]
+    try:
+        if _is_dir(folder):
+            path, key = folder / _META[dataset][0], _META[dataset][1]
+            if not path.is_file():
+                return None
+            with open(path, "rb") as f, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                meta = _BatchUnpickler(f, encoding="latin1").load()
+            names = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in meta.items()}[key]
+            names = [name.decode("utf-8", "replace") if isinstance(name, bytes) else name for name in names]
+        else:
+            names = [os.path.basename(path) for path in _class_dirs(root / "train")]
+    except Exception:  # noqa: BLE001 - a damaged or odd meta file: the reports show class numbers instead
+        return None
+    if len(names) != DATASETS[dataset] or not all(isinstance(name, str) for name in names):
+        return None
+    return names
+
+
 def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> tuple[str, bool]:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, an image-layout split folder itself, the other dataset, or a folder one level down that holds

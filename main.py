@@ -2343,7 +2343,7 @@ class Run:
             "best_top1": state.best_top1, "best_epoch": state.best_epoch, "last_top1": last["top1"],
             "many": last["many"], "medium": last["medium"], "few": last["few"],
             "best": state.best_metrics, "last": last, "per_class": self.last_metrics["per_class"],
-            "class_counts": trainer.class_counts, "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
+            "class_names": data.class_names(cfg.dataset, cfg.data_root), "class_counts": trainer.class_counts, "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
             "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s if self.first_step_s is not None else next(

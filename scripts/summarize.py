@@ -198,6 +198,7 @@ class RunResult:
     recipe: tuple[tuple[str, str], ...] = ()  # the other training settings of its config, as JSON
     per_class: tuple[float, ...] | None = None  # last-epoch top-1 per class; None when not recorded
     class_counts: tuple[int, ...] | None = None  # training images per class, recorded with per_class
+    class_names: tuple[str, ...] | None = None  # the data's names of the classes; None when not recorded
     ncm_top1: float | None = None  # the nearest-class-mean top-1 at the end; None when not recorded
     train_digest: str | None = None  # SHA-256 of the training images and labels; None when not recorded
     best_epoch: int | None = None  # the epoch of best_top1 (from 1); None when not recorded
@@ -258,6 +259,7 @@ class GroupSummary:
     per_class_mean: tuple[float, ...] | None = None
     per_class_std: tuple[float | None, ...] | None = None
     class_counts: tuple[int, ...] | None = None
+    class_names: tuple[str, ...] | None = None  # where every run of the group records the same ones
     # Nearest-class-mean top-1, mean over seeds; None unless every run of the group records it (a mean over some
     # of the seeds would not compare with the other columns).
     ncm_top1: float | None = None
@@ -303,6 +305,17 @@ def _duration(data: dict, key: str) -> float | None:
     bookkeeping and the run's accuracies are still good."""
     value = _number(data, key, optional=True)
     return value if value is not None and math.isfinite(value) and value >= 0.0 else None
+
+
+def _class_names(data: dict, per_class: tuple[float, ...] | None) -> tuple[str, ...] | None:
+    """results.json's class_names (main.py writes them since they were added; null where the data has none), one
+    name per class of per_class; None where not recorded."""
+    names = data.get("class_names")
+    if names is None or per_class is None:
+        return None
+    if not isinstance(names, list) or len(names) != len(per_class) or not all(isinstance(n, str) for n in names):
+        raise ValueError("'class_names' must be null or a list of one name (text) per class")
+    return tuple(names)
 
 
 def _per_class(data: dict) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
@@ -421,6 +434,7 @@ def parse_result(data: object, path: str) -> RunResult:
         few=_shot_accuracy(data, "few"),
         wall_time_s=_duration(data, "wall_time_s"),
         recipe=recipe, per_class=per_class, class_counts=class_counts, ncm_top1=_ncm_top1(data),
+        class_names=_class_names(data, per_class),
         train_digest=_train_digest(data), best_epoch=_best_epoch(data),
         samples_per_s=_duration(data, "samples_per_s"), train_time_s=_duration(data, "train_time_s"),
     )
@@ -555,6 +569,7 @@ def summarize_group(key: GroupKey, runs: list[RunResult]) -> GroupSummary:
         reference_top1=None if reference is None else reference[0],
         reference_source=None if reference is None else reference[1],
         diff=diff, per_class_mean=per_class_mean, per_class_std=per_class_std, class_counts=counts,
+        class_names=runs[0].class_names if len({run.class_names for run in runs}) == 1 else None,
         ncm_top1=(None if any(run.ncm_top1 is None for run in runs)
                   else float(np.mean([run.ncm_top1 for run in runs]))),
         train_sets=max(len({run.train_digest for run in runs if run.train_digest is not None}), 1),
@@ -764,11 +779,13 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     blocks = []
     for heading, members in per_class_tables(rows):
         counts = members[0].class_counts
+        names = members[0].class_names if len({row.class_names for row in members}) == 1 else None
         header = ["class", "train images"] + _row_labels(members)
         lines = [f"Per-class top-1 at the last epoch, {heading} (mean over seeds):", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for c, count in enumerate(counts):
-            lines.append("| " + " | ".join([str(c), str(count)] + [f"{row.per_class_mean[c]:.2f}" for row in members])
+            named = str(c) if names is None else f"{c} {_text_cell(names[c])}"
+            lines.append("| " + " | ".join([named, str(count)] + [f"{row.per_class_mean[c]:.2f}" for row in members])
                          + " |")
         blocks.append("\n".join(lines))
     missing = [row for row in rows if row.per_class_mean is None]
@@ -778,6 +795,11 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
                                                    f"{_ratio_text(r.key)} {label}"
                                                    for r, label in zip(missing, _row_labels(missing))))
     return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+def _text_cell(text: str) -> str:
+    """text in one markdown table cell: control characters shown as escapes, '|' escaped (GFM ends a cell at it)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text).replace("|", "\\|")
 
 
 def _code_cell(text: str) -> str:
@@ -833,8 +855,8 @@ def format_per_run_csv(rows: list[GroupSummary]) -> str:
 
 
 PER_CLASS_CSV_COLUMNS = ("dataset", "method", "variant", "imb_type", "imbalance_ratio", "epochs", "lr_decay_epochs",
-                         "batch_size", "paper_schedule", "n_seeds", "seeds", "class", "train_images", "top1_mean",
-                         "top1_std")
+                         "batch_size", "paper_schedule", "n_seeds", "seeds", "class", "class_name", "train_images",
+                         "top1_mean", "top1_std")
 
 
 def _key_cells(row: GroupSummary) -> dict[str, object]:
@@ -864,7 +886,8 @@ def _write_csv(columns: tuple[str, ...], lines) -> str:
 def format_per_class_csv(rows: list[GroupSummary]) -> str:
     """One line per row and class: the last-epoch top-1 mean and std over seeds (empty std for one seed)."""
     return _write_csv(PER_CLASS_CSV_COLUMNS, (
-        {**_key_cells(row), "class": c, "train_images": count, "top1_mean": _csv_number(row.per_class_mean[c]),
+        {**_key_cells(row), "class": c, "class_name": "" if row.class_names is None else row.class_names[c],
+         "train_images": count, "top1_mean": _csv_number(row.per_class_mean[c]),
          "top1_std": _csv_number(row.per_class_std[c])}
         for row in rows if row.per_class_mean is not None for c, count in enumerate(row.class_counts)))
 

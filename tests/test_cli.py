@@ -89,6 +89,7 @@ def test_results_are_sane(finished_run):
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == loss and res["dataset"] == "cifar10" and res["epochs"] == 2
     assert res["class_counts"] == EXPECTED_COUNTS
+    assert res["class_names"] == [f"class_{c}" for c in range(10)]  # batches.meta's, for the reports
     # Which images trained it: the digest of the long-tailed training split, as last.pt holds it.
     assert len(res["train_digest"]) == 64 and set(res["train_digest"]) <= set("0123456789abcdef")
     assert res["train_digest"] == torch.load(out / "last.pt", weights_only=False)["train_digest"]
@@ -1829,10 +1830,10 @@ def test_results_that_cannot_be_read_at_all_are_not_written_over(tmp_path, monke
     results = tmp_path / "results.json"
     results.write_text("{}")
 
-    def denied(self, *args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def denied(path, *args, **kwargs):  # (the tests run as root, whom a file's mode does not stop)
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(util, "read_json", denied)
     with pytest.raises(main.UserError, match=f"cannot read {results}: Permission denied"):
         main.results_problem(results)
 

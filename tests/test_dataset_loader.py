@@ -495,6 +495,23 @@ def test_normalize_and_device_images():
     assert torch.equal(dl.apply_augment(images, identity, mean, std), normalised)
 
 
+def test_class_names_come_from_the_data_as_it_is_read(tmp_path):
+    """For the reports: the pickled layout's meta file (CIFAR-100: its fine names, as its labels), the image
+    folders' class folders in label order; None where a pickled copy has no usable meta file."""
+    write_pickled_cifar10(tmp_path / "c10", *make_synthetic(10, 2, 1))
+    write_pickled_cifar100(tmp_path / "c100", *make_synthetic(100, 1, 1))
+    write_image_folder(tmp_path / "images", *make_synthetic(10, 2, 1))
+    assert dl.class_names("cifar10", tmp_path / "c10") == [f"class_{c}" for c in range(10)]
+    assert dl.class_names("cifar100", tmp_path / "c100") == [f"fine_{c}" for c in range(100)]
+    folders = sorted(p.name for p in (tmp_path / "images" / "train").iterdir())
+    assert dl.class_names("cifar10", tmp_path / "images") == folders and len(folders) == 10
+    meta = tmp_path / "c10" / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(b"garbage")
+    assert dl.class_names("cifar10", tmp_path / "c10") is None
+    meta.unlink()
+    assert dl.class_names("cifar10", tmp_path / "c10") is None
+
+
 def test_a_data_root_without_the_data_says_what_it_holds(tmp_path):
     """The usual slips: the pickled folder itself, an image layout's train/ or test/ itself, the other dataset's
     data, the data one folder down. Where the hint finds the data, it ends the line: no --download advice."""

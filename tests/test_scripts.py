@@ -62,10 +62,10 @@ CIFAR10_R100_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, last=81.0,
                 many=90.0, medium=80.0, few=70.0, epochs=200, decay=(120, 160), batch_size=512,
                 wall_time_s=3600.0, imb_type="exp", config=None, per_class=None, class_counts=None,
-                ncm=None, train_digest=None):
+                ncm=None, train_digest=None, **given):
     """A results.json in the schema main.py writes (only what matters here varies); "ncm" and "train_digest" only
-    when given, as in runs made before main.py recorded them. class_counts: by default the full dataset's
-    long-tailed split at this ratio, as dataset_loader draws it."""
+    when given, as in runs made before main.py recorded them, and so is any other key `given` (class_names, say).
+    class_counts: by default the full dataset's long-tailed split at this ratio, as dataset_loader draws it."""
     if class_counts is None:
         classes, n_max = {"cifar10": (10, 5000), "cifar100": (100, 500)}[dataset]
         class_counts = dl.long_tailed_counts(n_max, classes, 1.0 / ratio, imb_type)
@@ -73,6 +73,7 @@ def result_dict(dataset="cifar10", method="sc", ratio=100, seed=0, best=82.0, la
     extra = {} if ncm is None else {"ncm": {"top1": ncm, "many": None, "medium": None, "few": None, "per_class": []}}
     if train_digest is not None:
         extra["train_digest"] = train_digest
+    extra.update(given)
     return {**extra,
         "dataset": dataset, "method": method, "model": "resnet32", "imb_type": imb_type,
         "imb_factor": 1.0 / ratio, "imbalance_ratio": float(ratio), "seed": seed,
@@ -374,6 +375,31 @@ def test_per_class_tables_hold_each_rows_mean_over_seeds(summarize, tmp_path, ca
     assert sc[3]["seeds"] == "0 1 2" and float(sc[3]["top1_mean"]) == statistics.mean(s[3] for s in sc_seeds)
     assert math.isclose(float(sc[3]["top1_std"]), statistics.stdev(s[3] for s in sc_seeds), rel_tol=1e-12)
     assert [line["top1_std"] for line in lines if line["method"] == "Hybrid-PSC"] == [""] * 10
+
+
+def test_per_class_tables_name_the_classes_their_runs_record(summarize, tmp_path, capsys):
+    """results.json's class_names (the data's: batches.meta, or the class folders) beside each class number, in
+    markdown and in --csv's class_name, where every run of the table records the same; numbers alone otherwise.
+    A name is one table cell whatever it holds."""
+    names = ["airplane", "auto|mobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck\n"]
+    for seed in (0, 1):
+        write_result(tmp_path, f"sc{seed}", seed=seed, per_class=[50.0] * 10, class_names=names)
+    code, out, err = run_summarize(summarize, capsys, tmp_path, "--per_class")
+    assert code == 0 and err == ""
+    [table] = out.split("Per-class top-1 at the last epoch, ")[1:]
+    rows = [re.split(r"(?<!\\)\|", line.strip("|")) for line in table.splitlines() if line.startswith("| ")][1:]
+    assert all(len(row) == 3 for row in rows) and len(rows) == 10  # class, images, the row's column
+    cells = [row[0].strip() for row in rows]
+    assert cells[:3] == ["0 airplane", "1 auto\\|mobile", "2 bird"] and cells[9] == "9 truck\\n"
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class", "--csv")
+    assert [line["class_name"] for line in csv.DictReader(io.StringIO(out))] == names
+    write_result(tmp_path, "psc0", method="psc", per_class=[40.0] * 10, class_names=None)  # not recorded: numbers
+    code, out, _ = run_summarize(summarize, capsys, tmp_path, "--per_class")
+    assert [row[0] for row in table_rows(out.split("Per-class top-1 at the last epoch, ")[1])] == [
+        str(c) for c in range(10)]
+    write_result(tmp_path, "psc0", method="psc", per_class=[40.0] * 10, class_names=names[:9])
+    code, _, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 1 and "'class_names' must be null or a list of one name (text) per class" in err
 
 
 def test_per_run_lists_each_run_under_its_row_with_its_folder(summarize, tmp_path, capsys):

@@ -6,7 +6,8 @@
     python scripts/summarize.py runs/table1 --per_run      # and each run behind the rows, with its folder
 
 With --per_class, the markdown adds a table per dataset and ratio (one column per row above, one line per
-class with its training images) of each class's top-1 at the last epoch, mean over the row's seeds; with
+class with its training images, and its name where the runs record the same class_names) of each class's
+top-1 at the last epoch, mean over the row's seeds; with
 --csv it prints those numbers instead of the rows, one line per row and class (with the std over seeds).
 With --per_run, it adds a second table, one line per run in the main table's order of rows, each naming its row
 (seed, best top-1 with its epoch, last top-1, many / medium / few, NCM top-1, training samples/s, training and

@@ -263,7 +263,9 @@ def _plain_dtype(dtype: Any) -> np.dtype:
     (flags, size, alignment, which a pickle can set) are those numpy gives its type; else refused. A dtype whose
     flags a file chose could make numpy read the array's bytes as object pointers. (Pixels and labels of other
     plain dtypes load, and are then named as what they are.)"""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufcSU" or dtype.names is not None or dtype.subdtype:
+    if not isinstance(dtype, np.dtype):
+        raise _refuse(f"an array or number whose dtype is a {type(dtype).__name__}")
+    if dtype.kind not in "biufcSU" or dtype.names is not None or dtype.subdtype:
         raise _refuse(f"an array or number of dtype {dtype!r}")
     usual = np.dtype(dtype.str)
     if (dtype.flags, dtype.itemsize, dtype.alignment) != (usual.flags, usual.itemsize, usual.alignment):
@@ -274,6 +276,8 @@ def _plain_dtype(dtype: Any) -> np.dtype:
 class _ArrayType:
     """What the batch's name numpy.ndarray stands for: only the first argument of _reconstruct, not a class the
     file could call with arguments of its own (an array over a buffer with strides, say)."""
+
+    __name__ = "numpy.ndarray"  # (what Python's unpickler names in the error of a call of it)
 
 
 _ARRAY_TYPE = _ArrayType()
@@ -291,19 +295,34 @@ def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
 
 
 def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """An empty array, as numpy pickles one (_reconstruct(ndarray, (0,), b'b')), whose BUILD then gives it its
+    shape, dtype and bytes: every byte of it from the file (an array of another shape would be memory that nothing
+    wrote: the heap's, or gigabytes asked of a file of a few bytes)."""
     if subtype is not _ARRAY_TYPE:
         raise _refuse(f"an array of type {type(subtype).__name__}")
-    array = _RECONSTRUCT(np.ndarray, shape, typecode)
+    if shape != (0,):
+        raise _refuse(f"an array made with shape {one_line(shape)[:40]}, not as numpy pickles one, (0,)")
+    array = _RECONSTRUCT(np.ndarray, (0,), typecode)
     _plain_dtype(array.dtype)
     return array
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """An array over the file's own bytes (protocol 5 passes them as bytes or bytearray): not over another
+    array's memory, which a later BUILD of that array would free under it."""
+    if type(buffer) not in (bytes, bytearray):
+        raise _refuse(f"an array over a {type(buffer).__name__}")
     return _FROMBUFFER(buffer, _plain_dtype(dtype), shape, order)
 
 
 def _scalar(dtype: Any, *content: Any) -> Any:
     return _SCALAR(_plain_dtype(dtype), *content)
+
+
+def _empty_bytes() -> bytes:
+    """bytes as Python 3 pickles an empty one in protocol 2 (a call of bytes with no argument): bytes(n) would make
+    n zero bytes that the file does not hold."""
+    return b""
 
 
 def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
@@ -328,7 +347,7 @@ class _BatchUnpickler(pickle._Unpickler):
              **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
              **{(f"numpy.{core}.multiarray", "scalar"): _scalar for core in ("core", "_core")},
              # How Python 3 pickles bytes in protocol 2 (an empty one as a call of bytes, Python 2's name for it)
-             ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
+             ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._SAFE.get((module, name))
@@ -347,6 +366,8 @@ class _BatchUnpickler(pickle._Unpickler):
             if _plain_dtype(copy).str != target.str:
                 raise _refuse(f"a dtype {target.str} given the state of a {copy.str}")
         elif type(target) is np.ndarray and isinstance(state, tuple) and len(state) in (4, 5):
+            if target.size or target.shape != (0,):  # once, on the empty array _reconstruct made
+                raise _refuse("a second state for an array")
             _plain_dtype(state[-3])
             target.__setstate__(state)
         else:

@@ -818,14 +818,16 @@ def test_batches_as_python_2_pickled_them_load(tmp_path, cifar10_like):
 
 
 # Batches made only of the names the reader allows, each of which made numpy read bytes of the file as object
-# pointers (a crash, or worse) before the reader checked what it builds with them. Run in a child process, so
-# that a crash fails the test rather than ending the test run.
+# pointers or read freed memory (a crash, or worse), or read memory no byte of the file wrote (gigabytes of it for a
+# file of a few bytes), before the reader checked what it builds with them. Run in a child process, so that a
+# crash fails the test rather than ending the test run.
 CRAFTED_BATCHES = r"""
 import pickle, sys
 import numpy as np
 import dataset_loader as dl
 
 SCALAR, RECONSTRUCT = np.int64(0).__reduce__()[0], np.zeros(0).__reduce__()[0]
+FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
 
 
 class Dtype:  # numpy.dtype(spec) and a BUILD with the file's flags (0 for an object dtype: "not references")
@@ -856,11 +858,23 @@ cases = {
     "object array of raw bytes": [array(Dtype("O8", 0), b"A" * 8)],
     "numpy.ndarray called": [Call(np.ndarray, ((1,), np.dtype("u1"), b"A"))],
     "state for bytes": [Call(bytes, (), {"a": 1})],
+    # an array over another array's memory, which a second BUILD of that one frees
+    "array over an array": [Call(FROMBUFFER, (np.zeros(8, np.uint8), np.dtype("u1"), (8,), "C"))],
+    "array of a shape of its own": [Call(RECONSTRUCT, (np.ndarray, (300000, 3072), b"b"))],  # 900 MB, no BUILD
+    "bytes of a size": [Call(bytes, (1 << 30,))],  # a GiB of zeros from a few bytes
 }
-for name, labels in cases.items():
+# An array, memoised, given a state, then given another from the memo (which frees the first one's bytes).
+ARRAY = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+STATE = (b"(K\x01K\x01\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff"
+         b"K\x00tb\x89U\x01Atb")
+raw = {"array given a second state": b"\x80\x02" + ARRAY + b"q\x00" + STATE + b"0h\x00" + STATE + b"."}
+for name, labels in [*cases.items(), *raw.items()]:
     path = f"{sys.argv[1]}/{name}"
     with open(path, "wb") as f:
-        pickle.dump({b"data": pixels, b"labels": labels}, f, protocol=2)
+        if name in raw:
+            f.write(labels)
+        else:
+            pickle.dump({b"data": pixels, b"labels": labels}, f, protocol=2)
     try:
         dl._read_pickled_batch(dl.Path(path), "labels", 10)
         print(f"{name}: LOADED", flush=True)
@@ -884,6 +898,11 @@ def test_batches_crafted_to_have_numpy_read_pointers_are_refused(tmp_path):
         "object array of raw bytes": f"UnpicklingError: it holds an array or number of dtype dtype('O'){refused}",
         "numpy.ndarray called": "TypeError: '_ArrayType' object is not callable",
         "state for bytes": f"UnpicklingError: it holds state for a bytes{refused}",
+        "array over an array": f"UnpicklingError: it holds an array over a ndarray{refused}",
+        "array of a shape of its own": f"UnpicklingError: it holds an array made with shape (300000, 3072), not as "
+                                       f"numpy pickles one, (0,){refused}",
+        "bytes of a size": "TypeError: _empty_bytes() takes 0 positional arguments but 1 was given",
+        "array given a second state": f"UnpicklingError: it holds a second state for an array{refused}",
     }
 
 

@@ -1112,6 +1112,21 @@ def mixed_setting(state: RunState, key: str, now: Any) -> Any:
     return "mixed" if len(values) > 1 else next(iter(values), now)
 
 
+def after_the_second_of_an_earlier_file(out: Path) -> None:
+    """Returns once the clock has left the second that an events file in `out` is named after. TensorBoard reads a
+    folder's event files in name order, events.out.tfevents.<second>.<host>.<pid>.<n>, and that order is the
+    sessions' only where the seconds differ: the pid and n are not zero-padded (.10 sorts before .9), so a writer
+    started in the same second as an earlier one (a session cut off at once and resumed, runs in one process) could
+    come first and its purge of the earlier records would not apply to them."""
+    now = int(time.time())
+    try:
+        same_second = any(name.startswith(f"{EVENTS_PREFIX}{now:010d}.") for name in os.listdir(out))
+    except OSError:  # (no folder to list: the writer makes it, and says what fails)
+        return
+    if same_second:
+        time.sleep(max(now + 1 - time.time(), 0.0) + 0.01)
+
+
 class EventWriter:
     """The run's TensorBoard SummaryWriter, whose failed writes (a full disk, the folder removed) stop the run with
     one line naming the folder, as a failed checkpoint write does, instead of TensorBoard's tracebacks (one from
@@ -1121,6 +1136,7 @@ class EventWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out = out
+        after_the_second_of_an_earlier_file(out)
         self.previous_hook = threading.excepthook  # until close(); from before the writer thread starts
         threading.excepthook = self.writer_thread_failed
         try:
@@ -2007,6 +2023,8 @@ class Run:
             else:
                 self.finish()
         except KeyboardInterrupt:  # a second signal (SignalFlag): what is on disk, and the way on
+            if not self.signals.second:  # Python's own, before the handlers were installed: main() says it
+                raise
             raise self.interrupted() from None
         finally:
             self.signals.restore()
@@ -2125,21 +2143,34 @@ class Run:
         """Said on stderr as the first SIGINT / SIGTERM arrives (rank 0): what the run does now. In the last
         epoch's evaluation and the results that follow it, it finishes: a stop there would leave a trained run
         without its results.json."""
-        if self.state.epoch < self.cfg.epochs:
-            what = (f"stopping after the current step{' (under torchrun: logging interval)' if self.dist.enabled else ''}, "
-                    f"with a checkpoint to --resume from")
+        if self.polls_left():
+            per_interval = self.dist.enabled and self.device.type == "cuda"
+            what = (f"stopping after the current {'logging interval' if per_interval else 'step'}, with a "
+                    f"checkpoint to --resume from")
         else:
-            what = "the run has trained all its epochs and finishes first: its evaluation and results.json"
+            what = "the run is in its last step or past it, and finishes first: its evaluation and results.json"
         from tqdm import tqdm
         tqdm.write(f"{signal.Signals(signum).name}: {what} (a second signal, 2 s on or later, stops at once)",
                    file=sys.stderr)
+
+    def polls_left(self) -> bool:
+        """Whether the run still looks at a signal before it finishes (train_epoch polls after each step but an
+        epoch's last, under torchrun on CUDA at the logging intervals only; run() after each epoch but the last)."""
+        cfg, state, steps = self.cfg, self.state, self.trainer.steps_per_epoch
+        if state.epoch < cfg.epochs - 1:
+            return True
+        if state.epoch >= cfg.epochs:
+            return False
+        if self.dist.enabled and self.device.type == "cuda":
+            return (state.step // cfg.print_freq + 1) * cfg.print_freq < steps
+        return state.step + 1 < steps
 
     def interrupted(self) -> Stop:
         """The Stop of a second signal, which ended the run wherever it was (SignalFlag)."""
         last = self.out / "last.pt"
         if last.is_file():
-            how = "with --resume in place of --overwrite" if self.cfg.overwrite else "plus --resume"
-            way = f"{last} holds the run as of its last checkpoint; the same command {how} continues it from there"
+            way = (f"{last} holds the run as of its last checkpoint; the same command{self.resume_words()} continues "
+                   f"it from there")
         else:
             way = "it saved no checkpoint: the same command with --overwrite starts it again"
         signum = self.signals.second or signal.SIGINT
@@ -2155,10 +2186,14 @@ class Run:
                 self.diverged(epoch, step)
             self.save("last.pt", epoch_sums=self.every_rank_sums())
             where = f"after step {step + 1} of epoch {epoch + 1}"
-        how = "with --resume in place of --overwrite" if self.cfg.overwrite else "plus --resume"
         raise Stop(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {self.out / 'last.pt'}. "
-                   f"Resume with the same command {how} (a run of a sweep: the sweep's command again)",
+                   f"Resume with the same command{self.resume_words()} (a run of a sweep: the sweep's command again)",
                    128 + signum)
+
+    def resume_words(self) -> str:
+        """How this run's command becomes the one that resumes it: '' where it has --resume already."""
+        return "" if self.cfg.resume else (" with --resume in place of --overwrite" if self.cfg.overwrite else
+                                           " plus --resume")
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1836,6 +1837,17 @@ def test_results_that_cannot_be_read_at_all_are_not_written_over(tmp_path, monke
     monkeypatch.setattr(util, "read_json", denied)
     with pytest.raises(main.UserError, match=f"cannot read {results}: Permission denied"):
         main.results_problem(results)
+
+
+def test_a_new_events_file_never_shares_its_second_with_an_earlier_one(tmp_path):
+    """TensorBoard orders a folder's event files by name, whose parts after the second are not zero-padded (.10
+    before .9): a writer starts only once the second of an earlier file there has passed, so that its purge of
+    the earlier records applies (two sessions within a second: a test's runs in one process, say)."""
+    now = int(time.time())
+    (tmp_path / f"{main.EVENTS_PREFIX}{now:010d}.host.99.9").write_bytes(b"")
+    main.after_the_second_of_an_earlier_file(tmp_path)
+    assert int(time.time()) > now
+    main.after_the_second_of_an_earlier_file(tmp_path / "missing")  # (the writer makes the folder)
 
 
 def test_a_failure_before_the_first_step_closes_the_events_writer(tmp_path, cifar10_root, monkeypatch, capsys):

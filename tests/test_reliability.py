@@ -539,12 +539,23 @@ def test_a_second_signal_is_the_same_request_within_2_s_and_stops_at_once_later(
 def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_second_says_how_to_go_on(
         data_root, tmp_path, monkeypatch, capsys):
     """After its last step a run evaluates, and writes its figures, projections and results.json: a first signal
-    there lets it finish (exit 0), and says so as it arrives (it said nothing, and the run went on for seconds). A
-    second one stops it at once; its last.pt holds the trained run, which --resume evaluates (a SIGTERM: 143)."""
+    there (or in the last step, after which nothing looks at it) lets it finish (exit 0), and says so as it arrives
+    (it said nothing, and the run went on for seconds). A second one stops it at once; its last.pt holds the
+    trained run, which --resume evaluates (a SIGTERM: 143). In the step before the last, it still stops."""
     import main
 
     out = tmp_path / "run"
     argv = ["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--epochs", "1", "--lr_decay_epochs", ""]
+    finishes = ("SIGTERM: the run is in its last step or past it, and finishes first: its evaluation and "
+                "results.json (a second signal, 2 s on or later, stops at once)\n")
+    for at, stops in ((LOOP_STEPS, False), (LOOP_STEPS - 1, True)):
+        with monkeypatch.context() as m:
+            after_each_step(m, lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == at else None)
+            code, err = call_main([*argv, "--overwrite"], capsys)
+        if stops:
+            assert code == 128 + signal.SIGTERM and err.startswith("SIGTERM: stopping after the current step"), err
+        else:
+            assert (code, err) == (0, finishes) and (out / "results.json").is_file()
     real_finish = main.Run.finish
 
     def signalled_finish(self, evaluates_again=False):
@@ -553,10 +564,8 @@ def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_seco
 
     with monkeypatch.context() as m:
         m.setattr(main.Run, "finish", signalled_finish)
-        code, err = call_main(argv, capsys)
-    assert (code, err) == (0, "SIGTERM: the run has trained all its epochs and finishes first: its evaluation and "
-                              "results.json (a second signal, 2 s on or later, stops at once)\n")
-    assert (out / "results.json").is_file()
+        code, err = call_main([*argv, "--overwrite"], capsys)
+    assert (code, err) == (0, finishes) and (out / "results.json").is_file()
 
     def twice_signalled_finish(self, evaluates_again=False):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -570,8 +579,16 @@ def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_seco
     assert code == 128 + signal.SIGTERM and not (out / "results.json").exists()
     assert err.endswith(f"SIGTERM again: stopped at once; {out / 'last.pt'} holds the run as of its last checkpoint; "
                         f"the same command with --resume in place of --overwrite continues it from there\n"), err
+    with monkeypatch.context() as m:  # a second signal in a resumed run: its own command goes on
+        m.setattr(main.Run, "finish", twice_signalled_finish)
+        code, err = call_main([*argv, "--resume"], capsys)
+    assert err.endswith(f"the same command continues it from there\n") and code == 128 + signal.SIGTERM, err
     code, err = call_main([*argv, "--resume"], capsys)
     assert code == 0 and (out / "results.json").is_file(), err
+    # Ctrl-C before the run's handlers are installed (writing config.json, say): Python's own, said as main() does.
+    with monkeypatch.context() as m:
+        m.setattr(main.Run, "start_lines", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert call_main([*argv, "--overwrite"], capsys) == (130, "interrupted\n")
 
 
 def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step(data_root, tmp_path, monkeypatch,

@@ -495,18 +495,19 @@ def group_runs(runs: list[RunResult]) -> dict[GroupKey, list[RunResult]]:
     groups: dict[GroupKey, list[RunResult]] = {}
     for key, members in by_key.items():
         groups.update(split_by_recipe(key, members))
-    twice = []
+    doubled = []  # (seed, its runs' folders) for each seed that a group holds more than once
     for members in groups.values():
         members.sort(key=lambda run: run.seed)
-        twice += [(previous, current) for previous, current in zip(members, members[1:])
-                  if previous.seed == current.seed]
-    if twice:  # all of them at once: one rerun of the summary, not one per pair
-        shown = "; ".join(f"seed {current.seed} in {Path(previous.path).parent} and {Path(current.path).parent}"
-                          for previous, current in twice[:FOLDERS_NAMED])
-        more = f"; and {len(twice) - FOLDERS_NAMED} more" if len(twice) > FOLDERS_NAMED else ""
-        raise SummaryError(f"{_plural(len(twice), 'seed')} of one configuration {'appears' if len(twice) == 1 else 'appear'} "
-                           f"twice, which would weigh double in its mean: {shown}{more}; leave one of each out "
-                           f"(--exclude GLOB, or summarise the folders without it)")
+        by_seed: dict[int, list[RunResult]] = {}
+        for run in members:
+            by_seed.setdefault(run.seed, []).append(run)
+        doubled += [(seed, [Path(run.path).parent for run in runs]) for seed, runs in by_seed.items() if len(runs) > 1]
+    if doubled:  # all of them at once: one rerun of the summary, not one per pair
+        shown = "; ".join(f"seed {seed} in {', '.join(map(str, folders))}" for seed, folders in doubled[:FOLDERS_NAMED])
+        more = f"; and {len(doubled) - FOLDERS_NAMED} more" if len(doubled) > FOLDERS_NAMED else ""
+        raise SummaryError(f"{_plural(len(doubled), 'seed')} of a row {'is' if len(doubled) == 1 else 'are'} in more "
+                           f"than one run, which would weigh double in the row's mean: {shown}{more}; keep one run "
+                           f"of each (leave the others out with --exclude GLOB, or summarise the folders without them)")
     return groups
 
 

@@ -89,10 +89,17 @@ die_usage() {
   exit 2
 }
 
-# comma_hint VALUE: for a list value written with commas (as main.py's --lr_decay_epochs takes one), the same list
-# as the sweep takes it.
+# comma_hint LIST: for an option's list written with commas (as main.py's --lr_decay_epochs takes one), the same
+# list as the sweep takes it; for one number with a decimal comma (0,01), the number with a point.
 comma_hint() {
-  [[ $1 != *,* ]] || printf ' (the list is space-separated: "%s")' "${1//,/ }"
+  local words
+  [[ $1 == *,* ]] || return 0
+  if [[ $1 =~ ^[[:space:]]*[0-9]+,[0-9]+[[:space:]]*$ && $2 == decimal ]]; then
+    printf ' (a decimal point, not a comma: %s?)' "$(tr , . <<<"${1//[[:space:]]/}")"
+    return 0
+  fi
+  read -r -a words <<<"${1//,/ }"
+  printf ' (the list is space-separated: "%s")' "${words[*]}"
 }
 
 # ---- arguments -------------------------------------------------------------------------------
@@ -162,19 +169,19 @@ while [[ ! -e $ancestor && $ancestor == */* ]]; do ancestor=${ancestor%/*}; done
 declare -A ratio_of=()
 for factor in "${factor_list[@]}"; do
   [[ $factor =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] ||
-    die_usage "--imb_factors: '$factor' is not a number$(comma_hint "$factor")"
+    die_usage "--imb_factors: '$factor' is not a number$(comma_hint "$imb_factors" decimal)"
   ratio=$(awk -v f="$factor" 'BEGIN { if (f <= 0 || f > 1) exit 1; printf "%d", int(1 / f + 0.5) }') ||
     die_usage "--imb_factors: '$factor' is not in (0, 1] (it is n_min/n_max, e.g. 0.01 for ratio 100)"
   ratio_of[$factor]=$ratio
 done
 for method in "${method_list[@]}"; do
-  case $method in sc | psc | ce) ;; *) die_usage "--methods: '$method' is not one of sc psc ce$(comma_hint "$method")" ;; esac
+  case $method in sc | psc | ce) ;; *) die_usage "--methods: '$method' is not one of sc psc ce$(comma_hint "$methods")" ;; esac
 done
 for seed in "${seed_list[@]}"; do
   # No leading zeros: "0" and "00" are one seed to main.py but two folders (two identical runs, which
   # summarize.py then refuses as a repeated seed). main.py takes seeds below 2**32 (numpy's limit).
   [[ $seed =~ ^(0|[1-9][0-9]{0,9})$ ]] && ((seed < 4294967296)) ||
-    die_usage "--seeds: '$seed' is not an integer in 0 .. 4294967295 (without leading zeros)$(comma_hint "$seed")"
+    die_usage "--seeds: '$seed' is not an integer in 0 .. 4294967295 (without leading zeros)$(comma_hint "$seeds")"
 done
 # Each --gpus entry becomes a run's CUDA_VISIBLE_DEVICES: device indices, GPU-/MIG- UUIDs, or a comma list of them
 # (a torchrun job on several GPUs). CUDA ignores an entry it cannot read (a typo like O for 0) and shows no

@@ -665,16 +665,18 @@ def test_duplicate_seed_is_an_error_but_overlapping_dirs_count_once(summarize, t
     assert code == 0 and table_rows(out)[0][3] == "1 (0)"
     write_result(tmp_path / "copy", "a", seed=0, last=70.0)
     code, _, err = run_summarize(summarize, capsys, tmp_path)
-    assert code == 1 and "seed 0" in err and "appears twice" in err
+    assert code == 1 and "1 seed of a row is in more than one run" in err and "seed 0 in " in err
     # Every doubled seed in one line (before, one pair per run of the summary), and the way out: --exclude.
     write_result(tmp_path / "sweep", "b", seed=1, last=80.0)
     write_result(tmp_path / "copy", "b", seed=1, last=70.0)
+    write_result(tmp_path / "third", "b", seed=1, last=60.0)  # one seed in three folders: all named, keep one
     code, _, err = run_summarize(summarize, capsys, tmp_path)
-    pair = "seed {} in {} and {}".format
-    assert (code, err) == (1, f"summarize.py: error: 2 seeds of one configuration appear twice, which would weigh "
-                              f"double in its mean: {pair(0, tmp_path / 'copy' / 'a', tmp_path / 'sweep' / 'a')}; "
-                              f"{pair(1, tmp_path / 'copy' / 'b', tmp_path / 'sweep' / 'b')}; leave one of each out "
-                              f"(--exclude GLOB, or summarise the folders without it)\n")
+    assert (code, err) == (1, f"summarize.py: error: 2 seeds of a row are in more than one run, which would weigh "
+                              f"double in the row's mean: seed 0 in {tmp_path / 'copy' / 'a'}, {tmp_path / 'sweep' / 'a'}; "
+                              f"seed 1 in {tmp_path / 'copy' / 'b'}, {tmp_path / 'sweep' / 'b'}, "
+                              f"{tmp_path / 'third' / 'b'}; keep one run of each (leave the others out with --exclude "
+                              f"GLOB, or summarise the folders without them)\n")
+    (tmp_path / "third" / "b" / "results.json").unlink()
     (tmp_path / "copy" / "c").mkdir()
     (tmp_path / "copy" / "c" / "config.json").write_text("{}")  # unfinished: left out of the note too
     for exclude in ([f"{tmp_path}/copy/*"], ["a", "b"]):  # the folder's path, or its name alone
@@ -729,7 +731,7 @@ def test_settings_only_some_runs_record_or_bookkeeping_do_not_split_a_group(summ
     # The same recipe twice for one seed is still a doubled seed.
     write_result(tmp_path, "copy", seed=1, config={"temp": 0.1, "output_dir": "copy"})
     code, _, err = run_summarize(summarize, capsys, tmp_path)
-    assert code == 1 and "seed 1" in err and "appears twice" in err
+    assert code == 1 and "seed 1 in " in err and "is in more than one run" in err
 
 
 def test_a_setting_that_splits_puts_runs_without_it_apart(summarize, tmp_path, capsys):
@@ -1776,6 +1778,9 @@ def test_table1_leaves_out_the_main_py_flags_sweep_sh_leaves_out():
                                                                                          "\"sc ce\")"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0,1,2"], "(the list is space-separated: "
                                                                                        "\"0 1 2\")"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0, 1"], "--seeds: '0,' is not an integer "
+     "in 0 .. 4294967295 (without leading zeros) (the list is space-separated: \"0 1\")"),  # the whole list shown
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0,01"], "(a decimal point, not a comma: 0.01?)"),
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),
     ("sweep.sh", ["--dataset", "cifar10"], "--imb_factors is required"),
     ("sweep.sh", ["--dataset", "imagenet", "--imb_factors", "0.01"], "cifar10 or cifar100"),

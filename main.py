@@ -1285,7 +1285,8 @@ def folder_for_differences(out: Path, differences: list[str]) -> Path:
     parts = []
     for difference in differences[:3]:
         flag, _, now = difference.partition(" ")
-        value = re.sub(r"[^A-Za-z0-9.+-]+", "-", now.rpartition(" -> ")[2]).strip("-")
+        value = now.rpartition(" -> ")[2]
+        value = "none" if value in ("''", "(not given)") else re.sub(r"[^A-Za-z0-9.+-]+", "-", value).strip("-")
         parts.append(flag.removeprefix("--") + value)
     return out.parent / "_".join([out.name, *parts])
 
@@ -1347,7 +1348,8 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     if (out / "last.pt").exists():  # a plain rerun of a run that can be continued, or another run's folder
         other = folder_recipe_differences(out, cfg)
         if other:  # (a test run with --epochs 2 in the default folder of the paper's run, say)
-            named = "" if cfg.output_dir else f" (e.g. --output_dir {folder_for_differences(out, other)})"
+            offered = None if cfg.output_dir else folder_for_differences(out, other)
+            named = f" (e.g. --output_dir {offered})" if offered and not offered.exists() else ""
             raise UserError(f"{out} already holds another run, made with other settings ({', '.join(other)}): give "
                             f"this run its own --output_dir{named}, or --overwrite to replace that one")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")

@@ -993,6 +993,11 @@ def test_another_recipe_in_the_default_folder_is_offered_a_folder_of_its_own(fin
     code, err = call_main([*argv, "--temp", "0.2", "--lr_decay_epochs", "1,2", "--epochs", "3", "--dry_run",
                            "--output_dir", str(offered)], capsys)
     assert code == 0, err
+    assert main.folder_for_differences(default, ["--base_temp 0.07 -> (not given)", "--lr_decay_epochs 1 -> ''"]) == \
+        Path(f"{default}_base_tempnone_lr_decay_epochsnone")
+    offered.mkdir()  # a folder there already: none offered
+    code, err = call_main([*argv, "--temp", "0.2", "--lr_decay_epochs", "1,2", "--epochs", "3", "--dry_run"], capsys)
+    assert "(e.g." not in err and "give this run its own --output_dir, or --overwrite" in err, err
 
 
 def test_a_finished_run_without_last_pt_is_not_sent_to_overwrite(existing_run, capsys, cifar10_root):

@@ -150,6 +150,8 @@ def class_names(dataset: str, data_root: str | os.PathLike) -> Optional[list[str
                 warnings.simplefilter("ignore")
                 meta = _BatchUnpickler(f, encoding="latin1").load()
             names = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in meta.items()}[key]
+            if not isinstance(names, list) or len(names) != DATASETS[dataset]:
+                return None
             names = [name.decode("utf-8", "replace") if isinstance(name, bytes) else name for name in names]
         else:
             names = [os.path.basename(path) for path in _class_dirs(root / "train")]
@@ -265,8 +267,8 @@ def _plain_dtype(dtype: Any) -> np.dtype:
     plain dtypes load, and are then named as what they are.)"""
     if not isinstance(dtype, np.dtype):
         raise _refuse(f"an array or number whose dtype is a {type(dtype).__name__}")
-    if dtype.kind not in "biufcSU" or dtype.names is not None or dtype.subdtype:
-        raise _refuse(f"an array or number of dtype {dtype!r}")
+    if dtype.kind not in "biufcSU" or dtype.names is not None or dtype.subdtype or not dtype.itemsize:
+        raise _refuse(f"an array or number of dtype {dtype!r}")  # (itemsize 0: any count of elements over no bytes)
     usual = np.dtype(dtype.str)
     if (dtype.flags, dtype.itemsize, dtype.alignment) != (usual.flags, usual.itemsize, usual.alignment):
         raise _refuse(f"a dtype {dtype.str} whose flags, size or alignment are not numpy's")
@@ -315,8 +317,13 @@ def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     return _FROMBUFFER(buffer, _plain_dtype(dtype), shape, order)
 
 
-def _scalar(dtype: Any, *content: Any) -> Any:
-    return _SCALAR(_plain_dtype(dtype), *content)
+def _scalar(dtype: Any, content: Any) -> Any:
+    """A numpy number as numpy pickles one: its dtype and its bytes (text in latin1 from Python 2), all of them
+    (without them numpy would make one of any size the dtype says, from a file of a few bytes)."""
+    dtype = _plain_dtype(dtype)
+    if not isinstance(content, (bytes, str)) or len(content) != dtype.itemsize:
+        raise _refuse(f"a number of dtype {dtype.str} made from other than its {dtype.itemsize} bytes")
+    return _SCALAR(dtype, content)
 
 
 def _empty_bytes() -> bytes:

@@ -862,6 +862,8 @@ cases = {
     "array over an array": [Call(FROMBUFFER, (np.zeros(8, np.uint8), np.dtype("u1"), (8,), "C"))],
     "array of a shape of its own": [Call(RECONSTRUCT, (np.ndarray, (300000, 3072), b"b"))],  # 900 MB, no BUILD
     "bytes of a size": [Call(bytes, (1 << 30,))],  # a GiB of zeros from a few bytes
+    "number without its bytes": [Call(SCALAR, (np.dtype("S1000000000"),))],  # a GB of zeros
+    "strings of no width": [Call(RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (10 ** 15,), np.dtype("S0"), False, b""))],
 }
 # An array, memoised, given a state, then given another from the memo (which frees the first one's bytes).
 ARRAY = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
@@ -903,6 +905,8 @@ def test_batches_crafted_to_have_numpy_read_pointers_are_refused(tmp_path):
                                        f"numpy pickles one, (0,){refused}",
         "bytes of a size": "TypeError: _empty_bytes() takes 0 positional arguments but 1 was given",
         "array given a second state": f"UnpicklingError: it holds a second state for an array{refused}",
+        "number without its bytes": "TypeError: _scalar() missing 1 required positional argument: 'content'",
+        "strings of no width": f"UnpicklingError: it holds an array or number of dtype dtype('S'){refused}",
     }
 
 

@@ -1793,6 +1793,7 @@ class Run:
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag(self.announce_signal if dist.main else None)
+        self.ending_epoch = False  # inside end_epoch() (polls_left)
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
         self.last_confusion: Optional[np.ndarray] = None
@@ -2013,7 +2014,9 @@ class Run:
             self.wall_mark = time.perf_counter()
             while state.epoch < cfg.epochs:
                 self.train_epoch()
+                self.ending_epoch = True  # (polls_left: run() polls after end_epoch(), which moves state.epoch on)
                 self.end_epoch()
+                self.ending_epoch = False
                 signum = self.agreed_signal() if state.epoch < cfg.epochs else 0
                 if signum:
                     self.stop(signum, state.epoch - 1)
@@ -2159,7 +2162,7 @@ class Run:
         """Whether the run still looks at a signal before it finishes (train_epoch polls after each step but an
         epoch's last, under torchrun on CUDA at the logging intervals only; run() after each epoch but the last)."""
         cfg, state, steps = self.cfg, self.state, self.trainer.steps_per_epoch
-        if state.epoch < cfg.epochs - 1:
+        if state.epoch < cfg.epochs - 1 or self.ending_epoch and state.epoch < cfg.epochs:
             return True
         if state.epoch >= cfg.epochs:
             return False

@@ -556,6 +556,22 @@ def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_seco
             assert code == 128 + signal.SIGTERM and err.startswith("SIGTERM: stopping after the current step"), err
         else:
             assert (code, err) == (0, finishes) and (out / "results.json").is_file()
+    # In the evaluation that ends the epoch before the last (state.epoch is the last one's by then): run() still
+    # looks, after it, so the run stops, as said (with one step per epoch the step count said otherwise).
+    real_confusion, calls = main.Trainer.confusion, []
+
+    def signalled_confusion(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_confusion(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(main.Trainer, "confusion", signalled_confusion)
+        code, err = call_main([*argv[:-4], "--batch_size", "100", "--epochs", "2", "--lr_decay_epochs", "",
+                               "--overwrite"], capsys)
+    assert code == 128 + signal.SIGTERM and err.startswith("SIGTERM: stopping after the current step"), err
+    assert "SIGTERM: stopped after epoch 1;" in err
     real_finish = main.Run.finish
 
     def signalled_finish(self, evaluates_again=False):

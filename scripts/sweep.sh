@@ -89,17 +89,25 @@ die_usage() {
   exit 2
 }
 
-# comma_hint LIST: for an option's list written with commas (as main.py's --lr_decay_epochs takes one), the same
-# list as the sweep takes it; for one number with a decimal comma (0,01), the number with a point.
+# comma_hint LIST [decimal]: for an option's list written with commas (as main.py's --lr_decay_epochs takes one), the
+# same list as the sweep takes it; with "decimal", a number written with a decimal comma (0,01) as 0.01.
 comma_hint() {
-  local words
+  local words word parts out=() decimal=0
   [[ $1 == *,* ]] || return 0
-  if [[ $1 =~ ^[[:space:]]*[0-9]+,[0-9]+[[:space:]]*$ && $2 == decimal ]]; then
-    printf ' (a decimal point, not a comma: %s?)' "$(tr , . <<<"${1//[[:space:]]/}")"
-    return 0
+  read -r -a words <<<"${1//$'\n'/ }"
+  for word in "${words[@]}"; do
+    if [[ ${2:-} == decimal && $word =~ ^[0-9]*,[0-9]+$ ]]; then
+      out+=("${word/,/.}") decimal=1
+    else
+      read -r -a parts <<<"${word//,/ }"
+      out+=(${parts[@]+"${parts[@]}"})
+    fi
+  done
+  if ((decimal)); then
+    printf ' (a decimal point, not a comma: "%s"?)' "${out[*]}"
+  else
+    printf ' (the list is space-separated: "%s")' "${out[*]}"
   fi
-  read -r -a words <<<"${1//,/ }"
-  printf ' (the list is space-separated: "%s")' "${words[*]}"
 }
 
 # ---- arguments -------------------------------------------------------------------------------

@@ -1780,7 +1780,10 @@ def test_table1_leaves_out_the_main_py_flags_sweep_sh_leaves_out():
                                                                                        "\"0 1 2\")"),
     ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0, 1"], "--seeds: '0,' is not an integer "
      "in 0 .. 4294967295 (without leading zeros) (the list is space-separated: \"0 1\")"),  # the whole list shown
-    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0,01"], "(a decimal point, not a comma: 0.01?)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0,01"], "(a decimal point, not a comma: \"0.01\"?)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01 0,1"], "(a decimal point, not a comma: \"0.01 0.1\"?)"),
+    ("sweep.sh", ["--dataset", "cifar10", "--imb_factors", "0.01", "--seeds", "0\n1,2"],
+     "(the list is space-separated: \"0 1 2\")"),  # (a newline separates values too)
     ("sweep.sh", ["--imb_factors", "0.01"], "--dataset is required"),
     ("sweep.sh", ["--dataset", "cifar10"], "--imb_factors is required"),
     ("sweep.sh", ["--dataset", "imagenet", "--imb_factors", "0.01"], "cifar10 or cifar100"),

@@ -345,16 +345,18 @@ class _BatchUnpickler(pickle._Unpickler):
     (under numpy 1's and numpy 2's module names; with protocol 5, from a buffer) and those that make bytes. Any
     other is code that unpickling would call, refused before it runs: a --data_root from a mirror or a colleague
     cannot run code when it is read (pickle.load, as torchvision's reader, would). The allowed ones are narrowed
-    to what a batch does with them: plain dtypes only (_plain_dtype), the state a BUILD gives (Python's own
-    unpickler, whose opcodes can be overridden, as C's cannot) checked before it is set, and only for arrays and
-    dtypes, and numpy.ndarray not callable."""
+    to what numpy's own pickles do with them, so that no file can have numpy read object pointers, freed memory or
+    memory it never wrote: plain dtypes only (_plain_dtype); an array made empty, then given one state (BUILD:
+    Python's own unpickler, whose opcodes can be overridden, as C's cannot), or over the file's own bytes; a
+    number from all its bytes; a dtype's state checked on a copy and never set; numpy.ndarray not callable."""
 
     _SAFE = {("numpy", "ndarray"): _ARRAY_TYPE, ("numpy", "dtype"): _dtype,
              **{(f"numpy.{core}.multiarray", "_reconstruct"): _reconstruct for core in ("core", "_core")},
              **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
              **{(f"numpy.{core}.multiarray", "scalar"): _scalar for core in ("core", "_core")},
              # How Python 3 pickles bytes in protocol 2 (an empty one as a call of bytes, Python 2's name for it)
-             ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+             ("_codecs", "encode"): _latin1,
+             ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._SAFE.get((module, name))

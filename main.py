@@ -2145,9 +2145,9 @@ class Run:
         return signum
 
     def announce_signal(self, signum: int) -> None:
-        """Said on stderr as the first SIGINT / SIGTERM arrives (rank 0): what the run does now. In the last
-        epoch's evaluation and the results that follow it, it finishes: a stop there would leave a trained run
-        without its results.json."""
+        """Said on stderr as the first SIGINT / SIGTERM arrives (rank 0): what the run does now. Where nothing polls
+        the signal any more (polls_left: the last step, the last evaluation and the results after it), the run
+        finishes: a stop there would leave a trained run without its results.json."""
         if self.polls_left():
             per_interval = self.dist.enabled and self.device.type == "cuda"
             what = (f"stopping after the current {'logging interval' if per_interval else 'step'}, with a "
@@ -2383,7 +2383,8 @@ class Run:
             "best_top1": state.best_top1, "best_epoch": state.best_epoch, "last_top1": last["top1"],
             "many": last["many"], "medium": last["medium"], "few": last["few"],
             "best": state.best_metrics, "last": last, "per_class": self.last_metrics["per_class"],
-            "class_names": data.class_names(cfg.dataset, cfg.data_root), "class_counts": trainer.class_counts, "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
+            "class_names": data.class_names(cfg.dataset, cfg.data_root), "class_counts": trainer.class_counts,
+            "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
             "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,
             "first_step_s": self.first_step_s if self.first_step_s is not None else next(

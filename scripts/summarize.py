@@ -59,10 +59,10 @@ Choices, documented here and in the table's footnotes:
   Hybrid-SC rows, --psc_temp and --psc_denominator only Hybrid-PSC rows, --bn_stats, --sc_aug,
   --sc_sampler and --alpha_schedule only the hybrids' rows: the other losses do not read them.
 - A malformed results.json, or two runs of one group with the same seed, stops the summary with
-  one line naming the file(s) (every doubled seed's pair of folders) and exit status 1: a silently
+  one line naming the file(s) (every folder of each doubled seed) and exit status 1: a silently
   dropped or doubled seed would change the means; --exclude GLOB leaves out the run folders whose
-  path as found (or name alone) matches GLOB. No results at all is an error too. Run folders with a config.json but no
-  results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
+  path as found (or name alone) matches GLOB. No results at all is an error too. Run folders
+  with a config.json but no results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
   time (or --per_run's training time and samples/s) that is not a finite number >= 0, and a
   best_epoch that is not a whole number >= 1, count as not recorded ('—'): they are bookkeeping,
   not results.
@@ -170,7 +170,7 @@ CSV_COLUMNS = (
 )
 
 
-FOLDERS_NAMED = 5  # run folders (or pairs of them) a line names at most; the rest are counted
+FOLDERS_NAMED = 5  # run folders (or doubled seeds) a line names at most; the rest are counted
 
 
 class SummaryError(Exception):

@@ -62,10 +62,10 @@ Choices, documented here and in the table's footnotes:
   one line naming the file(s) (every folder of each doubled seed) and exit status 1: a silently
   dropped or doubled seed would change the means; --exclude GLOB leaves out the run folders whose
   path as found (or name alone) matches GLOB. No results at all is an error too. Run folders
-  with a config.json but no results.json (running, stopped or failed) are left out and named in one note on stderr. A wall
-  time (or --per_run's training time and samples/s) that is not a finite number >= 0, and a
-  best_epoch that is not a whole number >= 1, count as not recorded ('—'): they are bookkeeping,
-  not results.
+  with a config.json but no results.json (running, stopped or failed) are left out and named in
+  one note on stderr. A wall time (or --per_run's training time and samples/s) that is not a
+  finite number >= 0, and a best_epoch that is not a whole number >= 1, count as not recorded
+  ('—'): they are bookkeeping, not results.
 - --out is written atomically (a temporary file beside it, then renamed over it): a failed write
   (disk full, read-only folder) leaves an existing table as it was. It may not name a file the
   summary reads (a results.json, or the config.json beside one), nor a file main.py writes in a run

@@ -146,10 +146,7 @@ def class_names(dataset: str, data_root: str | os.PathLike) -> Optional[list[str
             path, key = folder / _META[dataset][0], _META[dataset][1]
             if not path.is_file():
                 return None
-            with open(path, "rb") as f, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                meta = _BatchUnpickler(f, encoding="latin1").load()
-            names = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in meta.items()}[key]
+            names = _str_keys(_unpickle(path))[key]
             if not isinstance(names, list) or len(names) != DATASETS[dataset]:
                 return None
             names = [name.decode("utf-8", "replace") if isinstance(name, bytes) else name for name in names]
@@ -385,6 +382,19 @@ class _BatchUnpickler(pickle._Unpickler):
     dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
+def _unpickle(path: Path) -> Any:
+    """The pickled layout's file `path` (a batch, or the meta file), read by _BatchUnpickler as Python 2 wrote it:
+    latin1 keeps its numpy arrays intact."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damaged file's numpy warnings would add lines before the one error
+        return _BatchUnpickler(f, encoding="latin1").load()
+
+
+def _str_keys(entry: dict) -> dict:
+    """A pickled dict's keys as str: bytes or str, depending on who wrote the file."""
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
 def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySplit:
     """One pickled batch: ``data`` uint8 [N, 3072] (R plane, G plane, B plane, each row-major) + labels.
 
@@ -397,14 +407,12 @@ def _read_pickled_batch(path: Path, label_key: str, num_classes: int) -> ArraySp
                             f"delete the folder and use --download, or restore it")
         raise DataError(f"missing {path} in the pickled layout; delete the folder and use --download, or restore it")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a damaged file's numpy warnings would add lines before the one error
-            raw = _BatchUnpickler(f, encoding="latin1").load()
+        raw = _unpickle(path)
     except Exception as exc:  # a damaged pickle raises nearly anything: ImportError, LookupError, MemoryError, ...
         raise DataError(f"cannot read {path}: {exception_text(exc)}") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{path} is not a CIFAR batch: expected a pickled dict, got {type(raw).__name__}")
-    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    entry = _str_keys(raw)
     arrays = []
     for key in ("data", label_key):
         if key not in entry:

@@ -2090,7 +2090,7 @@ class Run:
             # workers only 30 s after a SIGTERM before it kills them), at the logging intervals on CUDA with
             # several processes (reading the agreed flag waits for the device). The epoch's last step is not
             # polled: end_epoch() saves that one, then run() polls.
-            polled = state.step < steps and (at_log or not dist.enabled or self.device.type != "cuda")
+            polled = state.step < steps and (at_log or not self.polls_per_interval())
             signum = self.agreed_signal() if polled else 0
             if not at_log and not signum:
                 continue
@@ -2149,14 +2149,18 @@ class Run:
         the signal any more (polls_left: the last step, the last evaluation and the results after it), the run
         finishes: a stop there would leave a trained run without its results.json."""
         if self.polls_left():
-            per_interval = self.dist.enabled and self.device.type == "cuda"
-            what = (f"stopping after the current {'logging interval' if per_interval else 'step'}, with a "
+            what = (f"stopping after the current {'logging interval' if self.polls_per_interval() else 'step'}, with a "
                     f"checkpoint to --resume from")
         else:
             what = "the run is in its last step or past it, and finishes first: its evaluation and results.json"
         from tqdm import tqdm
         tqdm.write(f"{signal.Signals(signum).name}: {what} (a second signal, 2 s on or later, stops at once)",
                    file=sys.stderr)
+
+    def polls_per_interval(self) -> bool:
+        """Whether train_epoch polls a signal at the logging intervals only (under torchrun on CUDA, where reading
+        the agreed flag waits for the device), not after every step."""
+        return self.dist.enabled and self.device.type == "cuda"
 
     def polls_left(self) -> bool:
         """Whether the run still looks at a signal before it finishes (train_epoch polls after each step but an
@@ -2166,7 +2170,7 @@ class Run:
             return True
         if state.epoch >= cfg.epochs:
             return False
-        if self.dist.enabled and self.device.type == "cuda":
+        if self.polls_per_interval():
             return (state.step // cfg.print_freq + 1) * cfg.print_freq < steps
         return state.step + 1 < steps
 

@@ -44,7 +44,10 @@ Three measurements, the last two skippable (--no_reference, --memory_batch_sizes
 
 Timing: both pipelines run --warmup_steps untimed steps (the first one carries allocation, worker start-up and,
 with --compile, compilation: it is reported apart as first_step_s / compile_s), then --steps timed steps with a
-device sync (torch.cuda.synchronize) before each clock read. One sample is one feature-branch image (its two
+device sync (torch.cuda.synchronize) before each clock read. Between the two, the reference's loaders give up,
+untimed, the batches their workers queued ahead during the warm-up (prefetch_factor per worker: drained_batches),
+so that its timed steps do not start with data prepared in advance, which a data-bound pipeline never has once it
+runs. One sample is one feature-branch image (its two
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to run
 (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the reference N
 times each, alternately (the project's step continuing its run, the reference built afresh each time), and reports
@@ -274,9 +277,11 @@ class Timing:
     steps: int
 
 
-def time_steps(step: Callable[[], Any], warmup_steps: int, steps: int, device: torch.device) -> tuple[Timing, Any]:
-    """Run `step` warmup_steps times untimed, then `steps` times timed; the device is synced before each clock
-    read, so queued GPU work is inside the interval it belongs to. Returns (timing, the last step's result)."""
+def time_steps(step: Callable[[], Any], warmup_steps: int, steps: int, device: torch.device,
+               settle: Optional[Callable[[], Any]] = None) -> tuple[Timing, Any]:
+    """Run `step` warmup_steps times untimed, then `settle` (if given; untimed too, its time counted in
+    warmup_s), then `step` `steps` times timed; the device is synced before each clock read, so queued GPU work is
+    inside the interval it belongs to. Returns (timing, the last step's result)."""
     sync(device)
     start = time.perf_counter()
     result = step()
@@ -284,6 +289,8 @@ def time_steps(step: Callable[[], Any], warmup_steps: int, steps: int, device: t
     first = time.perf_counter()
     for _ in range(warmup_steps - 1):
         result = step()
+    if settle is not None:
+        settle()
     sync(device)
     warm = time.perf_counter()
     for _ in range(steps):
@@ -541,14 +548,33 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
         optimizer.step()
         return terms.total.item()  # the per-step logging read: a host-device sync, as such scripts do
 
+    queued = prefetched_batches(ce_loader)
+
+    def drain() -> None:
+        # During the warm-up, whose first step waits for the model's one-time costs, the workers fill the loaders'
+        # queues: up to `queued` batches each (12 with 6 workers), which timed steps would take without waiting. A
+        # long run's data-bound pipeline finds its queue empty (its workers cannot keep up), so those batches are
+        # taken here, untimed: the timed steps start with every worker busy and nothing waiting. A pipeline whose
+        # workers are faster than its step refills its queue within a step or so.
+        for batches in (ce_batches, feature_batches):
+            for _ in range(queued if batches is not None else 0):
+                next(batches)
+
     try:
-        timing, last_loss = time_steps(step, opts.warmup_steps, opts.steps, device)
+        timing, last_loss = time_steps(step, opts.warmup_steps, opts.steps, device, settle=drain)
     finally:
         for batches in (ce_batches, feature_batches):
             if batches is not None:
                 batches.close()  # lets the DataLoader iterators, and their workers, go
     return {"workers": opts.workers, "pin_memory": device.type == "cuda", "amp": False, "channels_last": False,
-            "compile": False, **timing_record(timing, cfg.batch_size), "final_loss": last_loss}
+            "compile": False, "drained_batches": queued, **timing_record(timing, cfg.batch_size),
+            "final_loss": last_loss}
+
+
+def prefetched_batches(loader: torch.utils.data.DataLoader) -> int:
+    """How many batches `loader` keeps requested ahead of its consumer: prefetch_factor per worker (2 by default),
+    none without workers."""
+    return loader.num_workers * loader.prefetch_factor if loader.num_workers > 0 else 0
 
 
 def repeat_pairs(step: Optional[Callable[[], Any]], cfg: main.Config, train: data.ArraySplit, num_classes: int,

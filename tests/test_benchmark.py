@@ -77,7 +77,7 @@ def test_script_writes_json_with_every_measurement(tmp_path):
     fast = main.fast_default(torch.device("cpu"))  # bf16 on CPUs with native bf16; channels_last everywhere
     assert (project["amp"], project["channels_last"], project["compile"], project["compile_mode"]) == \
         (fast, True, False, None)
-    assert reference["workers"] == 1
+    assert reference["workers"] == 1 and reference["drained_batches"] == 2  # one worker, prefetch_factor 2
     assert result["ratio"] == pytest.approx(project["samples_per_s"] / reference["samples_per_s"])
     assert result["repeats"] == [{"project_samples_per_s": project["samples_per_s"],
                                   "reference_samples_per_s": reference["samples_per_s"], "ratio": result["ratio"]}]
@@ -443,10 +443,10 @@ def test_a_project_step_failing_in_a_repeat_keeps_the_rest(bench, monkeypatch, t
     calls = itertools.count()
     real_time_steps = bench.time_steps
 
-    def time_steps(step, warmup_steps, steps, device):
+    def time_steps(step, warmup_steps, steps, device, **settle):
         if next(calls) == 2:  # project, reference, then the first repeat's project
             raise RuntimeError("CUDA out of memory (test)")
-        return real_time_steps(step, warmup_steps, steps, device)
+        return real_time_steps(step, warmup_steps, steps, device, **settle)
 
     monkeypatch.setattr(bench, "time_steps", time_steps)
     out = tmp_path / "bench.json"
@@ -516,6 +516,50 @@ def test_time_steps_runs_warmup_then_timed_steps(bench):
     timing, last = bench.time_steps(lambda: calls.append(None) or len(calls), 3, 4, torch.device("cpu"))
     assert len(calls) == 7 and last == 7 and timing.steps == 4
     assert 0 <= timing.first_step_s <= timing.warmup_s and timing.seconds >= 0
+
+
+def test_time_steps_settles_after_the_warmup_and_before_the_clock(bench, monkeypatch):
+    """settle runs once, after the warm-up steps and before the timed interval's first clock read."""
+    events = []
+    real_clock = bench.time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: events.append("clock") or real_clock())
+    timing, _ = bench.time_steps(lambda: events.append("step"), 2, 3, torch.device("cpu"),
+                                 settle=lambda: events.append("settle"))
+    assert events == ["clock", "step", "clock", "step", "settle", "clock", "step", "step", "step", "clock"]
+    assert timing.steps == 3
+
+
+@pytest.mark.parametrize("loss", ["sc", "ce"])
+def test_the_reference_starts_its_timed_steps_with_nothing_queued(bench, monkeypatch, loss):
+    """What the reference's workers prepared ahead during the warm-up (prefetch_factor batches per worker) is taken
+    from each loader before the clock starts: the timed steps get no data made in advance."""
+    drawn, timed = [], []
+    real_endless, real_time_steps = bench.endless, bench.time_steps
+
+    def counting_endless(make_iterator):
+        count = len(drawn)
+        drawn.append(0)
+        for batch in real_endless(make_iterator):
+            drawn[count] += 1
+            yield batch
+
+    def time_steps(step, warmup_steps, steps, device, settle=None):
+        def settle_and_count():
+            settle()
+            timed.append(list(drawn))  # what each loader gave before the timed steps
+        return real_time_steps(step, warmup_steps, steps, device, settle=settle_and_count)
+
+    monkeypatch.setattr(bench, "endless", counting_endless)
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    cfg, opts = bench.parse_args([*TINY, "--loss", loss, "--batch_size", "4", "--warmup_steps", "2", "--steps", "3",
+                                  "--workers", "2"])
+    train, _ = make_synthetic(num_classes=10, n_train_per_class=8, n_test_per_class=1)
+    record = bench.time_reference(cfg, train, 10, torch.device("cpu"), opts)
+    queued = 2 * 2  # two workers, prefetch_factor 2
+    loaders = 1 if loss == "ce" else 2
+    assert record["drained_batches"] == queued
+    assert timed == [[2 + queued] * loaders] and drawn == [2 + queued + 3] * loaders
+    assert bench.prefetched_batches(torch.utils.data.DataLoader(list(range(4)))) == 0  # no workers: no queue
 
 
 def test_host_sync_check_arms_cuda_debug_mode_around_its_steps(bench, monkeypatch):

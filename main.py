@@ -968,7 +968,8 @@ class Stop(Exception):
 class SignalFlag:
     """SIGINT / SIGTERM ask the loop to stop after the current step; a second one stops at once (KeyboardInterrupt,
     `second` its number), unless it came within 2 s of the first (torchrun relays a Ctrl-C its processes got from
-    the terminal too). `announce(signum)`, where given, says at the first one what the run does now."""
+    the terminal too). `announce(signum)`, where given, is called at the first one (Run's decides there what the run
+    does now, and says it)."""
 
     def __init__(self, announce: Optional[Callable[[int], None]] = None):
         self.signum = self.second = 0
@@ -1792,8 +1793,9 @@ class Run:
                              code_note(self.state.sessions, self.git_commit, torch.__version__)]
         self.writer = None
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
-        self.signals = SignalFlag(self.announce_signal if dist.main else None)
-        self.ending_epoch = False  # inside end_epoch() (polls_left)
+        self.signals = SignalFlag(self.announce_signal)
+        self.signal_stops = False  # the first signal's verdict (announce_signal): agreed_signal() passes it on
+        self.ending_epoch = False  # inside end_epoch() of an epoch but the last (polls_left)
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
         self.last_confusion: Optional[np.ndarray] = None
@@ -2014,7 +2016,8 @@ class Run:
             self.wall_mark = time.perf_counter()
             while state.epoch < cfg.epochs:
                 self.train_epoch()
-                self.ending_epoch = True  # (polls_left: run() polls after end_epoch(), which moves state.epoch on)
+                # (polls_left: run() polls after end_epoch(), which moves state.epoch on, unless it ended the last)
+                self.ending_epoch = state.epoch < cfg.epochs - 1
                 self.end_epoch()
                 self.ending_epoch = False
                 signum = self.agreed_signal() if state.epoch < cfg.epochs else 0
@@ -2137,7 +2140,7 @@ class Run:
     def agreed_signal(self) -> int:
         """The SIGINT / SIGTERM this process got, or under torchrun the one any process got (0: none): every
         process must take the same decision at the same step."""
-        signum = self.signals.signum
+        signum = self.signals.signum if self.signal_stops else 0
         if self.dist.enabled:
             flag = torch.tensor([signum], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -2145,10 +2148,16 @@ class Run:
         return signum
 
     def announce_signal(self, signum: int) -> None:
-        """Said on stderr as the first SIGINT / SIGTERM arrives (rank 0): what the run does now. Where nothing polls
-        the signal any more (polls_left: the last step, the last evaluation and the results after it), the run
-        finishes: a stop there would leave a trained run without its results.json."""
-        if self.polls_left():
+        """As the first SIGINT / SIGTERM arrives: what the run does now, decided here once and said on stderr (rank
+        0). Where nothing polls the signal any more (polls_left: the last step, the last evaluation and the results
+        after it), the run finishes: a stop there would leave a trained run without its results.json. The handler
+        runs between two bytecodes of the loop, so polls_left cannot know whether a poll it counts as done (the step
+        counter moved on) has read the flag yet: it may say no poll is left where one is, never the reverse, and
+        agreed_signal() then passes the signal on only where the verdict was to stop, as said."""
+        self.signal_stops = self.polls_left()
+        if not self.dist.main:
+            return
+        if self.signal_stops:
             what = (f"stopping after the current {'logging interval' if self.polls_per_interval() else 'step'}, with a "
                     f"checkpoint to --resume from")
         else:
@@ -2166,7 +2175,7 @@ class Run:
         """Whether the run still looks at a signal before it finishes (train_epoch polls after each step but an
         epoch's last, under torchrun on CUDA at the logging intervals only; run() after each epoch but the last)."""
         cfg, state, steps = self.cfg, self.state, self.trainer.steps_per_epoch
-        if state.epoch < cfg.epochs - 1 or self.ending_epoch and state.epoch < cfg.epochs:
+        if state.epoch < cfg.epochs - 1 or self.ending_epoch:
             return True
         if state.epoch >= cfg.epochs:
             return False

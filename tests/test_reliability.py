@@ -607,6 +607,50 @@ def test_a_signal_in_the_last_epochs_evaluation_says_the_run_finishes_and_a_seco
         assert call_main([*argv, "--overwrite"], capsys) == (130, "interrupted\n")
 
 
+# (epoch, step) of the poll a signal lands just before, the counter already moved on: the step before the last's
+# poll (after state.step = step + 1), polled each step or at the logging intervals as under torchrun on CUDA; and
+# with one step an epoch, run()'s poll after the epoch before the last (end_epoch moved state.epoch on). None: in
+# the last epoch's end_epoch(), before it moves state.epoch on.
+SIGNAL_WINDOWS = {"each step": (["--epochs", "1"], False, (0, LOOP_STEPS - 1)),
+                  "logging interval": (["--epochs", "1"], True, (0, 6)),  # (--print_freq 3: after 3 and 6)
+                  "run's poll, one step an epoch": (["--epochs", "2", "--batch_size", "100"], False, (1, 0)),
+                  "last end_epoch": (["--epochs", "1"], False, None)}
+
+
+@pytest.mark.parametrize("window", SIGNAL_WINDOWS)
+def test_a_signal_between_the_step_counter_and_the_poll_after_it_does_as_said(window, data_root, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The handler runs between two bytecodes of the loop: a first signal after the step counter moved on but
+    before the poll after it read the flag, in the step before the last (or in run()'s poll before a last epoch of
+    one step), was said to let the run finish (polls_left counted that poll as done), and that poll stopped it
+    (exit 143); in the last epoch's end_epoch, before state.epoch moved on, it was said to stop the run, which
+    finished. What is said is what it does: here, it finishes, with its results.json."""
+    import main
+
+    settings, per_interval, at = SIGNAL_WINDOWS[window]
+    out = tmp_path / "run"
+    real_poll, real_end_epoch = main.Run.agreed_signal, main.Run.end_epoch
+
+    def signalled_poll(self):
+        if (self.state.epoch, self.state.step) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_poll(self)
+
+    def signalled_end_epoch(self):
+        if at is None and self.state.epoch == self.cfg.epochs - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_end_epoch(self)
+
+    monkeypatch.setattr(main.Run, "agreed_signal", signalled_poll)
+    monkeypatch.setattr(main.Run, "end_epoch", signalled_end_epoch)
+    monkeypatch.setattr(main.Run, "polls_per_interval", lambda self: per_interval)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(out), *LOOP, "--lr_decay_epochs", "",
+                           *settings], capsys)
+    assert (code, err) == (0, "SIGTERM: the run is in its last step or past it, and finishes first: its evaluation "
+                              "and results.json (a second signal, 2 s on or later, stops at once)\n")
+    assert (out / "results.json").is_file()
+
+
 def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step(data_root, tmp_path, monkeypatch,
                                                                                  capsys):
     """Stopped once and resumed to the end, then its results.json damaged and written again by a --resume that

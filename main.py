@@ -1795,6 +1795,9 @@ class Run:
         self.folder_lock = folder_lock or FolderLock()  # rank 0's, released by main()
         self.signals = SignalFlag(self.announce_signal)
         self.signal_stops = False  # the first signal's verdict (announce_signal): agreed_signal() passes it on
+        self.polling = False  # inside agreed_signal's all-reduce (torchrun): a first signal now is said after it
+        self.poll_stops = 0  # what the last poll decided (announce_signal says a stop already decided as such)
+        self.unsaid = 0  # a first signal that arrived while a poll was reducing: said once that poll decided
         self.ending_epoch = False  # inside end_epoch() of an epoch but the last (polls_left)
         self.first_step_s: Optional[float] = None
         self.last_metrics: Optional[dict[str, Any]] = None
@@ -2139,13 +2142,25 @@ class Run:
 
     def agreed_signal(self) -> int:
         """The SIGINT / SIGTERM this process got, or under torchrun the one any process got (0: none): every
-        process must take the same decision at the same step."""
-        signum = self.signals.signum if self.signal_stops else 0
-        if self.dist.enabled:
-            flag = torch.tensor([signum], device=self.device)
+        process must take the same decision at the same step. Under torchrun rank 0, which said what the run does
+        (announce_signal), decides where it got the signal; else any process whose verdict was to stop."""
+        if not self.dist.enabled:
+            return self.signals.signum if self.signal_stops else 0
+        self.polling = True
+        try:
+            got = self.signals.signum
+            mine = got if self.signal_stops else 0
+            main_only = (got, mine) if self.dist.main else (0, 0)
+            flag = torch.tensor([mine, *main_only], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signum = int(flag.item())
-        return signum
+            any_stop, main_got, main_stop = flag.tolist()
+            self.poll_stops = int(main_stop if main_got else any_stop)
+        finally:
+            self.polling = False
+        if self.unsaid:  # rank 0's first signal arrived during the all-reduce: said now that the poll decided
+            signum, self.unsaid = self.unsaid, 0
+            self.say_signal(signum, bool(self.poll_stops) or self.signal_stops)
+        return self.poll_stops
 
     def announce_signal(self, signum: int) -> None:
         """As the first SIGINT / SIGTERM arrives: what the run does now, decided here once and said on stderr (rank
@@ -2154,10 +2169,17 @@ class Run:
         runs between two bytecodes of the loop, so polls_left cannot know whether a poll it counts as done (the step
         counter moved on) has read the flag yet: it may say no poll is left where one is, never the reverse, and
         agreed_signal() then passes the signal on only where the verdict was to stop, as said."""
+        self.signal_stops = True  # should polls_left fail, the signal stops the run rather than be dropped
         self.signal_stops = self.polls_left()
         if not self.dist.main:
             return
-        if self.signal_stops:
+        if self.polling:  # another rank's signal may decide this poll: said once it has (agreed_signal)
+            self.unsaid = signum
+            return
+        self.say_signal(signum, self.signal_stops or bool(self.poll_stops))
+
+    def say_signal(self, signum: int, stops: bool) -> None:
+        if stops:
             what = (f"stopping after the current {'logging interval' if self.polls_per_interval() else 'step'}, with a "
                     f"checkpoint to --resume from")
         else:

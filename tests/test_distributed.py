@@ -406,6 +406,72 @@ def test_peer_gone_knows_a_peers_failure_from_a_processs_own():
         assert not main.peer_gone(torch.distributed.DistBackendError(own[2]))
 
 
+# One SIGTERM reaching both ranks as the step before the last ends, rank 1 a moment behind rank 0 (still inside
+# that step, where its verdict is to stop): rank 0 gets it after its step counter moved on, before its poll reads
+# the flag ("before_read": its verdict is to finish) or as that poll's all-reduce waits for rank 1
+# ("during_reduce": rank 1's stop decides the poll). Steps per epoch: 4 (cifar10_root's 78 images, batch 16).
+RANK_SKEW = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import main
+
+STEPS, rank, variant = 4, int(os.environ["RANK"]), {variant!r}
+real_poll, real_step, real_reduce, runs, armed = (main.Run.agreed_signal, main.Trainer.step,
+                                                  torch.distributed.all_reduce, [], [])
+real_init = main.Run.__init__
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    runs.append(self)
+
+def poll(self):
+    if rank == 0 and (self.state.epoch, self.state.step) == (0, STEPS - 1):
+        if variant == "before_read":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            armed.append(True)
+    return real_poll(self)
+
+def all_reduce(*args, **kwargs):
+    if armed and armed.pop():
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_reduce(*args, **kwargs)
+
+def step(self, *args, **kwargs):
+    terms = real_step(self, *args, **kwargs)
+    if rank == 1 and (runs[0].state.epoch, runs[0].state.step) == (0, STEPS - 2):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return terms
+
+main.Run.__init__, main.Run.agreed_signal, main.Trainer.step = init, poll, step
+torch.distributed.all_reduce = all_reduce
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("variant, stops", [("before_read", False), ("during_reduce", True)])
+def test_rank_0_says_what_the_run_does_when_another_rank_judged_otherwise(variant, stops, tmp_path, cifar10_root):
+    """What rank 0 says at a first signal is what the run does, though rank 1, a moment behind, judged otherwise:
+    rank 0 decides where it got the signal before the poll; one that reaches it during the poll's all-reduce is
+    said once the poll decided."""
+    (tmp_path / "skew.py").write_text(RANK_SKEW.format(root=str(ROOT), variant=variant))
+    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", "--loss", "ce", *TINY,
+                               "--epochs", "1")
+    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "skew.py")
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=torchrun_env(),
+                          timeout=TORCHRUN_TIMEOUT)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("SIGTERM: ")]
+    if stops:
+        assert said[0].startswith("SIGTERM: stopping after the current step"), proc.stderr[-3000:]
+        assert "SIGTERM: stopped after step 3 of epoch 1" in proc.stderr and proc.returncode != 0
+        assert not (tmp_path / "run" / "results.json").exists()
+    else:
+        assert said == ["SIGTERM: the run is in its last step or past it, and finishes first: its evaluation and "
+                        "results.json (a second signal, 2 s on or later, stops at once)"], proc.stderr[-3000:]
+        assert proc.returncode == 0 and (tmp_path / "run" / "results.json").is_file()
+
+
 def test_interrupted_torchrun_resumes_to_the_end_as_if_never_stopped(tmp_path):
     """SIGINT to torchrun once epoch 1 of 2 is saved: it forwards the signal, the ranks agree to stop at the next
     step (on the CPU every step is polled, not only the logging intervals: torchrun kills its workers 30 s after

@@ -651,6 +651,28 @@ def test_a_signal_between_the_step_counter_and_the_poll_after_it_does_as_said(wi
     assert (out / "results.json").is_file()
 
 
+def test_a_signal_whose_verdict_fails_still_stops_the_run(data_root, tmp_path, monkeypatch, capsys):
+    """Should deciding what a first signal does fail (polls_left raising), the signal stops the run, as it did
+    before that verdict existed, rather than be dropped."""
+    import main
+
+    real_poll = main.Run.agreed_signal
+
+    def signalled_poll(self):
+        if (self.state.epoch, self.state.step) == (0, 3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_poll(self)
+
+    def broken(self):
+        raise RuntimeError("polls_left failed (test)")
+
+    monkeypatch.setattr(main.Run, "agreed_signal", signalled_poll)
+    monkeypatch.setattr(main.Run, "polls_left", broken)
+    code, err = call_main(["--data_root", str(data_root), "--output_dir", str(tmp_path / "run"), *LOOP,
+                           "--lr_decay_epochs", "", "--epochs", "2"], capsys)
+    assert code == 143 and "SIGTERM: stopped after step 3 of epoch 1" in err, err
+
+
 def test_results_rewritten_by_a_session_without_steps_keep_the_latest_first_step(data_root, tmp_path, monkeypatch,
                                                                                  capsys):
     """Stopped once and resumed to the end, then its results.json damaged and written again by a --resume that

@@ -47,7 +47,8 @@ with --compile, compilation: it is reported apart as first_step_s / compile_s), 
 device sync (torch.cuda.synchronize) before each clock read. Between the two, the reference's loaders give up,
 untimed, the batches their workers queued ahead during the warm-up (prefetch_factor per worker: drained_batches),
 so that its timed steps do not start with data prepared in advance, which a data-bound pipeline never has once it
-runs. One sample is one feature-branch image (its two
+runs; then as many untimed steps (settle_steps), which give the workers back their running rhythm. One sample is
+one feature-branch image (its two
 views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to run
 (on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the reference N
 times each, alternately (the project's step continuing its run, the reference built afresh each time), and reports
@@ -559,6 +560,12 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
         for batches in (ce_batches, feature_batches):
             for _ in range(queued if batches is not None else 0):
                 next(batches)
+        # The drain leaves every worker starting its next batches at once, in step, which a running pipeline's
+        # workers are not: the first timed steps would wait about one batch's making, a step or more of bias
+        # against the reference either way. As many untimed steps as the queue holds bring back its running state:
+        # empty where the workers cannot keep up, refilled where they can.
+        for _ in range(queued):
+            step()
 
     try:
         timing, last_loss = time_steps(step, opts.warmup_steps, opts.steps, device, settle=drain)
@@ -567,8 +574,8 @@ def time_reference(cfg: main.Config, train: data.ArraySplit, num_classes: int, d
             if batches is not None:
                 batches.close()  # lets the DataLoader iterators, and their workers, go
     return {"workers": opts.workers, "pin_memory": device.type == "cuda", "amp": False, "channels_last": False,
-            "compile": False, "drained_batches": queued, **timing_record(timing, cfg.batch_size),
-            "final_loss": last_loss}
+            "compile": False, "drained_batches": queued, "settle_steps": queued,
+            **timing_record(timing, cfg.batch_size), "final_loss": last_loss}
 
 
 def prefetched_batches(loader: torch.utils.data.DataLoader) -> int:

@@ -552,13 +552,13 @@ def test_the_reference_starts_its_timed_steps_with_nothing_queued(bench, monkeyp
     monkeypatch.setattr(bench, "endless", counting_endless)
     monkeypatch.setattr(bench, "time_steps", time_steps)
     cfg, opts = bench.parse_args([*TINY, "--loss", loss, "--batch_size", "4", "--warmup_steps", "2", "--steps", "3",
-                                  "--workers", "2"])
+                                  "--workers", "3"])
     train, _ = make_synthetic(num_classes=10, n_train_per_class=8, n_test_per_class=1)
     record = bench.time_reference(cfg, train, 10, torch.device("cpu"), opts)
-    queued = 2 * 2  # two workers, prefetch_factor 2
+    queued = 3 * 2  # three workers, prefetch_factor 2 (not 2 and 2, which num_workers ** 2 would give too)
     loaders = 1 if loss == "ce" else 2
-    assert record["drained_batches"] == queued
-    assert timed == [[2 + queued] * loaders] and drawn == [2 + queued + 3] * loaders
+    assert record["drained_batches"] == record["settle_steps"] == queued
+    assert timed == [[2 + 2 * queued] * loaders] and drawn == [2 + 2 * queued + 3] * loaders
     assert bench.prefetched_batches(torch.utils.data.DataLoader(list(range(4)))) == 0  # no workers: no queue
 
 

@@ -38,7 +38,8 @@ Choices, documented here and in the table's footnotes:
   with another --model than resnet32 (the backbone of every reference value), is always labelled
   with it and gets no paper value. So does a
   row trained on another split than the full dataset's long-tailed one (recorded class sizes whose
-  largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote. Runs on
+  largest class is not 5,000 / 500 images: a subset, synthetic data), named in a footnote (on a
+  shorter schedule too, where every row shows "n/c"). Runs on
   different splits (recorded class sizes) are separate rows, labelled "split=N images, max..min per
   class" where rows differ in it; a run that records no class sizes splits nothing.
 - Runs that share dataset, method, imb_type, ratio and schedule but differ in another training
@@ -737,12 +738,14 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "gray_prob 0.2, temp 0.1, "
                      "psc_temp 1.0 on CIFAR-10 and 0.1 on CIFAR-100) or, for CE, with a ce_sampler other than "
                      "instance has no reference value ('—').")
-    other_split = [row for row in rows if row.paper_schedule and not row.full_split]
+    other_split = [row for row in rows if not row.full_split]  # (on a short schedule too: n/c says nothing of it)
     if other_split:
-        labels = "; ".join(_row_place(row) for row in other_split)
+        labels = "; ".join(_row_place(row) + ("" if row.paper_schedule else ", short schedule")
+                           for row in other_split)
+        so = ", so no reference value ('—')" if any(row.paper_schedule for row in other_split) else ""
         notes.append(f"- Trained on another split than the full dataset's long-tailed one (the largest class not "
                      f"{' / '.join(f'{n:,}' for _, n in FULL_SPLIT.values())} images: a subset, or synthetic "
-                     f"data), so no reference value ('—'): {labels}.")
+                     f"data){so}: {labels}.")
     mixed = [row for row in rows if row.train_sets > 1]
     if mixed:
         labels = "; ".join(f"{_row_place(row)}, seeds {', '.join(str(s) for s in row.seeds)} ({row.train_sets} "

@@ -276,6 +276,24 @@ def test_a_reference_value_needs_resnet32_and_the_full_datasets_split(summarize,
     assert code == 0 and table_rows(out)[0][11:] == ["—", "—"]
 
 
+def test_a_row_on_another_split_is_named_at_a_short_schedule_too(summarize, tmp_path, capsys):
+    """A smoke run on a subset at a short schedule shows n/c, as every short row does; the footnote still says that
+    it was trained on another split, so that it is not read as a CIFAR-10-LT row."""
+    small = [int(100 * 0.01 ** (c / 9)) for c in range(10)]
+    write_result(tmp_path, "tiny", class_counts=small, epochs=2, decay=(1,))
+    code, out, err = run_summarize(summarize, capsys, tmp_path)  # alone: no split label in the row
+    assert code == 0 and err == "" and table_rows(out)[0][1:3] == ["Hybrid-SC", "100"]
+    assert table_rows(out)[0][11:] == ["n/c", "n/c"]
+    assert out.splitlines()[-1] == ("- Trained on another split than the full dataset's long-tailed one (the largest "
+                                    "class not 5,000 / 500 images: a subset, or synthetic data): CIFAR-10-LT "
+                                    "Hybrid-SC at ratio 100, short schedule.")  # (no '—' to explain)
+    write_result(tmp_path, "full", seed=1, epochs=2, decay=(1,))  # beside a run on the full split: labelled
+    code, out, err = run_summarize(summarize, capsys, tmp_path)
+    assert code == 0 and err == "" and len(table_rows(out)) == 2
+    assert out.splitlines()[-1].endswith("data): CIFAR-10-LT Hybrid-SC [split=242 images, 100..1 per class] at "
+                                         "ratio 100, short schedule.")
+
+
 def test_run_folders_without_results_are_named_on_stderr(summarize, tmp_path, capsys):
     """A sweep's stopped or failed runs (config.json, no results.json) are left out of the rows; the summary says
     which, on stderr, so that neither the markdown nor the CSV changes."""

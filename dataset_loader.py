@@ -98,9 +98,11 @@ class ArraySplit:
 
 
 def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = False,
-               dataset_of: Optional[str] = None) -> tuple[ArraySplit, ArraySplit]:
+               dataset_of: Optional[str] = None, trained_with: Optional[str] = None) -> tuple[ArraySplit, ArraySplit]:
     """(train, test) of ``dataset`` from ``data_root``, whichever layout is there. ``dataset_of``: what fixed the
-    dataset (a checkpoint, for --eval_only), so that a folder of the other dataset is not answered with --dataset.
+    dataset (a checkpoint, for --eval_only), so that a folder of the other dataset is not answered with --dataset;
+    ``trained_with``: the --data_root that checkpoint's run was trained with, which a missing data's hint names
+    first where it holds the data.
 
     Detection order: torchvision's pickled folder (``cifar-10-batches-py/`` or ``cifar-100-python/``),
     then image folders (``train/<class>/*`` and ``test/<class>/*``), then torchvision's download when
@@ -121,7 +123,7 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     if download:
         _download(dataset, root)
         return _read_pickled(dataset, pickled_dir)
-    hint, elsewhere = _data_root_hint(dataset, root, dataset_of)
+    hint, elsewhere = _data_root_hint(dataset, root, dataset_of, trained_with)
     way = "" if elsewhere else (f"pass --download to fetch it there, or put the images in that image-folder "
                                 f"layout")  # (not where the hint found the data: no download is wanted)
     raise DataError(
@@ -159,10 +161,15 @@ def class_names(dataset: str, data_root: str | os.PathLike) -> Optional[list[str
     return names
 
 
-def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) -> tuple[str, bool]:
+def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
+                    trained_with: Optional[str] = None) -> tuple[str, bool]:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, an image-layout split folder itself, the other dataset, or a folder one level down that holds
-    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give)."""
+    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give). Before all of them, the
+    --data_root the run was trained with (``trained_with``), where it holds the data: a folder one level down may
+    hold another copy, or a subset."""
+    if trained_with and _holds(dataset, Path(trained_with).expanduser()):
+        return f"the run was trained with --data_root {trained_with}, which holds it", True
     if root.name == _PICKLED_DIRS[dataset] and _is_dir(root):
         return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}", True
     if root.name in IMAGE_FOLDER_SPLITS and _image_folders_of(dataset, root.parent):
@@ -177,9 +184,14 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None) 
     except OSError:  # not a folder, or unreadable: the message above says enough
         return "", False
     for sub in below:  # (one that may not be searched, such as a mount point's lost+found, holds nothing here)
-        if _is_dir(sub / _PICKLED_DIRS[dataset]) or _image_folders_of(dataset, sub):
+        if _holds(dataset, sub):
             return f"{sub} holds it: --data_root {sub}", True
     return "", False
+
+
+def _holds(dataset: str, root: Path) -> bool:
+    """Whether ``root`` holds ``dataset``'s data in either layout (as far as its folders say)."""
+    return _is_dir(root / _PICKLED_DIRS[dataset]) or _image_folders_of(dataset, root)
 
 
 # The image-folder layout's split folders under a --data_root (train/<class>/*, test/<class>/*).

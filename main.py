@@ -2490,17 +2490,19 @@ def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
     evaluated from `saved` (a checkpoint), and the run was trained with another --data_root, the error names it
     (the flag is a path, not part of the recipe: it is given again, not read from the checkpoint)."""
     download = cfg.download
+    config = saved.get("config") if isinstance(saved, dict) else None
+    then = config.get("data_root") if isinstance(config, dict) else None
+    if not isinstance(then, str) or not then or os.path.abspath(then) == os.path.abspath(cfg.data_root):
+        then = None
     try:
         if download and dist.enabled:
             if dist.local_rank == 0:
                 data.load_cifar(cfg.dataset, cfg.data_root, download=True)
             torch.distributed.barrier()
             download = False
-        return data.load_cifar(cfg.dataset, cfg.data_root, download=download, **kwargs)
+        return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
     except data.DataError as e:
-        config = saved.get("config") if isinstance(saved, dict) else None
-        then = config.get("data_root") if isinstance(config, dict) else None
-        if not isinstance(then, str) or not then or os.path.abspath(then) == os.path.abspath(cfg.data_root):
+        if then is None or f"--data_root {then}" in str(e):  # (the missing data's hint may have named it)
             raise
         raise data.DataError(f"{e} (the run was trained with --data_root {then})") from None
 

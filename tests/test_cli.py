@@ -419,9 +419,9 @@ def existing_run(finished_run, tmp_path):
 @pytest.mark.parametrize("finished_run", ["sc"], indirect=True)
 def test_data_missing_on_resume_or_eval_names_the_runs_data_root(existing_run, cifar10_root, tmp_path, capsys):
     """--data_root is a path given again, not read from the checkpoint: where the data is not found under another
-    one, the error says which the run was trained with."""
+    one, the error says which the run was trained with (here it holds the data, so the hint points to it)."""
     nothing = str(tmp_path / "nothing")
-    hint = f"(the run was trained with --data_root {cifar10_root})"
+    hint = f"; the run was trained with --data_root {cifar10_root}, which holds it"
     code, err = call_main(["--eval_only", "--checkpoint", str(existing_run / "best.pt"), "--data_root", nothing], capsys)
     assert_one_line_error(code, err, f"no cifar10 data in {nothing}", hint)
     (existing_run / "results.json").unlink()  # trained to the end, not yet evaluated: a resume reads the data
@@ -471,6 +471,25 @@ def test_a_data_error_names_another_data_root_the_run_was_trained_with(saved, hi
     with pytest.raises(main.data.DataError) as caught:
         main.load_data(main.parse_config(["--data_root", "data/x"]), saved, main.Dist())
     assert str(caught.value) == f"no cifar10 data in data/x{hint}"
+
+
+def test_a_data_error_whose_hint_named_the_runs_data_root_does_not_name_it_twice(monkeypatch):
+    """load_cifar is given the --data_root the run was trained with; where its hint named that folder, load_data
+    adds nothing."""
+    given = []
+
+    def load_cifar(dataset, root, trained_with=None, **kwargs):
+        given.append(trained_with)
+        raise main.data.DataError(f"no {dataset} data in {root}; the run was trained with --data_root "
+                                  f"{trained_with}, which holds it")
+
+    monkeypatch.setattr(main.data, "load_cifar", load_cifar)
+    with pytest.raises(main.data.DataError) as caught:
+        main.load_data(main.parse_config(["--data_root", "data/x"]), {"config": {"data_root": "data/c10"}},
+                       main.Dist())
+    assert str(caught.value) == "no cifar10 data in data/x; the run was trained with --data_root data/c10, which " \
+                                "holds it"
+    assert given == ["data/c10"]
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])

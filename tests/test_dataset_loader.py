@@ -1033,6 +1033,20 @@ def test_a_data_root_on_a_path_that_may_not_be_searched_is_one_error_and_its_hin
     assert dl.image_folders_read("cifar10", tmp_path / "private")
 
 
+def test_missing_data_is_pointed_first_to_the_data_root_the_run_was_trained_with(tmp_path, tiny_cifar10):
+    """A --data_root without the data, one folder of which holds another copy (a subset, say): where the run was
+    trained with a --data_root that holds the data, the hint names that one, without --download advice; where that
+    holds nothing, the folder below as before."""
+    write_image_folder(tmp_path / "data" / "a_subset", *tiny_cifar10)
+    trained = tmp_path / "elsewhere" / "cifar10-jpeg"
+    write_pickled_cifar10(trained, *tiny_cifar10)
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", tmp_path / "data", trained_with=str(trained))
+    assert str(caught.value).endswith(f"; the run was trained with --data_root {trained}, which holds it")
+    with pytest.raises(DataError, match=f"{tmp_path / 'data' / 'a_subset'} holds it: --data_root .*a_subset$"):
+        dl.load_cifar("cifar10", tmp_path / "data", trained_with=str(tmp_path / "gone"))
+
+
 def test_images_replaced_by_others_of_the_same_names_sizes_and_dates_are_decoded_again(tmp_path, tiny_cifar10):
     """Another archive's fixed-size files (BMP) unpacked over these with the same dates: the cache key sees the
     files' change times, which no archive restores, so the new pixels are read instead of the old cache's."""

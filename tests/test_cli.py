@@ -1156,6 +1156,19 @@ def test_a_hybrid_whose_alpha_is_1_in_every_epoch_is_noted(loss, epochs, schedul
                       f"the second of two or more epochs)"] if noted else [])
 
 
+def test_config_json_records_the_folder_the_run_used(tmp_path, capsys, cifar10_root, monkeypatch):
+    """config.json (and --dry_run's print of it) holds the run folder as resolved: the default one where
+    --output_dir was left out, not null."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_root", str(cifar10_root), *TINY]
+    expected = main.parse_config(argv).default_output_dir()
+    assert main.main([*argv, "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[:out.index("\n}\n") + 2])["output_dir"] == expected
+    assert main.main([*argv, "--output_dir", "given"]) == 0
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["output_dir"] == "given"
+
+
 def test_dry_run_does_all_a_run_does_before_its_first_step_and_writes_nothing(finished_run, tmp_path, capsys,
                                                                                cifar10_root):
     """--dry_run passes or fails as the run would up to its first step, says what it would do, and leaves every

@@ -2401,7 +2401,14 @@ class Run:
                 self.log(f"note: {projector} is not a file (a folder, a pipe or a broken link): the test projections "
                          f"for TensorBoard's projector are not written")
             else:
-                self.writer.add_embedding(test_projections.cpu(), metadata=self.test_labels.cpu().tolist(),
+                labels = self.test_labels.cpu().tolist()
+                names = data.class_names(cfg.dataset, cfg.data_root)
+                if names is None:
+                    metadata, header = labels, None
+                else:  # the projector colours and searches by either column ("3", "cat")
+                    names = [" ".join(name.split()) for name in names]  # (a tab or newline would break the TSV)
+                    metadata, header = [[label, names[label]] for label in labels], ["label", "class"]
+                self.writer.add_embedding(test_projections.cpu(), metadata=metadata, metadata_header=header,
                                           global_step=step, tag=PROJECTIONS_TAG)
         if reuse_ncm:
             ncm = self.last_ncm[1]

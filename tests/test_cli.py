@@ -2189,8 +2189,32 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
     projector = out / "projector_config.pbtxt"
     assert projector.exists() == (loss != "ce")  # the CE baseline has no trained projection head
     if loss != "ce":
-        metadata = next(out.rglob("metadata.tsv")).read_text().split()
-        assert sorted(set(metadata)) == [str(c) for c in range(10)] and len(metadata) == 10 * N_TEST
+        header, *rows = next(out.rglob("metadata.tsv")).read_text().splitlines()
+        assert header == "label\tclass" and len(rows) == 10 * N_TEST  # labels and names (batches.meta's)
+        assert sorted(set(rows)) == [f"{c}\tclass_{c}" for c in range(10)]
+
+
+@pytest.mark.parametrize("meta", ["a tab in a name", "no batches.meta"])
+def test_the_projectors_metadata_names_the_classes_where_the_data_does(meta, tmp_path, capsys):
+    """metadata.tsv: a column of labels and one of class names, a name's tab or newline made a space (they would
+    break the TSV); one column of labels where the data names no classes."""
+    import pickle
+    root = tmp_path / "data"
+    write_pickled_cifar10(root, *make_synthetic(10, N_TRAIN, N_TEST, seed=0))
+    meta_file = root / "cifar-10-batches-py" / "batches.meta"
+    if meta == "no batches.meta":
+        meta_file.unlink()
+    else:
+        meta_file.write_bytes(pickle.dumps({b"label_names": [b"air\tplane", *(b"class_%d" % c for c in range(1, 10))]}))
+    out = tmp_path / "run"
+    assert call_main(["--data_root", str(root), "--output_dir", str(out), *TINY, "--epochs", "1",
+                      "--lr_decay_epochs", ""], capsys)[0] == 0
+    lines = next(out.rglob("metadata.tsv")).read_text().splitlines()
+    if meta == "no batches.meta":
+        assert sorted(set(lines)) == [str(c) for c in range(10)] and len(lines) == 10 * N_TEST
+    else:
+        assert lines[0] == "label\tclass" and len(lines) == 1 + 10 * N_TEST
+        assert sorted(set(lines[1:])) == ["0\tair plane", *(f"{c}\tclass_{c}" for c in range(1, 10))]
 
 
 def test_an_interval_of_only_the_untimed_first_step_logs_no_rate(tmp_path, cifar10_root):

@@ -165,20 +165,23 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
                     trained_with: Optional[str] = None) -> tuple[str, bool]:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, an image-layout split folder itself, the other dataset, or a folder one level down that holds
-    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give). Before all of them, the
-    --data_root the run was trained with (``trained_with``), where it holds the data: a folder one level down may
-    hold another copy, or a subset."""
-    if trained_with and _holds(dataset, Path(trained_with).expanduser()):
-        return f"the run was trained with --data_root {trained_with}, which holds it", True
+    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give). The --data_root the run
+    was trained with (``trained_with``), where it holds the data, comes after the other dataset's note and before
+    the folder one level down, which may hold another copy, or a subset."""
     if root.name == _PICKLED_DIRS[dataset] and _is_dir(root):
         return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}", True
     if root.name in IMAGE_FOLDER_SPLITS and _image_folders_of(dataset, root.parent):
         return (f"{root} is the image layout's {root.name}/ folder itself: pass its parent, --data_root "
                 f"{root.parent}"), True
+    trained = (f"the run was trained with --data_root {trained_with}, which holds it"
+               if trained_with and _holds(dataset, Path(trained_with).expanduser()) else "")
     others = [name for name in DATASETS if name != dataset and _is_dir(root / _PICKLED_DIRS[name])]
     if others:
         held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"
-        return (f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"), False
+        held = f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"
+        return "; ".join(filter(None, (held, trained))), bool(trained)
+    if trained:
+        return trained, True
     try:
         below = sorted(p for p in root.iterdir() if _is_dir(p))
     except OSError:  # not a folder, or unreadable: the message above says enough

@@ -188,7 +188,7 @@ def test_eval_only_on_the_other_datasets_folder_points_at_the_checkpoint(finishe
     code, err = call_main(["--eval_only", "--checkpoint", str(out / "last.pt"), "--data_root", str(tmp_path / "c100"),
                            "--device", "cpu"], capsys)
     assert_one_line_error(code, err, f"it holds cifar-100-python/, cifar100's data, but {out / 'last.pt'} is "
-                                     f"cifar10's")
+                                     f"cifar10's; the run was trained with --data_root ")  # (which holds it)
     assert "--dataset" not in err
 
 

@@ -2564,7 +2564,10 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
               f"or labels: another copy of the data, or JPEG files decoded by another libjpeg); the test accuracy does "
               f"not depend on them, the nearest class mean below is built from them")
     print(f"{path}: {format_metrics(metrics)}")
-    print("per-class top1: " + " ".join(f"{a:.1f}" for a in metrics["per_class"]))
+    names = data.class_names(cfg.dataset, cfg.data_root)  # each value named where the data names its classes
+    print("per-class top1: " + (" ".join(f"{a:.1f}" for a in metrics["per_class"]) if names is None else
+                                ", ".join(f"{c} {name}: {a:.1f}" for c, (name, a) in
+                                          enumerate(zip(names, metrics["per_class"])))))
     print(ncm_line(ncm))
     print(json.dumps({**{k: metrics[k] for k in keys}, "ncm": {k: ncm[k] for k in keys}}))
     return 0

@@ -170,6 +170,8 @@ def test_eval_only_reproduces_last_epoch(finished_run, cifar10_root):
     res = json.loads((out / "results.json").read_text())
     assert printed["top1"] == res["last_top1"]
     assert printed["per_class"] == res["per_class"]
+    assert ("per-class top1: " + ", ".join(f"{c} class_{c}: {a:.1f}" for c, a in enumerate(res["per_class"]))
+            in proc.stdout.splitlines())  # named as batches.meta names them
     # The long-tailed training set is rebuilt from the checkpoint's settings, so the nearest class mean agrees too.
     assert printed["ncm"] == res["ncm"]
     assert not any(line.startswith("note:") for line in proc.stdout.splitlines())

@@ -529,6 +529,7 @@ def test_time_steps_settles_after_the_warmup_and_before_the_clock(bench, monkeyp
     assert timing.steps == 3
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # (on a 2-core machine)
 @pytest.mark.parametrize("loss", ["sc", "ce"])
 def test_the_reference_starts_its_timed_steps_with_nothing_queued(bench, monkeypatch, loss):
     """What the reference's workers prepared ahead during the warm-up (prefetch_factor batches per worker) is taken

@@ -174,6 +174,8 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
         return (f"{root} is the image layout's {root.name}/ folder itself: pass its parent, --data_root "
                 f"{root.parent}"), True
     trained = (f"the run was trained with --data_root {trained_with}, which holds it"
+               + ("" if Path(trained_with).expanduser().is_absolute() else  # (relative to where that run started)
+                  f" (a relative path; from here, {Path(trained_with).expanduser().absolute()})")
                if trained_with and _holds(dataset, Path(trained_with).expanduser()) else "")
     others = [name for name in DATASETS if name != dataset and _is_dir(root / _PICKLED_DIRS[name])]
     if others:

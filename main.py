@@ -1775,7 +1775,8 @@ class Run:
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
         self.num_classes = data.DATASETS[cfg.dataset]
-        train, test = load_data(cfg, saved, dist)
+        train, test = load_data(cfg, saved, dist,  # (resumed: the checkpoint fixed the dataset, as --eval_only's)
+                                dataset_of=None if saved is None else f"the run in {out}")
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)
@@ -2406,7 +2407,9 @@ class Run:
                 if names is None:
                     metadata, header = labels, None
                 else:  # the projector colours and searches by either column ("3", "cat")
-                    names = [" ".join(name.split()) for name in names]  # (a tab or newline would break the TSV)
+                    # (a tab or newline would break the TSV; a class folder's name that is not UTF-8 would fail
+                    # its write, at the end of the run: one_line shows such characters as escapes)
+                    names = [util.one_line(name) for name in names]
                     metadata, header = [[label, names[label]] for label in labels], ["label", "class"]
                 self.writer.add_embedding(test_projections.cpu(), metadata=metadata, metadata_header=header,
                                           global_step=step, tag=PROJECTIONS_TAG)
@@ -2490,6 +2493,11 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
     return dataclasses.replace(cfg, **then)
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two --data_root values name one folder (written with ~, a trailing slash or a symbolic link)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
               **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
     """data.load_cifar of cfg's dataset and --data_root, with --download: under torchrun, one download per machine
@@ -2499,7 +2507,7 @@ def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
     download = cfg.download
     config = saved.get("config") if isinstance(saved, dict) else None
     then = config.get("data_root") if isinstance(config, dict) else None
-    if not isinstance(then, str) or not then or os.path.abspath(then) == os.path.abspath(cfg.data_root):
+    if not isinstance(then, str) or not then or same_path(then, cfg.data_root):
         then = None
     try:
         if download and dist.enabled:
@@ -2509,7 +2517,7 @@ def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
             download = False
         return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
     except data.DataError as e:
-        if then is None or f"--data_root {then}" in str(e):  # (the missing data's hint may have named it)
+        if then is None or f"the run was trained with --data_root {then}, " in str(e):  # (the hint named it)
             raise
         raise data.DataError(f"{e} (the run was trained with --data_root {then})") from None
 
@@ -2566,7 +2574,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     print(f"{path}: {format_metrics(metrics)}")
     names = data.class_names(cfg.dataset, cfg.data_root)  # each value named where the data names its classes
     print("per-class top1: " + (" ".join(f"{a:.1f}" for a in metrics["per_class"]) if names is None else
-                                ", ".join(f"{c} {name}: {a:.1f}" for c, (name, a) in
+                                ", ".join(f"{c} {util.one_line(name)}: {a:.1f}" for c, (name, a) in
                                           enumerate(zip(names, metrics["per_class"])))))
     print(ncm_line(ncm))
     print(json.dumps({**{k: metrics[k] for k in keys}, "ncm": {k: ncm[k] for k in keys}}))

@@ -740,8 +740,8 @@ def format_markdown(rows: list[GroupSummary]) -> str:
                      "instance has no reference value ('—').")
     other_split = [row for row in rows if not row.full_split]  # (on a short schedule too: n/c says nothing of it)
     if other_split:
-        labels = "; ".join(_row_place(row) + ("" if row.paper_schedule else ", short schedule")
-                           for row in other_split)
+        labels = "; ".join(_row_place(row) + ("" if row.paper_schedule else f", {text}")  # as the epochs column
+                           for row, text in zip(other_split, distinct_schedules(other_split, _table_place)))
         so = ", so no reference value ('—')" if any(row.paper_schedule for row in other_split) else ""
         notes.append(f"- Trained on another split than the full dataset's long-tailed one (the largest class not "
                      f"{' / '.join(f'{n:,}' for _, n in FULL_SPLIT.values())} images: a subset, or synthetic "

@@ -494,6 +494,29 @@ def test_a_data_error_whose_hint_named_the_runs_data_root_does_not_name_it_twice
     assert given == ["data/c10"]
 
 
+def test_a_hint_that_names_another_data_root_beginning_alike_still_gets_the_runs_one(monkeypatch):
+    """'--data_root data2/sub' in the hint is not the run's --data_root data: load_data still names that."""
+    def load_cifar(dataset, root, trained_with=None, **kwargs):
+        raise main.data.DataError(f"no {dataset} data in {root}; data2/sub holds it: --data_root data2/sub")
+
+    monkeypatch.setattr(main.data, "load_cifar", load_cifar)
+    with pytest.raises(main.data.DataError) as caught:
+        main.load_data(main.parse_config(["--data_root", "data2"]), {"config": {"data_root": "data"}}, main.Dist())
+    assert str(caught.value).endswith("--data_root data2/sub (the run was trained with --data_root data)")
+
+
+def test_a_data_root_written_otherwise_is_the_same_folder(tmp_path, monkeypatch):
+    """The run's --data_root through a symbolic link, ~ or a trailing slash is the given folder: not named again."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for then in (str(tmp_path / "link"), "~/real", f"{tmp_path / 'real'}/"):
+        with pytest.raises(main.data.DataError) as caught:
+            main.load_data(main.parse_config(["--data_root", str(tmp_path / "real")]), {"config": {"data_root": then}},
+                           main.Dist())
+        assert "trained with" not in str(caught.value)
+
+
 @pytest.mark.parametrize("local_rank", [0, 1])
 def test_download_under_torchrun_is_one_per_machine(local_rank, monkeypatch):
     """--download under torchrun, a training run or --eval_only alike: local rank 0 downloads while the machine's

@@ -286,12 +286,12 @@ def test_a_row_on_another_split_is_named_at_a_short_schedule_too(summarize, tmp_
     assert table_rows(out)[0][11:] == ["n/c", "n/c"]
     assert out.splitlines()[-1] == ("- Trained on another split than the full dataset's long-tailed one (the largest "
                                     "class not 5,000 / 500 images: a subset, or synthetic data): CIFAR-10-LT "
-                                    "Hybrid-SC at ratio 100, short schedule.")  # (no '—' to explain)
+                                    "Hybrid-SC at ratio 100, short schedule: 2 epochs.")  # (no '—' to explain)
     write_result(tmp_path, "full", seed=1, epochs=2, decay=(1,))  # beside a run on the full split: labelled
     code, out, err = run_summarize(summarize, capsys, tmp_path)
     assert code == 0 and err == "" and len(table_rows(out)) == 2
     assert out.splitlines()[-1].endswith("data): CIFAR-10-LT Hybrid-SC [split=242 images, 100..1 per class] at "
-                                         "ratio 100, short schedule.")
+                                         "ratio 100, short schedule: 2 epochs.")
 
 
 def test_run_folders_without_results_are_named_on_stderr(summarize, tmp_path, capsys):

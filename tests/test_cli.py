@@ -2219,18 +2219,26 @@ def test_tensorboard_has_scalars_figures_and_projections(finished_run):
         assert sorted(set(rows)) == [f"{c}\tclass_{c}" for c in range(10)]
 
 
-@pytest.mark.parametrize("meta", ["a tab in a name", "no batches.meta"])
+@pytest.mark.parametrize("meta", ["a tab in a name", "no batches.meta", "a class folder's name not UTF-8"])
 def test_the_projectors_metadata_names_the_classes_where_the_data_does(meta, tmp_path, capsys):
     """metadata.tsv: a column of labels and one of class names, a name's tab or newline made a space (they would
-    break the TSV); one column of labels where the data names no classes."""
+    break the TSV) and a class folder's undecodable byte shown as an escape (TensorBoard's UTF-8 write of it failed
+    the run at its end); one column of labels where the data names no classes."""
     import pickle
     root = tmp_path / "data"
-    write_pickled_cifar10(root, *make_synthetic(10, N_TRAIN, N_TEST, seed=0))
-    meta_file = root / "cifar-10-batches-py" / "batches.meta"
-    if meta == "no batches.meta":
-        meta_file.unlink()
+    split = make_synthetic(10, N_TRAIN, N_TEST, seed=0)
+    names = [f"class_{c}" for c in range(10)]
+    if meta == "a class folder's name not UTF-8":
+        names[9] = "class_9\udcff"  # the byte 0xff, as os.listdir gives it back (surrogateescape)
+        write_image_folder(root, *split, class_names=names)
     else:
-        meta_file.write_bytes(pickle.dumps({b"label_names": [b"air\tplane", *(b"class_%d" % c for c in range(1, 10))]}))
+        write_pickled_cifar10(root, *split)
+        meta_file = root / "cifar-10-batches-py" / "batches.meta"
+        if meta == "no batches.meta":
+            meta_file.unlink()
+        else:
+            names[0] = "air plane"
+            meta_file.write_bytes(pickle.dumps({b"label_names": [b"air\tplane", *(n.encode() for n in names[1:])]}))
     out = tmp_path / "run"
     assert call_main(["--data_root", str(root), "--output_dir", str(out), *TINY, "--epochs", "1",
                       "--lr_decay_epochs", ""], capsys)[0] == 0
@@ -2239,7 +2247,8 @@ def test_the_projectors_metadata_names_the_classes_where_the_data_does(meta, tmp
         assert sorted(set(lines)) == [str(c) for c in range(10)] and len(lines) == 10 * N_TEST
     else:
         assert lines[0] == "label\tclass" and len(lines) == 1 + 10 * N_TEST
-        assert sorted(set(lines[1:])) == ["0\tair plane", *(f"{c}\tclass_{c}" for c in range(1, 10))]
+        shown = [*names[:9], "class_9\\udcff"] if meta != "a tab in a name" else names
+        assert sorted(set(lines[1:])) == [f"{c}\t{name}" for c, name in enumerate(shown)]
 
 
 def test_an_interval_of_only_the_untimed_first_step_logs_no_rate(tmp_path, cifar10_root):

@@ -102,7 +102,7 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     """(train, test) of ``dataset`` from ``data_root``, whichever layout is there. ``dataset_of``: what fixed the
     dataset (a checkpoint, for --eval_only), so that a folder of the other dataset is not answered with --dataset;
     ``trained_with``: the --data_root that checkpoint's run was trained with, which a missing data's hint names
-    first where it holds the data.
+    where it holds the data (before any folder one level down).
 
     Detection order: torchvision's pickled folder (``cifar-10-batches-py/`` or ``cifar-100-python/``),
     then image folders (``train/<class>/*`` and ``test/<class>/*``), then torchvision's download when

@@ -1881,8 +1881,8 @@ class Run:
     def config_record(self) -> dict[str, Any]:
         """config.json: the flags with what the run resolved from them (device, data, numerics)."""
         cfg, trainer = self.cfg, self.trainer
-        return {**dataclasses.asdict(cfg), "output_dir": str(self.out), "git_commit": self.git_commit, "torch_version": str(torch.__version__),
-                "device": device_name(self.device), "world_size": self.dist.world_size,
+        return {**dataclasses.asdict(cfg), "output_dir": str(self.out), "git_commit": self.git_commit,
+                "torch_version": str(torch.__version__), "device": device_name(self.device), "world_size": self.dist.world_size,
                 "num_classes": self.num_classes, "class_counts": trainer.class_counts,
                 "train_size": sum(trainer.class_counts), "amp": trainer.amp,
                 "channels_last": trainer.channels_last, "psc_temperature": cfg.psc_temperature}
@@ -2180,6 +2180,7 @@ class Run:
         self.say_signal(signum, self.signal_stops or bool(self.poll_stops))
 
     def say_signal(self, signum: int, stops: bool) -> None:
+        """The first signal's line on stderr: a stop after the current step or interval, or the run finishing."""
         if stops:
             what = (f"stopping after the current {'logging interval' if self.polls_per_interval() else 'step'}, with a "
                     f"checkpoint to --resume from")

@@ -48,11 +48,11 @@ device sync (torch.cuda.synchronize) before each clock read. Between the two, th
 untimed, the batches their workers queued ahead during the warm-up (prefetch_factor per worker: drained_batches),
 so that its timed steps do not start with data prepared in advance, which a data-bound pipeline never has once it
 runs; then as many untimed steps (settle_steps), which give the workers back their running rhythm. One sample is
-one feature-branch image (its two
-views) plus one classifier-branch image: samples/s = steps * batch_size / seconds. Both rates vary from run to run
-(on a GPU machine the reference by up to a fifth), so --repeats N times the first project row and the reference N
-times each, alternately (the project's step continuing its run, the reference built afresh each time), and reports
-each pair's ratio and their median; "ratio" stays the first pair's. "ratio_equal_numerics" is the ratio of the
+one feature-branch image (its two views) plus one classifier-branch image: samples/s = steps * batch_size /
+seconds. Both rates vary from run to run (on a GPU machine the reference by up to a fifth), so --repeats N
+times the first project row and the reference N times each, alternately (the project's step continuing its run,
+the reference built afresh each time), and reports each pair's ratio and their median; "ratio" stays the first
+pair's. "ratio_equal_numerics" is the ratio of the
 first project row at the reference's numerics (amp, channels_last and compile off), if one ran. On CUDA one
 further epoch and one step of the project (an epoch start included) run under
 torch.cuda.set_sync_debug_mode("error") and "host_sync" records whether anything in them waited for the device

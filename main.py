@@ -1882,8 +1882,8 @@ class Run:
         """config.json: the flags with what the run resolved from them (device, data, numerics)."""
         cfg, trainer = self.cfg, self.trainer
         return {**dataclasses.asdict(cfg), "output_dir": str(self.out), "git_commit": self.git_commit,
-                "torch_version": str(torch.__version__), "device": device_name(self.device), "world_size": self.dist.world_size,
-                "num_classes": self.num_classes, "class_counts": trainer.class_counts,
+                "torch_version": str(torch.__version__), "device": device_name(self.device),
+                "world_size": self.dist.world_size, "num_classes": self.num_classes, "class_counts": trainer.class_counts,
                 "train_size": sum(trainer.class_counts), "amp": trainer.amp,
                 "channels_last": trainer.channels_last, "psc_temperature": cfg.psc_temperature}
 

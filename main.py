@@ -2393,6 +2393,7 @@ class Run:
         if not finished_before:
             self.write_figures(self.last_metrics, self.last_confusion, step, "last", logged)
         reuse_ncm = self.last_ncm is not None and self.last_ncm[0] == cfg.epochs  # --ncm_every took it already
+        class_names = data.class_names(cfg.dataset, cfg.data_root)  # (the projector's and results.json's)
         test_features = None
         if trainer.feature_branch:  # what the contrastive branch learned, in TensorBoard's projector
             test_features, test_projections = trainer.embed(self.test_images)
@@ -2404,13 +2405,12 @@ class Run:
                          f"for TensorBoard's projector are not written")
             else:
                 labels = self.test_labels.cpu().tolist()
-                names = data.class_names(cfg.dataset, cfg.data_root)
-                if names is None:
+                if class_names is None:
                     metadata, header = labels, None
                 else:  # the projector colours and searches by either column ("3", "cat")
                     # (a tab or newline would break the TSV; a class folder's name that is not UTF-8 would fail
                     # its write, at the end of the run: one_line shows such characters as escapes)
-                    names = [util.one_line(name) for name in names]
+                    names = [util.one_line(name) for name in class_names]
                     metadata, header = [[label, names[label]] for label in labels], ["label", "class"]
                 self.writer.add_embedding(test_projections.cpu(), metadata=metadata, metadata_header=header,
                                           global_step=step, tag=PROJECTIONS_TAG)
@@ -2429,7 +2429,7 @@ class Run:
             "best_top1": state.best_top1, "best_epoch": state.best_epoch, "last_top1": last["top1"],
             "many": last["many"], "medium": last["medium"], "few": last["few"],
             "best": state.best_metrics, "last": last, "per_class": self.last_metrics["per_class"],
-            "class_names": data.class_names(cfg.dataset, cfg.data_root), "class_counts": trainer.class_counts,
+            "class_names": class_names, "class_counts": trainer.class_counts,
             "train_digest": self.train_digest, "shot_groups": trainer.shot_groups,
             "history": state.history,
             "samples_per_s": state.train_samples / max(state.train_time, 1e-9), "train_time_s": state.train_time,

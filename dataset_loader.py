@@ -173,10 +173,10 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
     if root.name in IMAGE_FOLDER_SPLITS and _image_folders_of(dataset, root.parent):
         return (f"{root} is the image layout's {root.name}/ folder itself: pass its parent, --data_root "
                 f"{root.parent}"), True
-    trained = (f"the run was trained with --data_root {trained_with}, which holds it"
-               + ("" if Path(trained_with).expanduser().is_absolute() else  # (relative to where that run started)
-                  f" (a relative path; from here, {Path(trained_with).expanduser().absolute()})")
-               if trained_with and _holds(dataset, Path(trained_with).expanduser()) else "")
+    trained, there = "", Path(trained_with).expanduser() if trained_with else None
+    if there is not None and _holds(dataset, there):  # (a relative path is relative to where that run started)
+        relative = "" if there.is_absolute() else f" (a relative path; from here, {there.absolute()})"
+        trained = f"the run was trained with --data_root {trained_with}, which holds it{relative}"
     others = [name for name in DATASETS if name != dataset and _is_dir(root / _PICKLED_DIRS[name])]
     if others:
         held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"

@@ -100,16 +100,40 @@ class ArraySplit:
 def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = False,
                dataset_of: Optional[str] = None, trained_with: Optional[str] = None) -> tuple[ArraySplit, ArraySplit]:
     """(train, test) of ``dataset`` from ``data_root``, whichever layout is there. ``dataset_of``: what fixed the
-    dataset (a checkpoint, for --eval_only), so that a folder of the other dataset is not answered with --dataset;
-    ``trained_with``: the --data_root that checkpoint's run was trained with, which a missing data's hint names
-    where it holds the data (before any folder one level down).
+    dataset (a checkpoint, for --eval_only or --resume), so that a folder of the other dataset is not answered with
+    --dataset; ``trained_with``: the --data_root that checkpoint's run was trained with. Where that is another
+    folder, every DataError names it: a missing data's hint points to it where it holds the data (before any folder
+    one level down), and any other error ends with it in parentheses (the flag is a path, given again on --resume,
+    not read from the checkpoint).
 
     Detection order: torchvision's pickled folder (``cifar-10-batches-py/`` or ``cifar-100-python/``),
     then image folders (``train/<class>/*`` and ``test/<class>/*``), then torchvision's download when
     ``download`` is set. Labels of CIFAR-100 are its fine labels.
     """
     _check_dataset(dataset)
-    root = Path(data_root).expanduser()
+    if trained_with is not None and same_folder(trained_with, data_root):
+        trained_with = None
+    try:
+        return _load_cifar(dataset, Path(data_root).expanduser(), download, dataset_of, trained_with)
+    except DataError as e:
+        if trained_with is None or isinstance(e, _HintNamedTrainedWith):
+            raise
+        raise DataError(f"{e} (the run was trained with --data_root {trained_with})") from None
+
+
+class _HintNamedTrainedWith(DataError):
+    """No data under --data_root, with a hint that names the --data_root the run was trained with (which holds it)."""
+
+
+def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two --data_root values name one folder (written with ~, a trailing slash or a symbolic link)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def _load_cifar(dataset: str, root: Path, download: bool, dataset_of: Optional[str],
+                trained_with: Optional[str]) -> tuple[ArraySplit, ArraySplit]:
+    """load_cifar's reading, without naming the --data_root the run was trained with on errors other than the
+    missing data's hint."""
     pickled_dir = root / _PICKLED_DIRS[dataset]
     try:  # is_dir raises where a folder on the way may not be searched (a colleague's private folder)
         pickled = pickled_dir.is_dir()
@@ -123,10 +147,10 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     if download:
         _download(dataset, root)
         return _read_pickled(dataset, pickled_dir)
-    hint, elsewhere = _data_root_hint(dataset, root, dataset_of, trained_with)
+    hint, elsewhere, named = _data_root_hint(dataset, root, dataset_of, trained_with)
     way = "" if elsewhere else (f"pass --download to fetch it there, or put the images in that image-folder "
                                 f"layout")  # (not where the hint found the data: no download is wanted)
-    raise DataError(
+    raise (_HintNamedTrainedWith if named else DataError)(
         f"no {dataset} data in {root}: looked for {pickled_dir}/ (torchvision's pickled layout) and "
         f"{root}/train/<class>/* + {root}/test/<class>/* (image folders); {'; '.join(filter(None, (hint, way)))}"
     )
@@ -162,17 +186,17 @@ def class_names(dataset: str, data_root: str | os.PathLike) -> Optional[list[str
 
 
 def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
-                    trained_with: Optional[str] = None) -> tuple[str, bool]:
+                    trained_with: Optional[str] = None) -> tuple[str, bool, bool]:
     """What a --data_root without ``dataset``'s data holds instead, when that says what was meant: the pickled
     folder itself, an image-layout split folder itself, the other dataset, or a folder one level down that holds
-    the data; and whether that is ``dataset``'s data elsewhere (the --data_root to give). The --data_root the run
-    was trained with (``trained_with``), where it holds the data, comes after the other dataset's note and before
-    the folder one level down, which may hold another copy, or a subset."""
+    the data; whether that is ``dataset``'s data elsewhere (the --data_root to give); and whether the hint names
+    the --data_root the run was trained with (``trained_with``), which it does where that holds the data: after
+    the other dataset's note and before the folder one level down, which may hold another copy, or a subset."""
     if root.name == _PICKLED_DIRS[dataset] and _is_dir(root):
-        return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}", True
+        return f"{root} is the pickled folder itself: pass its parent, --data_root {root.parent}", True, False
     if root.name in IMAGE_FOLDER_SPLITS and _image_folders_of(dataset, root.parent):
         return (f"{root} is the image layout's {root.name}/ folder itself: pass its parent, --data_root "
-                f"{root.parent}"), True
+                f"{root.parent}"), True, False
     trained, there = "", Path(trained_with).expanduser() if trained_with else None
     if there is not None and _holds(dataset, there):  # (a relative path is relative to where that run started)
         relative = "" if there.is_absolute() else f" (a relative path; from here, {there.absolute()})"
@@ -181,17 +205,17 @@ def _data_root_hint(dataset: str, root: Path, dataset_of: Optional[str] = None,
     if others:
         held = f"it holds {_PICKLED_DIRS[others[0]]}/, {others[0]}'s data"
         held = f"{held}, but {dataset_of} is {dataset}'s" if dataset_of else f"{held}: --dataset {others[0]}?"
-        return "; ".join(filter(None, (held, trained))), bool(trained)
+        return "; ".join(filter(None, (held, trained))), bool(trained), bool(trained)
     if trained:
-        return trained, True
+        return trained, True, True
     try:
         below = sorted(p for p in root.iterdir() if _is_dir(p))
     except OSError:  # not a folder, or unreadable: the message above says enough
-        return "", False
+        return "", False, False
     for sub in below:  # (one that may not be searched, such as a mount point's lost+found, holds nothing here)
         if _holds(dataset, sub):
-            return f"{sub} holds it: --data_root {sub}", True
-    return "", False
+            return f"{sub} holds it: --data_root {sub}", True, False
+    return "", False, False
 
 
 def _holds(dataset: str, root: Path) -> bool:

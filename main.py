@@ -2494,33 +2494,22 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
     return dataclasses.replace(cfg, **then)
 
 
-def same_path(a: str, b: str) -> bool:
-    """Whether two --data_root values name one folder (written with ~, a trailing slash or a symbolic link)."""
-    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
 def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
               **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
     """data.load_cifar of cfg's dataset and --data_root, with --download: under torchrun, one download per machine
-    (local rank 0's) while the machine's other processes wait for it. Where that fails for a run resumed or
-    evaluated from `saved` (a checkpoint), and the run was trained with another --data_root, the error names it
-    (the flag is a path, not part of the recipe: it is given again, not read from the checkpoint)."""
+    (local rank 0's) while the machine's other processes wait for it. For a run resumed or evaluated from `saved`
+    (a checkpoint), load_cifar is told the --data_root the run was trained with, which its errors name where it is
+    another folder."""
     download = cfg.download
     config = saved.get("config") if isinstance(saved, dict) else None
     then = config.get("data_root") if isinstance(config, dict) else None
-    if not isinstance(then, str) or not then or same_path(then, cfg.data_root):
-        then = None
-    try:
-        if download and dist.enabled:
-            if dist.local_rank == 0:
-                data.load_cifar(cfg.dataset, cfg.data_root, download=True)
-            torch.distributed.barrier()
-            download = False
-        return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
-    except data.DataError as e:
-        if then is None or f"the run was trained with --data_root {then}, " in str(e):  # (the hint named it)
-            raise
-        raise data.DataError(f"{e} (the run was trained with --data_root {then})") from None
+    then = then if isinstance(then, str) and then else None
+    if download and dist.enabled:
+        if dist.local_rank == 0:
+            data.load_cifar(cfg.dataset, cfg.data_root, download=True, trained_with=then, **kwargs)
+        torch.distributed.barrier()
+        download = False
+    return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
 
 
 def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: set[str]) -> int:

@@ -1043,8 +1043,38 @@ def test_missing_data_is_pointed_first_to_the_data_root_the_run_was_trained_with
     with pytest.raises(DataError) as caught:
         dl.load_cifar("cifar10", tmp_path / "data", trained_with=str(trained))
     assert str(caught.value).endswith(f"; the run was trained with --data_root {trained}, which holds it")
-    with pytest.raises(DataError, match=f"{tmp_path / 'data' / 'a_subset'} holds it: --data_root .*a_subset$"):
+    with pytest.raises(DataError, match=f"{tmp_path / 'data' / 'a_subset'} holds it: --data_root .*a_subset "
+                                        f"\\(the run was trained with --data_root .*gone\\)$"):
         dl.load_cifar("cifar10", tmp_path / "data", trained_with=str(tmp_path / "gone"))
+
+
+def test_every_data_error_names_another_data_root_the_run_was_trained_with(tmp_path, tiny_cifar10, monkeypatch):
+    """Where the run's --data_root is another folder, an error whose hint does not already point to it ends with it
+    in parentheses: missing data where that folder holds nothing either, a hint to another folder beginning alike
+    (data2/sub is not data), a damaged copy. The same folder written otherwise (a symbolic link, ~, a trailing
+    slash) is not named."""
+    empty, gone = tmp_path / "empty", tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", empty, trained_with=str(gone))
+    assert str(caught.value).endswith(f"image-folder layout (the run was trained with --data_root {gone})")
+    write_image_folder(tmp_path / "data2" / "sub", *tiny_cifar10)
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", tmp_path / "data2", trained_with=str(gone))
+    assert str(caught.value).endswith(f"--data_root {tmp_path / 'data2' / 'sub'} (the run was trained with "
+                                      f"--data_root {gone})")
+    damaged = write_pickled_cifar10(tmp_path / "damaged", *tiny_cifar10)
+    (damaged / "test_batch").unlink()
+    with pytest.raises(DataError) as caught:
+        dl.load_cifar("cifar10", tmp_path / "damaged", trained_with=str(gone))
+    assert "test_batch" in str(caught.value) and str(caught.value).endswith(f" (the run was trained with "
+                                                                           f"--data_root {gone})")
+    (tmp_path / "link").symlink_to(empty)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for then in (str(tmp_path / "link"), "~/empty", f"{empty}/"):
+        with pytest.raises(DataError) as caught:
+            dl.load_cifar("cifar10", empty, trained_with=then)
+        assert "trained with" not in str(caught.value), then
 
 
 def test_images_replaced_by_others_of_the_same_names_sizes_and_dates_are_decoded_again(tmp_path, tiny_cifar10):

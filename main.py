@@ -762,6 +762,12 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def bf16_autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """--amp's context: bf16 autocast on `device`'s type where enabled (the losses and the classifier's logits
+    switch it off for themselves)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """[N, ...] on each process -> [world_size * N, ...] in rank order, differentiable."""
     return _GatherWithGrad.apply(tensor)
@@ -787,7 +793,7 @@ def test_confusion(net: networks.HybridNet, images: torch.Tensor, labels: torch.
     counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=images.device)
     for start in range(dist.rank * batch_size, len(images), batch_size * dist.world_size):
         x = data.normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=fmt)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(images.device, amp):
             preds = net.forward_logits(x).argmax(dim=1)
         counts += util.confusion_matrix(preds, labels[start:start + batch_size], num_classes)
     return all_reduce_sum(counts, dist).cpu().numpy()
@@ -802,7 +808,7 @@ def embed(net: networks.HybridNet, images: torch.Tensor, *, mean: torch.Tensor, 
     features, projections = [], []
     for start in range(0, len(images), batch_size):
         x = data.normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=fmt)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(images.device, amp):
             out = net(x)
         features.append(out.features.float())
         projections.append(out.projections)
@@ -891,9 +897,6 @@ class Trainer:
                                   warm_epochs=cfg.warm_epochs, decay_epochs=cfg.lr_decay_epochs,
                                   decay_rate=cfg.lr_decay_rate)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
     def step(self, batch: data.Batch, alpha: float, lr: float) -> losses.LossTerms:
         """One SGD step on one batch of both branches. Returns the loss terms, detached copies still on the device
         (copies: under --compile_mode reduce-overhead the compiled graph's outputs are overwritten by the next step)."""
@@ -902,7 +905,7 @@ class Trainer:
         if alpha != self._alpha_value:
             self.alpha.fill_(alpha)  # a kernel with the value as its argument: no copy from the host to wait for
             self._alpha_value = alpha
-        with self.autocast():
+        with bf16_autocast(self.device, self.amp):
             terms = self.forward_loss(batch.sc_views, batch.sc_labels, batch.ce_images, batch.ce_labels, self.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()

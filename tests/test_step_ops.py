@@ -353,7 +353,7 @@ def test_the_compiled_forward_writes_no_input_but_the_models_buffers(train_split
     others = {storage(t): name for name, t in zip(("sc_views", "sc_labels", "ce_images", "ce_labels", "alpha"), inputs)
               if t is not None}
     others.update({storage(p): name for name, p in trainer.net.named_parameters()})
-    with MutationTrace() as trace, trainer.autocast():
+    with MutationTrace() as trace, main.bf16_autocast(trainer.device, trainer.amp):
         trainer._forward_loss(*inputs)
     assert trace.written & buffers  # the running statistics: the detector sees in-place writes
     assert sorted(others[s] for s in trace.written if s in others) == []

@@ -559,11 +559,22 @@ def join_process_group(backend: str, dist: Dist) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+        if backend == "gloo":
+            # Gloo connects each pair of processes in a handshake that one side can finish first: a process that
+            # then ends at once (a resume of a finished run, a dry run) cut off a peer still connecting
+            # ("Gloo connectFullMesh failed ... Connection closed by peer"). Past this barrier every process has
+            # joined. (NCCL's init only meets at the store; its communicators are made at the first collective.)
+            torch.distributed.barrier()
     except ValueError as e:  # the rendezvous's settings (MASTER_PORT=abc, ...)
         raise UserError(f"cannot join the job's processes: {util.exception_text(e)}") from None
     except torch.distributed.DistError as e:  # the others never came (DistStoreError) or nobody listens at `where`
         raise UserError(f"rank {dist.rank} of {dist.world_size} did not meet the job's other processes at {where}: "
                         f"{util.exception_text(e)}") from None
+    except RuntimeError as e:  # another process ended while they were meeting (its own message says why)
+        if not peer_gone(e):
+            raise
+        raise UserError(f"rank {dist.rank} of {dist.world_size}: another process of this job ended while they were "
+                        f"meeting (its message says why), so this one stops too ({peer_gone_text(e)})") from None
     finally:
         notice.cancel()
         if waits_for_ctrl_c:
@@ -2583,10 +2594,9 @@ def peer_gone(e: BaseException) -> bool:
 
 
 def peer_gone_text(e: BaseException) -> str:
-    """What a peer_gone error says, short: gloo's source location in brackets and its advice left out."""
-    text = util.one_line(e)
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
+    """What a peer_gone error says, short: gloo's source locations in brackets ("[.../pair.cc:561] ") and its
+    advice left out."""
+    text = re.sub(r"\[[^\]\s]+\.(?:cc|cpp|h):\d+\] ", "", util.one_line(e))
     return f"{type(e).__name__}: {text.split('. This is typically')[0]}"
 
 

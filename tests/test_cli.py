@@ -934,18 +934,51 @@ def test_while_joining_ctrl_c_ends_the_process_and_a_joined_one_says_nothing_mor
     monkeypatch.setenv("MASTER_PORT", "29533")
     monkeypatch.setattr(main, "JOIN_NOTICE_S", 0.2)
     monkeypatch.setattr(torch.distributed, "init_process_group", joined_at_once)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: seen.append(("barrier", signal.getsignal(signal.SIGINT))))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     main.join_process_group("gloo", main.Dist(0, 2, 0))
     time.sleep(0.5)
-    assert seen == [signal.SIG_DFL] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert seen == [signal.SIG_DFL, ("barrier", signal.SIG_DFL)]  # (the barrier is part of the meeting)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert capsys.readouterr() == ("", "")
     # Where SIGINT is ignored ('&' in a script), it stays ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         main.join_process_group("gloo", main.Dist(0, 2, 0))
-        assert seen[1] is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert seen[2] is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("fails_in", ["init_process_group", "barrier"])
+def test_joining_waits_until_every_process_has_joined_and_a_peer_gone_meanwhile_is_one_line(fails_in, monkeypatch):
+    """Gloo connects each pair of processes in a handshake that one side can finish first: a process ending at once
+    after that (a resume of a finished run) cut off a peer still connecting, which failed with a traceback
+    ("Gloo connectFullMesh failed ... Connection closed by peer"). With gloo, a barrier follows the join (NCCL's
+    join makes no connection to cut); a peer that ends while they meet is one line, another error is not hidden."""
+    calls = []
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    main.join_process_group("gloo", main.Dist(1, 2, 1))
+    main.join_process_group("nccl", main.Dist(1, 2, 1))
+    assert calls == ["gloo", "barrier", "nccl"]
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/"
+                           "tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:23779. This is typically caused by "
+                           "a remote worker crashing. Check the logs of the remote worker before reporting an error.")
+
+    monkeypatch.setattr(torch.distributed, fails_in, peer_gone)
+    with pytest.raises(main.UserError) as caught:
+        main.join_process_group("gloo", main.Dist(1, 2, 1))
+    assert str(caught.value) == ("rank 1 of 2: another process of this job ended while they were meeting (its "
+                                 "message says why), so this one stops too (RuntimeError: Gloo connectFullMesh "
+                                 "failed with Connection closed by peer [127.0.0.1]:23779)")
+    monkeypatch.setattr(torch.distributed, fails_in, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):
+        main.join_process_group("gloo", main.Dist(1, 2, 1))
 
 
 def test_data_root_without_data(tmp_path, capsys):

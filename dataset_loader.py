@@ -104,15 +104,15 @@ def load_cifar(dataset: str, data_root: str | os.PathLike, download: bool = Fals
     --dataset; ``trained_with``: the --data_root that checkpoint's run was trained with. Where that is another
     folder, every DataError names it: a missing data's hint points to it where it holds the data (before any folder
     one level down), and any other error ends with it in parentheses (the flag is a path, given again on --resume,
-    not read from the checkpoint).
+    not read from the checkpoint). A value that is not printable text is not named.
 
     Detection order: torchvision's pickled folder (``cifar-10-batches-py/`` or ``cifar-100-python/``),
     then image folders (``train/<class>/*`` and ``test/<class>/*``), then torchvision's download when
     ``download`` is set. Labels of CIFAR-100 are its fine labels.
     """
     _check_dataset(dataset)
-    if trained_with is not None and same_folder(trained_with, data_root):
-        trained_with = None
+    if trained_with is not None and (not trained_with.isprintable() or same_folder(trained_with, data_root)):
+        trained_with = None  # (the same folder; or a damaged checkpoint's: a NUL, a line break, a terminal escape)
     try:
         return _load_cifar(dataset, Path(data_root).expanduser(), download, dataset_of, trained_with)
     except DataError as e:

@@ -1052,7 +1052,7 @@ def test_every_data_error_names_another_data_root_the_run_was_trained_with(tmp_p
     """Where the run's --data_root is another folder, an error whose hint does not already point to it ends with it
     in parentheses: missing data where that folder holds nothing either, a hint to another folder beginning alike
     (data2/sub is not data), a damaged copy. The same folder written otherwise (a symbolic link, ~, a trailing
-    slash) is not named."""
+    slash) is not named, nor a value that is not printable text (a damaged checkpoint's)."""
     empty, gone = tmp_path / "empty", tmp_path / "data"
     empty.mkdir()
     with pytest.raises(DataError) as caught:
@@ -1071,7 +1071,8 @@ def test_every_data_error_names_another_data_root_the_run_was_trained_with(tmp_p
                                                                            f"--data_root {gone})")
     (tmp_path / "link").symlink_to(empty)
     monkeypatch.setenv("HOME", str(tmp_path))
-    for then in (str(tmp_path / "link"), "~/empty", f"{empty}/"):
+    for then in (str(tmp_path / "link"), "~/empty", f"{empty}/",
+                 "a\x00b", "a\nb", "\x1b[2J"):  # (a damaged checkpoint's: not named, nor a ValueError)
         with pytest.raises(DataError) as caught:
             dl.load_cifar("cifar10", empty, trained_with=then)
         assert "trained with" not in str(caught.value), then

@@ -2635,7 +2635,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         prefix = f"rank {dist.rank}: " if dist.enabled else launched_rank_prefix()
         if prefix and str(e).startswith(prefix[:-2] + " "):  # it names the process already ("rank 1 of 2 ...")
             prefix = ""
-        print(f"{prefix}error: {e}" if isinstance(e, UserError) else f"{prefix}{e}", file=sys.stderr, flush=True)
+        text = util.printable(e)  # (a path given with a line break in it stays on the line)
+        print(f"{prefix}error: {text}" if isinstance(e, UserError) else f"{prefix}{text}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

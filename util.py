@@ -146,7 +146,14 @@ def accuracy_report(confusion: np.ndarray, shot_groups: dict[str, Sequence[int]]
 def one_line(text: object) -> str:
     """An exception or message as one line (error messages must not span several), other control characters (a
     terminal's escape sequences, from a damaged or crafted file's content) shown as escapes."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(str(text).split()))
+    return printable(" ".join(str(text).split()))
+
+
+def printable(text: object) -> str:
+    """`text` with every character that is not printable (a line break, a tab, a terminal's escape sequence, a
+    file name's undecodable byte) shown as its escape, spaces kept as they are: the last step of a one-line
+    message whose parts (a path given on the command line) may hold any character."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 
 def exception_text(exc: BaseException) -> str:

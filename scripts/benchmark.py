@@ -1048,7 +1048,7 @@ def main_cli(argv: Optional[list[str]] = None) -> int:
             return 1
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {util.printable(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -985,6 +985,10 @@ def test_data_root_without_data(tmp_path, capsys):
     code, err = call_main(["--data_root", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "cifar-10-batches-py", "--download")
     assert not (tmp_path / "o").exists()
+    # A path given with a line break or a terminal escape in it: still one line, the characters shown as escapes.
+    code, err = call_main(["--data_root", str(tmp_path / "a\nb\x1b[2J  c"), "--output_dir", str(tmp_path / "o")],
+                          capsys)
+    assert_one_line_error(code, err, f"no cifar10 data in {tmp_path}/a\\nb\\x1b[2J  c: looked for")
 
 
 def test_batch_larger_than_the_training_set(tmp_path, capsys, cifar10_root):

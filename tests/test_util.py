@@ -335,6 +335,7 @@ def test_refusals_are_one_plain_line(tmp_path):
     assert str(util._refused(tmp_path / "c.pt", crafted)).startswith(
         f"cannot read checkpoint {tmp_path / 'c.pt'}: it holds \\x1b[31mred.x, which no checkpoint")
     assert util.one_line("a\x1b[31mb\n\tc \udcff é") == "a\\x1b[31mb c \\udcff é"
+    assert util.printable("a\x1b[31mb\n\tc  \udcff é") == "a\\x1b[31mb\\n\\tc  \\udcff é"  # spaces kept
     torch.save({"model": {}, "config": {}}, tmp_path / "p4.pt", pickle_protocol=4)
     with pytest.raises(util.UserError, match=r": it was pickled in a protocol above 2, torch.save's, which "
                                              r"torch.load's weights_only=True does not read \(Unsupported operand"):

@@ -229,10 +229,11 @@ class Config:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (plus exit 2), like every other bad input."""
+    """Usage errors as one line (plus exit 2), like every other bad input; under torchrun the line names the process
+    ('rank N: error: ...'), as main()'s errors before the processes meet do."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"{launched_rank_prefix()}error: {message} (see --help)\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

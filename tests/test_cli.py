@@ -855,6 +855,30 @@ def test_a_process_of_a_job_names_its_rank_in_an_error_before_it_joins_the_other
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--loss", "nope"], "argument --loss: invalid choice: 'nope'"),
+])
+def test_a_process_of_a_job_names_its_rank_in_a_usage_error_too(flags, message, tmp_path, capsys, cifar10_root,
+                                                                monkeypatch):
+    """argparse's own errors (an unknown flag, a value of the wrong type or not among the choices) stop each of
+    torchrun's processes before they meet as well: each line names its process, as validate()'s errors do (the README:
+    'each with its own `rank N: error: ...` line'), and only under torchrun."""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29534")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "o"
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *flags], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"rank 1: error: {message}") and err.strip().endswith("(see --help)"), err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no rank named
+    monkeypatch.setenv("RANK", "0")
+    code, err = call_main(["--data_root", str(cifar10_root), "--output_dir", str(out), *flags], capsys)
+    assert code == 2 and err.startswith(f"error: {message}"), err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("world_size", ["abc", "", "2.0"])
 def test_a_world_size_that_is_not_an_integer_is_one_line_from_the_real_entry_point(world_size, tmp_path,
                                                                                     cifar10_root):

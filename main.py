@@ -32,8 +32,20 @@ from types import MappingProxyType
 from typing import Any, Callable, Optional
 
 
+def another_rank_of_a_job() -> bool:
+    """Whether this process is one that torchrun started beside rank 0 (RANK 1 .. WORLD_SIZE - 1, with MASTER_ADDR and
+    MASTER_PORT set). A Ctrl-C reaches every process of the job (the terminal's, or torchrun's relay of it): rank 0
+    alone says "interrupted", as it alone says why a run stopped."""
+    try:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    return 0 < rank < world_size and all(os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT"))
+
+
 def _interrupted_while_importing(signum, frame) -> None:
-    print("interrupted", file=sys.stderr, flush=True)
+    if not another_rank_of_a_job():
+        print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 
 
@@ -2640,7 +2652,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{prefix}error: {text}" if isinstance(e, UserError) else f"{prefix}{text}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not another_rank_of_a_job():  # (each process of a torchrun job gets the Ctrl-C: said once)
+            print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:  # a collective whose peer process ended (its own message says why): not a traceback
         if not (dist.enabled and peer_gone(e)):

@@ -573,3 +573,48 @@ def test_exit_process_skips_interpreter_teardown_only_under_torchrun(world_size)
     assert proc.returncode == 3
     assert proc.stdout.startswith("unflushed out") and proc.stderr == "unflushed err"
     assert ("teardown ran" in proc.stdout) == (world_size is None)
+
+
+# Each rank marks that it is loading the data (before Run.run installs the signal handlers: Python's KeyboardInterrupt
+# ends main() there), then waits there until torchrun relays the test's SIGINT.
+SLOW_DATA = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import main
+
+def load_data(*args, **kwargs):
+    open(os.path.join({marks!r}, os.environ["RANK"]), "w").close()
+    time.sleep(60)
+
+main.load_data = load_data
+main.exit_process(main.main(sys.argv[1:]))
+"""
+
+
+def test_a_ctrl_c_before_the_run_starts_says_interrupted_once(tmp_path, cifar10_root):
+    """A Ctrl-C reaches every process of a torchrun job (torchrun relays the SIGINT it gets): one caught before the
+    run's signal handlers (Python's KeyboardInterrupt: loading the data, building the model, --dry_run, --eval_only)
+    is said by rank 0 alone, as a stop is, not as one 'interrupted' per process."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "slow.py").write_text(SLOW_DATA.format(root=str(ROOT), marks=str(marks)))
+    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1")
+    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "slow.py")
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err_file, cwd=tmp_path, env=torchrun_env())
+        try:
+            deadline = time.monotonic() + TORCHRUN_TIMEOUT
+            while len(os.listdir(marks)) < WORLD_SIZE and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sorted(os.listdir(marks)) == ["0", "1"], stderr.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=TORCHRUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = stderr.read_text()
+    assert [line for line in text.splitlines() if "interrupted" in line] == ["interrupted"], text[-3000:]
+    assert "[rank0]:" not in text and "[rank1]:" not in text, text[-3000:]  # (a worker's traceback; torchrun's own
+    # SignalException is torchrun's)

@@ -2632,16 +2632,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         dist, device = setup_distributed(cfg)
         configure_backends(cfg)
         if cfg.eval_only:
-            return printed(evaluate_checkpoint(cfg, dist, device, given_flags(argv)))
+            return printed(evaluate_checkpoint(cfg, dist, device, given_flags(argv)), dist.main)
         if dist.main:  # an existing folder, before its state is read: what resume_point sees stays so
             folder_lock.acquire(resolve_output_dir(cfg), create=not cfg.dry_run)
         out, saved, finished = resume_point(cfg, dist)
         if finished:
             if dist.main:
                 print(f"{out} already finished {plural(cfg.epochs, 'epoch')}; nothing to do", flush=True)
-            return printed(0) if cfg.dry_run else 0
+            return printed(0, dist.main) if cfg.dry_run else 0
         run = Run(cfg, dist, device, out, saved, folder_lock)
-        return printed(run.dry_run()) if cfg.dry_run else run.run()
+        return printed(run.dry_run(), dist.main) if cfg.dry_run else run.run()
     except (UserError, Stop) as e:
         if isinstance(e, Stop) and not dist.main:  # every process stops for the same reason: say it once
             return e.code
@@ -2667,10 +2667,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def printed(code: int) -> int:
+def printed(code: int, prints: bool = True) -> int:
     """The exit status of a program whose result is what it prints (--eval_only, --dry_run): 1 where standard output
-    failed (util.GuardedOutput said so on stderr), so that a script reading the output does not take it as done."""
+    failed (util.GuardedOutput said so on stderr), so that a script reading the output does not take it as done.
+    `prints`: False for a process of a torchrun job other than rank 0, which prints none of the result (rank 0 judges
+    its own output, and says so once)."""
     sys.stdout.flush()
+    if not prints:
+        return code
     if code == 0 and getattr(sys.stdout, "failed", False):
         print("error: what this command prints is its result, and printing it failed", file=sys.stderr, flush=True)
         return 1

@@ -618,3 +618,17 @@ def test_a_ctrl_c_before_the_run_starts_says_interrupted_once(tmp_path, cifar10_
     assert [line for line in text.splitlines() if "interrupted" in line] == ["interrupted"], text[-3000:]
     assert "[rank0]:" not in text and "[rank1]:" not in text, text[-3000:]  # (a worker's traceback; torchrun's own
     # SignalException is torchrun's)
+
+
+def test_a_dry_run_with_stdout_closed_fails_once_from_rank_0(tmp_path, cifar10_root):
+    """--dry_run's result is what it prints, so with standard output closed (`torchrun ... >&-`) it fails: on rank 0,
+    which prints it, with one line. Another rank prints none of it: it neither says so too nor fails."""
+    proc = subprocess.run(torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY,
+                                           "--epochs", "1", "--dry_run"),
+                          stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=torchrun_env(),
+                          timeout=TORCHRUN_TIMEOUT, preexec_fn=lambda: os.close(1))
+    assert proc.returncode != 0
+    said = "error: what this command prints is its result, and standard output was closed (>&-)"
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    assert "rank      : 1" not in proc.stderr, proc.stderr[-3000:]  # torchrun's report of a failed rank 1
+    assert not (tmp_path / "run").exists()

@@ -2523,18 +2523,23 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
 
 def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
               **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
-    """data.load_cifar of cfg's dataset and --data_root, with --download: under torchrun, one download per machine
-    (local rank 0's) while the machine's other processes wait for it. For a run resumed or evaluated from `saved`
-    (a checkpoint), load_cifar is told the --data_root the run was trained with, which its errors name where it is
-    another folder."""
+    """data.load_cifar of cfg's dataset and --data_root. Under torchrun, where reading may write into --data_root
+    (--download, or image folders, whose decoded cache the first read writes), the job's processes take turns: rank 0
+    reads first (downloading, decoding), then the first process of each other machine (local rank 0: its own disk;
+    where --data_root is shared, as on a cluster's file system, it finds the data or cache rank 0 left), then every
+    process reads what is there, without downloading. One download and one decoding per folder, not one per process
+    writing the same files at once (two machines' torchvision downloads into one shared folder), the others waiting
+    at barriers. For a run resumed or evaluated from `saved` (a checkpoint), load_cifar is told the --data_root the
+    run was trained with, which its errors name where it is another folder."""
     download = cfg.download
     config = saved.get("config") if isinstance(saved, dict) else None
     then = config.get("data_root") if isinstance(config, dict) else None
     then = then if isinstance(then, str) and then else None
-    if download and dist.enabled:
-        if dist.local_rank == 0:
-            data.load_cifar(cfg.dataset, cfg.data_root, download=True, trained_with=then, **kwargs)
-        torch.distributed.barrier()
+    if dist.enabled and (download or data.image_folders_read(cfg.dataset, cfg.data_root)):
+        for turn in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0):
+            if turn:
+                data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
+            torch.distributed.barrier()
         download = False
     return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
 

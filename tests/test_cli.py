@@ -476,21 +476,50 @@ def test_load_data_tells_load_cifar_the_data_root_the_run_was_trained_with(saved
     assert given == [("cifar10", "data/x", False, {"trained_with": then, "dataset_of": "run/best.pt"})]
 
 
-@pytest.mark.parametrize("local_rank", [0, 1])
-def test_download_under_torchrun_is_one_per_machine(local_rank, monkeypatch):
-    """--download under torchrun, a training run or --eval_only alike: local rank 0 downloads while the machine's
-    other processes wait at a barrier; then every process reads the data without downloading."""
+@pytest.mark.parametrize("rank, local_rank, reads_first", [(0, 0, [True, "barrier", "barrier"]),
+                                                             (1, 1, ["barrier", "barrier"]),
+                                                             (2, 0, ["barrier", True, "barrier"]),  # another machine
+                                                             (3, 1, ["barrier", "barrier"])])
+def test_download_under_torchrun_is_rank_0s_first_then_one_per_other_machine(rank, local_rank, reads_first,
+                                                                             monkeypatch):
+    """--download under torchrun, a training run or --eval_only alike: rank 0 downloads while every other process
+    waits at a barrier; then the first process of each other machine (on a --data_root of its own it downloads, on
+    a shared one it finds rank 0's) while the rest wait; then every process reads the data without downloading. Two
+    machines never download into one shared folder at once."""
     calls = []
     monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
                         ("train", "test"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
-    cfg = main.parse_config(["--download"])
-    assert main.load_data(cfg, None, main.Dist(rank=local_rank, world_size=2, local_rank=local_rank)) == (
+    cfg = main.parse_config(["--download", "--data_root", "data/none"])
+    assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank)) == (
         "train", "test")
-    assert calls == ([True] if local_rank == 0 else []) + ["barrier", False]
+    assert calls == reads_first + [False]
     calls.clear()
     main.load_data(cfg, None, main.Dist())  # one process: it downloads itself
     assert calls == [True]
+
+
+@pytest.mark.parametrize("rank, local_rank, reads_first", [(0, 0, [False, "barrier", "barrier"]),
+                                                             (1, 1, ["barrier", "barrier"]),
+                                                             (2, 0, ["barrier", False, "barrier"])])
+def test_image_folders_under_torchrun_are_decoded_by_rank_0_first(rank, local_rank, reads_first, tmp_path,
+                                                                  monkeypatch):
+    """Image folders: the first read decodes them and writes their cache, so under torchrun the processes take the
+    same turns as a download (rank 0, then the first of each other machine, then all, from the cache). Pickled data
+    writes nothing: every process reads it at once, with no barrier."""
+    calls = []
+    monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
+                        ("train", "test"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    dist = main.Dist(rank=rank, world_size=4, local_rank=local_rank)
+    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist)
+    assert calls == reads_first + [False]
+    calls.clear()
+    (tmp_path / "cifar-10-batches-py").mkdir()  # the pickled layout takes precedence: nothing written
+    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist)
+    assert calls == [False]
 
 
 BAD_INPUTS = [

@@ -632,3 +632,45 @@ def test_a_dry_run_with_stdout_closed_fails_once_from_rank_0(tmp_path, cifar10_r
     assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
     assert "rank      : 1" not in proc.stderr, proc.stderr[-3000:]  # torchrun's report of a failed rank 1
     assert not (tmp_path / "run").exists()
+
+
+# Each _write_cache call (the first read of image folders, after decoding them) leaves a mark named after its rank.
+COUNTED_CACHE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import dataset_loader
+import main
+
+real = dataset_loader._write_cache
+
+def write_cache(*args, **kwargs):
+    open(os.path.join({marks!r}, os.environ["RANK"]), "w").close()
+    return real(*args, **kwargs)
+
+dataset_loader._write_cache = write_cache
+main.exit_process(main.main(sys.argv[1:]))
+"""
+
+
+def test_image_folders_are_decoded_once_under_torchrun(tmp_path):
+    """Image folders are decoded and their cache written by rank 0 alone; the other processes wait, then read the
+    cache (each process decoded them and wrote the same cache file at once before)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split, part in zip(("train", "test"), make_synthetic(10, 20, 4, seed=0)):
+        for i, (image, label) in enumerate(zip(part.images, part.labels)):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "counted.py").write_text(COUNTED_CACHE.format(root=str(ROOT), marks=str(marks)))
+    command = torchrun_command("--data_root", str(root), "--output_dir", "run", *TINY, "--epochs", "1", "--dry_run")
+    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "counted.py")
+    env = {**torchrun_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=TORCHRUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run: would start a run in run" in proc.stdout
+    assert os.listdir(marks) == ["0"]
+    assert len(list(root.glob("hybrid-lt-cache-*.npz"))) == 1

@@ -32,19 +32,21 @@ from types import MappingProxyType
 from typing import Any, Callable, Optional
 
 
-def another_rank_of_a_job() -> bool:
-    """Whether this process is one that torchrun started beside rank 0 (RANK 1 .. WORLD_SIZE - 1, with MASTER_ADDR and
-    MASTER_PORT set). A Ctrl-C reaches every process of the job (the terminal's, or torchrun's relay of it): rank 0
-    alone says "interrupted", as it alone says why a run stopped."""
+def launched_rank() -> Optional[int]:
+    """This process's RANK where torchrun started it as one of several (WORLD_SIZE > 1, RANK in 0 .. WORLD_SIZE - 1,
+    MASTER_ADDR and MASTER_PORT set), read from the environment alone (also before the processes meet, and while
+    torch is imported); else None: one process, or torchrun's variables left in a shell, or not integers."""
     try:
         rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        return False
-    return 0 < rank < world_size and all(os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT"))
+        return None
+    launched = world_size > 1 and 0 <= rank < world_size and all(os.environ.get(k) for k in ("MASTER_ADDR",
+                                                                                              "MASTER_PORT"))
+    return rank if launched else None
 
 
 def _interrupted_while_importing(signum, frame) -> None:
-    if not another_rank_of_a_job():
+    if not launched_rank():  # (torchrun relays a Ctrl-C to every process: rank 0 alone says it)
         print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 
@@ -1802,7 +1804,7 @@ class Run:
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
         self.num_classes = data.DATASETS[cfg.dataset]
-        train, test = load_data(cfg, saved, dist,  # (resumed: the checkpoint fixed the dataset, as --eval_only's)
+        train, test = load_data(cfg, saved, dist, device,  # (resumed: the checkpoint fixed the dataset, as --eval_only's)
                                 dataset_of=None if saved is None else f"the run in {out}")
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
@@ -2521,7 +2523,16 @@ def as_trained(saved: dict[str, Any], cfg: Config, path: Path, given: set[str]) 
     return dataclasses.replace(cfg, **then)
 
 
-def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
+def barrier(device: torch.device) -> None:
+    """torch.distributed.barrier, on this process's GPU under NCCL (told, not guessed: PyTorch warns where it
+    guesses)."""
+    if device.type == "cuda":
+        torch.distributed.barrier(device_ids=[device.index])
+    else:
+        torch.distributed.barrier()
+
+
+def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist, device: torch.device,
               **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
     """data.load_cifar of cfg's dataset and --data_root. Under torchrun, where reading may write into --data_root
     (--download, or image folders, whose decoded cache the first read writes), the job's processes take turns: rank 0
@@ -2539,7 +2550,7 @@ def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist,
         for turn in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0):
             if turn:
                 data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
-            torch.distributed.barrier()
+            barrier(device)
         download = False
     return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
 
@@ -2559,7 +2570,7 @@ def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: se
     cfg = as_trained(saved, cfg, path, given)
     num_classes = data.DATASETS[cfg.dataset]
     check_compatible(saved, cfg, path, num_classes, keys=())
-    train, test = load_data(cfg, saved, dist, dataset_of=str(path))
+    train, test = load_data(cfg, saved, dist, device, dataset_of=str(path))
     try:
         train_lt, class_counts = data.long_tailed_subset(train, num_classes, cfg.imb_factor, cfg.imb_type,
                                                          cfg.data_seed)
@@ -2657,7 +2668,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{prefix}error: {text}" if isinstance(e, UserError) else f"{prefix}{text}", file=sys.stderr, flush=True)
         return e.code if isinstance(e, Stop) else e.exit_code
     except KeyboardInterrupt:
-        if not another_rank_of_a_job():  # (each process of a torchrun job gets the Ctrl-C: said once)
+        if not launched_rank():  # (each process of a torchrun job gets the Ctrl-C: rank 0 alone says it)
             print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:  # a collective whose peer process ended (its own message says why): not a traceback
@@ -2694,13 +2705,8 @@ def launched_rank_prefix() -> str:
     """'rank N: ' for a process that torchrun started as one of several but that stopped before it joined them
     (a bad flag, say: each process says so), else '' (also for torchrun's variables left in a shell without
     MASTER_ADDR and MASTER_PORT, whose error is about them)."""
-    try:
-        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    except UserError:  # the error being said is this one
-        return ""
-    launched = (world_size > 1 and 0 <= rank < world_size
-                and all(os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")))
-    return f"rank {rank}: " if launched else ""
+    rank = launched_rank()
+    return "" if rank is None else f"rank {rank}: "
 
 
 def exit_process(code: int) -> None:

@@ -28,6 +28,7 @@ from helpers import (RunsCode, ascii_locale_env, call_main, make_synthetic, snap
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 10  # per class
+CPU = torch.device("cpu")
 IMB_FACTOR = 0.1
 # LDAM-DRW counts for n_max 40 at imbalance ratio 10: int(40 * 0.1 ** (c / 9)).
 EXPECTED_COUNTS = [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
@@ -472,7 +473,7 @@ def test_load_data_tells_load_cifar_the_data_root_the_run_was_trained_with(saved
     monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kwargs: given.append(
         (dataset, root, download, kwargs)) or ("train", "test"))
     cfg = main.parse_config(["--data_root", "data/x"])
-    assert main.load_data(cfg, saved, main.Dist(), dataset_of="run/best.pt") == ("train", "test")
+    assert main.load_data(cfg, saved, main.Dist(), CPU, dataset_of="run/best.pt") == ("train", "test")
     assert given == [("cifar10", "data/x", False, {"trained_with": then, "dataset_of": "run/best.pt"})]
 
 
@@ -491,12 +492,17 @@ def test_download_under_torchrun_is_rank_0s_first_then_one_per_other_machine(ran
                         ("train", "test"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
     cfg = main.parse_config(["--download", "--data_root", "data/none"])
-    assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank)) == (
+    assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank), CPU) == (
         "train", "test")
     assert calls == reads_first + [False]
     calls.clear()
-    main.load_data(cfg, None, main.Dist())  # one process: it downloads itself
+    main.load_data(cfg, None, main.Dist(), CPU)  # one process: it downloads itself
     assert calls == [True]
+    # Under NCCL the barrier is told this process's GPU (PyTorch warns where it guesses).
+    monkeypatch.setattr(torch.distributed, "barrier", lambda **kwargs: calls.append(kwargs))
+    main.barrier(torch.device("cuda", 3))
+    main.barrier(CPU)
+    assert calls[1:] == [{"device_ids": [3]}, {}]
 
 
 @pytest.mark.parametrize("rank, local_rank, reads_first", [(0, 0, [False, "barrier", "barrier"]),
@@ -514,11 +520,11 @@ def test_image_folders_under_torchrun_are_decoded_by_rank_0_first(rank, local_ra
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
     dist = main.Dist(rank=rank, world_size=4, local_rank=local_rank)
-    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist)
+    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist, CPU)
     assert calls == reads_first + [False]
     calls.clear()
     (tmp_path / "cifar-10-batches-py").mkdir()  # the pickled layout takes precedence: nothing written
-    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist)
+    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist, CPU)
     assert calls == [False]
 
 

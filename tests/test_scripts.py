@@ -2324,8 +2324,9 @@ case $1 in
     if ((resume)); then cp "$FAKE_RESULTS" "$out/results.json"; exit 0; fi
     echo '{}' >"$out/config.json"
     if ((${FAKE_RUN_UNTIL_TERM:-0})); then  # trains until a SIGTERM, then takes FAKE_STEP_S to finish its step
-      echo $$ >>"$FAKE_LOG.pids"
+      # The trap first: a test signals once it reads the pid, which must not find the default SIGTERM (exit 143).
       trap 'sleep "$FAKE_STEP_S"; echo checkpoint >"$out/last.pt"; exit 130' TERM
+      echo $$ >>"$FAKE_LOG.pids"
       while :; do sleep 0.1; done
     fi
     if ((FAKE_CHECKPOINT)); then echo checkpoint >"$out/last.pt"; fi
@@ -2679,10 +2680,12 @@ def test_gpu_checks_interrupted_stops_its_step_skips_the_rest_and_still_writes_t
                                 str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--device", "cpu", "--only",
                                 "train_eager,benchmark"], env={**env, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = Path(f"{calls}.pids")
     deadline = time.monotonic() + 30
-    while not Path(f"{calls}.pids").exists() and time.monotonic() < deadline:
+    # (the file is there from the moment the fake's echo opened it, before it wrote the pid: wait for the line)
+    while not (pids.exists() and pids.read_text().endswith("\n")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    (pid,) = map(int, Path(f"{calls}.pids").read_text().split())  # the fake main.py, training
+    (pid,) = map(int, pids.read_text().split())  # the fake main.py, training
     process.send_signal(sig)  # the script alone, as a terminal's Ctrl-C reaches it
     try:
         stdout, stderr = process.communicate(timeout=30)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import pytest
@@ -301,6 +302,27 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=TORCHRUN_TIMEOUT)
 
 
+def sigint_torchrun_when(ready: Callable[[], bool], command: list[str], cwd: Path, stdout: Path,
+                         stderr: Path) -> bool:
+    """Start torchrun's `command` with its output in files (not pipes: nothing blocks on a full one, and `ready` may
+    read them), send it SIGINT once `ready()` holds (or it ended, or TORCHRUN_TIMEOUT passed), and wait for it to
+    end (killed if it has not). Whether `ready()` held when the signal was sent."""
+    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
+        proc = subprocess.Popen(command, stdout=out_file, stderr=err_file, cwd=cwd, env=torchrun_env())
+        try:
+            deadline = time.monotonic() + TORCHRUN_TIMEOUT
+            while not ready() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            was_ready = ready()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=TORCHRUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return was_ready
+
+
 @pytest.fixture(scope="module")
 def cifar10_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar10")
@@ -484,24 +506,12 @@ def test_interrupted_torchrun_resumes_to_the_end_as_if_never_stopped(tmp_path):
     args = ["--data_root", str(root), "--loss", "sc", *TINY, "--batch_size", "8", "--epochs", "2",
             "--print_freq", "1000", "--eval_every", "2"]
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
-        # Files, not pipes: nothing blocks on a full pipe, and the test polls stdout for the epoch line.
-        proc = subprocess.Popen(torchrun_command(*args, "--output_dir", "run"), stdout=out_file, stderr=err_file,
-                                cwd=tmp_path, env=torchrun_env())
-        try:
-            deadline = time.monotonic() + TORCHRUN_TIMEOUT
-            # last.pt appears once epoch 1 is saved; the ranks poll for a signal right after that, then at each
-            # step of epoch 2: a signal now lands in epoch 2.
-            while not (tmp_path / "run" / "last.pt").exists() and proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert "epoch 1/2 |" in stdout.read_text(), stderr.read_text()[-3000:]
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=TORCHRUN_TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    # last.pt appears once epoch 1 is saved; the ranks poll for a signal right after that, then at each step of
+    # epoch 2: a signal now lands in epoch 2.
+    assert sigint_torchrun_when(lambda: (tmp_path / "run" / "last.pt").exists(),
+                                torchrun_command(*args, "--output_dir", "run"), tmp_path, stdout, stderr), \
+        stderr.read_text()[-3000:]
+    assert "epoch 1/2 |" in stdout.read_text(), stderr.read_text()[-3000:]
     assert "SIGINT: stopped after step" in stderr.read_text(), stderr.read_text()[-3000:]
     saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["run"]
     assert saved["epoch"] == 1 and 0 < saved["step"] < 50  # mid-epoch, far from a logging interval
@@ -601,19 +611,8 @@ def test_a_ctrl_c_before_the_run_starts_says_interrupted_once(tmp_path, cifar10_
     command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1")
     command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "slow.py")
     stderr = tmp_path / "stderr.txt"
-    with open(stderr, "w") as err_file:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err_file, cwd=tmp_path, env=torchrun_env())
-        try:
-            deadline = time.monotonic() + TORCHRUN_TIMEOUT
-            while len(os.listdir(marks)) < WORLD_SIZE and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert sorted(os.listdir(marks)) == ["0", "1"], stderr.read_text()[-3000:]
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=TORCHRUN_TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    assert sigint_torchrun_when(lambda: sorted(os.listdir(marks)) == ["0", "1"], command, tmp_path,
+                                tmp_path / "stdout.txt", stderr), stderr.read_text()[-3000:]
     text = stderr.read_text()
     assert [line for line in text.splitlines() if "interrupted" in line] == ["interrupted"], text[-3000:]
     assert "[rank0]:" not in text and "[rank1]:" not in text, text[-3000:]  # (a worker's traceback; torchrun's own

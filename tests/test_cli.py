@@ -491,6 +491,7 @@ def test_download_under_torchrun_is_rank_0s_first_then_one_per_other_machine(ran
     monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
                         ("train", "test"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)  # the others answer as this one
     cfg = main.parse_config(["--download", "--data_root", "data/none"])
     assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank), CPU) == (
         "train", "test")
@@ -517,6 +518,7 @@ def test_image_folders_under_torchrun_are_decoded_by_rank_0_first(rank, local_ra
     monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
                         ("train", "test"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)  # the others answer as this one
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
     dist = main.Dist(rank=rank, world_size=4, local_rank=local_rank)
@@ -526,6 +528,31 @@ def test_image_folders_under_torchrun_are_decoded_by_rank_0_first(rank, local_ra
     (tmp_path / "cifar-10-batches-py").mkdir()  # the pickled layout takes precedence: nothing written
     main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist, CPU)
     assert calls == [False]
+
+
+
+@pytest.mark.parametrize("others_take_turns", [False, True])
+def test_under_torchrun_the_job_agrees_whether_its_processes_take_turns_at_reading(others_take_turns, tmp_path,
+                                                                                   monkeypatch):
+    """Whether the processes take turns at reading is decided by the job, not by each process from its own disk: a
+    process that sees the pickled layout still takes the turns where a process of another machine sees no data
+    there (or image folders), else the two would wait at different collectives until the timeout (a hang, where the
+    machine without the data said so at once before the turns)."""
+    calls = []
+    monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
+                        ("train", "test"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+
+    def all_reduce(tensor):  # the sum over this process and the others
+        calls.append(("all_reduce", int(tensor.item())))
+        tensor += int(others_take_turns)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # this process's disk: the pickled layout, which writes nothing
+    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, main.Dist(rank=2, world_size=4,
+                                                                                        local_rank=0), CPU)
+    # (rank 2, the first process of another machine: rank 0's turn, its own, then every process's)
+    assert calls == [("all_reduce", 0)] + (["barrier", False, "barrier", False] if others_take_turns else [False])
 
 
 BAD_INPUTS = [

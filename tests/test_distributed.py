@@ -673,3 +673,33 @@ def test_image_folders_are_decoded_once_under_torchrun(tmp_path):
     assert "dry run: would start a run in run" in proc.stdout
     assert os.listdir(marks) == ["0"]
     assert len(list(root.glob("hybrid-lt-cache-*.npz"))) == 1
+
+
+# Rank 1 plays the first process of another machine whose --data_root holds no data (its own disk, not rank 0's).
+OTHER_MACHINE_WITHOUT_DATA = """
+import os, sys
+sys.path.insert(0, {root!r})
+import main
+
+argv = sys.argv[1:]
+if os.environ["RANK"] == "1":
+    os.environ["LOCAL_RANK"] = "0"
+    argv[argv.index("--data_root") + 1] = {empty!r}
+main.exit_process(main.main(argv))
+"""
+
+
+def test_a_machine_without_the_data_says_so_where_rank_0_holds_the_pickled_layout(tmp_path, cifar10_root):
+    """Rank 0's machine holds the pickled layout (no turns needed there), another machine's --data_root holds nothing
+    (turns needed): the job agrees to take turns, so that machine's process says what is missing and the job ends at
+    once; deciding each on its own disk, rank 0 went on to the model's collectives while the other waited at the
+    turns' barrier, and the job hung until the timeout."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "other.py").write_text(OTHER_MACHINE_WITHOUT_DATA.format(root=str(ROOT), empty=str(empty)))
+    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1")
+    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "other.py")
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=torchrun_env(),
+                          timeout=TORCHRUN_TIMEOUT)
+    assert proc.returncode != 0
+    assert f"rank 1: error: no cifar10 data in {empty}: " in proc.stderr, proc.stderr[-3000:]

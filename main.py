@@ -247,7 +247,8 @@ class OneLineParser(argparse.ArgumentParser):
     ('rank N: error: ...'), as main()'s errors before the processes meet do."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{launched_rank_prefix()}error: {message} (see --help)\n")
+        # (printable: an unrecognized argument is quoted as given, a line break in it would split the line)
+        self.exit(2, f"{launched_rank_prefix()}error: {util.printable(message)} (see --help)\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

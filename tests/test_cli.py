@@ -941,6 +941,14 @@ def test_a_process_of_a_job_names_its_rank_in_a_usage_error_too(flags, message, 
     assert not out.exists()
 
 
+def test_a_usage_error_naming_an_argument_with_a_line_break_is_one_line(tmp_path, capsys):
+    """argparse quotes an unrecognized argument as given: a line break or a terminal escape in it is shown as an
+    escape, as in every other error (OneLineParser: usage errors as one line)."""
+    code, err = call_main([f"--bo\ngus", "a\x1b[2Jb"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err == "error: unrecognized arguments: --bo\\ngus a\\x1b[2Jb (see --help)\n", err
+
+
 @pytest.mark.parametrize("world_size", ["abc", "", "2.0"])
 def test_a_world_size_that_is_not_an_integer_is_one_line_from_the_real_entry_point(world_size, tmp_path,
                                                                                     cifar10_root):

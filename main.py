@@ -2533,35 +2533,30 @@ def barrier(device: torch.device) -> None:
         torch.distributed.barrier()
 
 
-def any_process(flag: bool, dist: Dist, device: torch.device) -> bool:
-    """Whether `flag` holds on any process of the job (a collective: every process calls it; one process: `flag`)."""
-    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device), dist).item())
-
-
 def load_data(cfg: Config, saved: Optional[dict[str, Any]], dist: Dist, device: torch.device,
               **kwargs: Any) -> tuple[data.ArraySplit, data.ArraySplit]:
-    """data.load_cifar of cfg's dataset and --data_root. Under torchrun, where reading may write into --data_root
-    (--download, or image folders, whose decoded cache the first read writes), the job's processes take turns: rank 0
-    reads first (downloading, decoding), then the first process of each other machine (local rank 0: its own disk;
-    where --data_root is shared, as on a cluster's file system, it finds the data or cache rank 0 left), then every
-    process reads what is there, without downloading. One download and one decoding per folder, not one per process
-    writing the same files at once (two machines' torchvision downloads into one shared folder), the others waiting
-    at barriers. Whether they take turns is the job's one answer (any process's), not each one's: machines that
-    see their --data_root differently (one holds the pickled layout, another nothing) would otherwise meet at
-    different collectives and wait there until the timeout. For a run resumed or evaluated from `saved` (a
+    """data.load_cifar of cfg's dataset and --data_root. Under torchrun the job's processes take turns, as reading may
+    write into --data_root (--download; image folders, whose decoded cache the first read leaves): rank 0 reads first
+    (downloading, decoding), then the first process of each other machine (local rank 0: on a disk of its own it
+    downloads or decodes; on a --data_root the machines share it finds what rank 0 left), then every other process
+    reads what is there, without downloading. One download and one decoding per folder, not one per process writing
+    the same files at once. Always, whatever the layout: a process's own look at its --data_root cannot decide it,
+    as machines may see theirs differently (one the pickled layout, another nothing), and processes that decided
+    otherwise would wait at different collectives until the timeout. For a run resumed or evaluated from `saved` (a
     checkpoint), load_cifar is told the --data_root the run was trained with, which its errors name where it is
     another folder."""
-    download = cfg.download
     config = saved.get("config") if isinstance(saved, dict) else None
     then = config.get("data_root") if isinstance(config, dict) else None
     then = then if isinstance(then, str) and then else None
-    if dist.enabled and any_process(download or data.image_folders_read(cfg.dataset, cfg.data_root), dist, device):
-        for turn in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0):
-            if turn:
-                data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
-            barrier(device)
-        download = False
-    return data.load_cifar(cfg.dataset, cfg.data_root, download=download, trained_with=then, **kwargs)
+    if not dist.enabled:
+        return data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download, trained_with=then, **kwargs)
+    loaded = None
+    for turn in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0):
+        if turn:
+            loaded = data.load_cifar(cfg.dataset, cfg.data_root, download=cfg.download, trained_with=then, **kwargs)
+        barrier(device)
+    return loaded if loaded is not None else data.load_cifar(cfg.dataset, cfg.data_root, download=False,
+                                                             trained_with=then, **kwargs)
 
 
 def evaluate_checkpoint(cfg: Config, dist: Dist, device: torch.device, given: set[str]) -> int:

@@ -477,82 +477,42 @@ def test_load_data_tells_load_cifar_the_data_root_the_run_was_trained_with(saved
     assert given == [("cifar10", "data/x", False, {"trained_with": then, "dataset_of": "run/best.pt"})]
 
 
-@pytest.mark.parametrize("rank, local_rank, reads_first", [(0, 0, [True, "barrier", "barrier"]),
-                                                             (1, 1, ["barrier", "barrier"]),
-                                                             (2, 0, ["barrier", True, "barrier"]),  # another machine
-                                                             (3, 1, ["barrier", "barrier"])])
-def test_download_under_torchrun_is_rank_0s_first_then_one_per_other_machine(rank, local_rank, reads_first,
-                                                                             monkeypatch):
-    """--download under torchrun, a training run or --eval_only alike: rank 0 downloads while every other process
-    waits at a barrier; then the first process of each other machine (on a --data_root of its own it downloads, on
-    a shared one it finds rank 0's) while the rest wait; then every process reads the data without downloading. Two
-    machines never download into one shared folder at once."""
+@pytest.mark.parametrize("layout", ["--download", "pickled", "image folders", "nothing"])
+def test_under_torchrun_rank_0_reads_first_then_one_process_per_other_machine_then_the_rest(layout, tmp_path,
+                                                                                          monkeypatch):
+    """Under torchrun, a training run or --eval_only alike, whatever the layout: rank 0 reads (downloads, decodes the
+    image folders into their cache) while every other process waits at a barrier; then the first process of each
+    other machine (on a --data_root of its own it downloads or decodes, on a shared one it finds rank 0's) while the
+    rest wait; then every other process reads, without downloading. Two machines never download into one shared
+    folder at once, and no process decides from its own disk: machines that see --data_root differently (rank 0's
+    the pickled layout, another's nothing) took different collectives before, and the job hung until the timeout."""
     calls = []
     monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
                         ("train", "test"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)  # the others answer as this one
-    cfg = main.parse_config(["--download", "--data_root", "data/none"])
-    assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank), CPU) == (
-        "train", "test")
-    assert calls == reads_first + [False]
+    if layout == "pickled":
+        (tmp_path / "cifar-10-batches-py").mkdir()
+    elif layout == "image folders":
+        for split in ("train", "test"):
+            (tmp_path / split / "class_0").mkdir(parents=True)
+    download = layout == "--download"
+    cfg = main.parse_config(["--data_root", str(tmp_path), *(["--download"] if download else [])])
+    for (rank, local_rank), expected in {(0, 0): [download, "barrier", "barrier"],
+                                         (1, 1): ["barrier", "barrier", False],
+                                         (2, 0): ["barrier", download, "barrier"],  # another machine's first
+                                         (3, 1): ["barrier", "barrier", False]}.items():
+        calls.clear()
+        assert main.load_data(cfg, None, main.Dist(rank=rank, world_size=4, local_rank=local_rank), CPU) == (
+            "train", "test")
+        assert calls == expected, (rank, local_rank)
     calls.clear()
-    main.load_data(cfg, None, main.Dist(), CPU)  # one process: it downloads itself
-    assert calls == [True]
+    main.load_data(cfg, None, main.Dist(), CPU)  # one process: no turns
+    assert calls == [download]
     # Under NCCL the barrier is told this process's GPU (PyTorch warns where it guesses).
     monkeypatch.setattr(torch.distributed, "barrier", lambda **kwargs: calls.append(kwargs))
     main.barrier(torch.device("cuda", 3))
     main.barrier(CPU)
     assert calls[1:] == [{"device_ids": [3]}, {}]
-
-
-@pytest.mark.parametrize("rank, local_rank, reads_first", [(0, 0, [False, "barrier", "barrier"]),
-                                                             (1, 1, ["barrier", "barrier"]),
-                                                             (2, 0, ["barrier", False, "barrier"])])
-def test_image_folders_under_torchrun_are_decoded_by_rank_0_first(rank, local_rank, reads_first, tmp_path,
-                                                                  monkeypatch):
-    """Image folders: the first read decodes them and writes their cache, so under torchrun the processes take the
-    same turns as a download (rank 0, then the first of each other machine, then all, from the cache). Pickled data
-    writes nothing: every process reads it at once, with no barrier."""
-    calls = []
-    monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
-                        ("train", "test"))
-    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)  # the others answer as this one
-    (tmp_path / "train").mkdir()
-    (tmp_path / "test").mkdir()
-    dist = main.Dist(rank=rank, world_size=4, local_rank=local_rank)
-    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist, CPU)
-    assert calls == reads_first + [False]
-    calls.clear()
-    (tmp_path / "cifar-10-batches-py").mkdir()  # the pickled layout takes precedence: nothing written
-    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, dist, CPU)
-    assert calls == [False]
-
-
-
-@pytest.mark.parametrize("others_take_turns", [False, True])
-def test_under_torchrun_the_job_agrees_whether_its_processes_take_turns_at_reading(others_take_turns, tmp_path,
-                                                                                   monkeypatch):
-    """Whether the processes take turns at reading is decided by the job, not by each process from its own disk: a
-    process that sees the pickled layout still takes the turns where a process of another machine sees no data
-    there (or image folders), else the two would wait at different collectives until the timeout (a hang, where the
-    machine without the data said so at once before the turns)."""
-    calls = []
-    monkeypatch.setattr(main.data, "load_cifar", lambda dataset, root, download, **kw: calls.append(download) or
-                        ("train", "test"))
-    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
-
-    def all_reduce(tensor):  # the sum over this process and the others
-        calls.append(("all_reduce", int(tensor.item())))
-        tensor += int(others_take_turns)
-
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    (tmp_path / "cifar-10-batches-py").mkdir()  # this process's disk: the pickled layout, which writes nothing
-    main.load_data(main.parse_config(["--data_root", str(tmp_path)]), None, main.Dist(rank=2, world_size=4,
-                                                                                        local_rank=0), CPU)
-    # (rank 2, the first process of another machine: rank 0's turn, its own, then every process's)
-    assert calls == [("all_reduce", 0)] + (["barrier", False, "barrier", False] if others_take_turns else [False])
 
 
 BAD_INPUTS = [

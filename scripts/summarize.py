@@ -802,9 +802,15 @@ def format_per_class_markdown(rows: list[GroupSummary]) -> str:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
+def _printable(text: object) -> str:
+    """text with its characters that are not printable (a line break, a terminal's escape sequence) shown as
+    escapes: one line (this script's twin of util.printable; it imports nothing from the project)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+
+
 def _text_cell(text: str) -> str:
     """text in one markdown table cell: control characters shown as escapes, '|' escaped (GFM ends a cell at it)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text).replace("|", "\\|")
+    return _printable(text).replace("|", "\\|")
 
 
 def _code_cell(text: str) -> str:
@@ -1094,7 +1100,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (plus exit 2), like every other bad input (as main.py's parser)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {_printable(message)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1138,7 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
             check_out(args.out, files)
         rows = summarize(load_runs(files))
     except SummaryError as error:
-        print(f"summarize.py: error: {error}", file=sys.stderr)
+        print(f"summarize.py: error: {_printable(error)}", file=sys.stderr)
         return 1
     if unfinished:  # a seed missing from a row changes its mean: say so, on stderr beside any table
         print(f"summarize.py: note: left out {_plural(len(unfinished), 'run folder')} without results.json "

@@ -640,6 +640,13 @@ def test_no_results_is_one_line_error(summarize, tmp_path, capsys):
     assert err == f"summarize.py: error: no results.json found under {tmp_path / 'empty'}\n"
     code, _, err = run_summarize(summarize, capsys, tmp_path / "missing")
     assert code == 1 and "no such file or folder" in err
+    # A path or an argument with a line break in it: still one line, the break shown as an escape.
+    code, _, err = run_summarize(summarize, capsys, tmp_path / "a\nb")
+    assert (code, err) == (1, f"summarize.py: error: no such file or folder: {tmp_path}/a\\nb\n")
+    with pytest.raises(SystemExit) as caught:
+        run_summarize(summarize, capsys, tmp_path, "--x\ny")
+    assert caught.value.code == 2 and capsys.readouterr().err.endswith(
+        "error: unrecognized arguments: --x\\ny (see --help)\n")
     # Only a run that has not finished: said so, not as if the folder held nothing.
     (tmp_path / "empty" / "run" / "config.json").write_text("{}")
     code, _, err = run_summarize(summarize, capsys, tmp_path / "empty")

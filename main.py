@@ -1805,8 +1805,8 @@ class Run:
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.git_commit = git_commit() if dist.main else None  # the code this process runs, read once at start
         self.num_classes = data.DATASETS[cfg.dataset]
-        train, test = load_data(cfg, saved, dist, device,  # (resumed: the checkpoint fixed the dataset, as --eval_only's)
-                                dataset_of=None if saved is None else f"the run in {out}")
+        # (resumed: the checkpoint fixed the dataset, as --eval_only's)
+        train, test = load_data(cfg, saved, dist, device, dataset_of=None if saved is None else f"the run in {out}")
         train_lt, _ = data.long_tailed_subset(train, self.num_classes, cfg.imb_factor, cfg.imb_type, cfg.data_seed)
         self.train_digest = train_lt.digest()
         self.trainer = Trainer(cfg, train_lt, self.num_classes, device, dist, saved)

@@ -463,7 +463,8 @@ def test_a_config_json_that_is_a_pipe_is_not_read(tmp_path):
 
 @pytest.mark.parametrize("saved, then", [
     ({"config": {"data_root": "data/cifar10-jpeg"}}, "data/cifar10-jpeg"),
-    ({"config": {"data_root": None}}, None), ({"config": {"data_root": ""}}, None), ({"config": {"data_root": 3}}, None),
+    ({"config": {"data_root": None}}, None), ({"config": {"data_root": ""}}, None),
+    ({"config": {"data_root": 3}}, None),
     ({"config": "damaged"}, None), ({}, None), (None, None),  # a fresh run: None
 ])
 def test_load_data_tells_load_cifar_the_data_root_the_run_was_trained_with(saved, then, monkeypatch):

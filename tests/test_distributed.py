@@ -286,9 +286,16 @@ TINY = ["--model", "resnet8", "--batch_size", "16", "--lr_decay_epochs", "", "--
 TORCHRUN_TIMEOUT = 120  # a hang fails the test instead of the suite
 
 
-def torchrun_command(*args: str) -> list[str]:
+def torchrun_command(*args: str, script: Path = ROOT / "main.py") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-            str(ROOT / "main.py"), *args]
+            str(script), *args]
+
+
+def stand_in(path: Path, template: str, **fields: str) -> Path:
+    """A script at `path` that torchrun runs in main.py's place: `template` with the repository's folder as {root}
+    (which it puts on sys.path to import main) and `fields`."""
+    path.write_text(template.format(root=str(ROOT), **fields))
+    return path
 
 
 def torchrun_env() -> dict[str, str]:
@@ -477,10 +484,8 @@ def test_rank_0_says_what_the_run_does_when_another_rank_judged_otherwise(varian
     """What rank 0 says at a first signal is what the run does, though rank 1, a moment behind, judged otherwise:
     rank 0 decides where it got the signal before the poll; one that reaches it during the poll's all-reduce is
     said once the poll decided."""
-    (tmp_path / "skew.py").write_text(RANK_SKEW.format(root=str(ROOT), variant=variant))
     command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", "--loss", "ce", *TINY,
-                               "--epochs", "1")
-    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "skew.py")
+                               "--epochs", "1", script=stand_in(tmp_path / "skew.py", RANK_SKEW, variant=variant))
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=torchrun_env(),
                           timeout=TORCHRUN_TIMEOUT)
     said = [line for line in proc.stderr.splitlines() if line.startswith("SIGTERM: ")]
@@ -607,9 +612,8 @@ def test_a_ctrl_c_before_the_run_starts_says_interrupted_once(tmp_path, cifar10_
     is said by rank 0 alone, as a stop is, not as one 'interrupted' per process."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "slow.py").write_text(SLOW_DATA.format(root=str(ROOT), marks=str(marks)))
-    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1")
-    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "slow.py")
+    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1",
+                               script=stand_in(tmp_path / "slow.py", SLOW_DATA, marks=str(marks)))
     stderr = tmp_path / "stderr.txt"
     assert sigint_torchrun_when(lambda: sorted(os.listdir(marks)) == ["0", "1"], command, tmp_path,
                                 tmp_path / "stdout.txt", stderr), stderr.read_text()[-3000:]
@@ -664,9 +668,8 @@ def test_image_folders_are_decoded_once_under_torchrun(tmp_path):
             Image.fromarray(image).save(folder / f"{i}.png")
     marks = tmp_path / "marks"
     marks.mkdir()
-    (tmp_path / "counted.py").write_text(COUNTED_CACHE.format(root=str(ROOT), marks=str(marks)))
-    command = torchrun_command("--data_root", str(root), "--output_dir", "run", *TINY, "--epochs", "1", "--dry_run")
-    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "counted.py")
+    command = torchrun_command("--data_root", str(root), "--output_dir", "run", *TINY, "--epochs", "1", "--dry_run",
+                               script=stand_in(tmp_path / "counted.py", COUNTED_CACHE, marks=str(marks)))
     env = {**torchrun_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=TORCHRUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -696,9 +699,8 @@ def test_a_machine_without_the_data_says_so_where_rank_0_holds_the_pickled_layou
     turns' barrier, and the job hung until the timeout."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    (tmp_path / "other.py").write_text(OTHER_MACHINE_WITHOUT_DATA.format(root=str(ROOT), empty=str(empty)))
-    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1")
-    command[command.index(str(ROOT / "main.py"))] = str(tmp_path / "other.py")
+    command = torchrun_command("--data_root", str(cifar10_root), "--output_dir", "run", *TINY, "--epochs", "1",
+                               script=stand_in(tmp_path / "other.py", OTHER_MACHINE_WITHOUT_DATA, empty=str(empty)))
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=torchrun_env(),
                           timeout=TORCHRUN_TIMEOUT)
     assert proc.returncode != 0

@@ -2687,7 +2687,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def printed(code: int, prints: bool = True) -> int:
+def printed(code: int, prints: bool) -> int:
     """The exit status of a program whose result is what it prints (--eval_only, --dry_run): 1 where standard output
     failed (util.GuardedOutput said so on stderr), so that a script reading the output does not take it as done.
     `prints`: False for a process of a torchrun job other than rank 0, which prints none of the result (rank 0 judges
